@@ -1,0 +1,34 @@
+# Two entry points from a fresh clone:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DOCS ?= 3000
+export HF_HUB_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/quantlake: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel of torch first: otherwise a dependency pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/quantlake
+
+demo: setup
+	$(BIN)/python -m jobs.demo lake/docs --docs 24000 --files 8
+	$(BIN)/quantlake ingest lake/docs lake/emb --limit $(DEMO_DOCS)
+	$(BIN)/quantlake search lake/emb --neighbours-of 3
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf lake out
