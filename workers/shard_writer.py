@@ -1,0 +1,111 @@
+"""Shard writing: quantized vectors as Parquet, a FAISS binary index, rejects; all by content id."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.quantizer import quantize_all
+from workers.storage import canonical_json, join, put_bytes, sha256_hex
+
+REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()),
+                           ("source_row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,
+             model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
+             text_column: str, id_column: str | None, normalize: bool, index_type: str) -> str:
+    """Deterministic name: a retry or rerun of the same work writes the same name and bytes."""
+    key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
+           "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
+           "text_column": text_column, "id_column": id_column, "normalize": normalize,
+           "index": index_type}
+    return sha256_hex(canonical_json(key))[:32]
+
+
+def _vectors(a: np.ndarray, precision: str) -> pa.Array:
+    n, width = a.shape
+    if precision == "ubinary":
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(a.tobytes())])
+    values = pa.array(a.reshape(-1), type=pa.int8() if a.dtype == np.int8 else pa.uint8())
+    return pa.FixedSizeListArray.from_arrays(values, width)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    # Fixed-width vectors do not compress; dictionary pages would only waste time on them.
+    pq.write_table(table, sink, compression="zstd", use_dictionary=["id"],
+                   write_statistics=["id", "source_row"], row_group_size=1 << 16)
+    return sink.getvalue().to_pybytes()
+
+
+def build_index(ubinary: np.ndarray, dim: int, index_type: str = "IndexBinaryFlat") -> bytes:
+    """Serialised FAISS binary index whose vector i is row i of the shard."""
+    if index_type != "IndexBinaryFlat":
+        raise ValueError(f"unknown binary index type {index_type!r}")
+    index = faiss.IndexBinaryFlat(dim)
+    if len(ubinary):
+        index.add(np.ascontiguousarray(ubinary, dtype=np.uint8))
+    return faiss.serialize_index_binary(index).tobytes()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Everything that names and places one shard."""
+
+    shard_id: str
+    source_file: str
+    row_start: int
+    row_stop: int
+
+
+def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray,
+                embeddings: np.ndarray, ranges: np.ndarray, precisions: tuple[str, ...],
+                rejects: list[dict[str, Any]], index_type: str = "IndexBinaryFlat") -> dict[str, Any]:
+    """Quantize one work unit and write its files; return its manifest record.
+
+    Args:
+        fs, root: destination filesystem and dataset root.
+        plan: shard id and source range.
+        ids, rows: accepted documents' ids and source row numbers, aligned with `embeddings`.
+        embeddings: float32 (n, dim).
+        ranges: (2, dim) float32 calibration ranges.
+        precisions: precisions to store; `ubinary` is always stored (the index is built on it).
+        rejects: rejected rows (`REJECT_SCHEMA` fields).
+    """
+    dim = int(ranges.shape[1])
+    t0 = time.perf_counter()
+    wanted = tuple(dict.fromkeys(tuple(precisions) + ("ubinary",)))
+    quantized, clipped = quantize_all(embeddings.reshape(-1, dim), ranges, wanted)
+    t1 = time.perf_counter()
+    columns = {"id": pa.array(ids, pa.string()), "source_row": pa.array(rows, pa.int64())}
+    for p in ("int8", "uint8", "binary", "ubinary"):
+        if p in quantized:
+            columns[p] = _vectors(quantized[p], p)
+    data = _parquet_bytes(pa.table(columns))
+    index = build_index(quantized["ubinary"], dim, index_type)
+    path, index_path = f"shards/{plan.shard_id}.parquet", f"shards/{plan.shard_id}.faiss"
+    put_bytes(fs, join(root, index_path), index)
+    put_bytes(fs, join(root, path), data)
+    reject_record = None
+    if rejects:
+        rdata = _parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+        rpath = f"rejects/{plan.shard_id}.parquet"
+        put_bytes(fs, join(root, rpath), rdata)
+        reject_record = {"path": rpath, "rows": len(rejects), "sha256": sha256_hex(rdata)}
+    t2 = time.perf_counter()
+    return {
+        "id": plan.shard_id, "path": path, "index": index_path, "index_type": index_type,
+        "rows": len(ids), "source": {"file": plan.source_file, "row_start": plan.row_start,
+                                     "row_stop": plan.row_stop},
+        "sha256": sha256_hex(data), "index_sha256": sha256_hex(index),
+        "bytes": len(data), "index_bytes": len(index), "rejects": reject_record,
+        "clipped": int(clipped.sum()), "clipped_per_dim": clipped.tolist(),
+        "stats": {"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
+                  "write_s": round(t2 - t1, 6)},
+    }
