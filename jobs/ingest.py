@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # Texts per calibration encode call. Fixed, so each sampled text is always encoded beside
 # the same neighbours (padding changes the float bits) whatever the number of actors.
 CALIBRATION_CHUNK = 256
+# Workers never reach a model hub, and per-actor weight-loading bars would flood the driver.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -47,22 +50,21 @@ def _ray_init(cfg: IngestConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(address=cfg.ray_address, log_to_driver=True, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(address=cfg.ray_address, logging_level=logging.WARNING,
+             runtime_env={"env_vars": WORKER_ENV})
     return True
 
 
 def _encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     """Ray Data arguments for the encoder actor pool: one actor per GPU, else CPU actors."""
     import ray
+    from ray.data import ActorPoolStrategy
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    # Ray Data restarts a dead actor and retries its unit (max_restarts=-1 by default).
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu":
-        size = cfg.encoder_actors or gpus
-        return {"concurrency": size, "num_gpus": 1, "num_cpus": 1}
-    size = cfg.encoder_actors or 1
-    return {"concurrency": size, "num_cpus": 1}
+        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
+    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1), "num_cpus": 1}
 
 
 def _data_context(cfg: IngestConfig):
@@ -73,6 +75,7 @@ def _data_context(cfg: IngestConfig):
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ctx
 
 
@@ -212,13 +215,11 @@ def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id
     import ray.data
     from tqdm import tqdm
 
-    retry = {"max_retries": 3}
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5, **retry)
-          .map(_UnitEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),),
-               max_restarts=-1, max_task_retries=-1, **pool)
+          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
+          .map(_UnitEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),), **pool)
           .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
-               num_cpus=0.5, **retry))
+               num_cpus=0.5))
     records = []
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:

@@ -1,0 +1,81 @@
+"""Bad input stops the job before any work, with an error naming the file and column."""
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.ingest import main, run
+from ranges.manifest import RangeManifest, save
+from workers.config import IngestConfig
+from workers.source import SourceError
+
+import numpy as np
+
+
+@pytest.fixture
+def lake(tmp_path, docs):
+    root = tmp_path / "lake"
+    root.mkdir()
+    pq.write_table(pa.table({"id": [d[0] for d in docs[:20]], "text": [d[1] for d in docs[:20]]}),
+                   root / "a.parquet")
+    return root
+
+
+def _nothing_committed(dest):
+    assert not os.path.exists(dest / "versions")
+    assert not os.path.exists(dest / "shards")
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"text_column": "body"}, r"file a\.parquet has no text column 'body' \(columns: id, text\)"),
+    ({"id_column": "doc_id"}, r"file a\.parquet has no id column 'doc_id'"),
+])
+def test_missing_column(lake, tmp_path, kwargs, pattern):
+    with pytest.raises(SourceError, match=pattern):
+        run(IngestConfig(str(lake), str(tmp_path / "out"), **kwargs))
+    _nothing_committed(tmp_path / "out")
+
+
+def test_unreadable_file_is_named(lake, tmp_path):
+    (lake / "sub").mkdir()
+    (lake / "sub" / "broken.parquet").write_bytes(b"this is not parquet at all")
+    with pytest.raises(SourceError, match=r"cannot read parquet file sub/broken\.parquet"):
+        run(IngestConfig(str(lake), str(tmp_path / "out")))
+    _nothing_committed(tmp_path / "out")
+
+
+def test_text_column_of_wrong_type(tmp_path):
+    (tmp_path / "lake").mkdir()
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "lake" / "n.parquet")
+    with pytest.raises(SourceError, match="text column 'text' of file n.parquet has type int64"):
+        run(IngestConfig(str(tmp_path / "lake"), str(tmp_path / "out")))
+
+
+def test_missing_or_empty_source(tmp_path, capsys):
+    with pytest.raises(SourceError, match=r"source .*nowhere does not exist"):
+        run(IngestConfig(str(tmp_path / "nowhere"), str(tmp_path / "out")))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "holds no Parquet" in capsys.readouterr().err
+    _nothing_committed(tmp_path / "out")
+
+
+def test_ranges_of_another_model_are_refused(lake, tmp_path):
+    m = RangeManifest(np.array([[0.0] * 384, [1.0] * 384], np.float32), "other-model", "sha256:00",
+                      True, "minmax", None, 10, 0)
+    save(m, str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match=r"made with model other-model \(sha256:00\).*calibrate anew"):
+        run(IngestConfig(str(lake), str(tmp_path / "out"), ranges=str(tmp_path / "r.json")))
+    _nothing_committed(tmp_path / "out")
+
+
+def test_bad_options_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["a", "b", "--precisions", "int4"])
+    assert "unknown precision(s) ['int4']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["a", "b", "--storage-options", "{nope"])
+    assert "--storage-options is not valid JSON" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""End to end on real documents, the real model, real Ray, FAISS and Parquet."""
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.util.quantization import quantize_embeddings
+
+from jobs.ingest import run
+from ranges.manifest import RangeManifest
+from workers.config import IngestConfig
+from workers.encoder import EncoderConfig, resolve_model
+from workers.storage import sha256_hex
+
+from conftest import write_parquet_lake
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, docs, ray_session):
+    """300 real documents in 3 Parquet files plus a JSON Lines file with bad rows."""
+    root = tmp_path_factory.mktemp("e2e")
+    lake, dest = root / "lake", root / "dest"
+    good = docs[:300]
+    write_parquet_lake(lake / "year=2026", good, files=3, row_group_size=40)
+    bad = [{"id": "null-text", "text": None}, {"id": "blank", "text": "  \n "},
+           {"id": good[5][0], "text": "a duplicate of an id from a Parquet file"},
+           {"text": "a row without an id"}, {"id": "ok-jsonl", "text": docs[350][1]}]
+    (lake / "z-extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    cfg = IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=150, unit_rows=60,
+                       encoder=EncoderConfig(batch_size=32), progress=False)
+    result = run(cfg)
+    return lake, dest, cfg, result, good + [("ok-jsonl", docs[350][1])]
+
+
+def _shards(dest, version):
+    for s in version["shards"]:
+        yield s, pq.read_table(dest / s["path"])
+
+
+def test_every_row_is_in_one_shard_or_in_rejects(ingested):
+    lake, dest, cfg, result, accepted = ingested
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    seen = {}
+    for s, table in _shards(dest, version):
+        for i, row in zip(table["id"].to_pylist(), table["source_row"].to_pylist()):
+            key = (s["source"]["file"], row)
+            assert key not in seen, f"{key} is in two shards"
+            seen[key] = i
+    rejects = {}
+    for s in version["shards"]:
+        if s["rejects"]:
+            for r in pq.read_table(dest / s["rejects"]["path"]).to_pylist():
+                rejects[(r["source_file"], r["source_row"])] = (r["id"], r["reason"])
+    assert not set(seen) & set(rejects)
+    assert sorted(seen.values()) == sorted(i for i, _ in accepted)
+    assert rejects == {("z-extra.jsonl", 0): ("null-text", "null_text"), ("z-extra.jsonl", 1): ("blank", "empty_text"),
+                       ("z-extra.jsonl", 2): (accepted[5][0], "duplicate_id"), ("z-extra.jsonl", 3): (None, "null_id")}
+    assert version["counts"] == {"rows_read": 305, "documents": 301, "rejects": 4}
+    s = result.summary
+    assert (s["documents"], s["rejects"], s["shards"]) == (301, 4, len(version["shards"]))
+    assert s["bytes_float32"] == 301 * 384 * 4 and s["bytes_ubinary"] == 301 * 48
+    # 100 rows per file in row groups of 40: units end at row groups 80 and 100, plus the JSONL file
+    assert [(x["source"]["row_start"], x["source"]["row_stop"]) for x in version["shards"]][:2] == [(0, 80), (80, 100)]
+
+
+def test_vectors_equal_quantize_embeddings_of_reencoded_documents(ingested):
+    lake, dest, cfg, result, accepted = ingested
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    ranges = RangeManifest.from_json((dest / version["ranges"]["path"]).read_bytes())
+    assert ranges.id == version["ranges"]["id"] and ranges.sample_size == 150
+    text = dict(accepted)
+    model = SentenceTransformer(str(resolve_model(None)), device="cpu")
+    for s, table in _shards(dest, version):
+        emb = model.encode([text[i] for i in table["id"].to_pylist()], batch_size=32,
+                           normalize_embeddings=True, convert_to_numpy=True)
+        want8 = quantize_embeddings(emb, "int8", ranges=ranges.ranges)
+        got8 = np.array(table["int8"].to_pylist(), np.int8)
+        # another process may differ in the last float bit: a value on a bucket edge moves by one
+        assert np.abs(got8.astype(int) - want8).max() <= 1
+        assert (got8 == want8).mean() > 0.999
+        got_bits = np.frombuffer(b"".join(table["ubinary"].to_pylist()), np.uint8).reshape(len(table), -1)
+        assert (np.unpackbits(got_bits) == np.unpackbits(quantize_embeddings(emb, "ubinary"))).mean() > 0.999
+
+
+def test_shard_index_finds_each_document_itself(ingested):
+    lake, dest, cfg, result, accepted = ingested
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    for s, table in _shards(dest, version):
+        raw = (dest / s["index"]).read_bytes()
+        assert sha256_hex(raw) == s["index_sha256"]
+        assert sha256_hex((dest / s["path"]).read_bytes()) == s["sha256"]
+        index = faiss.deserialize_index_binary(np.frombuffer(raw, np.uint8))
+        assert index.ntotal == len(table) == s["rows"]
+        codes = np.frombuffer(b"".join(table["ubinary"].to_pylist()), np.uint8).reshape(len(table), -1)
+        dist, idx = index.search(codes, 1)
+        assert (dist[:, 0] == 0).all()
+        assert (idx[:, 0] == np.arange(len(table))).mean() > 0.95  # ties only for identical codes
+
+
+def test_rerun_with_saved_ranges_writes_identical_shards(ingested, tmp_path):
+    lake, dest, cfg, result, accepted = ingested
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    again = run(IngestConfig(str(lake), str(tmp_path / "d2"), id_column="id", unit_rows=60,
+                             ranges=str(dest / version["ranges"]["path"]),
+                             encoder=EncoderConfig(batch_size=32), progress=False))
+    v2 = json.loads((tmp_path / "d2" / "versions" / "00000001.json").read_text())
+    assert again.summary["calibrate_s"] < 1 and v2["ranges"]["id"] == version["ranges"]["id"]
+    assert [(s["id"], s["sha256"], s["index_sha256"]) for s in v2["shards"]] == \
+           [(s["id"], s["sha256"], s["index_sha256"]) for s in version["shards"]]
