@@ -68,3 +68,44 @@ def write_parquet_lake(root, docs, files: int = 3, row_group_size: int = 50, ext
         pq.write_table(table, path, row_group_size=row_group_size)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint: moto's server on 127.0.0.1, on a free port, for the session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket; returns `(bucket_url, storage_options)`.
+
+    Credentials and endpoint are also in the environment, the way a job on a cluster gets
+    them, so Ray workers started after this point see the same endpoint.
+    """
+    import uuid
+
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    options = {"key": "testing-key-id", "secret": "testing-secret",
+               "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+    bucket = f"ql-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    fs = s3fs.S3FileSystem(**options)
+    yield f"s3://{bucket}", options
+    fs.rm(bucket, recursive=True)
+    s3fs.S3FileSystem.clear_instance_cache()
