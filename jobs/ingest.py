@@ -28,9 +28,10 @@ from workers.version import commit, list_versions
 
 log = logging.getLogger(__name__)
 
-# Texts per calibration encode call. Fixed, so each sampled text is always encoded beside
-# the same neighbours (padding changes the float bits) whatever the number of actors.
-CALIBRATION_CHUNK = 256
+# Encoder batches per calibration work item. The items are cut from the sample in key order,
+# so each sampled text is always encoded beside the same neighbours (padding changes the
+# float bits) whatever the number of actors.
+CALIBRATION_CHUNK_BATCHES = 4
 # Workers never reach a model hub, and per-actor weight-loading bars would flood the driver.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -131,8 +132,8 @@ def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[st
         raise SourceError(f"only {len(sample.ids)} valid document(s) in {cfg.source}: "
                           "calibration needs at least 2 (or pass --ranges)")
     texts = sample.texts  # ordered by sample key: a fixed order independent of the cluster
-    chunks = [{"texts": json.dumps(texts[i:i + CALIBRATION_CHUNK])}
-              for i in range(0, len(texts), CALIBRATION_CHUNK)]
+    size = CALIBRATION_CHUNK_BATCHES * cfg.encoder.batch_size
+    chunks = [{"texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
     keep = cfg.range_method == "quantile"
     ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
           .map(_CalibrationEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),), **pool)

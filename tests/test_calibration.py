@@ -1,0 +1,45 @@
+"""Calibration on the encoder actor pool: the ranges do not depend on the number of actors."""
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from jobs.ingest import _encoder_pool, calibrate, check_source, scan
+from workers.config import IngestConfig
+from workers.encoder import EncoderConfig, model_fingerprint, resolve_model
+
+from conftest import write_parquet_lake
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, docs, ray_session):
+    lake = tmp_path_factory.mktemp("cal") / "lake"
+    write_parquet_lake(lake, docs[:200], files=4, row_group_size=30)
+    cfg = IngestConfig(str(lake), "unused", id_column="id", calibration_samples=120, seed=7, progress=False,
+                       encoder=EncoderConfig(batch_size=8))
+    rows, dups, sample = scan(cfg, check_source(cfg))
+    return cfg, sample, model_fingerprint(resolve_model(None))
+
+
+@pytest.mark.parametrize("method", ["minmax", "quantile"])
+def test_same_ranges_with_one_or_two_encoder_actors(sampled, method):
+    cfg, sample, fp = sampled
+    out = []
+    for actors in (1, 2):
+        c = IngestConfig(cfg.source, cfg.dest, id_column="id", calibration_samples=120, seed=7,
+                         encoder=cfg.encoder, encoder_actors=actors, range_method=method,
+                         quantiles=(0.01, 0.99), progress=False)
+        out.append(calibrate(c, sample, fp, _encoder_pool(c)))
+    assert out[0].ranges.tobytes() == out[1].ranges.tobytes()
+    assert out[0].id == out[1].id and out[0].sample_size == 120 and out[0].method == method
+
+
+def test_ranges_are_those_of_the_sample(sampled):
+    cfg, sample, fp = sampled
+    assert len(sample.ids) == 120 and len(set(sample.ids)) == 120
+    m = calibrate(cfg, sample, fp, _encoder_pool(cfg))
+    model = SentenceTransformer(str(resolve_model(None)), device="cpu")
+    emb = model.encode(sample.texts, batch_size=8, normalize_embeddings=True)
+    # re-encoded in this process: equal up to the last float bits
+    assert np.allclose(m.ranges[0], emb.min(axis=0), atol=1e-5)
+    assert np.allclose(m.ranges[1], emb.max(axis=0), atol=1e-5)
+    assert m.model_fingerprint == fp and m.seed == 7 and m.normalize
