@@ -1,0 +1,84 @@
+"""Ingest throughput against bare `SentenceTransformer.encode`, measured in the same run.
+
+    python bench/ingest.py [--docs 20000] [--work DIR]
+
+Builds N demo documents (docstrings of installed Python modules), then:
+  1. bare:     one process, `SentenceTransformer.encode` of all N texts (all cores);
+  2. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does);
+  3. ingest again with the saved ranges (the main pass alone: read, encode, quantize, write).
+Prints docs/s for each and the ratios against bare encoding.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pyarrow.dataset as pads  # noqa: E402
+
+from jobs.demo import DemoConfig  # noqa: E402
+from jobs.demo import run as build_demo  # noqa: E402
+from jobs.ingest import run as ingest  # noqa: E402
+from workers.config import IngestConfig  # noqa: E402
+from workers.encoder import EncoderConfig, resolve_model  # noqa: E402
+
+
+def bare_encode(texts: list[str], batch_size: int) -> float:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = SentenceTransformer(str(resolve_model(None)), device="cpu")
+    t0 = time.perf_counter()
+    model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--docs", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--calibration-samples", type=int, default=10_000)
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    a = p.parse_args()
+    work = a.work or tempfile.mkdtemp(prefix="quantlake-bench-")
+    lake = os.path.join(work, "lake")
+    build_demo(DemoConfig(dest=lake, docs=a.docs, files=8))
+    texts = pads.dataset(lake, format="parquet").to_table(columns=["text"])["text"].to_pylist()
+    n = len(texts)
+    print(f"{n} documents, {os.cpu_count()} CPU cores, batch size {a.batch_size}", flush=True)
+
+    bare_s = bare_encode(texts, a.batch_size)
+    print(f"bare encode:         {n / bare_s:8.1f} docs/s  ({bare_s:.1f} s)", flush=True)
+
+    enc = EncoderConfig(batch_size=a.batch_size)
+    dest = os.path.join(work, "emb")
+    t0 = time.perf_counter()
+    first = ingest(IngestConfig(lake, dest, id_column="id", encoder=enc, progress=False,
+                                calibration_samples=a.calibration_samples))
+    full_s = time.perf_counter() - t0
+    ranges = os.path.join(dest, "ranges", first.summary["ranges_id"] + ".json")
+    t0 = time.perf_counter()
+    ingest(IngestConfig(lake, os.path.join(work, "emb2"), id_column="id", encoder=enc, progress=False,
+                        ranges=ranges))
+    main_s = time.perf_counter() - t0
+    cal = first.summary["calibrate_s"]
+    print(f"ingest, end to end:  {n / full_s:8.1f} docs/s  ({full_s:.1f} s, of which calibration "
+          f"{cal:.1f} s on {first.summary['ranges_id'][:12]}...)")
+    print(f"ingest, main pass:   {n / main_s:8.1f} docs/s  ({main_s:.1f} s, saved ranges)")
+    print(f"ratio main pass / bare encode:   {bare_s / main_s:.3f}  (target >= 0.85)")
+    print(f"ratio end to end / bare encode:  {bare_s / full_s:.3f}  "
+          f"(calibration encodes {min(a.calibration_samples, n)} extra documents)")
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
