@@ -19,8 +19,8 @@ $(BIN)/quantlake: pyproject.toml
 setup: $(BIN)/quantlake
 
 demo: setup
-	$(BIN)/python -m jobs.demo lake/docs --docs 24000 --files 8
-	$(BIN)/quantlake ingest lake/docs lake/emb --limit $(DEMO_DOCS)
+	$(BIN)/python -m jobs.demo lake/docs --docs $(DEMO_DOCS) --files 4
+	$(BIN)/quantlake ingest lake/docs lake/emb --id-column id --calibration-samples 1000
 	$(BIN)/quantlake search lake/emb --neighbours-of 3
 
 test: setup
