@@ -170,8 +170,7 @@ def _row_stats(row: dict[str, Any]):
                         np.frombuffer(row["max"], np.float32), values)
 
 
-def plan_units(cfg: IngestConfig, files, rows_per_file: list[int], fingerprint: str,
-               ranges_id: str) -> list[dict[str, Any]]:
+def plan_units(cfg: IngestConfig, files, rows_per_file: list[int]) -> list[Fragment]:
     """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups)."""
     import pyarrow.parquet as pq
 
@@ -264,7 +263,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        units = plan_units(cfg, files, rows_per_file, fingerprint, manifest.id)
+        units = plan_units(cfg, files, rows_per_file)
         items = _unit_items(cfg, units, duplicates, fingerprint, manifest.id)
         records = encode_and_write(cfg, items, pool, ranges_path, manifest.id, sum(rows_per_file))
     finally:
@@ -360,7 +359,8 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-def parse_args(argv: list[str] | None = None) -> IngestConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
+    """The config, and whether to print the summary as JSON."""
     p = argparse.ArgumentParser(prog="quantlake ingest", description=__doc__)
     p.add_argument("source", help="source lake URL or path (Parquet / JSON Lines files under it)")
     p.add_argument("dest", help="dataset URL or path to write shards and versions to")
