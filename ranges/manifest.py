@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from workers.redact import redact_url
 from workers.storage import canonical_json, pretty_json, put_bytes, sha256_hex, url_to_fs
 
 FORMAT = "quantlake.ranges/1"
@@ -113,5 +114,5 @@ def load(url: str, storage_options: Mapping[str, Any] | None = None) -> RangeMan
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"range manifest {url} does not exist") from None
-    return RangeManifest.from_json(data, where=f"range manifest {url}")
+        raise FileNotFoundError(f"range manifest {redact_url(url)} does not exist") from None
+    return RangeManifest.from_json(data, where=f"range manifest {redact_url(url)}")

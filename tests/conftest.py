@@ -109,3 +109,75 @@ def s3(s3_server, monkeypatch):
     yield f"s3://{bucket}", options
     fs.rm(bucket, recursive=True)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+class Store:
+    """A dataset root on one storage backend: its URL, options and resolved filesystem."""
+
+    def __init__(self, name: str, url: str, options: dict):
+        from workers.storage import url_to_fs
+
+        self.name, self.url, self.options = name, url, options
+        self.fs, self.root = url_to_fs(url, options)
+
+    def __repr__(self):
+        return f"Store({self.name})"
+
+    def files(self) -> list[str]:
+        """Every file under the root, relative to it, sorted."""
+        self.fs.invalidate_cache()
+        try:
+            return sorted(p[len(self.root) + 1:] for p in self.fs.find(self.root))
+        except FileNotFoundError:
+            return []
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store(request, tmp_path):
+    """The storage contract's three backends: local disk (file://), memory:// and S3 (moto).
+
+    memory:// lives in one process, so it serves driver-side pieces only (create-only
+    writes, version listing, commits), never a Ray ingest.
+    """
+    import uuid
+
+    if request.param == "file":
+        yield Store("file", (tmp_path / "ds").as_uri(), {})
+    elif request.param == "memory":
+        s = Store("memory", f"memory://ql-{uuid.uuid4().hex[:12]}/ds", {})
+        yield s
+        if s.fs.exists(s.root):
+            s.fs.rm(s.root, recursive=True)
+    else:
+        bucket, options = request.getfixturevalue("s3")
+        yield Store("s3", f"{bucket}/ds", options)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, docs, ray_session):
+    """One real ingest (90 documents, 2 Parquet files, a JSON Lines file with 2 bad rows) on
+    local disk, for the read-side tests. Tests that change it work on a copy (`copy_dataset`)."""
+    import json
+
+    from jobs.ingest import run
+    from workers.config import IngestConfig
+    from workers.encoder import EncoderConfig
+
+    root = tmp_path_factory.mktemp("small")
+    write_parquet_lake(root / "lake", docs[:90], files=2, row_group_size=20)
+    bad = [{"id": "blank", "text": " "}, {"id": "null", "text": None}, {"id": "fine", "text": docs[95][1]}]
+    (root / "lake" / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    cfg = IngestConfig(str(root / "lake"), str(root / "dest"), id_column="id", calibration_samples=50,
+                       unit_rows=40, encoder=EncoderConfig(batch_size=32), progress=False)
+    result = run(cfg)
+    return root / "dest", result
+
+
+@pytest.fixture
+def copy_dataset(small_dataset, tmp_path):
+    """A private copy of `small_dataset` (file timestamps kept)."""
+    import shutil
+
+    dest = tmp_path / "dest"
+    shutil.copytree(small_dataset[0], dest)
+    return dest

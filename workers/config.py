@@ -1,11 +1,14 @@
 """The ingest job's configuration, passed whole to tasks and actors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from workers.encoder import EncoderConfig
 from workers.quantizer import PRECISIONS
+from workers.redact import redact, redact_url
+from workers.shard_writer import INDEX_TYPES
+from workers.storage import url_to_fs
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,13 @@ class IngestConfig:
         ray_address: cluster to join; None starts or reuses a local instance (or RAY_ADDRESS).
         unit_rows: largest work unit (rows per shard); Parquet units follow row groups.
         encoder_actors: size of the encoder actor pool (None: one per GPU, else 1).
+        index_type: each shard's FAISS binary index: IndexBinaryFlat (exact), or the approximate
+            IndexBinaryHNSW / IndexBinaryIVF for big shards.
         storage_options: fsspec options for source and destination (credentials, endpoint).
+            Only the driver's copy holds them; see `for_workers`.
         progress: show a progress bar in the driver.
+        access: set only in the copy given to Ray tasks (`for_workers`): where they find
+            the storage options, which are not in that copy.
     """
 
     source: str
@@ -46,6 +54,26 @@ class IngestConfig:
     index_type: str = "IndexBinaryFlat"
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    access: Any = None  # workers.credentials.StorageAccess
+
+    def __repr__(self) -> str:
+        # A config shows up in logs, tracebacks and Ray's task errors: never with its secrets.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["storage_options"] = redact(self.storage_options)
+        for name in ("source", "dest", "ranges", "ray_address"):
+            if isinstance(shown[name], str):
+                shown[name] = redact_url(shown[name])
+        return f"IngestConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def for_workers(self, access) -> "IngestConfig":
+        """The copy passed to Ray tasks: no storage options, a `StorageAccess` to fetch them."""
+        return replace(self, storage_options={}, access=access)
+
+    def url_to_fs(self, url: str):
+        """`(filesystem, path)` of `url` with this job's storage options, in the driver or a worker."""
+        if self.access is not None:
+            return self.access.url_to_fs(url)
+        return url_to_fs(url, self.storage_options)
 
     def __post_init__(self):
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -64,3 +92,5 @@ class IngestConfig:
             raise ValueError(f"encoder_actors must be >= 1, got {self.encoder_actors}")
         if not self.text_column:
             raise ValueError("text column must be named")
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from workers.redact import redact_url
 from workers.storage import url_to_fs
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -76,7 +77,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
     """
     fs, root = url_to_fs(url, storage_options)
     if not fs.exists(root):
-        raise SourceError(f"source {url} does not exist")
+        raise SourceError(f"source {redact_url(url)} does not exist")
     if fs.isfile(root):
         infos = {root: fs.info(root)}
         root = posixpath.dirname(root)
@@ -92,7 +93,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
             continue
         files.append(SourceFile(rel, int(info.get("size") or 0), _version(info), fmt))
     if not files:
-        raise SourceError(f"source {url} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
+        raise SourceError(f"source {redact_url(url)} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
                           f"or JSON Lines ({', '.join(JSONL_SUFFIXES)}) files")
     return fs, root, files
 

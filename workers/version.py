@@ -1,21 +1,54 @@
-"""Dataset versions: manifests under versions/, committed by create-only writes."""
+"""Dataset versions: manifests under versions/, committed by create-only writes.
+
+The commit protocol (docs/formats.md, "Committing a version"):
+
+1. Every shard, index, rejects and ranges file is written first (content-named, so a
+   rerun rewrites the same bytes); the manifest is the last write and the commit point.
+2. The manifest is created as `versions/<latest + 1>.json` with a create-only write, so of
+   two writers racing for a number exactly one creates it.
+3. A create whose outcome is unknown (the response was lost, or the store's own retry saw
+   "exists") is settled by reading the file back: it carries the committing job's random
+   `writer` token, so our token there means our commit happened.
+4. The loser re-reads the latest version and rebases (see `rebase_snapshot`) or raises
+   CommitConflict naming the version that won, its writer, and what to do.
+"""
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import posixpath
 import re
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
+from workers.redact import redact_url
 from workers.storage import check_relpath, create_only, pretty_json
+
+log = logging.getLogger(__name__)
 
 FORMAT = "quantlake.version/1"
 _NAME = re.compile(r"^(\d{8})\.json$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Attempts at one create whose failure leaves its outcome unknown.
+CREATE_ATTEMPTS = 3
+# Commits lost to other writers before giving up (each loss means another job committed).
+MAX_REBASES = 8
 
 
 class CommitConflict(RuntimeError):
-    """Another writer committed the version this job meant to create."""
+    """Another writer committed first and this job's version cannot be rebased on it.
+
+    Attributes:
+        version: the number the other writer committed (None when unknown).
+        writer: that version's writer token.
+    """
+
+    def __init__(self, message: str, version: int | None = None, writer: str | None = None):
+        super().__init__(message)
+        self.version = version
+        self.writer = writer
 
 
 def version_path(root: str, n: int) -> str:
@@ -23,64 +56,238 @@ def version_path(root: str, n: int) -> str:
 
 
 def list_versions(fs, root: str) -> list[int]:
+    """Committed version numbers, ascending: only `versions/<8 digits>.json` names count."""
+    folder = posixpath.join(root, "versions")
+    fs.invalidate_cache(folder)  # a cached listing would hide versions other writers made
     try:
-        names = [posixpath.basename(p) for p in fs.ls(posixpath.join(root, "versions"), detail=False)]
+        names = [posixpath.basename(p) for p in fs.ls(folder, detail=False)]
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
 
 
 def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
-    """The manifest of version `n` (latest when None), with its paths checked."""
+    """The manifest of version `n` (latest when None), validated."""
     if n is None:
         versions = list_versions(fs, root)
         if not versions:
-            raise FileNotFoundError(f"no committed version under {root}")
+            raise FileNotFoundError(f"no committed version under {redact_url(root)}")
         n = versions[-1]
     try:
-        doc = json.loads(fs.cat_file(version_path(root, n)))
+        raw = fs.cat_file(version_path(root, n))
     except FileNotFoundError:
-        raise FileNotFoundError(f"version {n} of {root} does not exist") from None
-    validate(doc, f"version {n}")
+        raise FileNotFoundError(f"version {n} of {redact_url(root)} does not exist") from None
+    where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from None
+    validate(doc, where)
+    if doc["version"] != n:
+        raise ValueError(f"{where}: the file says it is version {doc['version']}; "
+                         "a manifest must not be copied or renamed")
     return doc
 
 
-def validate(doc: dict[str, Any], where: str) -> None:
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{where}: format is {doc.get('format')!r}, expected {FORMAT!r}")
-    paths = [doc["ranges"]["path"]]
-    for s in doc["shards"]:
-        paths += [s["path"], s["index"]] + ([s["rejects"]["path"]] if s.get("rejects") else [])
-    for p in paths:
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise ValueError(f"{where}: {what}")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def validate(doc: Any, where: str) -> None:
+    """Raise ValueError naming the field when `doc` is not a well-formed version manifest.
+
+    Besides types and checksums' shape, every stored path must be relative to the dataset
+    root (no scheme, no leading `/`, no `..`): a manifest is input like any other file and
+    must not make a reader open a file outside the dataset.
+    """
+    _need(isinstance(doc, dict), where, "a version manifest must be a JSON object")
+    _need(doc.get("format") == FORMAT, where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    v, parent = doc.get("version"), doc.get("parent")
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, where, f"version is {v!r}")
+    _need(parent is None or (isinstance(parent, int) and 1 <= parent < v), where,
+          f"parent {parent!r} is not an earlier version")
+    _need(isinstance(doc.get("writer"), str) and doc["writer"], where, "no writer token")
+    ranges = doc.get("ranges")
+    _need(isinstance(ranges, dict) and isinstance(ranges.get("id"), str), where, "no ranges id")
+    shards = doc.get("shards")
+    _need(isinstance(shards, list), where, "shards is not a list")
+    paths = [("ranges.path", ranges.get("path"))]
+    seen: set[str] = set()
+    for i, s in enumerate(shards):
+        at = f"{where}, shard {i}"
+        _need(isinstance(s, dict), at, "not an object")
+        for key in ("rows", "bytes", "index_bytes"):
+            _need(_is_count(s.get(key)), at, f"{key} is {s.get(key)!r}, expected a count")
+        for key in ("sha256", "index_sha256"):
+            _need(isinstance(s.get(key), str) and bool(_HEX64.match(s[key])), at,
+                  f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
+        paths += [(f"shards[{i}].path", s.get("path")), (f"shards[{i}].index", s.get("index"))]
+        rej = s.get("rejects")
+        if rej is not None:
+            _need(isinstance(rej, dict) and _is_count(rej.get("rows"))
+                  and isinstance(rej.get("sha256"), str) and bool(_HEX64.match(rej["sha256"])),
+                  at, "rejects must be null or {path, rows, sha256}")
+            paths.append((f"shards[{i}].rejects.path", rej.get("path")))
+        _need(s.get("path") not in seen, at, f"path {s.get('path')!r} is listed twice")
+        seen.add(s.get("path"))
+    for field, p in paths:
         try:
             check_relpath(p)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise ValueError(f"{where}: {field}: {exc}") from None
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def commit(fs, root: str, manifest: dict[str, Any]) -> int:
+# ---------------------------------------------------------------------------------------------
+# Rebase rule
+
+
+def _definition(doc: dict[str, Any]) -> dict[str, Any]:
+    """What makes two versions versions of the same dataset (shards comparable, searchable together)."""
+    src = doc.get("source") or {}
+    return {"model": (doc.get("model") or {}).get("fingerprint"), "dim": (doc.get("model") or {}).get("dim"),
+            "normalize": (doc.get("model") or {}).get("normalize"), "ranges": doc["ranges"]["id"],
+            "precisions": sorted(doc.get("precisions") or []), "source": src.get("url"),
+            "text_column": src.get("text_column"), "id_column": src.get("id_column")}
+
+
+def rebase_snapshot(ours: dict[str, Any], latest: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
+    """Rebase a full-snapshot manifest built on `parent` onto `latest`, or raise CommitConflict.
+
+    A full snapshot lists every shard of the dataset, so it does not depend on its parent's
+    content and can be re-pointed at another parent when committing it there reverts
+    nothing the other writer did. That holds when:
+    - `latest` defines the same dataset: same model fingerprint, dim and normalisation,
+      same ranges id, precisions, source URL and text/id columns (otherwise the other job
+      recalibrated, changed model or wrote another source there on purpose); and
+    - every source file `latest` changed relative to `parent` (added, modified, removed)
+      has the same identity (size, version) in ours: this job saw that change too, so its
+      snapshot is at least as new as the winner's for every file the winner touched.
+
+    Then the result is `ours` with `parent` set to `latest`'s number, to be committed at the
+    next number. `parent` is None for a first commit (every file of `latest` then counts as
+    changed) or when the parent manifest is gone.
+    """
+    n, writer = latest["version"], latest.get("writer")
+    a, b = _definition(ours), _definition(latest)
+    differs = [k for k in a if a[k] != b[k]]
+    if differs:
+        raise _conflict(ours, latest, "it differs from this job's version in " + ", ".join(
+            f"{k} ({b[k]!r} there, {a[k]!r} here)" for k in differs))
+    before = ((parent or {}).get("source") or {}).get("files") or {}
+    theirs = (latest.get("source") or {}).get("files") or {}
+    mine = (ours.get("source") or {}).get("files") or {}
+    touched = sorted(f for f in set(before) | set(theirs) if before.get(f) != theirs.get(f))
+    clash = [f for f in touched if mine.get(f) != theirs.get(f)]
+    if clash:
+        shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise _conflict(ours, latest, f"it saw source files this job saw differently: {shown}")
+    log.info("version %s was committed by writer %s meanwhile; rebasing on it", n, writer)
+    return {**ours, "parent": n}
+
+
+def _conflict(ours: dict[str, Any], latest: dict[str, Any], why: str) -> CommitConflict:
+    n, writer = latest["version"], latest.get("writer")
+    started = ours.get("parent")
+    base = f"version {started}" if started else "an empty dataset"
+    return CommitConflict(
+        f"version {n} was committed by writer {writer} at {latest.get('created_at')} while this job "
+        f"(writer {ours.get('writer')}) was building on {base}, and {why}. Nothing of this job was "
+        f"committed (its shards are in place, and a rerun reuses the unchanged ones): check "
+        f"`quantlake inspect` and rerun to build on version {n}, reusing its ranges with "
+        f"--ranges <dest>/{latest['ranges']['path']} to keep the versions comparable",
+        version=n, writer=writer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit
+
+
+Rebase = Callable[[dict[str, Any], dict[str, Any], "dict[str, Any] | None"], dict[str, Any]]
+
+
+def _written_by(fs, path: str, token: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(path)).get("writer") == token
+    except ValueError:
+        return False
+
+
+def _create(fs, path: str, data: bytes, token: str, create) -> bool:
+    """Create-only write of a manifest: True if ours is there now, False if another writer's is."""
+    last: Exception | None = None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            create(fs, path, data)
+            return True
+        except FileExistsError:
+            # Ours when an earlier attempt (or the store client's own retry) did land.
+            return _written_by(fs, path, token)
+        except (PermissionError, ValueError, TypeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the outcome is unknown: look before retrying
+            last = exc
+            log.warning("creating %s failed (%s); checking whether it landed", redact_url(path),
+                        type(exc).__name__)
+            try:
+                return _written_by(fs, path, token)
+            except FileNotFoundError:
+                time.sleep(0.2 * 2 ** attempt)
+            except Exception:  # noqa: BLE001 - the store is still unreachable: retry the create
+                time.sleep(0.2 * 2 ** attempt)
+    assert last is not None
+    raise last
+
+
+def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = rebase_snapshot,
+           create=create_only) -> int:
     """Commit `manifest` as the next version; return its number.
 
-    The create-only write is the commit point: exactly one of two racing writers creates a
-    given number. The loser raises CommitConflict naming the version that won.
+    Args:
+        fs, root: the dataset's filesystem and root path.
+        manifest: the version's content. `parent` is the version the job built on (a key
+            absent means: on whatever is latest); `writer` is the job's random token (one is
+            made when absent).
+        rebase: `(ours, latest, parent) -> ours'` when another writer committed since
+            `parent`; raise CommitConflict to refuse. None refuses every such case.
+        create: the create-only write (tests inject faults through it).
+
+    Raises:
+        CommitConflict: another writer won and the rule refused to rebase on its version.
     """
-    versions = list_versions(fs, root)
-    n = versions[-1] + 1 if versions else 1
-    parent = versions[-1] if versions else None
-    expected = manifest.get("parent", parent)
-    if expected != parent:
-        raise CommitConflict(f"version {parent} was committed under {root} while this job ran "
-                             f"(it started from version {expected}); rerun to build on it")
-    doc = {**manifest, "format": FORMAT, "version": n, "parent": parent,
-           "writer": manifest.get("writer") or uuid.uuid4().hex, "created_at": now()}
-    validate(doc, "new version")
-    try:
-        create_only(fs, version_path(root, n), pretty_json(doc))
-    except FileExistsError:
-        raise CommitConflict(f"another writer committed version {n} under {root} first; "
-                             "rerun to build on it") from None
-    return n
+    doc = {**manifest, "writer": manifest.get("writer") or uuid.uuid4().hex}
+    token = doc["writer"]
+    expected = doc.get("parent") if "parent" in doc else ...
+    parent_doc: dict[str, Any] | None = None
+    for _ in range(MAX_REBASES + 1):
+        versions = list_versions(fs, root)
+        latest = versions[-1] if versions else None
+        if expected is not ... and latest != expected:
+            latest_doc = read_version(fs, root, latest)
+            if latest_doc.get("writer") == token:  # a commit of ours whose reply was lost
+                return latest
+            if rebase is None:
+                raise _conflict(doc, latest_doc, "this commit was made without rebasing")
+            if parent_doc is None and expected:
+                try:
+                    parent_doc = read_version(fs, root, expected)
+                except FileNotFoundError:  # vacuumed: every file of latest counts as changed
+                    parent_doc = None
+            doc = rebase(doc, latest_doc, parent_doc)
+            expected, parent_doc = latest, latest_doc
+        n = (latest or 0) + 1
+        body = {**doc, "format": FORMAT, "version": n, "parent": latest, "writer": token, "created_at": now()}
+        validate(body, "new version")
+        if _create(fs, version_path(root, n), pretty_json(body), token, create):
+            return n
+        log.info("another writer committed version %s under %s first; re-reading", n, redact_url(root))
+    raise CommitConflict(f"lost the race for a version number {MAX_REBASES + 1} times under "
+                         f"{redact_url(root)}: too many concurrent writers; rerun the job")
