@@ -35,13 +35,20 @@ def redact(options: Any) -> Any:
     return options
 
 
-def secret_values(options: Any = None, environ: Mapping[str, str] | None = None) -> set[str]:
-    """The secret strings in `options` and in the environment, to scrub from free text.
+def secret_values(options: Any = None, environ: Mapping[str, str] | None = None,
+                  urls: Iterable[str | None] = ()) -> set[str]:
+    """The secret strings in `options`, the environment and `urls`, to scrub from free text.
 
-    A library's error message may quote a key it was given (an XML error body, an endpoint
-    URL with credentials); masking by key name cannot reach those, masking by value can.
+    A library's error message may quote a key it was given (an XML error body) or a URL's
+    credentials without the URL around them (an invalid bucket name `key:pass@bucket`);
+    masking by key name or URL shape cannot reach those, masking by value can.
     """
     found: set[str] = set()
+
+    def userinfo(text: str) -> None:
+        for m in _USERINFO.finditer(text):
+            found.add(m["userinfo"])
+            found.update(m["userinfo"].split(":", 1))
 
     def walk(obj: Any, secret: bool) -> None:
         if isinstance(obj, Mapping):
@@ -53,11 +60,14 @@ def secret_values(options: Any = None, environ: Mapping[str, str] | None = None)
         elif isinstance(obj, str):
             if secret:
                 found.add(obj)
-            found.update(m["userinfo"] for m in _USERINFO.finditer(obj))
+            userinfo(obj)
 
     walk(options, False)
     env = os.environ if environ is None else environ
     walk({k: v for k, v in env.items() if SECRET_NAME.search(k)}, True)
+    for url in urls:
+        if url:
+            userinfo(url)
     return {s for s in found if len(s) >= _MIN_SECRET_LEN}
 
 
@@ -69,6 +79,7 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     return text
 
 
-def describe_error(exc: BaseException, options: Any = None) -> str:
-    """`str(exc)` made safe to print or log: the secrets of `options` and the environment masked."""
-    return redact_text(str(exc) or type(exc).__name__, secret_values(options))
+def describe_error(exc: BaseException, options: Any = None, urls: Iterable[str | None] = ()) -> str:
+    """`str(exc)` made safe to print or log: the secrets of `options`, the environment and the
+    credentials in `urls` (the job's source, destination...) masked."""
+    return redact_text(str(exc) or type(exc).__name__, secret_values(options, urls=urls))

@@ -1,0 +1,127 @@
+"""`quantlake inspect`: a dataset's committed versions, shards, rows and bytes per precision."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.redact import describe_error, redact_url
+from workers.storage import url_to_fs
+from workers.version import list_versions, read_version
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Args:
+        dest: the dataset root (fsspec URL or path).
+        version: the version to detail (None: the latest committed one).
+        as_json: print that version's manifest as JSON instead of the report.
+        storage_options: fsspec options (endpoint, credentials).
+    """
+
+    dest: str
+    version: int | None = None
+    as_json: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.version is not None and self.version < 1:
+            raise ValueError(f"--version must be >= 1, got {self.version}")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def report(dest: str, history: list[dict[str, Any]], doc: dict[str, Any]) -> str:
+    """The human-readable report: one line per version, then the chosen version in detail."""
+    lines = [f"dataset {redact_url(dest)}: {len(history)} committed version(s)",
+             f"  {'version':>7}  {'created_at':<20}  {'writer':<8}  {'parent':>6}  {'shards':>6}  "
+             f"{'documents':>9}  {'rejects':>7}  {'ranges':<12}  model"]
+    for h in history:
+        c = h.get("counts", {})
+        lines.append(f"  {h['version']:>7}  {h.get('created_at', ''):<20}  {h['writer'][:8]:<8}  "
+                     f"{h['parent'] if h['parent'] is not None else '-':>6}  {len(h['shards']):>6}  "
+                     f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h['ranges']['id'][:12]:<12}  "
+                     f"{h.get('model', {}).get('name', '?')}")
+    latest = history[-1]["version"]
+    model, ranges, counts, b = doc.get("model", {}), doc["ranges"], doc.get("counts", {}), doc.get("bytes", {})
+    lines += [
+        f"version {doc['version']}{' (latest)' if doc['version'] == latest else ''}, "
+        f"committed {doc.get('created_at')} by writer {doc['writer']}",
+        f"  model      {model.get('name')} ({model.get('fingerprint')}), dim {model.get('dim')}, "
+        f"normalize {model.get('normalize')}",
+        f"  ranges     {ranges['id']} ({ranges.get('method')}), {ranges['path']}",
+        f"  source     {redact_url(str(doc.get('source', {}).get('url')))}: "
+        f"{len(doc.get('source', {}).get('files', {}))} file(s)",
+        f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
+        f"{counts.get('rows_read')} rows read",
+        "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.get("precisions", [])])
+        + f"; stored {_size(b.get('stored'))} (Parquet and indexes)",
+        f"  shards     {len(doc['shards'])}:",
+    ]
+    for s in doc["shards"]:
+        src = s.get("source", {})
+        rej = s.get("rejects") or {}
+        lines.append(f"    {s['path']}  {s['rows']:>7} rows  {_size(s['bytes']):>10}  index {_size(s['index_bytes']):>10}"
+                     f"  {rej.get('rows', 0):>4} rejects  {src.get('file')} [{src.get('row_start')}, {src.get('row_stop')})")
+    return "\n".join(lines)
+
+
+def run(cfg: InspectConfig) -> str:
+    """The report (or JSON) for `cfg.dest`; only committed versions are read."""
+    fs, root = url_to_fs(cfg.dest, cfg.storage_options)
+    versions = list_versions(fs, root)
+    if not versions:
+        raise FileNotFoundError(f"no committed version under {redact_url(cfg.dest)}")
+    if cfg.version is not None and cfg.version not in versions:
+        raise FileNotFoundError(f"version {cfg.version} of {redact_url(cfg.dest)} does not exist; "
+                                f"committed versions: {', '.join(map(str, versions))}")
+    if cfg.as_json:
+        return json.dumps(read_version(fs, root, cfg.version), indent=1, sort_keys=True)
+    history = [read_version(fs, root, n) for n in versions]
+    doc = history[versions.index(cfg.version or versions[-1])]
+    return report(cfg.dest, history, doc)
+
+
+def parse_args(argv: list[str] | None = None) -> InspectConfig:
+    p = argparse.ArgumentParser(prog="quantlake inspect", description=__doc__)
+    p.add_argument("dest", help="dataset URL or path")
+    p.add_argument("--version", type=int, default=None, help="version to show (default: the latest)")
+    p.add_argument("--json", action="store_true", help="print the version's manifest as JSON")
+    p.add_argument("--storage-options", default=None, help="fsspec options as JSON (endpoint, credentials)")
+    a = p.parse_args(argv)
+    try:
+        options = json.loads(a.storage_options) if a.storage_options else {}
+    except json.JSONDecodeError as exc:
+        p.error(f"--storage-options is not valid JSON: {exc}")
+    try:
+        return InspectConfig(a.dest, a.version, a.json, options)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        print(run(cfg))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"quantlake inspect: error: {describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted
+        print(f"quantlake inspect: error: {type(exc).__name__}: "
+              f"{describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

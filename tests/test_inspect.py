@@ -1,0 +1,54 @@
+"""`quantlake inspect` on a real ingested dataset: report, JSON, errors; only committed versions."""
+import json
+
+from jobs.cli import main as cli
+from workers.version import commit, read_version
+from workers.storage import url_to_fs
+
+
+def test_report_shows_versions_shards_rows_and_bytes(small_dataset, capsys):
+    dest, _ = small_dataset
+    assert cli(["inspect", str(dest)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((dest / "versions" / "00000001.json").read_text())
+    lines = out.splitlines()
+    assert lines[0] == f"dataset {dest}: 1 committed version(s)"
+    assert lines[2].split()[:2] == ["1", doc["created_at"]] and lines[2].split()[-1] == "all-MiniLM-L6-v2"
+    assert f"version 1 (latest), committed {doc['created_at']} by writer {doc['writer']}" in out
+    assert f"ranges     {doc['ranges']['id']} (minmax), ranges/{doc['ranges']['id']}.json" in out
+    assert "rows       91 documents, 2 rejects, 93 rows read" in out
+    # 91 documents x 384 dimensions: float32 139776 B, int8 34944 B, ubinary 4368 B
+    assert "bytes      float32 136.5 KiB, int8 34.1 KiB, ubinary 4.3 KiB; stored" in out
+    assert f"shards     {len(doc['shards'])}:" in out
+    for s in doc["shards"]:
+        assert any(line.split()[:3] == [s["path"], str(s["rows"]), "rows"] for line in lines)
+
+
+def test_json_is_the_committed_manifest(small_dataset, capsys):
+    dest, _ = small_dataset
+    assert cli(["inspect", str(dest), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((dest / "versions" / "00000001.json").read_text())
+    assert sum(s["rows"] for s in printed["shards"]) == 91
+    assert all(s["path"].startswith("shards/") and (dest / s["path"]).is_file() for s in printed["shards"])
+
+
+def test_given_version_and_uncommitted_files(copy_dataset, capsys):
+    fs, root = url_to_fs(str(copy_dataset))
+    v1 = read_version(fs, root, 1)
+    smaller = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
+    smaller.update(parent=1, shards=v1["shards"][:1])
+    assert commit(fs, root, smaller) == 2
+    (copy_dataset / "versions" / "00000003.json.tmp-1").write_text("{")  # a writer killed mid-way
+    assert cli(["inspect", str(copy_dataset), "--json", "--version", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    assert cli(["inspect", str(copy_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "2 committed version(s)" in out and "version 2 (latest)" in out and "shards     1:" in out
+    assert cli(["inspect", str(copy_dataset), "--version", "3"]) == 2
+    assert f"version 3 of {copy_dataset} does not exist; committed versions: 1, 2" in capsys.readouterr().err
+
+
+def test_no_dataset(tmp_path, capsys):
+    assert cli(["inspect", str(tmp_path / "nothing")]) == 2
+    assert f"no committed version under {tmp_path / 'nothing'}" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""`quantlake vacuum` on real files: only unreferenced, old enough files go; dry run; --retain."""
+import json
+import os
+import time
+
+import pytest
+
+from jobs.cli import main as cli
+from jobs.vacuum import parse_duration
+from workers.dataset import open_version
+from workers.storage import url_to_fs
+from workers.version import commit, read_version
+
+HOUR = 3600
+
+
+def _age(path, seconds):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def _all_files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _verify_all(dest, version=None):
+    v = open_version(str(dest), version)
+    for s in v.shards:
+        v.read_shard_table(s)
+        v.read_index(s)
+        v.read_rejects(s)
+    v.read_ranges()
+    return v
+
+
+@pytest.fixture
+def littered(copy_dataset):
+    """The dataset with leftovers of failed jobs, most of them two hours old."""
+    d = copy_dataset
+    old = {"shards/orphan.parquet": b"o" * 10, "shards/orphan.faiss": b"o" * 20,
+           "shards/orphan.json": b"{}", "rejects/orphan.parquet": b"r" * 5,
+           "ranges/0000abcd.json": b"{}", "versions/00000002.json.tmp-dead": b"{",
+           "versions/notes.txt": b"someone's notes", "README.txt": b"not a dataset file"}
+    sid = json.loads((d / "versions" / "00000001.json").read_text())["shards"][0]["id"]
+    old[f"shards/{sid}.parquet.tmp-0a1b"] = b"t" * 7
+    for rel, data in old.items():
+        (d / rel).write_bytes(data)
+        _age(d / rel, 2 * HOUR)
+    (d / "shards" / "fresh.parquet").write_bytes(b"a running job's shard")
+    return d, sid
+
+
+def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, capsys):
+    d, sid = littered
+    before = _all_files(d)
+    assert cli(["vacuum", str(d), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    expected = [{"path": "rejects/orphan.parquet", "bytes": 5}, {"path": "ranges/0000abcd.json", "bytes": 2},
+                {"path": "shards/orphan.faiss", "bytes": 20}, {"path": "shards/orphan.json", "bytes": 2},
+                {"path": "shards/orphan.parquet", "bytes": 10},
+                {"path": f"shards/{sid}.parquet.tmp-0a1b", "bytes": 7},
+                {"path": "versions/00000002.json.tmp-dead", "bytes": 1}]
+    assert sorted(plan["deleted"], key=lambda x: x["path"]) == sorted(expected, key=lambda x: x["path"])
+    assert plan["dry_run"] is True and plan["bytes_deleted"] == 47 and plan["retained_versions"] == [1]
+    assert plan["kept_too_recent"] == ["shards/fresh.parquet"]
+    assert _all_files(d) == before
+
+    assert cli(["vacuum", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert f"deleted shards/orphan.parquet (10 bytes)" in out
+    assert out.splitlines()[-1] == (f"vacuum {d}: deleted 7 file(s), 47 bytes; retained version(s) 1; "
+                                    "kept 1 unreferenced file(s) too recent to delete")
+    assert _all_files(d) == sorted(set(before) - {e["path"] for e in expected})
+    assert {"versions/notes.txt", "README.txt", "shards/fresh.parquet"} <= set(_all_files(d))
+    _verify_all(d)  # every file the version needs is still there and verifies
+
+
+def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):
+    d = copy_dataset
+    fs, root = url_to_fs(str(d))
+    v1 = read_version(fs, root, 1)
+    dropped = v1["shards"][-1]
+    v2 = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
+    v2.update(parent=1, shards=v1["shards"][:-1])
+    assert commit(fs, root, v2) == 2
+    assert cli(["vacuum", str(d), "--retain", "1"]) == 0  # default --older-than 1h: all too new
+    assert "deleted 0 file(s)" in capsys.readouterr().out and (d / "versions/00000001.json").exists()
+
+    # The expired manifest and every file of the shard only it listed (a completion sidecar too).
+    only_v1 = {"versions/00000001.json", dropped["path"], dropped["index"]} | \
+        ({dropped["rejects"]["path"]} if dropped["rejects"] else set())
+    only_v1 |= {p for p in _all_files(d) if p.startswith(f"shards/{dropped['id']}.")}
+    assert cli(["vacuum", str(d), "--retain", "1", "--older-than", "0s", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["retained_versions"], res["expired_versions"]) == ([2], [1])
+    assert {e["path"] for e in res["deleted"]} == only_v1
+    assert res["deleted"][0]["path"] == "versions/00000001.json"  # manifests go first
+    assert not (d / "versions/00000001.json").exists() and not (d / dropped["path"]).exists()
+    assert _verify_all(d).version == 2
+    with pytest.raises(FileNotFoundError, match="version 1 of .* does not exist"):
+        open_version(str(d), 1)
+
+
+def test_durations_and_bad_options(capsys):
+    assert [parse_duration(t) for t in ("1h", "30m", "45s", "2d", "90", "0.5h")] == [3600, 1800, 45, 172800, 90, 1800]
+    with pytest.raises(ValueError, match="cannot read duration 'soon'"):
+        parse_duration("soon")
+    with pytest.raises(SystemExit):
+        cli(["vacuum", "x", "--retain", "0"])
+    assert "--retain must be >= 1" in capsys.readouterr().err
