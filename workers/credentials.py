@@ -30,7 +30,8 @@ from typing import Any, Mapping
 from workers.storage import url_to_fs
 
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
 _lock = threading.Lock()
 _resolved: dict[str, dict[str, Any]] = {}  # token -> {"options", "env"}, per worker process
