@@ -44,13 +44,45 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+INDEX_TYPES = ("IndexBinaryFlat", "IndexBinaryHNSW", "IndexBinaryIVF")
+# Graph degree: level 0 keeps 2 M int32 links per vector, 128 bytes beside a 48-byte code at M=16.
+HNSW_M = 16
+
+
+def ivf_lists(rows: int) -> int:
+    """Inverted lists of an IVF shard index: ~sqrt(n), with >= 39 training points per list."""
+    return max(1, min(int(np.sqrt(rows)), rows // 39))
+
+
 def build_index(ubinary: np.ndarray, dim: int, index_type: str = "IndexBinaryFlat") -> bytes:
-    """Serialised FAISS binary index whose vector i is row i of the shard."""
-    if index_type != "IndexBinaryFlat":
-        raise ValueError(f"unknown binary index type {index_type!r}")
-    index = faiss.IndexBinaryFlat(dim)
-    if len(ubinary):
-        index.add(np.ascontiguousarray(ubinary, dtype=np.uint8))
+    """Serialised FAISS binary index whose vector i is row i of the shard.
+
+    Flat is exact; HNSW and IVF are approximate, for big shards. They are built on one thread:
+    FAISS's parallel HNSW insertion and k-means depend on thread timing, and a shard's bytes
+    must not (a rerun rewrites the same name with the same content).
+    """
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown binary index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
+    codes = np.ascontiguousarray(ubinary, dtype=np.uint8)
+    if index_type == "IndexBinaryFlat":
+        index = faiss.IndexBinaryFlat(dim)
+    elif index_type == "IndexBinaryHNSW":
+        index = faiss.IndexBinaryHNSW(dim, HNSW_M)
+    else:
+        quantizer = faiss.IndexBinaryFlat(dim)  # kept referenced: the IVF index does not own it
+        index = faiss.IndexBinaryIVF(quantizer, dim, ivf_lists(len(codes)))
+        index.cp.min_points_per_centroid = 1  # tiny shards get one list; no warning about it
+        # k-means on a seeded sample of 64 codes per list: single-threaded training stays seconds.
+        index.cp.max_points_per_centroid = 64
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        if index_type == "IndexBinaryIVF":
+            index.train(codes if len(codes) else np.zeros((1, dim // 8), np.uint8))
+        if len(codes):
+            index.add(codes)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return faiss.serialize_index_binary(index).tobytes()
 
 
