@@ -18,13 +18,15 @@ from ranges.manifest import RangeManifest
 from ranges.manifest import load as load_ranges
 from ranges.stats import merge_all, partial_stats, ranges_from
 from workers.config import IngestConfig
+from workers.credentials import StorageAccess
 from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
+from workers.redact import describe_error
 from workers.scan import Sample, find_duplicates
 from workers.shard_writer import shard_id
 from workers.source import Fragment, SourceError, check_file, list_source
 from workers.storage import join, put_bytes, url_to_fs
 from workers.units import read_unit, scan_file, write_unit
-from workers.version import commit, list_versions
+from workers.version import CommitConflict, commit, list_versions
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,11 @@ def run(cfg: IngestConfig) -> IngestResult:
     try:
         _data_context(cfg)
         pool = _encoder_pool(cfg)
-        rows_per_file, duplicates, sample = scan(cfg, files)
+        # Tasks get a copy of the config without storage options; they fetch them through
+        # `access` (workers/credentials.py says why), which must live until the tasks are done.
+        access = StorageAccess.put(cfg.storage_options)
+        wcfg = cfg.for_workers(access)
+        rows_per_file, duplicates, sample = scan(wcfg, files)
         t_cal = time.perf_counter()
         manifest = reused or calibrate(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
@@ -265,7 +271,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         units = plan_units(cfg, files, rows_per_file)
         items = _unit_items(cfg, units, duplicates, fingerprint, manifest.id)
-        records = encode_and_write(cfg, items, pool, ranges_path, manifest.id, sum(rows_per_file))
+        records = encode_and_write(wcfg, items, pool, ranges_path, manifest.id, sum(rows_per_file))
     finally:
         if started:
             import ray
@@ -401,14 +407,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
         p.error(str(exc))
 
 
+def _redacted(exc: BaseException, cfg: IngestConfig) -> str:
+    return describe_error(exc, cfg.storage_options, [cfg.source, cfg.dest, cfg.ranges])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg, as_json = parse_args(argv)
     try:
         result = run(cfg)
+    # Messages are redacted: a library's error may quote an endpoint URL or a key it was given.
     except (SourceError, ValueError, FileNotFoundError) as exc:
-        print(f"quantlake ingest: error: {exc}", file=sys.stderr)
+        print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
         return 2
+    except CommitConflict as exc:
+        print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted
+        print(f"quantlake ingest: error: {type(exc).__name__}: {_redacted(exc, cfg)}", file=sys.stderr)
+        return 1
     print(json.dumps(result.summary, indent=1) if as_json else format_summary(result.summary))
     return 0
 

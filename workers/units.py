@@ -1,11 +1,11 @@
 """The per-work-unit steps run as Ray tasks: scan a file, read a unit, quantize and write it.
 
 Each takes the job config and builds its filesystem from URL and options inside the
-worker, so no filesystem object (which may carry credentials) is pickled into a task.
+worker, so no filesystem object (which may carry credentials) is pickled into a task; the
+config they get is `IngestConfig.for_workers`'s copy, whose options stay in the object store.
 """
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -16,7 +16,7 @@ from workers.config import IngestConfig
 from workers.scan import FileScan, scan_rows
 from workers.shard_writer import ShardPlan, write_shard
 from workers.source import SourceFile, classify, iter_batches
-from workers.storage import join, url_to_fs
+from workers.storage import join
 
 
 def _columns(cfg: IngestConfig) -> list[str]:
@@ -28,7 +28,7 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
 
     Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object.
     """
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
+    fs, root = cfg.url_to_fs(cfg.source)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
                for first, b in iter_batches(fs, root, f, _columns(cfg)))
     k = 0 if cfg.ranges else cfg.calibration_samples
@@ -41,7 +41,7 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     unit = json.loads(item["unit"])
     f = SourceFile(**unit["file"])
     dups = {int(r): (ff, int(fr)) for r, ff, fr in unit["duplicates"]}
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
+    fs, root = cfg.url_to_fs(cfg.source)
     ids, rows, texts, rejects = [], [], [], []
     for first, batch in iter_batches(fs, root, f, _columns(cfg), unit["row_start"], unit["row_stop"]):
         b = classify(f, first, batch, cfg.text_column, cfg.id_column)
@@ -61,24 +61,30 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
             "texts": json.dumps(texts), "rejects": json.dumps(rejects)}
 
 
-@functools.lru_cache(maxsize=4)
-def _ranges(dest: str, path: str, ranges_id: str, options: str) -> RangeManifest:
-    # Quantizers read the range manifest from storage, as the reducer wrote it.
-    fs, root = url_to_fs(dest, json.loads(options))
-    manifest = RangeManifest.from_json(fs.cat_file(join(root, path)), where=path)
-    if manifest.id != ranges_id:
-        raise ValueError(f"range manifest {path} has id {manifest.id}, expected {ranges_id}")
-    return manifest
+_RANGES: dict[tuple[str, str, str], RangeManifest] = {}
+
+
+def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
+    # Quantizers read the range manifest from storage, as the reducer wrote it. Cached per
+    # process by content id: a manifest whose content hash matched once is that content.
+    key = (cfg.dest, path, ranges_id)
+    if key not in _RANGES:
+        fs, root = cfg.url_to_fs(cfg.dest)
+        manifest = RangeManifest.from_json(fs.cat_file(join(root, path)), where=path)
+        if manifest.id != ranges_id:
+            raise ValueError(f"range manifest {path} has id {manifest.id}, expected {ranges_id}")
+        _RANGES[key] = manifest
+    return _RANGES[key]
 
 
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
     """Quantize a unit's embeddings and write its shard; return the shard record as JSON."""
     unit = json.loads(row["unit"])
-    manifest = _ranges(cfg.dest, ranges_path, ranges_id, json.dumps(cfg.storage_options, sort_keys=True))
+    manifest = _ranges(cfg, ranges_path, ranges_id)
     dim = int(row["dim"])
     if dim != manifest.dim:
         raise ValueError(f"the model gives {dim}-dimensional embeddings but the ranges are for {manifest.dim}")
-    fs, root = url_to_fs(cfg.dest, cfg.storage_options)
+    fs, root = cfg.url_to_fs(cfg.dest)
     emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(-1, dim)
     plan = ShardPlan(unit["shard_id"], unit["file"]["relpath"], unit["row_start"], unit["row_stop"])
     record = write_shard(fs, root, plan, json.loads(row["ids"]), np.frombuffer(row["rows"], np.int64),

@@ -1,0 +1,146 @@
+"""End to end on S3 (moto's server): ingest, inspect and vacuum through the object store only,
+with credentials from the environment or from --storage-options, and never shown."""
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from jobs.cli import main as cli
+from workers.dataset import open_version
+
+INGEST = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "20", "--batch-size", "32",
+          "--no-progress", "--json"]
+
+
+def _upload_lake(fs, url, docs, files=2):
+    per = -(-len(docs) // files)
+    for i in range(files):
+        part = docs[i * per:(i + 1) * per]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}), sink, row_group_size=20)
+        fs.pipe_file(f"{url}/raw/part-{i}.parquet", sink.getvalue().to_pybytes())
+
+
+def _objects(fs, bucket):
+    fs.invalidate_cache()
+    return {p: fs.cat_file(p) for p in fs.find(bucket.removeprefix("s3://"))}
+
+
+def _verify_all(url, options=None):
+    v = open_version(url, storage_options=options)
+    rows = 0
+    for s in v.shards:
+        rows += v.read_shard_table(s).num_rows
+        assert v.read_index(s).ntotal == s["rows"]
+    return v, rows
+
+
+def test_ingest_inspect_vacuum_with_environment_credentials(s3, docs, ray_session, tmp_path, monkeypatch, capsys):
+    bucket, options = s3
+    fs = s3fs.S3FileSystem(**options)
+    _upload_lake(fs, bucket, docs[:60])
+    monkeypatch.chdir(tmp_path)  # nothing may land on local disk
+    # Only the environment (AWS_ENDPOINT_URL, key, secret) says where S3 is and who we are;
+    # the session's Ray workers were started without it and get it through the object store.
+    assert cli(["ingest", f"{bucket}/raw", f"{bucket}/emb", *INGEST]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["version"], summary["documents"], summary["rejects"], summary["shards"]) == (1, 60, 0, 4)
+    assert summary["manifest"] == f"{bucket}/emb/versions/00000001.json"
+    assert list(tmp_path.iterdir()) == []
+    objects = _objects(fs, bucket)
+    name = bucket.removeprefix("s3://")
+    assert f"{name}/emb/versions/00000001.json" in objects
+    assert sum(p.startswith(f"{name}/emb/shards/") and p.endswith(".parquet") for p in objects) == 4
+    assert not any(b"testing-secret" in data for data in objects.values())
+    assert "testing-secret" not in out + err
+
+    v, rows = _verify_all(f"{bucket}/emb")
+    assert rows == 60 and v.manifest["source"]["url"] == f"{bucket}/raw"
+    assert cli(["inspect", f"{bucket}/emb", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(objects[f"{name}/emb/versions/00000001.json"])
+
+    fs.pipe_file(f"{bucket}/emb/shards/orphan.parquet", b"left by a failed job")
+    fs.pipe_file(f"{bucket}/emb/versions/00000002.json.tmp-dead", b"{")
+    assert cli(["vacuum", f"{bucket}/emb", "--json"]) == 0  # default --older-than 1h: all too new
+    assert json.loads(capsys.readouterr().out)["deleted"] == []
+    assert cli(["vacuum", f"{bucket}/emb", "--older-than", "0s", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["deleted"] == [{"path": "versions/00000002.json.tmp-dead", "bytes": 1},
+                               {"path": "shards/orphan.parquet", "bytes": 20}]
+    assert cli(["vacuum", f"{bucket}/emb", "--older-than", "0s"]) == 0
+    capsys.readouterr()
+    left = set(_objects(fs, bucket))
+    assert left == set(objects) and _verify_all(f"{bucket}/emb")[1] == 60
+
+
+KEY, SECRET = "AKIAQLTESTKEY0001", "ql-secret-Zq9vX2wT"
+
+
+def test_storage_options_only_and_secrets_never_shown(s3, s3_server, docs, ray_session, monkeypatch, capsys, caplog):
+    bucket, _ = s3
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    options = {"key": KEY, "secret": SECRET,
+               "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+    fs = s3fs.S3FileSystem(**options)
+    _upload_lake(fs, bucket, docs[60:120])
+    caplog.set_level(logging.INFO)
+    opts = ["--storage-options", json.dumps(options)]
+
+    # An odd source URL with credentials in it: botocore's error quotes them as a bucket name.
+    assert cli(["ingest", f"s3://AKIAURLKEY:url-pass-123@{bucket[5:]}/raw", f"{bucket}/emb", *opts, *INGEST]) == 1
+    err = capsys.readouterr().err
+    assert f'quantlake ingest: error: ParamValidationError: Parameter validation failed:\n' \
+           f'Invalid bucket name "***@{bucket[5:]}"' in err
+    assert "url-pass-123" not in err and "AKIAURLKEY" not in err
+    assert cli(["ingest", f"{bucket}/nowhere", f"{bucket}/emb", *opts, *INGEST]) == 2
+    assert f"source {bucket}/nowhere does not exist" in capsys.readouterr().err
+
+    assert cli(["ingest", f"{bucket}/raw", f"{bucket}/emb", *opts, *INGEST]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["documents"] == 60
+    assert cli(["inspect", f"{bucket}/emb", *opts]) == 0
+    report, err2 = capsys.readouterr()
+    assert "rows       60 documents, 0 rejects, 60 rows read" in report
+    shown = out + err + report + err2 + caplog.text
+    objects = _objects(fs, bucket)
+    for secret in (KEY, SECRET):
+        assert secret not in shown
+        assert not any(secret.encode() in data for data in objects.values())
+    assert _verify_all(f"{bucket}/emb", options)[1] == 60
+
+
+def test_unreachable_endpoint_gives_a_clear_error_without_secrets(s3, monkeypatch, capsys):
+    bucket, _ = s3
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    assert cli(["inspect", f"{bucket}/emb", "--storage-options", json.dumps(options)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('quantlake inspect: error: EndpointConnectionError: Could not connect to the '
+                          'endpoint URL: "http://127.0.0.1:9/')
+    assert KEY not in err and SECRET not in err
+
+
+def test_profile_in_storage_options_reaches_botocore(s3, s3_server, tmp_path, monkeypatch, capsys):
+    from workers.storage import url_to_fs
+    from workers.version import commit
+    from test_version import manifest
+
+    bucket, _ = s3
+    (tmp_path / "credentials").write_text(f"[analytics]\naws_access_key_id = {KEY}\n"
+                                          f"aws_secret_access_key = {SECRET}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    options = {"profile": "analytics", "client_kwargs": {"endpoint_url": s3_server}}
+    fs, root = url_to_fs(f"{bucket}/emb", options)
+    assert commit(fs, root, manifest("w1")) == 1
+    assert cli(["inspect", f"{bucket}/emb", "--json", "--storage-options", json.dumps(options)]) == 0
+    assert json.loads(capsys.readouterr().out)["writer"] == "w1"
+    options["profile"] = "missing"
+    assert cli(["inspect", f"{bucket}/emb", "--storage-options", json.dumps(options)]) == 1
+    assert "ProfileNotFound: The config profile (missing) could not be found" in capsys.readouterr().err
