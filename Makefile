@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf lake out

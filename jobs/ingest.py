@@ -365,6 +365,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
+INDEX_TYPE_FLAGS = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     """The config, and whether to print the summary as JSON."""
     p = argparse.ArgumentParser(prog="quantlake ingest", description=__doc__)
@@ -385,6 +388,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--encoder-actors", type=int, default=None)
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
+    p.add_argument("--index-type", choices=sorted(INDEX_TYPE_FLAGS), default="flat",
+                   help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
     p.add_argument("--storage-options", default=None, help="fsspec options as JSON (endpoint, credentials)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -402,7 +407,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
             precisions=tuple(p.strip() for p in a.precisions.split(",") if p.strip()),
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,
-            encoder_actors=a.encoder_actors, storage_options=options, progress=not a.no_progress), a.json
+            encoder_actors=a.encoder_actors, storage_options=options, progress=not a.no_progress,
+            index_type=INDEX_TYPE_FLAGS[a.index_type]), a.json
     except ValueError as exc:
         p.error(str(exc))
 

@@ -1,0 +1,194 @@
+"""`quantlake search`: nearest documents of query texts in a committed dataset version."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+
+from workers.ray_searcher import RaySearcher
+from workers.searcher import Hit, SearchOptions, Searcher, dumps_hits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search job: where, what to ask (exactly one of query, queries_file, neighbours_of), how.
+
+    Args:
+        dest: dataset URL or path.
+        query: one query text.
+        queries_file: URL or path of a text file, one query per line (blank lines skipped), `-` for stdin.
+        neighbours_of: sample this many documents and search with each one's own text.
+        options: k, rescoring and candidate settings.
+        version: committed version (None: the latest).
+        model: query encoder (None: the model the version names).
+        index: `binary` (shard indexes + int8 rescoring) or `int8` (int8 scalar-quantizer indexes).
+        ray, ray_address, actors: search with Ray actors holding groups of shards.
+        storage_options: fsspec options for the dataset (and the source, for --neighbours-of).
+        source: the source lake's URL, if it moved since ingest (--neighbours-of reads texts there).
+        seed: sampling seed of --neighbours-of.
+        json: print one JSON object per query instead of a table.
+    """
+
+    dest: str
+    query: str | None = None
+    queries_file: str | None = None
+    neighbours_of: int | None = None
+    options: SearchOptions = field(default_factory=SearchOptions)
+    version: int | None = None
+    model: str | None = None
+    index: Literal["binary", "int8"] = "binary"
+    ray: bool = False
+    ray_address: str | None = None
+    actors: int | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    seed: int = 0
+    json: bool = False
+
+    def __post_init__(self):
+        asked = [x is not None for x in (self.query, self.queries_file, self.neighbours_of)]
+        if sum(asked) != 1:
+            raise ValueError("give exactly one of: a query text, --queries-file, --neighbours-of")
+        if self.neighbours_of is not None and self.neighbours_of < 1:
+            raise ValueError(f"--neighbours-of must be >= 1, got {self.neighbours_of}")
+        if self.index not in ("binary", "int8"):
+            raise ValueError(f"index must be binary or int8, got {self.index!r}")
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: str
+    hits: list[Hit]
+    of: Hit | None = None  # the sampled document, for --neighbours-of
+
+
+def read_queries(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Queries of a file, one per line, in order; blank lines are skipped."""
+    if url == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"queries file {url} does not exist") from None
+    queries = [q.strip() for q in lines if q.strip()]
+    if not queries:
+        raise ValueError(f"queries file {url} holds no query (one per line)")
+    return queries
+
+
+def run(cfg: SearchConfig) -> list[QueryResult]:
+    """Open the version, search, and return the results in query order."""
+    if cfg.ray:
+        searcher = RaySearcher.open(cfg.dest, cfg.version, cfg.storage_options, cfg.model, index=cfg.index,
+                                    actors=cfg.actors, ray_address=cfg.ray_address)
+    else:
+        searcher = Searcher.open(cfg.dest, cfg.version, cfg.storage_options, cfg.model, index=cfg.index)
+    opts = {k: v for k, v in vars(cfg.options).items() if k != "k"}
+    with searcher:
+        if cfg.neighbours_of is not None:
+            docs = searcher.sample(cfg.neighbours_of, cfg.seed)
+            texts = searcher.source_texts(docs, cfg.source)
+            hits = searcher.search(texts, cfg.options.k, **opts)
+            return [QueryResult(t, h, d) for t, h, d in zip(texts, hits, docs)]
+        queries = [cfg.query] if cfg.query is not None else read_queries(cfg.queries_file, cfg.storage_options)
+        hits = searcher.search(queries, cfg.options.k, **opts)
+        return [QueryResult(q, h) for q, h in zip(queries, hits)]
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_results(results: list[QueryResult]) -> str:
+    lines = []
+    for r in results:
+        head = f"neighbours of {r.of.id}: " if r.of else "query: "
+        lines.append(head + _short(r.query, 100))
+        width = max([len(h.id) for h in r.hits] + [2])
+        for i, h in enumerate(r.hits, 1):
+            lines.append(f"  {i:>3}. {h.score:8.4f}  {h.id:<{width}}  shard {h.shard[:12]} row {h.row}")
+        if not r.hits:
+            lines.append("  (no hits)")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def parse_args(argv: list[str] | None = None) -> SearchConfig:
+    p = argparse.ArgumentParser(prog="quantlake search", description=__doc__)
+    p.add_argument("dest", help="dataset URL or path")
+    p.add_argument("query", nargs="?", default=None, help="query text")
+    p.add_argument("--queries-file", default=None, help="one query per line (URL, path, or - for stdin)")
+    p.add_argument("--neighbours-of", type=int, default=None, metavar="N",
+                   help="search with the texts of N sampled documents")
+    p.add_argument("-k", type=int, default=10, help="hits per query")
+    p.add_argument("--rescore-multiplier", type=int, default=4, help="binary candidates per hit to rescore")
+    p.add_argument("--rescore", choices=["int8", "int8-raw", "bits", "none"], default="int8",
+                   help="int8: float query vs int8 bucket centres; int8-raw: vs raw codes; bits: vs sign "
+                        "bits; none: candidate order")
+    p.add_argument("--candidates", choices=["asymmetric", "hamming"], default="asymmetric",
+                   help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW shard indexes: search breadth")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF shard indexes: lists visited")
+    p.add_argument("--index", choices=["binary", "int8"], default="binary",
+                   help="binary: shard indexes + rescoring; int8: int8 indexes (8x the memory)")
+    p.add_argument("--version", type=int, default=None, help="committed version (default: latest)")
+    p.add_argument("--model", default=None, help="query encoder (default: the model the version names)")
+    p.add_argument("--ray", action="store_true", help="search with Ray actors holding groups of shards")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--actors", type=int, default=None, help="with --ray: number of actors (default: CPUs)")
+    p.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    p.add_argument("--source", default=None, help="with --neighbours-of: the source lake's URL if it moved")
+    p.add_argument("--seed", type=int, default=0, help="with --neighbours-of: sampling seed")
+    p.add_argument("--json", action="store_true", help="one JSON object per query, in input order")
+    a = p.parse_args(argv)
+    try:
+        options = json.loads(a.storage_options) if a.storage_options else {}
+    except json.JSONDecodeError as exc:
+        p.error(f"--storage-options is not valid JSON: {exc}")
+    try:
+        opts = SearchOptions(k=a.k, rescore_multiplier=a.rescore_multiplier, rescore=a.rescore,
+                             candidates=a.candidates, ef_search=a.ef_search, nprobe=a.nprobe)
+        return SearchConfig(dest=a.dest, query=a.query, queries_file=a.queries_file,
+                            neighbours_of=a.neighbours_of, options=opts, version=a.version, model=a.model,
+                            index=a.index, ray=a.ray or a.ray_address is not None, ray_address=a.ray_address,
+                            actors=a.actors, storage_options=options, source=a.source, seed=a.seed,
+                            json=a.json)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    cfg = parse_args(argv)
+    try:
+        results = run(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"quantlake search: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.json:
+        for r in results:
+            record = json.loads(dumps_hits(r.query, r.hits))
+            if r.of is not None:
+                record["of"] = r.of.id
+            print(json.dumps(record, ensure_ascii=False))
+    else:
+        print(format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

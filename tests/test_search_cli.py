@@ -1,0 +1,80 @@
+"""`quantlake search` end to end on real shards: JSON output, queries files, neighbours, errors."""
+import json
+
+import pytest
+
+from jobs.cli import main as cli
+from jobs.ingest import run
+from jobs.search import parse_args
+from workers.config import IngestConfig
+from workers.encoder import EncoderConfig
+
+from conftest import write_parquet_lake
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, docs, ray_session):
+    root = tmp_path_factory.mktemp("search-cli")
+    write_parquet_lake(root / "lake", docs[150:270], files=2, row_group_size=30)
+    run(IngestConfig(str(root / "lake"), str(root / "dest"), id_column="id", calibration_samples=120,
+                     unit_rows=30, encoder=EncoderConfig(batch_size=32), progress=False))
+    return root / "dest", docs[150:270]
+
+
+def _lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_json_output_is_one_object_per_query(dataset, capsys):
+    dest, docs = dataset
+    assert cli(["search", str(dest), docs[3][1], "-k", "4", "--json"]) == 0
+    (record,) = _lines(capsys)
+    assert record["query"] == docs[3][1] and len(record["hits"]) == 4
+    assert all(set(h) == {"id", "score", "shard", "row"} for h in record["hits"])
+    top = record["hits"][0]
+    assert top["id"] == docs[3][0] and isinstance(top["row"], int) and len(top["shard"]) == 32
+    scores = [h["score"] for h in record["hits"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_queries_file_order_is_preserved(dataset, capsys, tmp_path):
+    dest, docs = dataset
+    picked = [(i, " ".join(t.split())) for i, t in (docs[j] for j in (90, 4, 57, 33, 4, 110, 12))]  # a repeat
+    path = tmp_path / "queries.txt"
+    lines = [t for _, t in picked]
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # a blank line is skipped
+    assert cli(["search", str(dest), "--queries-file", str(path), "-k", "3", "--json"]) == 0
+    records = _lines(capsys)
+    assert [r["query"] for r in records] == lines
+    assert [r["hits"][0]["id"] for r in records] == [i for i, _ in picked]
+
+
+def test_neighbours_of_uses_each_sampled_document_as_query(dataset, capsys):
+    dest, docs = dataset
+    assert cli(["search", str(dest), "--neighbours-of", "3", "-k", "2", "--json"]) == 0
+    records = _lines(capsys)
+    assert len(records) == 3 and len({r["of"] for r in records}) == 3
+    assert all(r["hits"][0]["id"] == r["of"] and r["query"] == dict(docs)[r["of"]] for r in records)
+    assert cli(["search", str(dest), "--neighbours-of", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("neighbours of ") and "   1. " in out
+
+
+def test_ray_flag_gives_the_same_hits(dataset, capsys, ray_session):
+    dest, docs = dataset
+    args = ["search", str(dest), docs[20][1], "-k", "5", "--json"]
+    assert cli(args) == 0 and cli(args + ["--ray", "--actors", "2"]) == 0
+    threaded, actors = _lines(capsys)
+    assert threaded == actors
+
+
+def test_errors_exit_2_with_a_message(dataset, capsys):
+    dest, docs = dataset
+    assert cli(["search", str(dest), "q", "--version", "7"]) == 2
+    assert "version 7" in capsys.readouterr().err
+    assert cli(["search", str(dest.parent / "nowhere"), "q"]) == 2
+    assert "no committed version" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([str(dest)])  # no query, no file, no --neighbours-of
+    with pytest.raises(SystemExit):
+        parse_args([str(dest), "q", "--rescore-multiplier", "0"])

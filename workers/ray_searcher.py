@@ -1,0 +1,85 @@
+"""Search with Ray: actors each hold a group of shards, and every query fans out to all of them."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from workers.dataset import open_version
+from workers.searcher import Searcher, open_checked
+from workers.shard_group import ShardGroup
+
+
+class RaySearcher(Searcher):
+    """The same search, with shard groups held by Ray actors: a query fans out to every actor."""
+
+    @classmethod
+    def open(cls, url: str, version: int | None = None, storage_options: Mapping[str, Any] | None = None,
+             model: str | None = None, *, index: Literal["binary", "int8"] = "binary",
+             actors: int | None = None, actor_cpus: float = 1.0, ray_address: str | None = None) -> "RaySearcher":
+        """Open a version with its shards split over `actors` Ray actors (default: one per CPU).
+
+        Joins `ray_address` (or RAY_ADDRESS, or the running instance), else starts a local one
+        that `close()` stops. Other arguments as `Searcher.open`.
+        """
+        import ray
+
+        from jobs.ingest import WORKER_ENV
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=ray_address, logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV})
+        try:
+            ds, ranges, name = open_checked(url, version, storage_options, model)
+            doc, shards = ds.manifest, ds.shards
+            n = max(1, min(len(shards), actors or int(ray.cluster_resources().get("CPU", 1))))
+            bounds = _balanced_bounds([s["rows"] for s in shards], n)
+            actor_cls = ray.remote(num_cpus=actor_cpus)(ShardGroupActor)
+            groups, owner = [], np.zeros(len(shards), np.int64)
+            for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                owner[a:b] = g
+                groups.append(actor_cls.remote(url, storage_options, ds.version, list(range(a, b)),
+                                               ranges.ranges, index))
+            searcher = cls(url, storage_options, doc, ranges, name, groups, owner, 1, index)
+            searcher._started = started
+            try:
+                searcher.resident_bytes()  # surfaces an actor's failure to open its shards now
+            except ray.exceptions.RayActorError as exc:
+                searcher.close()
+                raise RuntimeError(f"a search actor could not open its shards: {exc}") from None
+            return searcher
+        except BaseException:
+            if started and ray.is_initialized():
+                ray.shutdown()
+            raise
+
+    def _map(self, calls):
+        import ray
+
+        return ray.get([getattr(g, m).remote(*a) for g, m, a in calls])
+
+    def close(self) -> None:
+        import ray
+
+        for g in self._groups:
+            ray.kill(g)
+        self._groups = []
+        if getattr(self, "_started", False) and ray.is_initialized():
+            ray.shutdown()
+
+
+class ShardGroupActor(ShardGroup):
+    """A shard group opened inside its actor from the URL: no filesystem (or credentials) is pickled."""
+
+    def __init__(self, url: str, storage_options, version: int, ordinals: list[int], ranges: np.ndarray,
+                 index: str):
+        super().__init__(open_version(url, version, storage_options), ordinals, ranges, index)
+
+
+def _balanced_bounds(rows: list[int], n: int) -> list[int]:
+    """Split shards, kept in order, into `n` contiguous runs of about equal row counts."""
+    cum = np.cumsum([0] + list(rows))
+    cuts = [int(np.searchsorted(cum, cum[-1] * i / n, side="left")) for i in range(1, n)]
+    bounds = sorted(set([0] + [min(max(c, 1), len(rows) - 1) for c in cuts] + [len(rows)]))
+    return bounds

@@ -1,0 +1,98 @@
+"""Search math without I/O: query-side scaling, candidate scores, and the cross-shard merge."""
+from __future__ import annotations
+
+import numpy as np
+
+RESCORE = ("int8", "int8-raw", "bits", "none")
+CANDIDATES = ("hamming", "asymmetric")
+
+
+def steps_of(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mins, steps) of the int8 buckets, computed in float32 as `quantize_embeddings` does."""
+    mins, maxs = np.asarray(ranges, np.float32)
+    steps = (maxs - mins) / np.float32(255)
+    steps[steps == 0] = 1
+    return mins, steps
+
+
+def int8_query(q: np.ndarray, ranges: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the dequantization into the query: `score = codes @ w.T + offset`.
+
+    `int8` scores against bucket centres, `mins + (code + 128.5) * steps` (the code
+    `floor((x - min) / step) - 128` says x lies in that bucket, so its centre is the
+    unbiased guess); `int8-raw` scores against the codes as they are.
+
+    Args:
+        q: float32 queries (n, dim).
+        ranges: (2, dim) float32 ranges the codes were made with.
+        mode: `int8` or `int8-raw`.
+
+    Returns:
+        (w, offset): float32 (n, dim) weights and (n,) offsets.
+    """
+    q = np.asarray(q, np.float32)
+    if mode == "int8-raw":
+        return q, np.zeros(len(q), np.float32)
+    if mode != "int8":
+        raise ValueError(f"int8 scoring mode must be int8 or int8-raw, got {mode!r}")
+    mins, steps = steps_of(ranges)
+    w = q * steps
+    return w, q @ mins + np.float32(128.5) * w.sum(axis=1)
+
+
+def int8_scores(codes: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Row-wise scores of candidate codes (t, dim) int8 against their queries' (t, dim) weights."""
+    return np.einsum("ij,ij->i", codes.astype(np.float32), w) + offset
+
+
+# Row v: the eight signs (+1 for a set bit, most significant first, as np.packbits packs) of byte v.
+_BYTE_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
+
+
+def bit_tables(q: np.ndarray) -> np.ndarray:
+    """Per query, the score of every byte value at every byte position: (n, ceil(dim / 8), 256).
+
+    A packed code then scores as the sum of one table entry per byte (a gather, no unpacking),
+    the way BBQ / RaBitQ score a float query against sign bits. Each bit stands for
+    ±1/sqrt(dim), the sign vector's unit-norm form (RaBitQ's estimator without its per-vector
+    correction, which the shards do not store); for unit vectors the score estimates the cosine.
+    """
+    n, dim = q.shape
+    width = -(-dim // 8)
+    padded = np.zeros((n, width * 8), np.float32)
+    padded[:, :dim] = q  # padding bits meet a zero weight
+    return (padded.reshape(n, width, 8) @ _BYTE_SIGNS.T) / np.float32(np.sqrt(dim))
+
+
+def bit_scores(codes: np.ndarray, tables: np.ndarray, qidx: np.ndarray) -> np.ndarray:
+    """Scores of packed codes (t, width) against their queries' `bit_tables` (rows `qidx`, (t,))."""
+    if not len(codes):
+        return np.zeros(0, np.float32)
+    return tables[qidx[:, None], np.arange(codes.shape[1])[None, :], codes].sum(axis=1)
+
+
+def hamming_scores(distances: np.ndarray, dim: int) -> np.ndarray:
+    """The cosine between sign vectors: `1 - 2 * hamming / dim`."""
+    return 1 - 2 * np.asarray(distances, np.float32) / np.float32(dim)
+
+
+def merge(keys: np.ndarray, shards: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Per query, positions of the `n` best candidates: smallest key, then shard, then row.
+
+    The tie order (shard ordinal, then row) is the order of the shards' rows laid end to end,
+    the order one combined FAISS index breaks ties in, so merging per-shard results equals
+    searching all shards as one index. Padding (row -1) sorts last.
+
+    Args:
+        keys, shards, rows: (q, m) arrays of the candidates of every shard, any order.
+        n: candidates to keep per query.
+    """
+    keys = np.where(rows < 0, np.inf, keys.astype(np.float64))
+    order = np.lexsort((rows, shards, keys), axis=-1)
+    return order[:, :n]
+
+
+def top_by_score(scores: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+    """Per query, positions of the `k` highest scores; ties keep candidate order (stable)."""
+    s = np.where(valid, -scores.astype(np.float64), np.inf)
+    return np.argsort(s, axis=-1, kind="stable")[:, :k]

@@ -1,0 +1,216 @@
+"""The shards one searcher holds (a thread's shard or a Ray actor's group): indexes resident, rows on demand."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any, Literal, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from workers.dataset import DatasetVersion, IntegrityError
+from workers.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
+from workers.storage import join
+
+# Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row).
+SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary")
+
+
+def _codes_view(index) -> np.ndarray | None:
+    """The packed codes a flat (or HNSW's flat storage) binary index holds, without a copy."""
+    flat = index if isinstance(index, faiss.IndexBinaryFlat) else None
+    if isinstance(index, faiss.IndexBinaryHNSW):
+        flat = faiss.downcast_IndexBinary(index.storage)
+    if flat is None or flat.ntotal == 0:
+        return None
+    n, width = flat.ntotal, flat.code_size
+    return faiss.rev_swig_ptr(flat.xb.data(), n * width).reshape(n, width)
+
+
+def int8_index(codes: np.ndarray, ranges: np.ndarray) -> faiss.IndexScalarQuantizer:
+    """A one-byte-per-dimension FAISS index scoring float queries against int8 bucket centres.
+
+    FAISS's QT_8bit decodes code c as `vmin + (c + 0.5) / 255 * vdiff`: with our mins and
+    `vdiff = 255 * steps` that is exactly `rescore.int8_query`'s dequantization. (The
+    `QT_8bit_direct*` types would store the values too, but their SIMD inner product quantizes
+    the query to bytes as well, which scores wrongly.)
+    """
+    dim = codes.shape[1]
+    mins, steps = steps_of(ranges)
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.concatenate([mins, steps * np.float32(255)]).astype(np.float32),
+                               index.sq.trained)
+    index.is_trained = True
+    if len(codes):
+        index.add_sa_codes(np.ascontiguousarray(codes).view(np.uint8) ^ np.uint8(0x80))
+    return index
+
+
+class ShardGroup:
+    """Shards searched by one worker: binary (or int8) indexes in memory, everything else mapped.
+
+    Args:
+        ds: the opened version (`workers.dataset.open_version`).
+        ordinals: positions, in the version, of this group's shards (ties across shards break by it).
+        ranges: (2, dim) float32 ranges of the version.
+        index: `binary` keeps the shards' FAISS binary indexes; `int8` builds one-byte scalar
+            quantizer indexes from the int8 vectors instead (8x the memory, no rescoring).
+        cache_dir: local folder for the spilled columns (None: a temporary one, removed on close).
+    """
+
+    def __init__(self, ds: DatasetVersion, ordinals: Sequence[int], ranges: np.ndarray,
+                 index: Literal["binary", "int8"] = "binary", cache_dir: str | None = None):
+        self.ds = ds
+        self.shards = {int(o): self.ds.shards[int(o)] for o in ordinals}
+        self.ranges = np.asarray(ranges, np.float32)
+        self.dim = self.ranges.shape[1]
+        self.kind = index
+        self._own_dir = cache_dir is None
+        self.cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if cache_dir is None else cache_dir
+        self._spills: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
+
+    def _load(self, o: int, s: dict):
+        ds = self.ds
+        try:
+            size = ds.fs.info(join(ds.root, s["path"]))["size"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {s['path']} of version {ds.version} of {ds.url} is missing: "
+                                    "the dataset is incomplete; restore the file or search another version") from None
+        if size != s["bytes"]:
+            raise IntegrityError(f"shard {s['path']} of version {ds.version} of {ds.url} has {size} bytes, "
+                                 f"the manifest says {s['bytes']}: the file was truncated or replaced")
+        if self.kind == "int8":
+            return int8_index(self._spill(o)["int8"], self.ranges)
+        index = ds.read_index(s)  # deserialised only after its sha256 matched the manifest
+        if index.d != self.dim:
+            raise IntegrityError(f"index {s['index']} holds {index.d}-bit codes, the version's model has "
+                                 f"{self.dim} dimensions")
+        return index
+
+    def resident_bytes(self) -> int:
+        """Bytes of the in-memory indexes (the spilled columns are memory-mapped files)."""
+        if self.kind == "int8":
+            return sum(i.ntotal * i.code_size for i in self.indexes.values())
+        return sum(s["index_bytes"] for s in self.shards.values())
+
+    def _spill(self, o: int) -> dict[str, np.ndarray]:
+        """The shard's columns as memory-mapped arrays, decoded once into a local Arrow file.
+
+        Parquet pages are compressed, so a row cannot be read in place; the spill is uncompressed
+        Arrow IPC named by the Parquet checksum, so the OS pages in only the rows a query touches.
+        """
+        with self._lock:
+            if o not in self._spills:
+                self._spills[o] = _columns(self._spill_locked(o), self.dim)
+        return self._spills[o]
+
+    def _spill_locked(self, o: int) -> pa.Table:
+        s = self.shards[o]
+        # Local scratch files, not dataset data: Arrow's memory map needs a local path.
+        path = os.path.join(self.cache_dir, f"{s['sha256']}.arrow")
+        if not os.path.exists(path):
+            present = [c for c in SPILL_COLUMNS if c != "int8" or "int8" in self.ds.manifest["precisions"]]
+            table = self.ds.read_shard_table(s, columns=present)  # checked against its sha256
+            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(tmp, path)
+        return pa.ipc.open_file(pa.memory_map(path)).read_all()
+
+    def candidates(self, q: np.ndarray, qbin: np.ndarray, n: int, asymmetric: bool = False,
+                   ef_search: int | None = None, nprobe: int | None = None):
+        """The group's best `n` candidates per query: (keys, shard ordinals, rows, bit scores).
+
+        Ordered by key (Hamming distance; with an int8 index, minus the score), then shard, then
+        row. Bit scores (float query against sign bits) are filled only when `asymmetric`.
+        """
+        parts = []
+        tables = bit_tables(q) if asymmetric and self.kind == "binary" else None
+        for o, index in self.indexes.items():
+            if self.kind == "int8":
+                scores, rows = index.search(q, n)
+                keys = -scores
+            else:
+                keys, rows = index.search(qbin, n, params=_params(index, n, ef_search, nprobe))
+            bits = self._bits(o, index, tables, rows) if tables is not None else np.zeros(rows.shape, np.float32)
+            parts.append((keys.astype(np.float64), np.full(rows.shape, o, np.int64), rows.astype(np.int64), bits))
+        keys, shards, rows, bits = (np.concatenate(x, axis=1) for x in zip(*parts))
+        pick = merge(keys, shards, rows, n)
+        return tuple(np.take_along_axis(a, pick, axis=1) for a in (keys, shards, rows, bits))
+
+    def _bits(self, o: int, index, tables: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        codes = _codes_view(index)
+        if codes is None:  # IVF keeps codes in inverted lists: read them from the spill
+            codes = self._spill(o)["ubinary"]
+        valid = rows >= 0
+        out = np.zeros(rows.shape, np.float32)
+        out[valid] = bit_scores(codes[rows[valid]], tables, np.nonzero(valid)[0])
+        return out
+
+    def rescore(self, q: np.ndarray, mode: str, qidx: np.ndarray, shards: np.ndarray, rows: np.ndarray):
+        """Scores (None for mode `none`), ids and source rows of candidates `(qidx, shard, row)`.
+
+        Args:
+            q: float32 queries (n, dim).
+            mode: `int8`, `int8-raw`, `bits` or `none` (ids only).
+            qidx, shards, rows: aligned 1-D arrays, one entry per candidate of this group.
+        """
+        scores = np.empty(len(rows), np.float32) if mode != "none" else None
+        ids, source_rows = np.empty(len(rows), object), np.empty(len(rows), np.int64)
+        if mode in ("int8", "int8-raw"):
+            w, offset = int8_query(q, self.ranges, mode)
+        tables = bit_tables(q) if mode == "bits" else None
+        for o in np.unique(shards):
+            at = np.nonzero(shards == o)[0]
+            r = rows[at]
+            spill = self._spill(int(o))
+            ids[at] = spill["id"].take(pa.array(r)).to_pylist()
+            source_rows[at] = spill["source_row"][r]
+            if mode in ("int8", "int8-raw"):
+                if "int8" not in spill:
+                    raise ValueError(f"shard {self.shards[int(o)]['path']} has no int8 vectors (the dataset "
+                                     "was ingested without them): search with rescore='bits' or 'none'")
+                scores[at] = int8_scores(spill["int8"][r], w[qidx[at]], offset[qidx[at]])
+            elif mode == "bits":
+                codes = _codes_view(self.indexes[int(o)])
+                codes = spill["ubinary"] if codes is None else codes
+                scores[at] = bit_scores(codes[r], tables, qidx[at])
+        return scores, ids.tolist(), source_rows
+
+    def close(self) -> None:
+        self._spills.clear()
+        if self._own_dir:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
+    """Zero-copy numpy views of a memory-mapped spill (ids stay an Arrow array)."""
+    def one(name):  # a single IPC batch is one chunk: viewing it copies nothing
+        col = t[name]
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+    out: dict[str, Any] = {"id": one("id"), "source_row": one("source_row").to_numpy()}
+    if "int8" in t.column_names:
+        out["int8"] = one("int8").flatten().to_numpy().reshape(-1, dim)
+    if "ubinary" in t.column_names:
+        col, width = one("ubinary"), -(-dim // 8)
+        data = np.frombuffer(col.buffers()[1], np.uint8) if len(col) else np.empty(0, np.uint8)
+        out["ubinary"] = data[col.offset * width:(col.offset + len(col)) * width].reshape(-1, width)
+    return out
+
+
+def _params(index, n: int, ef_search: int | None, nprobe: int | None):
+    if isinstance(index, faiss.IndexBinaryHNSW):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = max(n, ef_search or 2 * n)
+        return p
+    if isinstance(index, faiss.IndexBinaryIVF):
+        p = faiss.SearchParametersIVF()
+        p.nprobe = min(index.nlist, nprobe or max(16, index.nlist // 8))
+        return p
+    return None
