@@ -22,10 +22,10 @@ from workers.credentials import StorageAccess
 from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
 from workers.redact import describe_error
 from workers.scan import Sample, find_duplicates
-from workers.shard_writer import shard_id
+from workers.shard_writer import shard_files, shard_id
 from workers.source import Fragment, SourceError, check_file, list_source
 from workers.storage import join, put_bytes, url_to_fs
-from workers.units import read_unit, scan_file, write_unit
+from workers.units import UnitFailed, read_unit, scan_file, unit_step, write_unit
 from workers.version import CommitConflict, commit, list_versions
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,10 @@ def _encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    # Ray Data restarts a dead actor and retries its unit (max_restarts=-1 by default).
+    # Ray Data restarts a dead actor and retries its unit (its actor pools default to
+    # max_restarts=-1, max_task_retries=-1; tests/test_faults.py kills one to hold it to that).
+    # Not passed explicitly: extra remote args to map() are deprecated from Ray 2.60.
+    # Encoding is a pure function of the unit, so the retry gives the same bytes.
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu":
         return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
@@ -78,6 +81,9 @@ def _data_context(cfg: IngestConfig):
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
+    # A task's own exception, not a generic UserCodeException: the driver needs the UnitFailed
+    # (which names the unit) and Ray passes a wrapped exception's cause on only as text.
+    ctx.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ctx
 
@@ -213,6 +219,8 @@ def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
     (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard.
     Memory is bounded by the units in flight, which Ray Data's backpressure limits.
+    Returns the shard records and how many of them an earlier run had written (and the read
+    step verified); a unit that fails for good raises UnitFailed naming it.
     """
     import ray.data
     from tqdm import tqdm
@@ -222,20 +230,40 @@ def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id
           .map(_UnitEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),), **pool)
           .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
                num_cpus=0.5))
-    records = []
+    records, reused = [], 0
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:
-        for row in ds.iter_rows():
-            rec = json.loads(row["record"])
-            records.append(rec)
-            bar.update(rec["stats"]["rows_read"])
-    return sorted(records, key=lambda r: (r["source"]["file"], r["source"]["row_start"]))
+        try:
+            for row in ds.iter_rows():
+                rec = json.loads(row["record"])
+                records.append(rec)
+                reused += bool(row["reused"])
+                bar.update(rec["stats"]["rows_read"])
+        except Exception as exc:
+            failed = _unit_failure(exc)
+            if failed is None:
+                raise
+            raise UnitFailed(f"{failed.message}; nothing was committed") from exc
+    return sorted(records, key=lambda r: (r["source"]["file"], r["source"]["row_start"])), reused
+
+
+def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
+    """The UnitFailed inside the wrappers Ray Data puts around a task's exception, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # a RayTaskError's: the task's own exception
+        if isinstance(exc, UnitFailed) and not isinstance(inner, UnitFailed):
+            return exc
+        exc = inner or exc.__cause__
+    return None
 
 
 class _UnitEncoder(Encoder):
     def __call__(self, row):
-        row = dict(row, texts=json.loads(row["texts"]))
-        return super().__call__(row)
+        with unit_step(row["unit"], "encode"):
+            row = dict(row, texts=json.loads(row["texts"]))
+            return super().__call__(row)
 
 
 def run(cfg: IngestConfig) -> IngestResult:
@@ -271,7 +299,8 @@ def run(cfg: IngestConfig) -> IngestResult:
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         units = plan_units(cfg, files, rows_per_file)
         items = _unit_items(cfg, units, duplicates, fingerprint, manifest.id)
-        records = encode_and_write(wcfg, items, pool, ranges_path, manifest.id, sum(rows_per_file))
+        records, reused_shards = encode_and_write(wcfg, items, pool, ranges_path, manifest.id,
+                                                  sum(rows_per_file))
     finally:
         if started:
             import ray
@@ -282,10 +311,47 @@ def run(cfg: IngestConfig) -> IngestResult:
         raise RuntimeError(f"read {rows_read} rows but the scan counted {sum(rows_per_file)}: "
                            "the source changed during the job; nothing was committed")
     version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent)
+    check_referenced_files(dest_fs, dest_root, version_doc)
     n = commit(dest_fs, dest_root, version_doc)
     manifest_url = cfg.dest.rstrip("/") + f"/versions/{n:08d}.json"
-    summary = _summary(version_doc, records, time.perf_counter() - t0, t_cal, manifest_url, n)
+    summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, manifest_url, n)
     return IngestResult(n, manifest_url, summary)
+
+
+class IncompleteVersion(RuntimeError):
+    """A file the new version would reference is missing or has another size: not committed."""
+
+
+def check_referenced_files(fs, root: str, doc: dict[str, Any]) -> None:
+    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size.
+
+    The last check before the create-only write, so a version never points at a shard that
+    a failed or interrupted write (or anyone else) left missing. One listing per folder
+    rather than a request per file; the listing cache is dropped first, as it may predate
+    the workers' writes.
+    """
+    wanted = {doc["ranges"]["path"]: None}
+    for record in doc["shards"]:
+        wanted.update({path: size for path, size, _ in shard_files(record)})
+    fs.invalidate_cache()
+    present: dict[str, int] = {}
+    for folder in sorted({p.split("/")[0] for p in wanted}):
+        try:
+            present.update({p: int(info.get("size") or 0) for p, info in
+                            fs.find(join(root, folder), detail=True).items()})
+        except FileNotFoundError:
+            pass
+    problems = []
+    for path, size in wanted.items():
+        found = present.get(join(root, path))
+        if found is None:
+            problems.append(f"{path} is missing")
+        elif size is not None and found != size:
+            problems.append(f"{path} has {found} bytes, its record says {size}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IncompleteVersion(f"refusing to commit a version of {root}: {'; '.join(problems[:5])}{more}. "
+                                "Nothing was committed; rerun the job to rewrite the shards concerned")
 
 
 def _version_doc(cfg, files, manifest: RangeManifest, ranges_path, records, parent) -> dict[str, Any]:
@@ -329,12 +395,12 @@ def _public_url(url: str) -> str:
     return scheme + sep + rest if sep else url
 
 
-def _summary(doc, records, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
+def _summary(doc, records, reused, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
     b = doc["bytes"]
     docs = doc["counts"]["documents"]
     return {
         "version": n, "documents": docs, "rejects": doc["counts"]["rejects"],
-        "rows_read": doc["counts"]["rows_read"], "shards": len(records),
+        "rows_read": doc["counts"]["rows_read"], "shards": len(records), "shards_reused": reused,
         "bytes_float32": b["float32"], "bytes_int8": b["int8"], "bytes_ubinary": b["ubinary"],
         "bytes_stored": b["stored"],
         "compression_int8": round(b["float32"] / b["int8"], 2) if b["int8"] else None,
@@ -353,7 +419,8 @@ def format_summary(s: dict[str, Any]) -> str:
     mib = 1 << 20
     return "\n".join([
         f"committed version {s['version']}: {s['documents']} documents, {s['rejects']} rejects "
-        f"(of {s['rows_read']} rows read), {s['shards']} shards",
+        f"(of {s['rows_read']} rows read), {s['shards']} shards "
+        f"({s['shards_reused']} reused from an earlier run of the same job)",
         f"vectors: float32 {s['bytes_float32'] / mib:.2f} MiB -> int8 {s['bytes_int8'] / mib:.2f} MiB "
         f"({s['compression_int8']}x) + ubinary {s['bytes_ubinary'] / mib:.2f} MiB ({s['compression_ubinary']}x); "
         f"{s['bytes_stored'] / mib:.2f} MiB stored with ids and indexes",
@@ -426,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ValueError, FileNotFoundError) as exc:
         print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
         return 2
-    except CommitConflict as exc:
+    except (UnitFailed, IncompleteVersion, CommitConflict) as exc:
         print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted

@@ -1,6 +1,12 @@
-"""Shard writing: quantized vectors as Parquet, a FAISS binary index, rejects; all by content id."""
+"""Shard writing: quantized vectors as Parquet, a FAISS binary index, rejects; all by content id.
+
+A shard is complete once its sidecar `shards/<id>.json` (its manifest record) exists: the
+sidecar is written after the data files, so a rerun can reuse a shard it can verify.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.quantizer import quantize_all
-from workers.storage import canonical_json, join, put_bytes, sha256_hex
+from workers.storage import canonical_json, join, pretty_json, put_bytes, sha256_hex
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "quantlake.shard/1"
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()),
                            ("source_row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
@@ -129,7 +139,7 @@ def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray
         rdata = _parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
         rpath = f"rejects/{plan.shard_id}.parquet"
         put_bytes(fs, join(root, rpath), rdata)
-        reject_record = {"path": rpath, "rows": len(rejects), "sha256": sha256_hex(rdata)}
+        reject_record = {"path": rpath, "rows": len(rejects), "sha256": sha256_hex(rdata), "bytes": len(rdata)}
     t2 = time.perf_counter()
     return {
         "id": plan.shard_id, "path": path, "index": index_path, "index_type": index_type,
@@ -141,3 +151,56 @@ def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray
         "stats": {"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
                   "write_s": round(t2 - t1, 6)},
     }
+
+
+def sidecar_path(sid: str) -> str:
+    return f"shards/{sid}.json"
+
+
+def shard_files(record: dict[str, Any]) -> list[tuple[str, int | None, str | None]]:
+    """`(path, bytes, sha256)` of every data file a shard record references."""
+    files = [(record["path"], record.get("bytes"), record.get("sha256")),
+             (record["index"], record.get("index_bytes"), record.get("index_sha256"))]
+    if record.get("rejects"):
+        r = record["rejects"]
+        files.append((r["path"], r.get("bytes"), r.get("sha256")))
+    return files
+
+
+def write_sidecar(fs, root: str, record: dict[str, Any]) -> None:
+    """Mark a shard complete by writing its record beside it; call after its data files."""
+    put_bytes(fs, join(root, sidecar_path(record["id"])),
+              pretty_json({"format": SIDECAR_FORMAT, "record": record}))
+
+
+def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
+    """The record of a shard an earlier run wrote completely, or None when it must be written.
+
+    Complete means: the sidecar exists, names this shard and source range, and every file it
+    lists has the recorded size and sha256. A missing sidecar is the usual case (a new shard,
+    or a writer killed before it finished); anything else is logged with the reason.
+    """
+    where = sidecar_path(plan.shard_id)
+    try:
+        doc = json.loads(fs.cat_file(join(root, where)))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:  # a sidecar that is not JSON: rewrite the shard
+        log.warning("shard %s: %s is unreadable (%s); rewriting the shard", plan.shard_id, where, exc)
+        return None
+    record = doc.get("record") if isinstance(doc, dict) and doc.get("format") == SIDECAR_FORMAT else None
+    source = {"file": plan.source_file, "row_start": plan.row_start, "row_stop": plan.row_stop}
+    if not isinstance(record, dict) or record.get("id") != plan.shard_id or record.get("source") != source:
+        log.warning("shard %s: %s does not describe this shard; rewriting the shard", plan.shard_id, where)
+        return None
+    for path, size, digest in shard_files(record):
+        try:
+            data = fs.cat_file(join(root, path))
+        except FileNotFoundError:
+            log.warning("shard %s: %s is missing; rewriting the shard", plan.shard_id, path)
+            return None
+        if len(data) != size or sha256_hex(data) != digest:
+            log.warning("shard %s: %s has %d bytes with sha256 %s, its record says %s bytes with %s; "
+                        "rewriting the shard", plan.shard_id, path, len(data), sha256_hex(data), size, digest)
+            return None
+    return record

@@ -6,6 +6,7 @@ config they get is `IngestConfig.for_workers`'s copy, whose options stay in the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -14,9 +15,37 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from workers.config import IngestConfig
 from workers.scan import FileScan, scan_rows
-from workers.shard_writer import ShardPlan, write_shard
+from workers.shard_writer import ShardPlan, completed_shard, write_shard, write_sidecar
 from workers.source import SourceFile, classify, iter_batches
 from workers.storage import join
+
+
+class UnitFailed(RuntimeError):
+    """A work unit failed for good; the message names its source file and row range."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # as raised: Ray Data appends its retry advice to `args`
+
+
+def describe_unit(unit_json: str) -> str:
+    u = json.loads(unit_json)
+    return f"work unit {u['file']['relpath']} rows [{u['row_start']}, {u['row_stop']}) (shard {u['shard_id']})"
+
+
+@contextlib.contextmanager
+def unit_step(unit_json: str, step: str):
+    """Re-raise a failure of `step` as UnitFailed naming the unit, so the job's error says where."""
+    try:
+        yield
+    except UnitFailed:
+        raise
+    except Exception as exc:
+        raise UnitFailed(f"{describe_unit(unit_json)}: {step} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _plan(unit: dict[str, Any]) -> ShardPlan:
+    return ShardPlan(unit["shard_id"], unit["file"]["relpath"], unit["row_start"], unit["row_stop"])
 
 
 def _columns(cfg: IngestConfig) -> list[str]:
@@ -37,7 +66,21 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
 
 
 def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
-    """Read a work unit: accepted texts to encode, the rest as rejects with their reason."""
+    """Read a work unit: accepted texts to encode, the rest as rejects with their reason.
+
+    A unit whose shard an earlier run wrote and that still verifies is not read again: its
+    record travels on as `done` (with no texts, so the encoder passes it through).
+    """
+    with unit_step(item["unit"], "read"):
+        fs, root = cfg.url_to_fs(cfg.dest)
+        done = completed_shard(fs, root, _plan(json.loads(item["unit"])))
+        if done is not None:
+            return {"unit": item["unit"], "ids": "[]", "rows": b"", "texts": "[]", "rejects": "[]",
+                    "done": json.dumps(done)}
+        return {**_read(item, cfg), "done": ""}
+
+
+def _read(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     unit = json.loads(item["unit"])
     f = SourceFile(**unit["file"])
     dups = {int(r): (ff, int(fr)) for r, ff, fr in unit["duplicates"]}
@@ -78,7 +121,15 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
 
 
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
-    """Quantize a unit's embeddings and write its shard; return the shard record as JSON."""
+    """Quantize a unit's embeddings, write its shard, then its sidecar (the mark of a complete
+    shard); return the shard record as JSON and whether it was reused from an earlier run."""
+    if row["done"]:
+        return {"record": row["done"], "reused": True}
+    with unit_step(row["unit"], "write"):
+        return {"record": json.dumps(_write(row, cfg, ranges_path, ranges_id)), "reused": False}
+
+
+def _write(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
     unit = json.loads(row["unit"])
     manifest = _ranges(cfg, ranges_path, ranges_id)
     dim = int(row["dim"])
@@ -86,8 +137,8 @@ def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_
         raise ValueError(f"the model gives {dim}-dimensional embeddings but the ranges are for {manifest.dim}")
     fs, root = cfg.url_to_fs(cfg.dest)
     emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(-1, dim)
-    plan = ShardPlan(unit["shard_id"], unit["file"]["relpath"], unit["row_start"], unit["row_stop"])
-    record = write_shard(fs, root, plan, json.loads(row["ids"]), np.frombuffer(row["rows"], np.int64),
+    record = write_shard(fs, root, _plan(unit), json.loads(row["ids"]), np.frombuffer(row["rows"], np.int64),
                          emb, manifest.ranges, cfg.precisions, json.loads(row["rejects"]), cfg.index_type)
     record["stats"]["encode_s"] = round(float(row["encode_s"]), 6)
-    return {"record": json.dumps(record)}
+    write_sidecar(fs, root, record)
+    return record

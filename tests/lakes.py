@@ -1,0 +1,44 @@
+"""Test helpers for the failure tests: a small real lake on S3, and what a committed version holds."""
+from __future__ import annotations
+
+import time
+
+from conftest import write_parquet_lake
+from workers.dataset import open_version
+from workers.storage import url_to_fs
+
+
+def s3_lake(url: str, options: dict, local_dir, docs, files: int = 2, row_group_size: int = 20) -> str:
+    """Write `docs` as Parquet files under `local_dir` and upload them to `url`; return `url`."""
+    write_parquet_lake(local_dir, docs, files=files, row_group_size=row_group_size)
+    fs, root = url_to_fs(url, options)
+    fs.put(str(local_dir) + "/", root + "/", recursive=True)
+    return url
+
+
+def sidecars(url: str, options: dict) -> list[str]:
+    """Paths of the shard sidecars (`shards/<id>.json`) under a dataset root: the complete shards."""
+    fs, root = url_to_fs(url, options)
+    fs.invalidate_cache()
+    return sorted(fs.glob(f"{root}/shards/*.json"))
+
+
+def wait_for_sidecars(url: str, options: dict, n: int, timeout_s: float = 300, alive=lambda: True) -> int:
+    """Poll until at least `n` shards are complete (or `alive()` turns false); return the count."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        found = len(sidecars(url, options))
+        if found >= n:
+            return found
+        time.sleep(0.05)
+    return len(sidecars(url, options))
+
+
+def committed_ids(url: str, options: dict) -> list[str]:
+    """Every document id of the latest committed version, read through checksum-verifying reads."""
+    version = open_version(url, storage_options=options)
+    ids = []
+    for shard in version.shards:
+        ids += version.read_shard_table(shard, columns=["id"])["id"].to_pylist()
+        version.read_index_bytes(shard)  # the index must verify too
+    return ids

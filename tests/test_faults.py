@@ -1,0 +1,211 @@
+"""Faults while the job runs: an encoder actor killed, the S3 endpoint gone for a while.
+
+Real parts throughout: local Ray, the bundled model, Parquet, moto's S3 server on 127.0.0.1.
+"""
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from isolated import Job
+from jobs.ingest import run
+from lakes import committed_ids, s3_lake, sidecars, wait_for_sidecars
+from workers.config import IngestConfig
+from workers.encoder import EncoderConfig
+from workers.storage import S3_RETRIES, url_to_fs, with_retry_defaults
+
+N_DOCS, UNIT_ROWS = 160, 20  # 2 files of 80 rows in row groups of 20: 8 units
+
+
+def _cfg(source, dest, options, **kw):
+    return IngestConfig(source, dest, id_column="id", calibration_samples=50, unit_rows=UNIT_ROWS,
+                        encoder=EncoderConfig(batch_size=16), storage_options=options, progress=False, **kw)
+
+
+def _encoder_actor() -> dict | None:
+    """The live actor of the main pass's encoder pool (Ray Data names its process after the UDF)."""
+    # The state API (ray.util.state) needs the dashboard, which the test session's Ray does not run.
+    from ray._private.state import actors
+
+    for a in actors().values():
+        if a["State"] != "ALIVE" or not a["Pid"]:
+            continue
+        try:
+            with open(f"/proc/{a['Pid']}/cmdline", "rb") as f:
+                if b"_UnitEncoder" in f.read():
+                    return a
+        except OSError:
+            continue
+    return None
+
+
+def _comparable(manifest: dict) -> dict:
+    """A version manifest without what differs between two runs of the same work: when, who, timings."""
+    out = {k: v for k, v in manifest.items() if k not in ("created_at", "writer")}
+    out["shards"] = [{**s, "stats": {"rows_read": s["stats"]["rows_read"]}} for s in manifest["shards"]]
+    return out
+
+
+def test_killed_encoder_actor_is_replaced_and_the_result_is_unchanged(ray_session, s3, docs, tmp_path):
+    bucket, options = s3
+    corpus = docs[:N_DOCS]
+    source = s3_lake(f"{bucket}/lake", options, tmp_path / "lake", corpus)
+    calm = run(_cfg(source, f"{bucket}/calm", options))
+    ranges = f"{bucket}/calm/ranges/{calm.summary['ranges_id']}.json"
+
+    killed = {}
+
+    def kill_encoder_mid_run():
+        while not killed.get("stop"):
+            if wait_for_sidecars(f"{bucket}/killed", options, 1, timeout_s=0.5) and (a := _encoder_actor()):
+                killed.update(actor=a["ActorID"], done=len(sidecars(f"{bucket}/killed", options)))
+                os.kill(a["Pid"], signal.SIGKILL)
+                return
+
+    killer = threading.Thread(target=kill_encoder_mid_run)
+    killer.start()
+    try:
+        result = run(_cfg(source, f"{bucket}/killed", options, ranges=ranges))
+    finally:
+        killed["stop"] = True
+        killer.join()
+    assert "actor" in killed and killed["done"] < N_DOCS // UNIT_ROWS, "the encoder was not killed mid-run"
+    from ray._private.state import actors
+
+    assert actors(killed["actor"])["NumRestarts"] >= 1  # Ray replaced the process; its unit was retried
+    fs, root = url_to_fs(bucket, options)
+    a, b = (json.loads(fs.cat_file(f"{root}/{d}/versions/00000001.json")) for d in ("calm", "killed"))
+    assert _comparable(a) == _comparable(b)
+    assert result.summary["documents"] == N_DOCS and result.summary["shards_reused"] == 0
+    for s in b["shards"]:  # same bytes, not just the same recorded checksums
+        for name in (s["path"], s["index"]):
+            assert fs.cat_file(f"{root}/killed/{name}") == fs.cat_file(f"{root}/calm/{name}")
+
+
+class RestartableMoto:
+    """moto's S3 server on a fixed port of 127.0.0.1 that can go away and come back.
+
+    The buckets live in this process (moto's backends), so they survive a restart.
+    """
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self):
+        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self):
+        self._server.stop()
+        # moto's stop() leaves the socket listening: clients would hang, not be refused.
+        self._server._server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(monkeypatch):
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = RestartableMoto()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    bucket = f"ql-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    options = {"key": "testing-key-id", "secret": "testing-secret",
+               "client_kwargs": {"endpoint_url": server.endpoint, "region_name": "us-east-1"}}
+    yield server, f"s3://{bucket}", options
+    fs, _ = url_to_fs(f"s3://{bucket}", {**options, "skip_instance_cache": True})
+    fs.rm(bucket, recursive=True)
+    server.stop()
+
+
+def test_job_rides_out_an_s3_outage(ray_session, flaky_s3, docs, tmp_path):
+    server, bucket, options = flaky_s3
+    corpus = docs[:N_DOCS]
+    source = s3_lake(f"{bucket}/lake", options, tmp_path / "lake", corpus)
+    dest = f"{bucket}/dest"
+    outage = {}
+
+    def outage_mid_run(seconds=5.0):
+        outage["done"] = wait_for_sidecars(dest, options, 1, timeout_s=300)
+        server.stop()
+        outage["start"] = time.monotonic()
+        time.sleep(seconds)
+        server.start()
+        outage["end"] = time.monotonic()
+
+    cutter = threading.Thread(target=outage_mid_run)
+    cutter.start()
+    try:
+        result = run(_cfg(source, dest, options))
+    finally:
+        cutter.join()
+    assert outage["done"] < N_DOCS // UNIT_ROWS and time.monotonic() > outage["end"]
+    assert result.version == 1 and result.summary["shards"] == N_DOCS // UNIT_ROWS
+    ids = committed_ids(dest, options)
+    assert len(ids) == N_DOCS and sorted(ids) == sorted(i for i, _ in corpus)
+
+
+def test_job_that_gives_up_on_s3_commits_nothing_and_its_rerun_resumes(ray_session, flaky_s3, docs, tmp_path):
+    server, bucket, options = flaky_s3
+    corpus = docs[:N_DOCS]
+    source = s3_lake(f"{bucket}/lake", options, tmp_path / "lake", corpus)
+    dest = f"{bucket}/dest"
+    # The caller's own retry policy (kept as given): give up after 2 attempts. A job that fails
+    # mid-run runs in its own process and Ray (tests/isolated.py says why).
+    impatient = {**options, "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    args = [source, dest, "--id-column", "id", "--unit-rows", str(UNIT_ROWS), "--calibration-samples", "50",
+            "--batch-size", "16", "--no-progress", "--storage-options", json.dumps(impatient)]
+    with Job(["-m", "jobs.ingest", *args], tmp_path) as job:
+        p = job.start()
+        done = wait_for_sidecars(dest, options, 1, alive=lambda: p.poll() is None)
+        server.stop()
+        try:
+            rc = p.wait(timeout=300)
+        finally:
+            server.start()
+        job.stop()
+    err = job.output()[1]
+    assert rc == 1 and 1 <= done < N_DOCS // UNIT_ROWS, err
+    assert re.search(r"error: work unit part-0000\d\.parquet rows \[\d+, \d+\) \(shard \w+\): \w+ failed: "
+                     r"EndpointConnectionError: .*; nothing was committed", err), err
+    fs, root = url_to_fs(dest, options)
+    assert not fs.exists(f"{root}/versions")
+
+    result = run(_cfg(source, dest, options))
+    assert result.version == 1 and result.summary["shards_reused"] >= done
+    ids = committed_ids(dest, options)
+    assert len(ids) == N_DOCS and sorted(ids) == sorted(i for i, _ in corpus)
+
+
+def test_s3_retry_defaults_leave_the_callers_choice_alone(monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    opts = {"config_kwargs": {"connect_timeout": 5}, "anon": True}
+    assert with_retry_defaults("s3://b/x", opts) == {
+        "anon": True, "config_kwargs": {"connect_timeout": 5, "retries": S3_RETRIES}}
+    assert opts == {"config_kwargs": {"connect_timeout": 5}, "anon": True}  # not modified in place
+    mine = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    assert with_retry_defaults("s3://b/x", mine) == mine
+    assert with_retry_defaults("file:///tmp/x", {}) == {} and with_retry_defaults("/tmp/x", None) == {}
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    assert with_retry_defaults("s3://b/x", {}) == {}
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    fs, _ = url_to_fs("s3://b/x", {"anon": True, "skip_instance_cache": True})
+    assert fs.config_kwargs["retries"] == S3_RETRIES
