@@ -1,11 +1,28 @@
 """Test helpers for the failure tests: a small real lake on S3, and what a committed version holds."""
 from __future__ import annotations
 
+import json
 import time
 
 from conftest import write_parquet_lake
+from workers.config import IngestConfig
 from workers.dataset import open_version
+from workers.encoder import EncoderConfig
 from workers.storage import url_to_fs
+
+UNIT_ROWS = 20  # the lakes' row groups hold 20 rows too: one work unit, one shard per row group
+
+
+def ingest_cfg(source: str, dest: str, options: dict, **kw) -> IngestConfig:
+    """A small, quick ingest of an `s3_lake`: several shards, a 50-row calibration sample."""
+    return IngestConfig(source, dest, id_column="id", calibration_samples=50, unit_rows=UNIT_ROWS,
+                        encoder=EncoderConfig(batch_size=16), storage_options=options, progress=False, **kw)
+
+
+def ingest_args(source: str, dest: str, options: dict, *extra: str) -> list[str]:
+    """`ingest_cfg` as `quantlake ingest` arguments."""
+    return [source, dest, "--id-column", "id", "--unit-rows", str(UNIT_ROWS), "--calibration-samples", "50",
+            "--batch-size", "16", "--no-progress", "--storage-options", json.dumps(options), *extra]
 
 
 def s3_lake(url: str, options: dict, local_dir, docs, files: int = 2, row_group_size: int = 20) -> str:
@@ -35,10 +52,11 @@ def wait_for_sidecars(url: str, options: dict, n: int, timeout_s: float = 300, a
 
 
 def committed_ids(url: str, options: dict) -> list[str]:
-    """Every document id of the latest committed version, read through checksum-verifying reads."""
+    """Every document id of the latest committed version, sorted, each as often as it is stored;
+    read through checksum-verifying reads."""
     version = open_version(url, storage_options=options)
     ids = []
     for shard in version.shards:
         ids += version.read_shard_table(shard, columns=["id"])["id"].to_pylist()
         version.read_index_bytes(shard)  # the index must verify too
-    return ids
+    return sorted(ids)

@@ -16,17 +16,10 @@ import pytest
 
 from isolated import Job
 from jobs.ingest import run
-from lakes import committed_ids, s3_lake, sidecars, wait_for_sidecars
-from workers.config import IngestConfig
-from workers.encoder import EncoderConfig
+from lakes import UNIT_ROWS, committed_ids, ingest_args, ingest_cfg, s3_lake, sidecars, wait_for_sidecars
 from workers.storage import S3_RETRIES, url_to_fs, with_retry_defaults
 
-N_DOCS, UNIT_ROWS = 160, 20  # 2 files of 80 rows in row groups of 20: 8 units
-
-
-def _cfg(source, dest, options, **kw):
-    return IngestConfig(source, dest, id_column="id", calibration_samples=50, unit_rows=UNIT_ROWS,
-                        encoder=EncoderConfig(batch_size=16), storage_options=options, progress=False, **kw)
+N_DOCS = 160  # 2 files of 80 rows: 8 units
 
 
 def _encoder_actor() -> dict | None:
@@ -57,7 +50,7 @@ def test_killed_encoder_actor_is_replaced_and_the_result_is_unchanged(ray_sessio
     bucket, options = s3
     corpus = docs[:N_DOCS]
     source = s3_lake(f"{bucket}/lake", options, tmp_path / "lake", corpus)
-    calm = run(_cfg(source, f"{bucket}/calm", options))
+    calm = run(ingest_cfg(source, f"{bucket}/calm", options))
     ranges = f"{bucket}/calm/ranges/{calm.summary['ranges_id']}.json"
 
     killed = {}
@@ -72,7 +65,7 @@ def test_killed_encoder_actor_is_replaced_and_the_result_is_unchanged(ray_sessio
     killer = threading.Thread(target=kill_encoder_mid_run)
     killer.start()
     try:
-        result = run(_cfg(source, f"{bucket}/killed", options, ranges=ranges))
+        result = run(ingest_cfg(source, f"{bucket}/killed", options, ranges=ranges))
     finally:
         killed["stop"] = True
         killer.join()
@@ -153,13 +146,12 @@ def test_job_rides_out_an_s3_outage(ray_session, flaky_s3, docs, tmp_path):
     cutter = threading.Thread(target=outage_mid_run)
     cutter.start()
     try:
-        result = run(_cfg(source, dest, options))
+        result = run(ingest_cfg(source, dest, options))
     finally:
         cutter.join()
     assert outage["done"] < N_DOCS // UNIT_ROWS and time.monotonic() > outage["end"]
     assert result.version == 1 and result.summary["shards"] == N_DOCS // UNIT_ROWS
-    ids = committed_ids(dest, options)
-    assert len(ids) == N_DOCS and sorted(ids) == sorted(i for i, _ in corpus)
+    assert committed_ids(dest, options) == sorted(i for i, _ in corpus)
 
 
 def test_job_that_gives_up_on_s3_commits_nothing_and_its_rerun_resumes(ray_session, flaky_s3, docs, tmp_path):
@@ -170,9 +162,7 @@ def test_job_that_gives_up_on_s3_commits_nothing_and_its_rerun_resumes(ray_sessi
     # The caller's own retry policy (kept as given): give up after 2 attempts. A job that fails
     # mid-run runs in its own process and Ray (tests/isolated.py says why).
     impatient = {**options, "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
-    args = [source, dest, "--id-column", "id", "--unit-rows", str(UNIT_ROWS), "--calibration-samples", "50",
-            "--batch-size", "16", "--no-progress", "--storage-options", json.dumps(impatient)]
-    with Job(["-m", "jobs.ingest", *args], tmp_path) as job:
+    with Job(["-m", "jobs.ingest", *ingest_args(source, dest, impatient)], tmp_path) as job:
         p = job.start()
         done = wait_for_sidecars(dest, options, 1, alive=lambda: p.poll() is None)
         server.stop()
@@ -188,10 +178,9 @@ def test_job_that_gives_up_on_s3_commits_nothing_and_its_rerun_resumes(ray_sessi
     fs, root = url_to_fs(dest, options)
     assert not fs.exists(f"{root}/versions")
 
-    result = run(_cfg(source, dest, options))
+    result = run(ingest_cfg(source, dest, options))
     assert result.version == 1 and result.summary["shards_reused"] >= done
-    ids = committed_ids(dest, options)
-    assert len(ids) == N_DOCS and sorted(ids) == sorted(i for i, _ in corpus)
+    assert committed_ids(dest, options) == sorted(i for i, _ in corpus)
 
 
 def test_s3_retry_defaults_leave_the_callers_choice_alone(monkeypatch):
