@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from workers.storage import check_relpath, create_only, join, modified_at, put_bytes
+from workers.storage import (cat_uncached, check_relpath, create_only, join, ls_uncached, modified_at,
+                             put_bytes, url_to_fs)
 
 
 def _race(n, fn):
@@ -51,6 +52,15 @@ class TestStorageContract:
         assert all(isinstance(r, FileExistsError) for r in out if r is not None), out
         assert store.fs.cat_file(path) == f"writer {winners[0]}".encode()
         assert store.files() == ["versions/00000007.json"]  # no temporaries left behind
+
+    def test_a_file_another_writer_created_after_our_listing_is_seen(self, store):
+        put_bytes(store.fs, join(store.root, "versions/00000001.json"), b"1")
+        assert len(store.fs.ls(join(store.root, "versions"), detail=False)) == 1  # now in the listing cache
+        other, _ = url_to_fs(store.url, {**store.options, "skip_instance_cache": True})
+        create_only(other, join(store.root, "versions/00000002.json"), b"2")
+        assert cat_uncached(store.fs, join(store.root, "versions/00000002.json")) == b"2"
+        assert sorted(p.rsplit("/", 1)[1] for p in ls_uncached(store.fs, join(store.root, "versions"))) == \
+            ["00000001.json", "00000002.json"]
 
     def test_listing_reports_modification_time(self, store):
         put_bytes(store.fs, join(store.root, "shards/b.faiss"), b"x" * 10)

@@ -47,6 +47,7 @@ class TestCommitProtocol:
     def test_racing_writers_of_the_same_dataset_all_commit_once_each(self, store):
         # Six jobs built on the empty dataset with the same listing: each loser rebases.
         out = _race(6, lambda i: commit(store.fs, store.root, manifest(f"writer-{i}")))
+        assert all(isinstance(n, int) for n in out), out
         assert sorted(out) == [1, 2, 3, 4, 5, 6], out
         history = _versions(store)
         assert [v for v, _, _ in history] == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from ranges.manifest import RangeManifest
 from workers.redact import redact_url
-from workers.storage import join, sha256_hex, url_to_fs
+from workers.storage import cat_uncached, join, sha256_hex, url_to_fs
 from workers.version import read_version
 
 
@@ -52,7 +52,7 @@ class DatasetVersion:
         """
         where = f"{relpath} of version {self.version} of {self.url}"
         try:
-            data = self.fs.cat_file(join(self.root, relpath))
+            data = cat_uncached(self.fs, join(self.root, relpath))
         except FileNotFoundError:
             raise FileNotFoundError(f"{where} is missing: the dataset was damaged or vacuumed "
                                     "while this version was still in use") from None
@@ -102,7 +102,7 @@ class DatasetVersion:
         """The range manifest the version was quantized with; its content hash must be the ranges id."""
         r = self.manifest["ranges"]
         try:
-            data = self.fs.cat_file(join(self.root, r["path"]))
+            data = cat_uncached(self.fs, join(self.root, r["path"]))
         except FileNotFoundError:
             raise FileNotFoundError(f"{r['path']} of version {self.version} of {self.url} is missing") from None
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import inspect
 import json
 import os
 import posixpath
@@ -127,6 +128,25 @@ def modified_at(info: Mapping[str, Any]) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+def cat_uncached(fs, path: str) -> bytes:
+    """The whole file at `path`, by a direct read.
+
+    s3fs answers `cat_file` with a size lookup first, which trusts the listing cache: when
+    another thread listed the folder before a concurrent writer created `path`, the file
+    would be reported missing. One GET (`max_concurrency=1`) asks the store itself.
+    """
+    reader = getattr(fs, "_cat_file", None)
+    if reader is not None and "max_concurrency" in inspect.signature(reader).parameters:
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
+def ls_uncached(fs, path: str) -> list[str]:
+    """Names under `path` as the store lists them now, not as a listing cache remembers."""
+    fs.invalidate_cache(path)
+    return fs.ls(path, detail=False, refresh=True)
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -24,7 +24,7 @@ import uuid
 from typing import Any, Callable
 
 from workers.redact import redact_url
-from workers.storage import check_relpath, create_only, pretty_json
+from workers.storage import cat_uncached, check_relpath, create_only, ls_uncached, pretty_json
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ def version_path(root: str, n: int) -> str:
 def list_versions(fs, root: str) -> list[int]:
     """Committed version numbers, ascending: only `versions/<8 digits>.json` names count."""
     folder = posixpath.join(root, "versions")
-    fs.invalidate_cache(folder)  # a cached listing would hide versions other writers made
-    try:
-        names = [posixpath.basename(p) for p in fs.ls(folder, detail=False)]
+    try:  # a cached listing would hide versions other writers made
+        names = [posixpath.basename(p) for p in ls_uncached(fs, folder)]
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
@@ -74,7 +73,7 @@ def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"no committed version under {redact_url(root)}")
         n = versions[-1]
     try:
-        raw = fs.cat_file(version_path(root, n))
+        raw = cat_uncached(fs, version_path(root, n))
     except FileNotFoundError:
         raise FileNotFoundError(f"version {n} of {redact_url(root)} does not exist") from None
     where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
@@ -216,7 +215,7 @@ Rebase = Callable[[dict[str, Any], dict[str, Any], "dict[str, Any] | None"], dic
 
 def _written_by(fs, path: str, token: str) -> bool:
     try:
-        return json.loads(fs.cat_file(path)).get("writer") == token
+        return json.loads(cat_uncached(fs, path)).get("writer") == token
     except ValueError:
         return False
 
