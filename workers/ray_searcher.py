@@ -62,6 +62,10 @@ class RaySearcher(Searcher):
     def close(self) -> None:
         import ray
 
+        try:
+            ray.get([g.close.remote() for g in self._groups])  # each actor removes its local spill
+        except ray.exceptions.RayError:
+            pass  # a dead actor cannot clean up: its spill folder stays in the temporary folder
         for g in self._groups:
             ray.kill(g)
         self._groups = []
