@@ -4,39 +4,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from jobs.common import add_storage_options, run_reporting, storage_options
 from ranges.manifest import RangeManifest
 from ranges.manifest import load as load_ranges
-from ranges.stats import merge_all, partial_stats, ranges_from
 from workers.config import IngestConfig
 from workers.credentials import StorageAccess
-from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
-from workers.redact import describe_error
-from workers.scan import Sample, find_duplicates
-from workers.shard_writer import shard_files, shard_id
-from workers.source import Fragment, SourceError, check_file, list_source
+from workers.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.pipeline import (calibrate, data_context, encode_and_write, encoder_pool, plan_units, ray_init,
+                              scan, unit_items)
+from workers.redact import redact_url
+from workers.source import check_file, list_source
 from workers.storage import join, put_bytes, url_to_fs
-from workers.units import UnitFailed, read_unit, scan_file, unit_step, write_unit
-from workers.version import CommitConflict, commit, list_versions
+from workers.units import UnitFailed
+from workers.version import CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions
 
 log = logging.getLogger(__name__)
-
-# Encoder batches per calibration work item. The items are cut from the sample in key order,
-# so each sampled text is always encoded beside the same neighbours (padding changes the
-# float bits) whatever the number of actors.
-CALIBRATION_CHUNK_BATCHES = 4
-# Workers never reach a model hub, and per-actor weight-loading bars would flood the driver.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -46,224 +36,12 @@ class IngestResult:
     summary: dict[str, Any]
 
 
-def _ray_init(cfg: IngestConfig) -> bool:
-    """Join `cfg.ray_address` (or RAY_ADDRESS), or start a local instance; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(address=cfg.ray_address, logging_level=logging.WARNING,
-             runtime_env={"env_vars": WORKER_ENV})
-    return True
-
-
-def _encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
-    """Ray Data arguments for the encoder actor pool: one actor per GPU, else CPU actors."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    # Ray Data restarts a dead actor and retries its unit (its actor pools default to
-    # max_restarts=-1, max_task_retries=-1; tests/test_faults.py kills one to hold it to that).
-    # Not passed explicitly: extra remote args to map() are deprecated from Ray 2.60.
-    # Encoding is a pure function of the unit, so the retry gives the same bytes.
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus and cfg.encoder.device != "cpu":
-        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
-    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1), "num_cpus": 1}
-
-
-def _data_context(cfg: IngestConfig):
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    # The driver shows one bar in documents; Ray Data's per-operator bars would interleave with it.
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-    # A task's own exception, not a generic UserCodeException: the driver needs the UnitFailed
-    # (which names the unit) and Ray passes a wrapped exception's cause on only as text.
-    ctx.raise_original_map_exception = True
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return ctx
-
-
-def _encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
-    if cfg.encoder.threads is None and "num_gpus" not in pool:
-        import ray
-
-        # Same thread count whatever the pool size: kernels may block differently per count.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        return replace(cfg.encoder, threads=max(1, cpus))
-    return cfg.encoder
-
-
 def check_source(cfg: IngestConfig):
     """List and open every source file; raise before any work if one cannot be ingested."""
     fs, root, files = list_source(cfg.source, cfg.storage_options)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda f: check_file(fs, root, f, cfg.text_column, cfg.id_column), files))
     return files
-
-
-def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list], Sample]:
-    """Scan every file (Ray tasks): row counts, cross-file duplicate ids, calibration sample.
-
-    Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
-    separate return values of the scan tasks; each reducer sees one partition of every file,
-    so no process holds every id.
-    """
-    import ray
-
-    n_parts = max(1, min(64, len(files)))
-    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, max_retries=3)
-    refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
-    dup_task = ray.remote(find_duplicates).options(max_retries=3)
-    dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
-    summaries = ray.get([r[0] for r in refs])
-    sample = Sample(0 if cfg.ranges else cfg.calibration_samples)
-    for s in summaries:
-        sample = sample.merge(s["sample"])
-    duplicates: dict[int, list] = {}
-    for d in ray.get(dup_refs):
-        for e in d:
-            duplicates.setdefault(int(e["file"]), []).append(
-                (int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
-    return [s["rows"] for s in summaries], duplicates, sample
-
-
-def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[str, Any]) -> RangeManifest:
-    """Encode the sample with the encoder actor pool and reduce its statistics to ranges."""
-    import ray.data
-
-    if len(sample.ids) < 2:
-        raise SourceError(f"only {len(sample.ids)} valid document(s) in {cfg.source}: "
-                          "calibration needs at least 2 (or pass --ranges)")
-    texts = sample.texts  # ordered by sample key: a fixed order independent of the cluster
-    size = CALIBRATION_CHUNK_BATCHES * cfg.encoder.batch_size
-    chunks = [{"texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
-    keep = cfg.range_method == "quantile"
-    ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
-          .map(_CalibrationEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),), **pool)
-          .map(_stats_row, fn_kwargs={"keep": keep}))
-    parts = [_row_stats(r) for r in ds.iter_rows()]
-    stats = merge_all(parts)
-    ranges = ranges_from(stats, cfg.range_method, cfg.quantiles)
-    return RangeManifest(ranges=ranges, model_name=cfg.encoder.model_name, model_fingerprint=fingerprint,
-                         normalize=cfg.encoder.normalize, method=cfg.range_method,
-                         quantiles=tuple(cfg.quantiles) if keep else None,
-                         sample_size=stats.count, seed=cfg.seed)
-
-
-class _CalibrationEncoder(Encoder):
-    def __call__(self, row):
-        row = dict(row, texts=json.loads(row["texts"]))
-        return super().__call__(row)
-
-
-def _stats_row(row: dict[str, Any], keep: bool) -> dict[str, Any]:
-    emb = np.frombuffer(row["embeddings"], np.float32).reshape(-1, int(row["dim"]))
-    s = partial_stats(emb, keep_values=keep)
-    out = {"count": s.count, "min": s.minimum.tobytes(), "max": s.maximum.tobytes(), "dim": s.dim}
-    out["values"] = s.values.tobytes() if keep else b""
-    return out
-
-
-def _row_stats(row: dict[str, Any]):
-    from ranges.stats import PartialStats
-
-    dim = int(row["dim"])
-    values = np.frombuffer(row["values"], np.float32).reshape(-1, dim) if row["values"] else None
-    return PartialStats(int(row["count"]), np.frombuffer(row["min"], np.float32),
-                        np.frombuffer(row["max"], np.float32), values)
-
-
-def plan_units(cfg: IngestConfig, files, rows_per_file: list[int]) -> list[Fragment]:
-    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups)."""
-    import pyarrow.parquet as pq
-
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
-    units = []
-    for i, (f, n) in enumerate(zip(files, rows_per_file)):
-        bounds = [0]
-        if f.format == "parquet":
-            meta = pq.ParquetFile(fs.open(join(root, f.relpath), "rb")).metadata
-            offset = 0
-            for g in range(meta.num_row_groups):
-                offset += meta.row_group(g).num_rows
-                if offset - bounds[-1] >= cfg.unit_rows or offset == n:
-                    bounds.append(offset)
-        else:
-            bounds += list(range(cfg.unit_rows, n, cfg.unit_rows)) + [n]
-        bounds = sorted(set(bounds + [n]))
-        for a, b in zip(bounds, bounds[1:]):
-            units.append(Fragment(i, f, a, b))
-    return units
-
-
-def _unit_items(cfg, units, duplicates, fingerprint, ranges_id) -> list[dict[str, Any]]:
-    items = []
-    for u in units:
-        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
-                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type)
-        dups = [d for d in duplicates.get(u.file_index, []) if u.row_start <= d[0] < u.row_stop]
-        items.append({"unit": json.dumps({
-            "shard_id": sid, "file": u.file.__dict__, "row_start": u.row_start, "row_stop": u.row_stop,
-            "duplicates": dups})})
-    return items
-
-
-def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id: str, total_rows: int):
-    """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
-
-    Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
-    (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard.
-    Memory is bounded by the units in flight, which Ray Data's backpressure limits.
-    Returns the shard records and how many of them an earlier run had written (and the read
-    step verified); a unit that fails for good raises UnitFailed naming it.
-    """
-    import ray.data
-    from tqdm import tqdm
-
-    ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
-          .map(_UnitEncoder, fn_constructor_args=(_encoder_cfg(cfg, pool),), **pool)
-          .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
-               num_cpus=0.5))
-    records, reused = [], 0
-    with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
-              desc="ingest") as bar:
-        try:
-            for row in ds.iter_rows():
-                rec = json.loads(row["record"])
-                records.append(rec)
-                reused += bool(row["reused"])
-                bar.update(rec["stats"]["rows_read"])
-        except Exception as exc:
-            failed = _unit_failure(exc)
-            if failed is None:
-                raise
-            raise UnitFailed(f"{failed.message}; nothing was committed") from exc
-    return sorted(records, key=lambda r: (r["source"]["file"], r["source"]["row_start"])), reused
-
-
-def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
-    """The UnitFailed inside the wrappers Ray Data puts around a task's exception, if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None)  # a RayTaskError's: the task's own exception
-        if isinstance(exc, UnitFailed) and not isinstance(inner, UnitFailed):
-            return exc
-        exc = inner or exc.__cause__
-    return None
-
-
-class _UnitEncoder(Encoder):
-    def __call__(self, row):
-        with unit_step(row["unit"], "encode"):
-            row = dict(row, texts=json.loads(row["texts"]))
-            return super().__call__(row)
 
 
 def run(cfg: IngestConfig) -> IngestResult:
@@ -283,10 +61,10 @@ def run(cfg: IngestConfig) -> IngestResult:
             raise ValueError(f"range manifest {cfg.ranges} was made with normalize={reused.normalize}")
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     parent = (list_versions(dest_fs, dest_root) or [None])[-1]
-    started = _ray_init(cfg)
+    started = ray_init(cfg)
     try:
-        _data_context(cfg)
-        pool = _encoder_pool(cfg)
+        data_context(cfg)
+        pool = encoder_pool(cfg)
         # Tasks get a copy of the config without storage options; they fetch them through
         # `access` (workers/credentials.py says why), which must live until the tasks are done.
         access = StorageAccess.put(cfg.storage_options)
@@ -298,7 +76,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         ranges_path = f"ranges/{manifest.id}.json"
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         units = plan_units(cfg, files, rows_per_file)
-        items = _unit_items(cfg, units, duplicates, fingerprint, manifest.id)
+        items = unit_items(cfg, units, duplicates, fingerprint, manifest.id)
         records, reused_shards = encode_and_write(wcfg, items, pool, ranges_path, manifest.id,
                                                   sum(rows_per_file))
     finally:
@@ -318,42 +96,6 @@ def run(cfg: IngestConfig) -> IngestResult:
     return IngestResult(n, manifest_url, summary)
 
 
-class IncompleteVersion(RuntimeError):
-    """A file the new version would reference is missing or has another size: not committed."""
-
-
-def check_referenced_files(fs, root: str, doc: dict[str, Any]) -> None:
-    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size.
-
-    The last check before the create-only write, so a version never points at a shard that
-    a failed or interrupted write (or anyone else) left missing. One listing per folder
-    rather than a request per file; the listing cache is dropped first, as it may predate
-    the workers' writes.
-    """
-    wanted = {doc["ranges"]["path"]: None}
-    for record in doc["shards"]:
-        wanted.update({path: size for path, size, _ in shard_files(record)})
-    fs.invalidate_cache()
-    present: dict[str, int] = {}
-    for folder in sorted({p.split("/")[0] for p in wanted}):
-        try:
-            present.update({p: int(info.get("size") or 0) for p, info in
-                            fs.find(join(root, folder), detail=True).items()})
-        except FileNotFoundError:
-            pass
-    problems = []
-    for path, size in wanted.items():
-        found = present.get(join(root, path))
-        if found is None:
-            problems.append(f"{path} is missing")
-        elif size is not None and found != size:
-            problems.append(f"{path} has {found} bytes, its record says {size}")
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise IncompleteVersion(f"refusing to commit a version of {root}: {'; '.join(problems[:5])}{more}. "
-                                "Nothing was committed; rerun the job to rewrite the shards concerned")
-
-
 def _version_doc(cfg, files, manifest: RangeManifest, ranges_path, records, parent) -> dict[str, Any]:
     docs = sum(r["rows"] for r in records)
     rejects = sum(r["rejects"]["rows"] for r in records if r["rejects"])
@@ -369,7 +111,7 @@ def _version_doc(cfg, files, manifest: RangeManifest, ranges_path, records, pare
                   "dim": dim, "normalize": cfg.encoder.normalize},
         "ranges": {"id": manifest.id, "path": ranges_path, "method": manifest.method},
         "precisions": sorted(set(cfg.precisions) | {"ubinary"}),
-        "source": {"url": _public_url(cfg.source), "text_column": cfg.text_column,
+        "source": {"url": redact_url(cfg.source), "text_column": cfg.text_column,
                    "id_column": cfg.id_column, "format_counts": _format_counts(files),
                    "files": {f.relpath: f.identity() for f in files}},
         "shards": shards,
@@ -385,14 +127,6 @@ def _format_counts(files) -> dict[str, int]:
     for f in files:
         out[f.format] = out.get(f.format, 0) + 1
     return out
-
-
-def _public_url(url: str) -> str:
-    """The URL without any user:password@ part."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/")[0]:
-        rest = rest.split("@", 1)[1]
-    return scheme + sep + rest if sep else url
 
 
 def _summary(doc, records, reused, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
@@ -457,14 +191,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
     p.add_argument("--index-type", choices=sorted(INDEX_TYPE_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
-    p.add_argument("--storage-options", default=None, help="fsspec options as JSON (endpoint, credentials)")
+    add_storage_options(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
-    try:
-        options = json.loads(a.storage_options) if a.storage_options else {}
-    except json.JSONDecodeError as exc:
-        p.error(f"--storage-options is not valid JSON: {exc}")
+    options = storage_options(p, a)
     try:
         low, high = (float(x) for x in a.quantiles.split(","))
         return IngestConfig(
@@ -480,27 +211,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
         p.error(str(exc))
 
 
-def _redacted(exc: BaseException, cfg: IngestConfig) -> str:
-    return describe_error(exc, cfg.storage_options, [cfg.source, cfg.dest, cfg.ranges])
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg, as_json = parse_args(argv)
-    try:
-        result = run(cfg)
-    # Messages are redacted: a library's error may quote an endpoint URL or a key it was given.
-    except (SourceError, ValueError, FileNotFoundError) as exc:
-        print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
-        return 2
-    except (UnitFailed, IncompleteVersion, CommitConflict) as exc:
-        print(f"quantlake ingest: error: {_redacted(exc, cfg)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted
-        print(f"quantlake ingest: error: {type(exc).__name__}: {_redacted(exc, cfg)}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.summary, indent=1) if as_json else format_summary(result.summary))
-    return 0
+    status, result = run_reporting("ingest", lambda: run(cfg), cfg.storage_options,
+                                   [cfg.source, cfg.dest, cfg.ranges],
+                                   failures=(UnitFailed, IncompleteVersion, CommitConflict))
+    if status == 0:
+        print(json.dumps(result.summary, indent=1) if as_json else format_summary(result.summary))
+    return status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.redact import describe_error, redact_url
+from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.redact import redact_url
 from workers.storage import url_to_fs
 from workers.version import list_versions, read_version
 
@@ -97,12 +98,9 @@ def parse_args(argv: list[str] | None = None) -> InspectConfig:
     p.add_argument("dest", help="dataset URL or path")
     p.add_argument("--version", type=int, default=None, help="version to show (default: the latest)")
     p.add_argument("--json", action="store_true", help="print the version's manifest as JSON")
-    p.add_argument("--storage-options", default=None, help="fsspec options as JSON (endpoint, credentials)")
+    add_storage_options(p)
     a = p.parse_args(argv)
-    try:
-        options = json.loads(a.storage_options) if a.storage_options else {}
-    except json.JSONDecodeError as exc:
-        p.error(f"--storage-options is not valid JSON: {exc}")
+    options = storage_options(p, a)
     try:
         return InspectConfig(a.dest, a.version, a.json, options)
     except ValueError as exc:
@@ -111,16 +109,10 @@ def parse_args(argv: list[str] | None = None) -> InspectConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        print(run(cfg))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"quantlake inspect: error: {describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted
-        print(f"quantlake inspect: error: {type(exc).__name__}: "
-              f"{describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
-        return 1
-    return 0
+    status, text = run_reporting("inspect", lambda: run(cfg), cfg.storage_options, [cfg.dest])
+    if status == 0:
+        print(text)
+    return status
 
 
 if __name__ == "__main__":

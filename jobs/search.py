@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import fsspec
 
+from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.encoder import WORKER_ENV
 from workers.ray_searcher import RaySearcher
 from workers.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
@@ -147,15 +149,12 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
     p.add_argument("--ray", action="store_true", help="search with Ray actors holding groups of shards")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--actors", type=int, default=None, help="with --ray: number of actors (default: CPUs)")
-    p.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    add_storage_options(p)
     p.add_argument("--source", default=None, help="with --neighbours-of: the source lake's URL if it moved")
     p.add_argument("--seed", type=int, default=0, help="with --neighbours-of: sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per query, in input order")
     a = p.parse_args(argv)
-    try:
-        options = json.loads(a.storage_options) if a.storage_options else {}
-    except json.JSONDecodeError as exc:
-        p.error(f"--storage-options is not valid JSON: {exc}")
+    options = storage_options(p, a)
     try:
         opts = SearchOptions(k=a.k, rescore_multiplier=a.rescore_multiplier, rescore=a.rescore,
                              candidates=a.candidates, ef_search=a.ef_search, nprobe=a.nprobe)
@@ -170,15 +169,13 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for key, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
+    for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"quantlake search: error: {exc}", file=sys.stderr)
-        return 2
+    status, results = run_reporting("search", lambda: run(cfg), cfg.storage_options,
+                                    [cfg.dest, cfg.source], failures=(RuntimeError,))
+    if status:
+        return status
     if cfg.json:
         for r in results:
             record = json.loads(dumps_hits(r.query, r.hits))

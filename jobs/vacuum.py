@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.redact import describe_error, redact_url
+from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.redact import redact_url
 from workers.storage import modified_at, url_to_fs
 from workers.version import list_versions, read_version
 
@@ -186,12 +187,9 @@ def parse_args(argv: list[str] | None = None) -> VacuumConfig:
     p.add_argument("--retain", type=int, default=None, help="keep only the latest N versions (default: all)")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--storage-options", default=None, help="fsspec options as JSON (endpoint, credentials)")
+    add_storage_options(p)
     a = p.parse_args(argv)
-    try:
-        options = json.loads(a.storage_options) if a.storage_options else {}
-    except json.JSONDecodeError as exc:
-        p.error(f"--storage-options is not valid JSON: {exc}")
+    options = storage_options(p, a)
     try:
         return VacuumConfig(a.dest, parse_duration(a.older_than), a.retain, a.dry_run, a.json, options)
     except ValueError as exc:
@@ -200,15 +198,9 @@ def parse_args(argv: list[str] | None = None) -> VacuumConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"quantlake vacuum: error: {describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a traceback would print the message unredacted
-        print(f"quantlake vacuum: error: {type(exc).__name__}: "
-              f"{describe_error(exc, cfg.storage_options, [cfg.dest])}", file=sys.stderr)
-        return 1
+    status, result = run_reporting("vacuum", lambda: run(cfg), cfg.storage_options, [cfg.dest])
+    if status:
+        return status
     print(json.dumps(result.to_json(), indent=1) if cfg.as_json else format_result(cfg.dest, result))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np

@@ -48,7 +48,7 @@ def ray_session():
     """The one local Ray instance of the test session (2 CPUs), stopped at the end."""
     import ray
 
-    from jobs.ingest import WORKER_ENV
+    from workers.encoder import WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": WORKER_ENV})

@@ -1,5 +1,4 @@
 """Bad input stops the job before any work, with an error naming the file and column."""
-import json
 import os
 
 import pyarrow as pa

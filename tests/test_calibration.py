@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from jobs.ingest import _encoder_pool, calibrate, check_source, scan
+from jobs.ingest import check_source
+from workers.pipeline import calibrate, encoder_pool, scan
 from workers.config import IngestConfig
 from workers.encoder import EncoderConfig, model_fingerprint, resolve_model
 
@@ -28,7 +29,7 @@ def test_same_ranges_with_one_or_two_encoder_actors(sampled, method):
         c = IngestConfig(cfg.source, cfg.dest, id_column="id", calibration_samples=120, seed=7,
                          encoder=cfg.encoder, encoder_actors=actors, range_method=method,
                          quantiles=(0.01, 0.99), progress=False)
-        out.append(calibrate(c, sample, fp, _encoder_pool(c)))
+        out.append(calibrate(c, sample, fp, encoder_pool(c)))
     assert out[0].ranges.tobytes() == out[1].ranges.tobytes()
     assert out[0].id == out[1].id and out[0].sample_size == 120 and out[0].method == method
 
@@ -36,7 +37,7 @@ def test_same_ranges_with_one_or_two_encoder_actors(sampled, method):
 def test_ranges_are_those_of_the_sample(sampled):
     cfg, sample, fp = sampled
     assert len(sample.ids) == 120 and len(set(sample.ids)) == 120
-    m = calibrate(cfg, sample, fp, _encoder_pool(cfg))
+    m = calibrate(cfg, sample, fp, encoder_pool(cfg))
     model = SentenceTransformer(str(resolve_model(None)), device="cpu")
     emb = model.encode(sample.texts, batch_size=8, normalize_embeddings=True)
     # re-encoded in this process: equal up to the last float bits

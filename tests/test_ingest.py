@@ -3,7 +3,6 @@ import json
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sentence_transformers import SentenceTransformer

@@ -5,7 +5,6 @@ import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 
 from jobs.cli import main as cli

@@ -67,7 +67,7 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
 
     assert cli(["vacuum", str(d)]) == 0
     out = capsys.readouterr().out
-    assert f"deleted shards/orphan.parquet (10 bytes)" in out
+    assert "deleted shards/orphan.parquet (10 bytes)" in out
     assert out.splitlines()[-1] == (f"vacuum {d}: deleted 7 file(s), 47 bytes; retained version(s) 1; "
                                     "kept 1 unreferenced file(s) too recent to delete")
     assert _all_files(d) == sorted(set(before) - {e["path"] for e in expected})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -14,6 +15,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUNDLED = "all-MiniLM-L6-v2"
+# Environment of every process that loads a model: never reach a model hub, and no
+# per-process weight-loading bars flooding the driver's console.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,10 @@ class Encoder:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         """Encode one work unit's texts; the embeddings travel as float32 bytes."""
         t0 = time.perf_counter()
-        emb = self.encode(list(row.pop("texts")))
+        texts = row.pop("texts")
+        if isinstance(texts, str):  # Ray Data rows carry a unit's texts as JSON: one stable Arrow type
+            texts = json.loads(texts)
+        emb = self.encode(list(texts))
         row["embeddings"] = emb.tobytes()
         row["dim"] = self.dim
         row["encode_s"] = time.perf_counter() - t0

@@ -25,7 +25,7 @@ class RaySearcher(Searcher):
         """
         import ray
 
-        from jobs.ingest import WORKER_ENV
+        from workers.encoder import WORKER_ENV
 
         started = not ray.is_initialized()
         if started:

@@ -24,7 +24,8 @@ import uuid
 from typing import Any, Callable
 
 from workers.redact import redact_url
-from workers.storage import cat_uncached, check_relpath, create_only, ls_uncached, pretty_json
+from workers.shard_writer import shard_files
+from workers.storage import cat_uncached, check_relpath, create_only, join, ls_uncached, pretty_json
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +291,39 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
         log.info("another writer committed version %s under %s first; re-reading", n, redact_url(root))
     raise CommitConflict(f"lost the race for a version number {MAX_REBASES + 1} times under "
                          f"{redact_url(root)}: too many concurrent writers; rerun the job")
+
+
+class IncompleteVersion(RuntimeError):
+    """A file the new version would reference is missing or has another size: not committed."""
+
+
+def check_referenced_files(fs, root: str, doc: dict[str, Any]) -> None:
+    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size.
+
+    The last check before the create-only write, so a version never points at a shard that
+    a failed or interrupted write (or anyone else) left missing. One listing per folder
+    rather than a request per file; the listing cache is dropped first, as it may predate
+    the workers' writes.
+    """
+    wanted = {doc["ranges"]["path"]: None}
+    for record in doc["shards"]:
+        wanted.update({path: size for path, size, _ in shard_files(record)})
+    fs.invalidate_cache()
+    present: dict[str, int] = {}
+    for folder in sorted({p.split("/")[0] for p in wanted}):
+        try:
+            present.update({p: int(info.get("size") or 0) for p, info in
+                            fs.find(join(root, folder), detail=True).items()})
+        except FileNotFoundError:
+            pass
+    problems = []
+    for path, size in wanted.items():
+        found = present.get(join(root, path))
+        if found is None:
+            problems.append(f"{path} is missing")
+        elif size is not None and found != size:
+            problems.append(f"{path} has {found} bytes, its record says {size}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IncompleteVersion(f"refusing to commit a version of {root}: {'; '.join(problems[:5])}{more}. "
+                                "Nothing was committed; rerun the job to rewrite the shards concerned")

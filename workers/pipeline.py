@@ -1,0 +1,235 @@
+"""The ingest job on Ray: scan, calibrate, and the streaming read -> encode -> write pass.
+
+Ray Data wires the main pass and the calibration (streaming executor, actor pool,
+backpressure, retries); the scan's dedupe shuffle uses Ray Core tasks (see `scan`). The
+steps themselves are plain functions in `workers/units.py`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ranges.manifest import RangeManifest
+from ranges.stats import PartialStats, merge_all, partial_stats, ranges_from
+from workers.config import IngestConfig
+from workers.encoder import WORKER_ENV, Encoder, EncoderConfig
+from workers.scan import Sample, find_duplicates
+from workers.shard_writer import shard_id
+from workers.source import Fragment, SourceError
+from workers.storage import join
+from workers.units import UnitFailed, read_unit, scan_file, unit_step, write_unit
+
+# Encoder batches per calibration work item. The items are cut from the sample in key order,
+# so each sampled text is always encoded beside the same neighbours (padding changes the
+# float bits) whatever the number of actors.
+CALIBRATION_CHUNK_BATCHES = 4
+
+
+
+def ray_init(cfg: IngestConfig) -> bool:
+    """Join `cfg.ray_address` (or RAY_ADDRESS), or start a local instance; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=cfg.ray_address, logging_level=logging.WARNING,
+             runtime_env={"env_vars": WORKER_ENV})
+    return True
+
+
+def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
+    """Ray Data arguments for the encoder actor pool: one actor per GPU, else CPU actors."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    # Ray Data restarts a dead actor and retries its unit (its actor pools default to
+    # max_restarts=-1, max_task_retries=-1; tests/test_faults.py kills one to hold it to that).
+    # Not passed explicitly: extra remote args to map() are deprecated from Ray 2.60.
+    # Encoding is a pure function of the unit, so the retry gives the same bytes.
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and cfg.encoder.device != "cpu":
+        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
+    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1), "num_cpus": 1}
+
+
+def data_context(cfg: IngestConfig):
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # The driver shows one bar in documents; Ray Data's per-operator bars would interleave with it.
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    # A task's own exception, not a generic UserCodeException: the driver needs the UnitFailed
+    # (which names the unit) and Ray passes a wrapped exception's cause on only as text.
+    ctx.raise_original_map_exception = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ctx
+
+
+def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
+    if cfg.encoder.threads is None and "num_gpus" not in pool:
+        import ray
+
+        # Same thread count whatever the pool size: kernels may block differently per count.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        return replace(cfg.encoder, threads=max(1, cpus))
+    return cfg.encoder
+
+
+def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list], Sample]:
+    """Scan every file (Ray tasks): row counts, cross-file duplicate ids, calibration sample.
+
+    Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
+    separate return values of the scan tasks; each reducer sees one partition of every file,
+    so no process holds every id.
+    """
+    import ray
+
+    n_parts = max(1, min(64, len(files)))
+    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, max_retries=3)
+    refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
+    dup_task = ray.remote(find_duplicates).options(max_retries=3)
+    dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
+    summaries = ray.get([r[0] for r in refs])
+    sample = Sample(0 if cfg.ranges else cfg.calibration_samples)
+    for s in summaries:
+        sample = sample.merge(s["sample"])
+    duplicates: dict[int, list] = {}
+    for d in ray.get(dup_refs):
+        for e in d:
+            duplicates.setdefault(int(e["file"]), []).append(
+                (int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
+    return [s["rows"] for s in summaries], duplicates, sample
+
+
+def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[str, Any]) -> RangeManifest:
+    """Encode the sample with the encoder actor pool and reduce its statistics to ranges."""
+    import ray.data
+
+    if len(sample.ids) < 2:
+        raise SourceError(f"only {len(sample.ids)} valid document(s) in {cfg.source}: "
+                          "calibration needs at least 2 (or pass --ranges)")
+    texts = sample.texts  # ordered by sample key: a fixed order independent of the cluster
+    size = CALIBRATION_CHUNK_BATCHES * cfg.encoder.batch_size
+    chunks = [{"texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
+    keep = cfg.range_method == "quantile"
+    ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
+          .map(Encoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
+          .map(_stats_row, fn_kwargs={"keep": keep}))
+    parts = [_row_stats(r) for r in ds.iter_rows()]
+    stats = merge_all(parts)
+    ranges = ranges_from(stats, cfg.range_method, cfg.quantiles)
+    return RangeManifest(ranges=ranges, model_name=cfg.encoder.model_name, model_fingerprint=fingerprint,
+                         normalize=cfg.encoder.normalize, method=cfg.range_method,
+                         quantiles=tuple(cfg.quantiles) if keep else None,
+                         sample_size=stats.count, seed=cfg.seed)
+
+
+def _stats_row(row: dict[str, Any], keep: bool) -> dict[str, Any]:
+    emb = np.frombuffer(row["embeddings"], np.float32).reshape(-1, int(row["dim"]))
+    s = partial_stats(emb, keep_values=keep)
+    out = {"count": s.count, "min": s.minimum.tobytes(), "max": s.maximum.tobytes(), "dim": s.dim}
+    out["values"] = s.values.tobytes() if keep else b""
+    return out
+
+
+def _row_stats(row: dict[str, Any]) -> PartialStats:
+    dim = int(row["dim"])
+    values = np.frombuffer(row["values"], np.float32).reshape(-1, dim) if row["values"] else None
+    return PartialStats(int(row["count"]), np.frombuffer(row["min"], np.float32),
+                        np.frombuffer(row["max"], np.float32), values)
+
+
+def plan_units(cfg: IngestConfig, files, rows_per_file: list[int]) -> list[Fragment]:
+    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups)."""
+    import pyarrow.parquet as pq
+
+    fs, root = cfg.url_to_fs(cfg.source)
+    units = []
+    for i, (f, n) in enumerate(zip(files, rows_per_file)):
+        bounds = [0]
+        if f.format == "parquet":
+            meta = pq.ParquetFile(fs.open(join(root, f.relpath), "rb")).metadata
+            offset = 0
+            for g in range(meta.num_row_groups):
+                offset += meta.row_group(g).num_rows
+                if offset - bounds[-1] >= cfg.unit_rows or offset == n:
+                    bounds.append(offset)
+        else:
+            bounds += list(range(cfg.unit_rows, n, cfg.unit_rows)) + [n]
+        bounds = sorted(set(bounds + [n]))
+        for a, b in zip(bounds, bounds[1:]):
+            units.append(Fragment(i, f, a, b))
+    return units
+
+
+def unit_items(cfg, units, duplicates, fingerprint, ranges_id) -> list[dict[str, Any]]:
+    items = []
+    for u in units:
+        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
+                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type)
+        dups = [d for d in duplicates.get(u.file_index, []) if u.row_start <= d[0] < u.row_stop]
+        items.append({"unit": json.dumps({
+            "shard_id": sid, "file": u.file.__dict__, "row_start": u.row_start, "row_stop": u.row_stop,
+            "duplicates": dups})})
+    return items
+
+
+def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id: str, total_rows: int):
+    """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
+
+    Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
+    (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard.
+    Memory is bounded by the units in flight, which Ray Data's backpressure limits.
+    Returns the shard records and how many of them an earlier run had written (and the read
+    step verified); a unit that fails for good raises UnitFailed naming it.
+    """
+    import ray.data
+    from tqdm import tqdm
+
+    ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
+          .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
+          .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
+               num_cpus=0.5))
+    records, reused = [], 0
+    with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
+              desc="ingest") as bar:
+        try:
+            for row in ds.iter_rows():
+                rec = json.loads(row["record"])
+                records.append(rec)
+                reused += bool(row["reused"])
+                bar.update(rec["stats"]["rows_read"])
+        except Exception as exc:
+            failed = _unit_failure(exc)
+            if failed is None:
+                raise
+            raise UnitFailed(f"{failed.message}; nothing was committed") from exc
+    return sorted(records, key=lambda r: (r["source"]["file"], r["source"]["row_start"])), reused
+
+
+def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
+    """The UnitFailed inside the wrappers Ray Data puts around a task's exception, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # a RayTaskError's: the task's own exception
+        if isinstance(exc, UnitFailed) and not isinstance(inner, UnitFailed):
+            return exc
+        exc = inner or exc.__cause__
+    return None
+
+
+class _UnitEncoder(Encoder):
+    """The encoder of the main pass: a failure names the work unit."""
+
+    def __call__(self, row):
+        with unit_step(row["unit"], "encode"):
+            return super().__call__(row)
