@@ -1,0 +1,33 @@
+"""Encoder pool sizing: one actor per GPU when the cluster has GPUs, CPU actors otherwise."""
+import ray
+from ray.data import ActorPoolStrategy
+
+from workers.config import IngestConfig
+from workers.encoder import EncoderConfig
+from workers.pipeline import encoder_cfg, encoder_pool
+
+
+def _pool(monkeypatch, resources, **kw):
+    # This machine has no GPU: the cluster's answer is faked to see the GPU branch.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    cfg = IngestConfig("src", "dst", **kw)
+    pool = encoder_pool(cfg)
+    return cfg, pool
+
+
+def test_one_encoder_actor_per_gpu(monkeypatch):
+    cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0})
+    assert pool["num_gpus"] == 1 and isinstance(pool["compute"], ActorPoolStrategy)
+    assert pool["compute"].min_size == pool["compute"].max_size == 4
+    assert encoder_cfg(cfg, pool).threads is None  # GPU actors keep torch's own threading
+    cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0}, encoder_actors=2)
+    assert pool["compute"].max_size == 2
+
+
+def test_cpu_actors_without_gpus_or_when_asked(monkeypatch):
+    cfg, pool = _pool(monkeypatch, {"CPU": 8.0})
+    assert "num_gpus" not in pool and pool["compute"].max_size == 1 and pool["num_cpus"] == 1
+    # the same thread count whatever the pool size, so results do not depend on it
+    assert encoder_cfg(cfg, pool).threads == 8
+    cfg, pool = _pool(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, encoder=EncoderConfig(device="cpu"), encoder_actors=3)
+    assert "num_gpus" not in pool and pool["compute"].max_size == 3 and encoder_cfg(cfg, pool).threads == 8
