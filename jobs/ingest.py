@@ -37,17 +37,21 @@ class IngestResult:
 
 
 def check_source(cfg: IngestConfig):
-    """List and open every source file; raise before any work if one cannot be ingested."""
+    """List and open every source file; raise before any work if one cannot be ingested.
+
+    Returns the files and, per file, its Parquet row group sizes (None for JSON Lines), so
+    planning need not open every file again.
+    """
     fs, root, files = list_source(cfg.source, cfg.storage_options)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda f: check_file(fs, root, f, cfg.text_column, cfg.id_column), files))
-    return files
+        groups = list(pool.map(lambda f: check_file(fs, root, f, cfg.text_column, cfg.id_column), files))
+    return files, groups
 
 
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version."""
     t0 = time.perf_counter()
-    files = check_source(cfg)
+    files, row_groups = check_source(cfg)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
     reused = None
@@ -75,7 +79,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        units = plan_units(cfg, files, rows_per_file)
+        units = plan_units(cfg, files, rows_per_file, row_groups)
         items = unit_items(cfg, units, duplicates, fingerprint, manifest.id)
         records, reused_shards = encode_and_write(wcfg, items, pool, ranges_path, manifest.id,
                                                   sum(rows_per_file))

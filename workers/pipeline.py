@@ -21,7 +21,6 @@ from workers.encoder import WORKER_ENV, Encoder, EncoderConfig
 from workers.scan import Sample, find_duplicates
 from workers.shard_writer import shard_id
 from workers.source import Fragment, SourceError
-from workers.storage import join
 from workers.units import UnitFailed, read_unit, scan_file, unit_step, write_unit
 
 # Encoder batches per calibration work item. The items are cut from the sample in key order,
@@ -146,19 +145,21 @@ def _row_stats(row: dict[str, Any]) -> PartialStats:
                         np.frombuffer(row["max"], np.float32), values)
 
 
-def plan_units(cfg: IngestConfig, files, rows_per_file: list[int]) -> list[Fragment]:
-    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups)."""
-    import pyarrow.parquet as pq
+def plan_units(cfg: IngestConfig, files, rows_per_file: list[int],
+               row_groups: list[list[int] | None]) -> list[Fragment]:
+    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups).
 
-    fs, root = cfg.url_to_fs(cfg.source)
+    Args:
+        rows_per_file: the scan's row counts.
+        row_groups: per file, its Parquet row group sizes (from `check_file`), or None.
+    """
     units = []
-    for i, (f, n) in enumerate(zip(files, rows_per_file)):
+    for i, (f, n, groups) in enumerate(zip(files, rows_per_file, row_groups)):
         bounds = [0]
-        if f.format == "parquet":
-            meta = pq.ParquetFile(fs.open(join(root, f.relpath), "rb")).metadata
+        if groups is not None:
             offset = 0
-            for g in range(meta.num_row_groups):
-                offset += meta.row_group(g).num_rows
+            for g in groups:
+                offset += g
                 if offset - bounds[-1] >= cfg.unit_rows or offset == n:
                     bounds.append(offset)
         else:

@@ -199,8 +199,9 @@ def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
         except FileNotFoundError:
             log.warning("shard %s: %s is missing; rewriting the shard", plan.shard_id, path)
             return None
-        if len(data) != size or sha256_hex(data) != digest:
+        got = sha256_hex(data)
+        if len(data) != size or got != digest:
             log.warning("shard %s: %s has %d bytes with sha256 %s, its record says %s bytes with %s; "
-                        "rewriting the shard", plan.shard_id, path, len(data), sha256_hex(data), size, digest)
+                        "rewriting the shard", plan.shard_id, path, len(data), got, size, digest)
             return None
     return record

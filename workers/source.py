@@ -102,18 +102,20 @@ def _open_parquet(fs, root: str, f: SourceFile) -> pq.ParquetFile:
     return pq.ParquetFile(fs.open(posixpath.join(root, f.relpath), "rb"))
 
 
-def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | None) -> int | None:
-    """Open `f`, check that the columns exist with usable types; return its row count if cheap.
+def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | None) -> list[int] | None:
+    """Open `f`, check that the columns exist with usable types.
 
-    Raises SourceError naming the file and column.
+    Returns the row counts of a Parquet file's row groups (work units follow them), None
+    for JSON Lines. Raises SourceError naming the file and column.
     """
     try:
         if f.format == "parquet":
             pf = _open_parquet(fs, root, f)
-            schema, rows = pf.schema_arrow, pf.metadata.num_rows
+            meta = pf.metadata
+            schema, groups = pf.schema_arrow, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         else:
             with fs.open(posixpath.join(root, f.relpath), "rb") as fh:
-                schema, rows = pj.open_json(fh).schema, None
+                schema, groups = pj.open_json(fh).schema, None
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unreadable
         raise SourceError(f"cannot read {f.format} file {f.relpath}: {exc}") from exc
     for role, column in (("text", text_column), ("id", id_column)):
@@ -126,7 +128,7 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
         raise SourceError(f"text column {text_column!r} of file {f.relpath} has type {text_type}; "
                           "it must hold strings")
-    return rows
+    return groups
 
 
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
