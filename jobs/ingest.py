@@ -22,9 +22,10 @@ from workers.pipeline import (calibrate, data_context, encode_and_write, encoder
                               scan, unit_items)
 from workers.redact import redact_url
 from workers.source import check_file, list_source
-from workers.storage import join, put_bytes, url_to_fs
+from workers.storage import join, put_bytes, require_create_only, url_to_fs
 from workers.units import UnitFailed
-from workers.version import CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions
+from workers.version import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
+                             read_version)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,13 @@ def check_source(cfg: IngestConfig):
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version."""
     t0 = time.perf_counter()
+    # Refuse a destination this job could never commit to before hours of work, not after:
+    # a backend without an atomic create-only write, or a latest version a crash left empty.
+    dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
+    require_create_only(dest_fs, cfg.dest)
+    parent = (list_versions(dest_fs, dest_root) or [None])[-1]
+    if parent is not None:
+        read_version(dest_fs, dest_root, parent)
     files, row_groups = check_source(cfg)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
@@ -63,8 +71,6 @@ def run(cfg: IngestConfig) -> IngestResult:
                              "calibrate anew for this model")
         if reused.normalize != cfg.encoder.normalize:
             raise ValueError(f"range manifest {cfg.ranges} was made with normalize={reused.normalize}")
-    dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
-    parent = (list_versions(dest_fs, dest_root) or [None])[-1]
     started = ray_init(cfg)
     try:
         data_context(cfg)

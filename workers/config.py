@@ -25,7 +25,8 @@ class IngestConfig:
         range_method, quantiles: how the sample becomes ranges.
         seed: sampling seed.
         ranges: URL of an existing range manifest to reuse instead of calibrating.
-        ray_address: cluster to join; None starts or reuses a local instance (or RAY_ADDRESS).
+        ray_address: cluster to join (`host:port`, `ray://host:port`, `auto`); None joins
+            RAY_ADDRESS when set, else starts a new local instance (`workers/ray_session.py`).
         unit_rows: largest work unit (rows per shard); Parquet units follow row groups.
         encoder_actors: size of the encoder actor pool (None: one per GPU, else 1).
         index_type: each shard's FAISS binary index: IndexBinaryFlat (exact), or the approximate

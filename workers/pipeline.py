@@ -18,6 +18,7 @@ from ranges.manifest import RangeManifest
 from ranges.stats import PartialStats, merge_all, partial_stats, ranges_from
 from workers.config import IngestConfig
 from workers.encoder import WORKER_ENV, Encoder, EncoderConfig
+from workers.ray_session import init_ray
 from workers.scan import Sample, find_duplicates
 from workers.shard_writer import shard_id
 from workers.source import Fragment, SourceError
@@ -31,14 +32,9 @@ CALIBRATION_CHUNK_BATCHES = 4
 
 
 def ray_init(cfg: IngestConfig) -> bool:
-    """Join `cfg.ray_address` (or RAY_ADDRESS), or start a local instance; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=cfg.ray_address, logging_level=logging.WARNING,
-             runtime_env={"env_vars": WORKER_ENV})
-    return True
+    """Join `cfg.ray_address` (or RAY_ADDRESS), else start a local instance (`workers/ray_session.py`
+    has the rule); True if this call initialised Ray."""
+    return init_ray(cfg.ray_address, runtime_env={"env_vars": WORKER_ENV})
 
 
 def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """Search with Ray: actors each hold a group of shards, and every query fans out to all of them."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal, Mapping
 
 import numpy as np
 
 from workers.dataset import open_version
+from workers.ray_session import init_ray
 from workers.searcher import Searcher, open_checked
 from workers.shard_group import ShardGroup
 
@@ -20,16 +20,15 @@ class RaySearcher(Searcher):
              actors: int | None = None, actor_cpus: float = 1.0, ray_address: str | None = None) -> "RaySearcher":
         """Open a version with its shards split over `actors` Ray actors (default: one per CPU).
 
-        Joins `ray_address` (or RAY_ADDRESS, or the running instance), else starts a local one
-        that `close()` stops. Other arguments as `Searcher.open`.
+        Uses the running instance, else joins `ray_address` (or RAY_ADDRESS), else starts a
+        local one (`workers/ray_session.py` has the rule); `close()` stops what it started.
+        Other arguments as `Searcher.open`.
         """
         import ray
 
         from workers.encoder import WORKER_ENV
 
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=ray_address, logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV})
+        started = init_ray(ray_address, runtime_env={"env_vars": WORKER_ENV})
         try:
             ds, ranges, name = open_checked(url, version, storage_options, model)
             doc, shards = ds.manifest, ds.shards

@@ -1,4 +1,5 @@
-"""fsspec helpers: resolve URLs, write whole objects atomically or create-only, checksums."""
+"""fsspec helpers: resolve URLs, write whole objects atomically (and durably on local disk) or
+create-only, checksums."""
 from __future__ import annotations
 
 import datetime as dt
@@ -16,9 +17,24 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from workers.redact import redact_url
+
 # memory:// checks for the file and then stores it; this lock makes the pair atomic (the
 # store is per process, so a process-wide lock is enough).
 _MEMORY_CREATE = threading.Lock()
+
+# Backends whose create-only write is atomic (of several concurrent creators exactly one
+# wins, and nobody overwrites): local disk (hard link, or O_EXCL), memory:// (the lock above;
+# one process) and S3 (`If-None-Match: *`, which s3fs sends for mode="create"). Elsewhere
+# fsspec's default create checks `exists()` and then writes, so two jobs could both commit
+# the same version number and one would silently replace the other's version. GCS
+# (`ifGenerationMatch=0`) and Azure (`If-None-Match: *`) have the primitive, but not through
+# an fsspec call this project can test, so they are refused rather than trusted blindly.
+CREATE_ONLY_PROTOCOLS = ("file", "local", "memory", "s3", "s3a")
+
+
+class NoAtomicCreate(ValueError):
+    """The storage backend cannot create a file only if it does not exist, atomically."""
 
 
 # botocore's retry policy for S3 when the caller sets none. Connection failures, 5xx and
@@ -66,17 +82,60 @@ def check_relpath(relpath: str) -> str:
     return relpath
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
+def require_create_only(fs, url: str) -> None:
+    """Raise NoAtomicCreate unless versions can be committed on `fs` (see CREATE_ONLY_PROTOCOLS).
+
+    Jobs call it on their destination before any work, so a destination they could never
+    commit to fails in seconds rather than after hours of encoding.
+    """
+    if not set(_protocols(fs)) & set(CREATE_ONLY_PROTOCOLS):
+        raise NoAtomicCreate(
+            f"cannot commit dataset versions to {redact_url(url)}: its storage backend "
+            f"({'/'.join(_protocols(fs))}://, {type(fs).__name__}) has no atomic create-only write, "
+            "so two jobs committing at once could overwrite each other's version. Versions are "
+            "committed only on local disk (file://), memory:// and S3 (s3://, s3a://, with "
+            "If-None-Match): write the dataset to one of those")
+
+
+def _write_synced(fs, path: str, data: bytes, mode: str = "wb") -> None:
+    """Write a local file and fsync it, so its bytes are on disk before any name points at them."""
+    with fs.open(path, mode) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder: str) -> None:
+    """fsync a local folder, so a name just created, renamed or linked in it survives a power loss."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems (and platforms) cannot fsync a folder; the file's own fsync stands.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def put_bytes(fs, path: str, data: bytes) -> None:
     """Write a whole object so that readers see all of it or nothing.
 
-    Object stores publish a PUT atomically; a local file is written beside its name and
-    renamed, so a killed writer leaves a temporary file, never a truncated shard.
+    Object stores publish a PUT atomically; a local file is written beside its name, fsynced,
+    renamed, and its folder fsynced, so neither a killed writer nor a power loss leaves a
+    truncated or empty file under the name (at worst a temporary, which vacuum removes).
     """
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        folder = posixpath.dirname(path)
+        fs.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        fs.pipe_file(tmp, data)
+        _write_synced(fs, tmp, data)
         fs.mv(tmp, path)
+        _sync_folder(folder)
     else:
         fs.pipe_file(path, data)
 
@@ -86,14 +145,17 @@ def create_only(fs, path: str, data: bytes) -> None:
 
     Exactly one of several concurrent creators succeeds, and a reader never sees the file
     partly written. S3 does this itself (`If-None-Match: *`). A local file is written beside
-    its name and hard-linked to it: `link` fails when the name exists, and the name appears
-    with all its bytes (fsspec's own local create checks, then writes: two writers can both
-    pass the check).
+    its name, fsynced, and hard-linked to it: `link` fails when the name exists, and the name
+    appears with all its bytes (fsspec's own local create checks, then writes: two writers
+    can both pass the check); the folder is fsynced after, so a committed version survives a
+    power loss whole. Other backends raise NoAtomicCreate (see `require_create_only`).
     """
+    require_create_only(fs, path)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        folder = posixpath.dirname(path)
+        fs.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        fs.pipe_file(tmp, data)
+        _write_synced(fs, tmp, data)
         try:
             fs.link(tmp, path)
         except FileExistsError:
@@ -103,10 +165,10 @@ def create_only(fs, path: str, data: bytes) -> None:
                 raise
             # No hard links here (some network and FUSE mounts): O_EXCL still lets only
             # one writer create the name, though a reader may briefly see it short.
-            with fs.open(path, "xb") as f:
-                f.write(data)
+            _write_synced(fs, path, data, "xb")
         finally:
             fs.rm_file(tmp)
+        _sync_folder(folder)
     elif isinstance(fs, MemoryFileSystem):
         with _MEMORY_CREATE:
             fs.pipe_file(path, data, mode="create")

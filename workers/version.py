@@ -52,6 +52,24 @@ class CommitConflict(RuntimeError):
         self.writer = writer
 
 
+class EmptyVersion(ValueError):
+    """A version file with no bytes: a crash or power loss hit before its content reached the disk.
+
+    No job committed that version completely, and none can be numbered after it until a
+    person removes the file (a job that skipped it on its own could race another doing the
+    same, and the two would number their versions from different views of history).
+    """
+
+    def __init__(self, root: str, n: int):
+        name = posixpath.join("versions", f"{n:08d}.json")
+        super().__init__(
+            f"{name} of {redact_url(root)} is empty (0 bytes): a crash or power loss hit before its "
+            f"content reached the disk, so no job committed version {n} completely. When no job is "
+            f"running on this dataset, delete {name} and rerun the job that was committing "
+            "(its shards are in place and are reused)")
+        self.version = n
+
+
 def version_path(root: str, n: int) -> str:
     return posixpath.join(root, "versions", f"{n:08d}.json")
 
@@ -77,6 +95,8 @@ def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
         raw = cat_uncached(fs, version_path(root, n))
     except FileNotFoundError:
         raise FileNotFoundError(f"version {n} of {redact_url(root)} does not exist") from None
+    if not raw:
+        raise EmptyVersion(root, n)
     where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
     try:
         doc = json.loads(raw)
@@ -221,6 +241,14 @@ def _written_by(fs, path: str, token: str) -> bool:
         return False
 
 
+def _is_empty(fs, root: str, n: int) -> bool:
+    """Whether version `n` is there with no bytes (a version gone meanwhile is not empty)."""
+    try:
+        return not cat_uncached(fs, version_path(root, n))
+    except FileNotFoundError:
+        return False
+
+
 def _create(fs, path: str, data: bytes, token: str, create) -> bool:
     """Create-only write of a manifest: True if ours is there now, False if another writer's is."""
     last: Exception | None = None
@@ -270,6 +298,8 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
     for _ in range(MAX_REBASES + 1):
         versions = list_versions(fs, root)
         latest = versions[-1] if versions else None
+        if latest is not None and _is_empty(fs, root, latest):
+            raise EmptyVersion(root, latest)  # never number a version after one a crash left empty
         if expected is not ... and latest != expected:
             latest_doc = read_version(fs, root, latest)
             if latest_doc.get("writer") == token:  # a commit of ours whose reply was lost

@@ -1,0 +1,135 @@
+"""Which Ray instance a job runs on: the one rule, and a fast, clear failure when that instance is gone.
+
+The rule:
+- no `--ray-address` and no RAY_ADDRESS: start a new local instance (`address="local"`).
+  A bare `ray.init()` would instead join the cluster recorded by the last `ray start` on
+  the machine, and when that cluster is dead (its head killed, the machine restarted)
+  it retries for ever, printing "Failed to connect to GCS";
+- an address (the flag wins over RAY_ADDRESS): join that cluster. `host:port` is its GCS,
+  `ray://host:port` its Ray Client server; `auto` means the cluster recorded by the last
+  `ray start` on this machine; `local` starts a local instance as with no address.
+  Ray itself retries an unreachable address for a long time, so the address is first
+  checked with one TCP connection and a short timeout, and an error names it and the fix.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Mapping
+
+from workers.redact import redact_url
+
+ADDRESS_ENV = "RAY_ADDRESS"
+# How long the GCS (or Ray Client server) gets to accept a TCP connection before the job gives up.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class RayUnreachable(ConnectionError):
+    """The Ray cluster the job was told to join does not answer at its address."""
+
+
+def choose_address(address: str | None, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """`(address, where it came from)`: the flag, else RAY_ADDRESS, else `("local", "default")`."""
+    environ = os.environ if environ is None else environ
+    if address:
+        return address.strip(), "--ray-address"
+    if environ.get(ADDRESS_ENV, "").strip():
+        return environ[ADDRESS_ENV].strip(), ADDRESS_ENV
+    return "local", "default"
+
+
+def recorded_address_file() -> str:
+    """Where `ray start` records the cluster it started (under RAY_TMPDIR, TMPDIR or /tmp)."""
+    # Ray's own helper, so the file is the one `ray start` writes and `ray stop` clears; its
+    # `ray.init(address="auto")` would read it too, but then retry a dead address for ever.
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def _recorded_address() -> tuple[str, str]:
+    """The address the last `ray start` on this machine recorded, and the file it is in."""
+    path = recorded_address_file()
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+    except FileNotFoundError:
+        address = ""
+    if not address:
+        raise RayUnreachable(
+            f"the Ray address is 'auto', but no `ray start` on this machine recorded a cluster ({path} "
+            "is missing or empty): start one with `ray start --head`, pass its host:port, or leave out "
+            "--ray-address and unset RAY_ADDRESS to run on a new local instance")
+    return address, path
+
+
+def _host_port(address: str, source: str) -> tuple[str, int]:
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"Ray address {redact_url(address)!r} ({source}) is not host:port, "
+                         "ray://host:port, 'auto' or 'local'")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str | None, environ: Mapping[str, str] | None = None,
+                  timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """The address to pass to `ray.init`: `"local"`, or a cluster's that accepted a connection.
+
+    Args:
+        address: the `--ray-address` value (None: RAY_ADDRESS, else a new local instance).
+        environ: where RAY_ADDRESS is read (default: this process's environment).
+        timeout_s: how long the cluster gets to accept a TCP connection.
+
+    Raises:
+        RayUnreachable: nothing answers at the address; the message names it, where it came
+            from, and what to do.
+        ValueError: the address is not one `ray.init` takes.
+    """
+    address, source = choose_address(address, environ)
+    if address == "local":
+        return "local"
+    if address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"Ray address {redact_url(address)!r} ({source}) is a dashboard URL, which `ray job submit "
+            "--address` takes; a job joins a cluster by its GCS address host:port (port 6379 by "
+            "default) or its Ray Client address ray://host:port")
+    recorded = None
+    if address == "auto":
+        address, recorded = _recorded_address()
+        source = f"'auto': the cluster recorded in {recorded}"
+    host, port = _host_port(address, source)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        why = (f"no answer within {timeout_s:g} s" if isinstance(exc, socket.timeout)
+               else (exc.strerror or str(exc)).lower())
+        if recorded:
+            fix = (f"that cluster is gone (its head was stopped or killed, or the machine restarted): "
+                   f"run `ray stop` to clear {recorded}, or start a cluster with `ray start --head`, or "
+                   "leave out --ray-address and unset RAY_ADDRESS to run on a new local instance")
+        else:
+            fix = ("start the cluster, or pass the address of a running one, or leave out --ray-address "
+                   "and unset RAY_ADDRESS to run on a new local instance")
+        raise RayUnreachable(f"no Ray cluster answers at {redact_url(address)} ({source}): {why}; "
+                             f"{fix}") from None
+    return address
+
+
+def init_ray(address: str | None = None, *, runtime_env: dict[str, Any] | None = None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance.
+
+    Returns True when this call initialised Ray (the caller then calls `ray.shutdown()` when
+    done), False when Ray was already initialised in this process (inside a Ray job, or a
+    test's session), which is then used as it is.
+
+    Raises:
+        RayUnreachable, ValueError: as `check_address`, before Ray starts anything.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=check_address(address), logging_level=logging.WARNING, runtime_env=runtime_env)
+    return True
