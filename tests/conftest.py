@@ -50,7 +50,8 @@ def ray_session():
 
     from workers.encoder import WORKER_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    # address="local": a new instance, never the cluster a stale `ray start` record names.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
