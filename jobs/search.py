@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     cfg = parse_args(argv)
     status, results = run_reporting("search", lambda: run(cfg), cfg.storage_options,
-                                    [cfg.dest, cfg.source], failures=(RuntimeError,))
+                                    [cfg.dest, cfg.source, cfg.queries_file], failures=(RuntimeError,))
     if status:
         return status
     if cfg.json:

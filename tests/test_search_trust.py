@@ -104,6 +104,7 @@ def test_source_on_the_dataset_storage():
     assert not on_dataset_storage("/data/lake/emb", "/data/lakeside/raw")
     assert not on_dataset_storage("/data/lake/emb", "/etc")
     assert not on_dataset_storage("/data/lake/emb", "s3://data/lake/raw")
+    assert not on_dataset_storage("/emb", "/raw")  # the folder holding /emb is the whole disk
 
 
 @pytest.fixture

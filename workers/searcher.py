@@ -134,7 +134,9 @@ def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
     if dataset[0] != "file":
         return bool(dataset[1]) and dataset[1] == source[1]
     parent = posixpath.dirname(dataset[1])
-    return source[1] == parent or source[1].startswith(parent.rstrip("/") + "/")
+    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
+        return False
+    return source[1] == parent or source[1].startswith(parent + "/")
 
 
 class Searcher:

@@ -130,6 +130,7 @@ class ShardGroup:
         row. Bit scores (float query against sign bits) are filled only when `asymmetric`. Each
         shard gives at most its `ntotal` rows, so the arrays have at most the group's rows columns.
         """
+        # A zero-width part first: a group whose shards are all empty still gives (queries, 0) arrays.
         parts = [(np.zeros((len(q), 0)), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64),
                   np.zeros((len(q), 0), np.float32))]
         tables = bit_tables(q) if asymmetric and self.kind == "binary" else None
