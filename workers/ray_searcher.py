@@ -5,6 +5,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
+from workers.credentials import StorageAccess
 from workers.dataset import open_version
 from workers.ray_session import init_ray
 from workers.searcher import Searcher, open_checked
@@ -35,13 +36,16 @@ class RaySearcher(Searcher):
             n = max(1, min(len(shards), actors or int(ray.cluster_resources().get("CPU", 1))))
             bounds = _balanced_bounds([s["rows"] for s in shards], n)
             actor_cls = ray.remote(num_cpus=actor_cpus)(ShardGroupActor)
+            # Actors get the storage options the way ingest tasks do, through the object store
+            # (workers/credentials.py says why): actor arguments are kept in Ray's task specs.
+            access = StorageAccess.put(storage_options)
             groups, owner = [], np.zeros(len(shards), np.int64)
             for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 owner[a:b] = g
-                groups.append(actor_cls.remote(url, storage_options, ds.version, list(range(a, b)),
-                                               ranges.ranges, index))
+                groups.append(actor_cls.remote(url, access, ds.version, list(range(a, b)), ranges.ranges, index))
             searcher = cls(url, storage_options, doc, ranges, name, groups, owner, 1, index)
             searcher._started = started
+            searcher._access = access  # the options object lives as long as the actors may need it
             try:
                 searcher.resident_bytes()  # surfaces an actor's failure to open its shards now
             except ray.exceptions.RayActorError as exc:
@@ -73,11 +77,17 @@ class RaySearcher(Searcher):
 
 
 class ShardGroupActor(ShardGroup):
-    """A shard group opened inside its actor from the URL: no filesystem (or credentials) is pickled."""
+    """A shard group opened inside its actor from the URL: no filesystem (or credentials) is pickled.
 
-    def __init__(self, url: str, storage_options, version: int, ordinals: list[int], ranges: np.ndarray,
+    Args:
+        url, version: the dataset and the version the driver opened.
+        access: `StorageAccess` through which the actor fetches the storage options.
+        ordinals, ranges, index: as `ShardGroup`.
+    """
+
+    def __init__(self, url: str, access: StorageAccess, version: int, ordinals: list[int], ranges: np.ndarray,
                  index: str):
-        super().__init__(open_version(url, version, storage_options), ordinals, ranges, index)
+        super().__init__(open_version(url, version, access.options()), ordinals, ranges, index)
 
 
 def _balanced_bounds(rows: list[int], n: int) -> list[int]:

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping, Sequence
+from urllib.parse import urlsplit
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from ranges.manifest import RangeManifest
 from workers.dataset import open_version
-from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
+from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
 from workers.quantizer import quantize
+from workers.redact import redact_url
 from workers.rescore import CANDIDATES, RESCORE, hamming_scores, merge, top_by_score
 from workers.shard_group import ShardGroup
 
@@ -33,7 +38,7 @@ class SearchOptions:
     """How one search runs.
 
     Args:
-        k: hits per query.
+        k: hits per query (a search asks for at most the version's rows).
         rescore_multiplier: binary candidates per hit that go on to rescoring.
         rescore: candidate scoring after the Hamming search: `int8` (float query against the
             int8 bucket centres, the default), `int8-raw` (against the codes as they are),
@@ -91,12 +96,47 @@ def check_dataset(doc: dict[str, Any], ranges: RangeManifest, fingerprint: str, 
 
 
 def open_checked(url: str, version: int | None, storage_options, model: str | None):
-    """(opened version, its range manifest, query model name), after `check_dataset`."""
+    """(opened version, its range manifest, folder of the query model), after `check_dataset`.
+
+    The model is the one the user names (`model`: a folder or a cached name); without one, the
+    version's `model.name` is looked up as a name only (`resolve_model_name`), so a manifest
+    never chooses a folder to hash or load. Its fingerprint is only compared with the model's.
+    """
     ds = open_version(url, version, storage_options)
     ranges = ds.read_ranges()
-    name = model or ds.manifest["model"]["name"]
-    check_dataset(ds.manifest, ranges, model_fingerprint(resolve_model(name)), name)
-    return ds, ranges, name
+    if model:
+        name, path = model, resolve_model(model)
+    else:
+        name = ds.manifest["model"]["name"]
+        path = resolve_model_name(name, f"version {ds.version} of {ds.url}")
+    check_dataset(ds.manifest, ranges, model_fingerprint(path), name)
+    return ds, ranges, str(path)
+
+
+def _storage(url: str) -> tuple[str, str] | None:
+    """(protocol, bucket or host) of an object store URL, ("file", absolute path) of a local one;
+    None for a chained URL (`a::b`), whose storage is not one place."""
+    if "::" in url:
+        return None
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local"):
+        return "file", posixpath.normpath(LocalFileSystem._strip_protocol(url))
+    return protocol, urlsplit(url).netloc.rsplit("@", 1)[-1]
+
+
+def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
+    """Whether `source_url` lies on the dataset's own storage: same protocol and, for an object
+    store, the same bucket (host for HTTP); for local paths, inside the folder that holds the
+    dataset (`lake/raw` next to `lake/emb`)."""
+    dataset, source = _storage(dataset_url), _storage(source_url)
+    if dataset is None or source is None or dataset[0] != source[0]:
+        return False
+    if dataset[0] != "file":
+        return bool(dataset[1]) and dataset[1] == source[1]
+    parent = posixpath.dirname(dataset[1])
+    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
+        return False
+    return source[1] == parent or source[1].startswith(parent + "/")
 
 
 class Searcher:
@@ -114,6 +154,7 @@ class Searcher:
         self.dim = ranges.dim
         self._groups, self._owner = groups, owner
         self._shard_ids = [s["id"] for s in doc["shards"]]
+        self.rows = sum(int(s["rows"]) for s in doc["shards"])
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._cache_dir = cache_dir
         self._encoder: Encoder | None = None
@@ -127,7 +168,8 @@ class Searcher:
         Args:
             url, storage_options: dataset root and its fsspec options.
             version: committed version number; None for the latest.
-            model: query encoder (folder or cached name); None: the one the version names.
+            model: query encoder (folder or cached name); None: the one the version names, if
+                that is the bundled model or a Hugging Face cache entry (never a path).
             index: `binary` (shard FAISS binary indexes, rescoring from int8 rows read on
                 demand) or `int8` (one-byte scalar-quantizer indexes built at open).
             threads: shards searched at once (default: the CPUs this process may use).
@@ -181,20 +223,28 @@ class Searcher:
         return hits[0] if single else hits
 
     def search_vectors(self, q: np.ndarray, k: int = 10, **options) -> list[list[Hit]]:
-        """Hits for float32 query embeddings (n, dim) made by the version's model."""
+        """Hits for float32 query embeddings (n, dim) made by the version's model.
+
+        At most the version's rows come back per query, however large `k`: candidate arrays
+        are sized by k, so an uncapped k would allocate for rows that do not exist.
+        """
         opts = SearchOptions(k=k, **options)
         q = np.ascontiguousarray(q, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be float32 (n, {self.dim}), got shape {q.shape}")
+        if self.rows == 0:
+            return [[] for _ in range(len(q))]
+        opts = replace(opts, k=min(opts.k, self.rows))
         out: list[list[Hit]] = []
         for a in range(0, len(q), QUERY_BATCH):
             out += self._search_batch(q[a:a + QUERY_BATCH], opts)
         return out
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
-        n = o.k * o.rescore_multiplier
+        # Pools past the version's rows would hold only padding: every row is a candidate already.
+        n = min(o.k * o.rescore_multiplier, self.rows)
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"
-        pool = o.k if self.index == "int8" else n * ASYMMETRIC_POOL if asymmetric else n
+        pool = min(o.k if self.index == "int8" else n * ASYMMETRIC_POOL if asymmetric else n, self.rows)
         qbin = quantize(q, None, "ubinary")
         parts = self._map([(g, "candidates", (q, qbin, pool, asymmetric, o.ef_search, o.nprobe))
                            for g in self._groups])
@@ -251,14 +301,28 @@ class Searcher:
     def source_texts(self, hits: Sequence[Hit], source: str | None = None, text_column: str | None = None) -> list[str]:
         """The documents' texts, read from the source lake the version was built from.
 
+        The manifest's source URL is used only when it lies on the dataset's own storage
+        (`on_dataset_storage`): these storage options (credentials) are the dataset's, and a
+        manifest must not make them read another bucket or folder. Elsewhere the caller names it.
+
         Args:
             hits: documents to look up.
-            source: the lake's URL if it moved (default: the manifest's, with this searcher's options).
+            source: the lake's URL (default: the manifest's, if on the dataset's storage), read
+                with this searcher's storage options.
             text_column: default: the manifest's.
         """
         from workers.source import SourceFile, iter_batches, list_source
 
         src = self.manifest["source"]
+        if source is None:
+            if src["url"] == "vectors:":
+                raise ValueError(f"version {self.version} was written from vectors, without a source lake: "
+                                 "it has no texts to read; pass --source with a lake holding them")
+            if not on_dataset_storage(self.url, src["url"]):
+                raise ValueError(f"version {self.version} names its source {redact_url(src['url'])}, which is "
+                                 f"not on the dataset's own storage ({_storage_name(self.url)}); a manifest alone "
+                                 "never chooses what this job's credentials read: pass --source with the "
+                                 "source lake's URL")
         fs, root, files = list_source(source or src["url"], self.storage_options)
         by_path = {f.relpath: f for f in files}
         shard_file = {s["id"]: s["source"]["file"] for s in self.manifest["shards"]}
@@ -270,7 +334,7 @@ class Searcher:
             f: SourceFile | None = by_path.get(relpath)
             if f is None:
                 raise FileNotFoundError(f"source file {relpath} of version {self.version} is gone from "
-                                        f"{source or src['url']}; pass the lake's current URL")
+                                        f"{redact_url(source or src['url'])}; pass the lake's current URL")
             lo, hi = min(rows), max(rows) + 1
             for first, batch in iter_batches(fs, root, f, [column], lo, hi):
                 texts = batch.column(column).to_pylist()
@@ -296,6 +360,13 @@ class Searcher:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _storage_name(url: str) -> str:
+    where = _storage(url)
+    if where is None:
+        return redact_url(url)
+    return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"
 
 
 def dumps_hits(query: str, hits: Sequence[Hit]) -> str:

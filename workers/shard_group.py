@@ -127,16 +127,23 @@ class ShardGroup:
         """The group's best `n` candidates per query: (keys, shard ordinals, rows, bit scores).
 
         Ordered by key (Hamming distance; with an int8 index, minus the score), then shard, then
-        row. Bit scores (float query against sign bits) are filled only when `asymmetric`.
+        row. Bit scores (float query against sign bits) are filled only when `asymmetric`. Each
+        shard gives at most its `ntotal` rows, so the arrays have at most the group's rows columns.
         """
-        parts = []
+        # A zero-width part first: a group whose shards are all empty still gives (queries, 0) arrays.
+        parts = [(np.zeros((len(q), 0)), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64),
+                  np.zeros((len(q), 0), np.float32))]
         tables = bit_tables(q) if asymmetric and self.kind == "binary" else None
         for o, index in self.indexes.items():
+            # FAISS allocates (queries, m) results whatever the shard holds: ask only for rows it has.
+            m = min(n, index.ntotal)
+            if m == 0:
+                continue
             if self.kind == "int8":
-                scores, rows = index.search(q, n)
+                scores, rows = index.search(q, m)
                 keys = -scores
             else:
-                keys, rows = index.search(qbin, n, params=_params(index, n, ef_search, nprobe))
+                keys, rows = index.search(qbin, m, params=_params(index, m, ef_search, nprobe))
             bits = self._bits(o, index, tables, rows) if tables is not None else np.zeros(rows.shape, np.float32)
             parts.append((keys.astype(np.float64), np.full(rows.shape, o, np.int64), rows.astype(np.int64), bits))
         keys, shards, rows, bits = (np.concatenate(x, axis=1) for x in zip(*parts))
