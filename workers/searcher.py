@@ -192,6 +192,8 @@ class Searcher:
         return out
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
+        if not self._groups:  # a version with no shards holds no documents: nothing matches
+            return [[] for _ in range(len(q))]
         n = o.k * o.rescore_multiplier
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"
         pool = o.k if self.index == "int8" else n * ASYMMETRIC_POOL if asymmetric else n
