@@ -38,13 +38,17 @@ def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
     return got == want
 
 
+def _describe(t: pa.DataType) -> str:
+    return f"fixed_size_list<{t.value_type}>[{t.list_size}]" if pa.types.is_fixed_size_list(t) else str(t)
+
+
 def schema_problems(schema: pa.Schema, dim: int, precisions: list[str] | tuple[str, ...]) -> list[str]:
     """What differs between a shard's Parquet schema and `shard_schema(dim, precisions)`."""
     want = shard_schema(dim, precisions)
     got = {f.name: f.type for f in schema}
     problems = [f"column {name} is missing" for name in want if name not in got]
     problems += [f"column {name} is not expected" for name in got if name not in want]
-    problems += [f"column {name} is {got[name]}, expected {t}" for name, t in want.items()
+    problems += [f"column {name} is {_describe(got[name])}, expected {_describe(t)}" for name, t in want.items()
                  if name in got and not _same_type(got[name], t)]
     return problems
 
@@ -214,7 +218,10 @@ class DatasetVersion:
                                  f"Parquet file ({exc}); do not use this version") from None
 
     def read_ranges(self) -> RangeManifest:
-        """The range manifest the version was quantized with; its content hash must be the ranges id."""
+        """The range manifest the version was quantized with.
+
+        Its content hash must be the ranges id, and its dimension and model those of the version.
+        """
         r = self.manifest["ranges"]
         try:
             data = cat_uncached(self.fs, join(self.root, r["path"]))
@@ -227,6 +234,11 @@ class DatasetVersion:
         if manifest.id != r["id"]:
             raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} has id "
                                  f"{manifest.id}, the manifest says {r['id']}")
+        model = self.manifest["model"]
+        if manifest.dim != model["dim"] or manifest.model_fingerprint != model["fingerprint"]:
+            raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} holds {manifest.dim}-d "
+                                 f"ranges of model {manifest.model_fingerprint}, the manifest says "
+                                 f"{model['dim']}-d {model['fingerprint']}; do not use this version")
         return manifest
 
 
