@@ -304,13 +304,16 @@ VARIANTS = [
             bad_file(IntegrityError, r"\.faiss .*(out of range|outside the shard's rows)")),
     Variant("not_faiss", _not_faiss, bad_file(IntegrityError, r"\.faiss .*cannot be read as a FAISS binary index")),
     Variant("parquet_int8_width", _parquet_width,
-            bad_file(IntegrityError, r"\.parquet .*column int8 is fixed_size_list<int8>\[376\], expected fixed_size_list<int8>\[384\]")),
+            bad_file(IntegrityError, r"\.parquet .*column int8 is fixed_size_list<int8>\[376\], "
+                                     r"expected fixed_size_list<int8>\[384\]")),
     Variant("parquet_ubinary_width", _parquet_ubinary_width,
-            bad_file(IntegrityError, r"\.parquet .*column ubinary is fixed_size_binary\[40\], expected fixed_size_binary\[48\]")),
+            bad_file(IntegrityError, r"\.parquet .*column ubinary is fixed_size_binary\[40\], "
+                                     r"expected fixed_size_binary\[48\]")),
     Variant("parquet_missing_int8", _parquet_missing_int8, bad_file(IntegrityError, r"column int8 is missing")),
     Variant("not_parquet", _not_parquet, bad_file(IntegrityError, r"\.parquet .*is not a readable Parquet file")),
     Variant("model_dim_mismatch", _set("model.dim", 256),
-            bad_file(IntegrityError, r"ranges/.* holds 384-d ranges of model sha256:[0-9a-f]+, the manifest says 256-d")),
+            bad_file(IntegrityError, r"ranges/.* holds 384-d ranges of model sha256:[0-9a-f]+, "
+                                     r"the manifest says 256-d")),
     Variant("model_fingerprint_mismatch", _set("model.fingerprint", "sha256:" + "0" * 64),
             bad_file(IntegrityError, r"ranges of model sha256:[0-9a-f]+, the manifest says 384-d sha256:0000")),
     Variant("huge_ranges", _ranges(-3e38, 3e38), bad_file(IntegrityError, r"wider than float32 can hold")),

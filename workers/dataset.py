@@ -173,7 +173,8 @@ class DatasetVersion:
                                      f"{'; '.join(problems)}; do not use this version")
             table = parquet.read(columns=columns)
         except pa.ArrowException as exc:  # checksum matched, yet no Parquet file: the manifest lies
-            raise IntegrityError(f"{where} is not a readable Parquet file ({exc}); do not use this version") from None
+            raise IntegrityError(f"{where} is not a readable Parquet file ({exc}); "
+                                 "do not use this version") from None
         if table.num_rows != s["rows"]:
             raise IntegrityError(f"{where} has {table.num_rows} rows, the manifest says {s['rows']}")
         nulls = [c for c in table.column_names if table[c].null_count]
@@ -198,7 +199,8 @@ class DatasetVersion:
             index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
         except RuntimeError as exc:  # checksum matched, yet FAISS cannot read it: the manifest lies
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise IntegrityError(f"{where} cannot be read as a FAISS binary index ({first}); do not use this version") from None
+            raise IntegrityError(f"{where} cannot be read as a FAISS binary index ({first}); "
+                                 "do not use this version") from None
         problems = index_problems(index, s["rows"], self.dim, s.get("index_type", "IndexBinaryFlat"))
         if problems:
             raise IntegrityError(f"{where} {'; '.join(problems)}: searching it would return rows the "
