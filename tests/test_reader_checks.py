@@ -12,7 +12,7 @@ from jobs.cli import main as cli
 from jobs.ingest import run as ingest
 from ranges.manifest import RangeManifest
 from workers.config import IngestConfig
-from workers.dataset import IntegrityError, open_version, schema_problems
+from workers.dataset import IntegrityError, index_problems, open_version, schema_problems
 from workers.encoder import EncoderConfig
 from workers.ray_searcher import RaySearcher
 from workers.searcher import Searcher
@@ -66,6 +66,24 @@ def test_labels_past_the_rows_are_refused_on_load_naming_the_shard(copy_dataset,
         open_version(str(copy_dataset)).read_index(TARGET)
     with pytest.raises(IntegrityError, match=s["id"]):  # at load, not in the middle of a search
         Searcher.open(str(copy_dataset), model=MODEL)
+
+
+def test_hnsw_graph_is_checked_even_where_faiss_reads_it_unchecked(copy_dataset):
+    """FAISS 1.15 refuses bad HNSW links while reading; the reader's own check does not rely on that."""
+    import faiss
+
+    s = manifest_of(copy_dataset)["shards"][TARGET]
+    index = faiss.IndexBinaryHNSW(384, 16)
+    index.add(codes_of(copy_dataset, s))
+    assert index_problems(index, 40, 384, "IndexBinaryHNSW") == []
+    links = faiss.vector_to_array(index.hnsw.neighbors)
+    links[3] = 45
+    faiss.copy_array_to_vector(links, index.hnsw.neighbors)
+    assert index_problems(index, 40, 384, "IndexBinaryHNSW") == [
+        "has HNSW links to vectors -1 to 45, outside the shard's rows 0..39"]
+    index.hnsw.entry_point = 40
+    assert index_problems(index, 40, 384, "IndexBinaryHNSW") == [
+        "has an HNSW graph whose levels, link offsets or entry point do not match its vectors"]
 
 
 def _upload(local, store_url, options):
