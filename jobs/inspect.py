@@ -42,19 +42,29 @@ def _size(n: int | None) -> str:
     raise AssertionError
 
 
-def report(dest: str, history: list[dict[str, Any]], doc: dict[str, Any]) -> str:
-    """The human-readable report: one line per version, then the chosen version in detail."""
+def report(dest: str, history: list[tuple[int, dict[str, Any] | str]], doc: dict[str, Any]) -> str:
+    """The human-readable report: one line per version, then the chosen version in detail.
+
+    Args:
+        history: `(number, manifest)` of every committed version, ascending; instead of the
+            manifest, why it could not be read (one bad manifest hides neither the others
+            nor the version asked for).
+        doc: the version to detail (validated).
+    """
     lines = [f"dataset {redact_url(dest)}: {len(history)} committed version(s)",
              f"  {'version':>7}  {'created_at':<20}  {'writer':<8}  {'parent':>6}  {'shards':>6}  "
              f"{'documents':>9}  {'rejects':>7}  {'ranges':<12}  model"]
-    for h in history:
+    for n, h in history:
+        if isinstance(h, str):
+            lines.append(f"  {n:>7}  unreadable: {h}")
+            continue
         c = h.get("counts", {})
         lines.append(f"  {h['version']:>7}  {h.get('created_at', ''):<20}  {h['writer'][:8]:<8}  "
                      f"{h['parent'] if h['parent'] is not None else '-':>6}  {len(h['shards']):>6}  "
                      f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h['ranges']['id'][:12]:<12}  "
-                     f"{h.get('model', {}).get('name', '?')}")
-    latest = history[-1]["version"]
-    model, ranges, counts, b = doc.get("model", {}), doc["ranges"], doc.get("counts", {}), doc.get("bytes", {})
+                     f"{h['model']['name']}")
+    latest = history[-1][0]
+    model, ranges, counts, b = doc["model"], doc["ranges"], doc.get("counts", {}), doc.get("bytes", {})
     lines += [
         f"version {doc['version']}{' (latest)' if doc['version'] == latest else ''}, "
         f"committed {doc.get('created_at')} by writer {doc['writer']}",
@@ -86,11 +96,19 @@ def run(cfg: InspectConfig) -> str:
     if cfg.version is not None and cfg.version not in versions:
         raise FileNotFoundError(f"version {cfg.version} of {redact_url(cfg.dest)} does not exist; "
                                 f"committed versions: {', '.join(map(str, versions))}")
+    wanted = cfg.version or versions[-1]
+    doc = read_version(fs, root, wanted)  # the version shown must be sound: its errors stop the command
     if cfg.as_json:
-        return json.dumps(read_version(fs, root, cfg.version), indent=1, sort_keys=True)
-    history = [read_version(fs, root, n) for n in versions]
-    doc = history[versions.index(cfg.version or versions[-1])]
-    return report(cfg.dest, history, doc)
+        return json.dumps(doc, indent=1, sort_keys=True)
+    return report(cfg.dest, [(n, doc if n == wanted else _read_or_reason(fs, root, n)) for n in versions], doc)
+
+
+def _read_or_reason(fs, root: str, n: int) -> dict[str, Any] | str:
+    """Version `n`'s manifest for the history table, or why it cannot be read."""
+    try:
+        return read_version(fs, root, n)
+    except (ValueError, FileNotFoundError) as exc:  # malformed, or vacuumed since the listing
+        return str(exc)
 
 
 def parse_args(argv: list[str] | None = None) -> InspectConfig:

@@ -41,6 +41,16 @@ class RangeManifest:
             raise ValueError("ranges contain NaN or infinity")
         if (r[0] > r[1]).any():
             raise ValueError("ranges have a minimum above the maximum")
+        # Quantizing and rescoring divide by the float32 step (max - min) / 255: finite bounds
+        # like ±3e38 still overflow it to infinity, which turns every score into NaN.
+        with np.errstate(over="ignore", invalid="ignore"):
+            width = r[1] - r[0]
+            wide = np.flatnonzero(~np.isfinite(width) | ~np.isfinite(width / np.float32(255)))
+        if len(wide):
+            d = int(wide[0])
+            raise ValueError(f"ranges of dimension {d} ([{float(r[0, d]):g}; {float(r[1, d]):g}]) and "
+                             f"{len(wide) - 1} other(s) are wider than float32 can hold: these are no "
+                             "embedding value ranges; recalibrate")
         if self.method not in ("minmax", "quantile"):
             raise ValueError(f"unknown range method {self.method!r}")
 

@@ -15,7 +15,94 @@ from workers.version import read_version
 
 
 class IntegrityError(ValueError):
-    """A file's bytes differ from what the version manifest records for it."""
+    """A file's bytes or content differ from what the version manifest records for it."""
+
+
+def shard_schema(dim: int, precisions: list[str] | tuple[str, ...]) -> dict[str, pa.DataType]:
+    """Column name -> Arrow type of a shard's Parquet table, as the manifest implies it.
+
+    `id` and `source_row`, then one vector column per stored precision (docs/formats.md,
+    "Shard Parquet"): int8/uint8 hold `dim` values, binary/ubinary `ceil(dim / 8)` bytes.
+    """
+    width = -(-dim // 8)
+    types = {"int8": pa.list_(pa.int8(), dim), "uint8": pa.list_(pa.uint8(), dim),
+             "binary": pa.list_(pa.int8(), width), "ubinary": pa.binary(width)}
+    return {"id": pa.string(), "source_row": pa.int64(), **{p: types[p] for p in precisions}}
+
+
+def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
+    # A list's item field name ("item", "element") depends on the writer, not on the data.
+    if pa.types.is_fixed_size_list(want):
+        return (pa.types.is_fixed_size_list(got) and got.list_size == want.list_size
+                and got.value_type == want.value_type)
+    return got == want
+
+
+def _describe(t: pa.DataType) -> str:
+    return f"fixed_size_list<{t.value_type}>[{t.list_size}]" if pa.types.is_fixed_size_list(t) else str(t)
+
+
+def schema_problems(schema: pa.Schema, dim: int, precisions: list[str] | tuple[str, ...]) -> list[str]:
+    """What differs between a shard's Parquet schema and `shard_schema(dim, precisions)`."""
+    want = shard_schema(dim, precisions)
+    got = {f.name: f.type for f in schema}
+    problems = [f"column {name} is missing" for name in want if name not in got]
+    problems += [f"column {name} is not expected" for name in got if name not in want]
+    problems += [f"column {name} is {_describe(got[name])}, expected {_describe(t)}" for name, t in want.items()
+                 if name in got and not _same_type(got[name], t)]
+    return problems
+
+
+def index_problems(index, rows: int, dim: int, index_type: str) -> list[str]:
+    """Why a deserialised binary index cannot serve a shard of `rows` rows; empty when it can.
+
+    Searching trusts the index: its class decides the search parameters, and every label it
+    returns is used as a row number of the shard. So the class must be the one the record
+    names (`index_type`), and no label may reach past the rows: an IVF index's stored ids
+    must be exactly the rows, each once, and an HNSW graph's links must point at stored
+    vectors (a link past them makes FAISS read outside its codes).
+    """
+    import faiss
+
+    name = type(index).__name__
+    if name != index_type:
+        return [f"is an {name}, the manifest says {index_type}"]
+    if index.ntotal != rows:
+        return [f"holds {index.ntotal} vectors, the manifest says {rows}"]
+    if index.d != dim:
+        return [f"holds {index.d}-bit codes, the version's model has {dim} dimensions"]
+    if isinstance(index, faiss.IndexBinaryIVF):
+        lists, quantizer = index.invlists, index.quantizer
+        if lists.nlist != index.nlist or quantizer.ntotal != index.nlist or quantizer.d != dim:
+            return [f"has {index.nlist} lists, but {lists.nlist} stored and {quantizer.ntotal} "
+                    f"{quantizer.d}-bit centroids"]
+        sizes = [lists.list_size(i) for i in range(index.nlist)]
+        ids = np.concatenate([np.empty(0, np.int64)] + [
+            faiss.rev_swig_ptr(lists.get_ids(i), n).copy() for i, n in enumerate(sizes) if n])
+        if len(ids) != rows or not np.array_equal(np.sort(ids), np.arange(rows)):
+            past = int(((ids < 0) | (ids >= rows)).sum())
+            span = f" from {ids.min()} to {ids.max()}" if len(ids) else ""
+            return [f"labels its {len(ids)} stored vectors with ids{span} ({past} outside the shard's "
+                    f"rows 0..{rows - 1}), expected each row once"]
+    elif isinstance(index, faiss.IndexBinaryHNSW):
+        storage, hnsw = faiss.downcast_IndexBinary(index.storage), index.hnsw
+        if not isinstance(storage, faiss.IndexBinaryFlat) or storage.ntotal != rows or storage.d != dim:
+            return [f"stores {storage.ntotal} {storage.d}-bit codes in an {type(storage).__name__}, "
+                    f"expected {rows} {dim}-bit codes in an IndexBinaryFlat"]
+        links = faiss.vector_to_array(hnsw.neighbors)
+        offsets = faiss.vector_to_array(hnsw.offsets).astype(np.int64)
+        levels = faiss.vector_to_array(hnsw.levels).astype(np.int64)
+        per_level = faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64)
+        top = levels[hnsw.entry_point] - 1 if 0 <= hnsw.entry_point < len(levels) else None
+        if (len(levels) != rows or len(offsets) != rows + 1 or (levels < 1).any()
+                or (levels >= len(per_level)).any() or offsets[0] != 0 or offsets[-1] != len(links)
+                or not np.array_equal(np.diff(offsets), per_level[np.minimum(levels, len(per_level) - 1)])
+                or (hnsw.max_level != top if rows else hnsw.entry_point != -1)):
+            return ["has an HNSW graph whose levels, link offsets or entry point do not match its vectors"]
+        if len(links) and (links.min() < -1 or links.max() >= rows):
+            return [f"has HNSW links to vectors {links.min()} to {links.max()}, outside the shard's "
+                    f"rows 0..{rows - 1}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -39,6 +126,11 @@ class DatasetVersion:
     @property
     def shards(self) -> list[dict[str, Any]]:
         return self.manifest["shards"]
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension of the version's model (every vector column's width follows)."""
+        return int(self.manifest["model"]["dim"])
 
     def _shard(self, shard: Mapping[str, Any] | int) -> Mapping[str, Any]:
         return self.shards[shard] if isinstance(shard, int) else shard
@@ -69,10 +161,26 @@ class DatasetVersion:
         """The shard's Parquet table (optionally only `columns`), after its checksum matched."""
         s = self._shard(shard)
         data = self.read_verified(s["path"], s["sha256"], s.get("bytes"))
-        table = pq.read_table(pa.BufferReader(data), columns=columns)
+        where = f"{s['path']} of version {self.version} of {self.url}"
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            # The schema is checked before any column is used: a vector of another width than
+            # the version's model would be read as another row's bytes, or fail deep in search.
+            problems = schema_problems(parquet.schema_arrow, self.dim, self.manifest["precisions"])
+            if problems:
+                raise IntegrityError(f"{where} does not hold what the manifest says "
+                                     f"(dim {self.dim}, precisions {', '.join(self.manifest['precisions'])}): "
+                                     f"{'; '.join(problems)}; do not use this version")
+            table = parquet.read(columns=columns)
+        except pa.ArrowException as exc:  # checksum matched, yet no Parquet file: the manifest lies
+            raise IntegrityError(f"{where} is not a readable Parquet file ({exc}); "
+                                 "do not use this version") from None
         if table.num_rows != s["rows"]:
-            raise IntegrityError(f"{s['path']} of version {self.version} of {self.url} has "
-                                 f"{table.num_rows} rows, the manifest says {s['rows']}")
+            raise IntegrityError(f"{where} has {table.num_rows} rows, the manifest says {s['rows']}")
+        nulls = [c for c in table.column_names if table[c].null_count]
+        if nulls:
+            raise IntegrityError(f"{where} has null values in column(s) {', '.join(nulls)}; "
+                                 "do not use this version")
         return table
 
     def read_index_bytes(self, shard: Mapping[str, Any] | int) -> bytes:
@@ -85,10 +193,18 @@ class DatasetVersion:
         import faiss
 
         s = self._shard(shard)
-        index = faiss.deserialize_index_binary(np.frombuffer(self.read_index_bytes(s), np.uint8))
-        if index.ntotal != s["rows"]:
-            raise IntegrityError(f"{s['index']} of version {self.version} of {self.url} holds "
-                                 f"{index.ntotal} vectors, the manifest says {s['rows']}")
+        where = f"{s['index']} of version {self.version} of {self.url} (shard {s['id']})"
+        data = self.read_index_bytes(s)
+        try:
+            index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+        except RuntimeError as exc:  # checksum matched, yet FAISS cannot read it: the manifest lies
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise IntegrityError(f"{where} cannot be read as a FAISS binary index ({first}); "
+                                 "do not use this version") from None
+        problems = index_problems(index, s["rows"], self.dim, s.get("index_type", "IndexBinaryFlat"))
+        if problems:
+            raise IntegrityError(f"{where} {'; '.join(problems)}: searching it would return rows the "
+                                 "shard does not have; do not use this version")
         return index
 
     def read_rejects(self, shard: Mapping[str, Any] | int) -> pa.Table | None:
@@ -96,10 +212,18 @@ class DatasetVersion:
         rej = self._shard(shard).get("rejects")
         if not rej:
             return None
-        return pq.read_table(pa.BufferReader(self.read_verified(rej["path"], rej["sha256"])))
+        data = self.read_verified(rej["path"], rej["sha256"], rej.get("bytes"))
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except pa.ArrowException as exc:
+            raise IntegrityError(f"{rej['path']} of version {self.version} of {self.url} is not a readable "
+                                 f"Parquet file ({exc}); do not use this version") from None
 
     def read_ranges(self) -> RangeManifest:
-        """The range manifest the version was quantized with; its content hash must be the ranges id."""
+        """The range manifest the version was quantized with.
+
+        Its content hash must be the ranges id, and its dimension and model those of the version.
+        """
         r = self.manifest["ranges"]
         try:
             data = cat_uncached(self.fs, join(self.root, r["path"]))
@@ -112,6 +236,11 @@ class DatasetVersion:
         if manifest.id != r["id"]:
             raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} has id "
                                  f"{manifest.id}, the manifest says {r['id']}")
+        model = self.manifest["model"]
+        if manifest.dim != model["dim"] or manifest.model_fingerprint != model["fingerprint"]:
+            raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} holds {manifest.dim}-d "
+                                 f"ranges of model {manifest.model_fingerprint}, the manifest says "
+                                 f"{model['dim']}-d {model['fingerprint']}; do not use this version")
         return manifest
 
 

@@ -241,6 +241,8 @@ class Searcher:
         return out
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
+        if not self._groups:  # a version with no shards holds no documents: nothing matches
+            return [[] for _ in range(len(q))]
         # Pools past the version's rows would hold only padding: every row is a candidate already.
         n = min(o.k * o.rescore_multiplier, self.rows)
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"

@@ -173,12 +173,43 @@ def write_sidecar(fs, root: str, record: dict[str, Any]) -> None:
               pretty_json({"format": SIDECAR_FORMAT, "record": record}))
 
 
+def _sidecar_problem(record: Any, plan: ShardPlan) -> str | None:
+    """Why a sidecar's record cannot stand for `plan`'s shard; None when it can.
+
+    A sidecar is trusted only for its own shard: the files it lists must be exactly the
+    names `write_shard` gives that shard id. One naming another shard's files (or any path
+    outside them, an unsafe one included) would make the rerun commit a record whose files
+    are not this unit's rows; such a shard is rewritten instead.
+    """
+    source = {"file": plan.source_file, "row_start": plan.row_start, "row_stop": plan.row_stop}
+    if not isinstance(record, dict) or record.get("id") != plan.shard_id or record.get("source") != source:
+        return "does not describe this shard"
+    sid = plan.shard_id
+    rejects = record.get("rejects")
+    if (record.get("path") != f"shards/{sid}.parquet" or record.get("index") != f"shards/{sid}.faiss"
+            or not (rejects is None or (isinstance(rejects, dict)
+                                        and rejects.get("path") == f"rejects/{sid}.parquet"))):
+        return f"lists files other than shards/{sid}.parquet, shards/{sid}.faiss and rejects/{sid}.parquet"
+    counts = [record.get("rows"), record.get("bytes"), record.get("index_bytes")]
+    digests = [record.get("sha256"), record.get("index_sha256")]
+    if rejects is not None:
+        counts += [rejects.get("rows"), rejects.get("bytes")]
+        digests.append(rejects.get("sha256"))
+    if (not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            or not all(isinstance(d, str) and len(d) == 64 for d in digests)
+            or record.get("index_type") not in INDEX_TYPES):
+        return "has a malformed record"
+    return None
+
+
 def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
     """The record of a shard an earlier run wrote completely, or None when it must be written.
 
-    Complete means: the sidecar exists, names this shard and source range, and every file it
-    lists has the recorded size and sha256. A missing sidecar is the usual case (a new shard,
-    or a writer killed before it finished); anything else is logged with the reason.
+    Complete means: the sidecar exists, names this shard and source range, lists exactly
+    this shard's files (`shards/<id>.parquet`, `shards/<id>.faiss`, `rejects/<id>.parquet`),
+    and every file it lists has the recorded size and sha256. A missing sidecar is the usual
+    case (a new shard, or a writer killed before it finished); anything else is logged with
+    the reason. A sidecar never fails the job: at worst the shard is written again.
     """
     where = sidecar_path(plan.shard_id)
     try:
@@ -189,9 +220,9 @@ def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
         log.warning("shard %s: %s is unreadable (%s); rewriting the shard", plan.shard_id, where, exc)
         return None
     record = doc.get("record") if isinstance(doc, dict) and doc.get("format") == SIDECAR_FORMAT else None
-    source = {"file": plan.source_file, "row_start": plan.row_start, "row_stop": plan.row_stop}
-    if not isinstance(record, dict) or record.get("id") != plan.shard_id or record.get("source") != source:
-        log.warning("shard %s: %s does not describe this shard; rewriting the shard", plan.shard_id, where)
+    problem = _sidecar_problem(record, plan)
+    if problem:
+        log.warning("shard %s: %s %s; rewriting the shard", plan.shard_id, where, problem)
         return None
     for path, size, digest in shard_files(record):
         try:

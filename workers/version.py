@@ -23,14 +23,20 @@ import time
 import uuid
 from typing import Any, Callable
 
+from workers.quantizer import PRECISIONS
 from workers.redact import redact_url
-from workers.shard_writer import shard_files
+from workers.shard_writer import INDEX_TYPES, shard_files
 from workers.storage import cat_uncached, check_relpath, create_only, join, ls_uncached, pretty_json
 
 log = logging.getLogger(__name__)
 
 FORMAT = "quantlake.version/1"
 _NAME = re.compile(r"^(\d{8})\.json$")
+# Version numbers are zero-padded to 8 digits, so listing (which only counts 8-digit names)
+# sees every one of them; a ninth digit would make a version nobody lists.
+MAX_VERSION = 99_999_999
+_LONG_NAME = re.compile(r"^\d{9,}\.json$")
+_SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Attempts at one create whose failure leaves its outcome unknown.
 CREATE_ATTEMPTS = 3
@@ -71,17 +77,26 @@ class EmptyVersion(ValueError):
 
 
 def version_path(root: str, n: int) -> str:
+    if not 1 <= n <= MAX_VERSION:
+        raise ValueError(f"version {n} is outside 1..{MAX_VERSION}: version files have 8 digits")
     return posixpath.join(root, "versions", f"{n:08d}.json")
 
 
 def list_versions(fs, root: str) -> list[int]:
-    """Committed version numbers, ascending: only `versions/<8 digits>.json` names count."""
+    """Committed version numbers, ascending: only `versions/<8 digits>.json` names from 1 count.
+
+    `00000000.json` is no version (numbering starts at 1), and a longer name cannot be one
+    (see MAX_VERSION); both are ignored, the latter with a warning since it looks like one.
+    """
     folder = posixpath.join(root, "versions")
     try:  # a cached listing would hide versions other writers made
         names = [posixpath.basename(p) for p in ls_uncached(fs, folder)]
     except FileNotFoundError:
         return []
-    return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+    for name in filter(_LONG_NAME.match, names):
+        log.warning("ignoring versions/%s under %s: version numbers have 8 digits, so it is no "
+                    "committed version (someone put it there)", name, redact_url(root))
+    return sorted(n for n in (int(m.group(1)) for m in map(_NAME.match, names) if m) if n >= 1)
 
 
 def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
@@ -91,6 +106,9 @@ def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
         if not versions:
             raise FileNotFoundError(f"no committed version under {redact_url(root)}")
         n = versions[-1]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_VERSION:
+        raise FileNotFoundError(f"version {n!r} of {redact_url(root)} does not exist: version numbers "
+                                f"run from 1 to {MAX_VERSION}")
     try:
         raw = cat_uncached(fs, version_path(root, n))
     except FileNotFoundError:
@@ -118,48 +136,95 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _check_path(where: str, field: str, p: Any) -> None:
+    try:
+        check_relpath(p)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {field}: {exc}") from None
+
+
+def _is_hex64(v: Any) -> bool:
+    return isinstance(v, str) and bool(_HEX64.match(v))
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
 def validate(doc: Any, where: str) -> None:
     """Raise ValueError naming the field when `doc` is not a well-formed version manifest.
 
-    Besides types and checksums' shape, every stored path must be relative to the dataset
-    root (no scheme, no leading `/`, no `..`): a manifest is input like any other file and
-    must not make a reader open a file outside the dataset.
+    Every field a reader uses is checked here, once, so that a damaged or hostile manifest
+    fails with its field named instead of a KeyError or TypeError deep in a reader. Besides
+    types and checksums' shape, every stored path must be relative to the dataset root (no
+    scheme, no leading `/`, no `..`): a manifest is input like any other file and must not
+    make a reader open a file outside the dataset. Optional fields (`created_at`, `counts`,
+    `bytes`, a shard's `source` and `index_type`) are checked when present.
     """
     _need(isinstance(doc, dict), where, "a version manifest must be a JSON object")
     _need(doc.get("format") == FORMAT, where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
     v, parent = doc.get("version"), doc.get("parent")
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, where, f"version is {v!r}")
-    _need(parent is None or (isinstance(parent, int) and 1 <= parent < v), where,
-          f"parent {parent!r} is not an earlier version")
+    _need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_VERSION, where, f"version is {v!r}")
+    _need(parent is None or (isinstance(parent, int) and not isinstance(parent, bool) and 1 <= parent < v),
+          where, f"parent {parent!r} is not an earlier version")
     _need(isinstance(doc.get("writer"), str) and doc["writer"], where, "no writer token")
+    _need(isinstance(doc.get("created_at", ""), str), where, f"created_at is {doc.get('created_at')!r}, "
+          "expected an ISO-8601 string")
+    model = doc.get("model")
+    _need(isinstance(model, dict), where, f"model is {model!r}, expected {{name, fingerprint, dim, normalize}}")
+    _need(_is_name(model.get("name")), where, f"model.name is {model.get('name')!r}, expected a model name")
+    _need(_is_name(model.get("fingerprint")), where,
+          f"model.fingerprint is {model.get('fingerprint')!r}, expected 'sha256:<hex>'")
+    dim = model.get("dim")
+    _need(_is_count(dim) and dim > 0, where, f"model.dim is {dim!r}, expected a positive integer")
+    _need(isinstance(model.get("normalize"), bool), where,
+          f"model.normalize is {model.get('normalize')!r}, expected true or false")
+    precisions = doc.get("precisions")
+    _need(isinstance(precisions, list) and all(p in PRECISIONS for p in precisions)
+          and len(set(precisions)) == len(precisions) and "ubinary" in precisions, where,
+          f"precisions is {precisions!r}, expected distinct names of {', '.join(PRECISIONS)} including "
+          "ubinary (the shard indexes are built on it)")
+    source = doc.get("source")
+    _need(isinstance(source, dict) and isinstance(source.get("url"), str)
+          and _is_name(source.get("text_column"))
+          and (source.get("id_column") is None or _is_name(source["id_column"]))
+          and isinstance(source.get("files", {}), dict), where,
+          "source must be {url, text_column, id_column, files} with a URL, column names and an "
+          "object of files")
+    for key in ("counts", "bytes"):
+        value = doc.get(key, {})
+        _need(isinstance(value, dict) and all(_is_count(c) for c in value.values()), where,
+              f"{key} is {value!r}, expected an object of counts")
     ranges = doc.get("ranges")
     _need(isinstance(ranges, dict) and isinstance(ranges.get("id"), str), where, "no ranges id")
+    _check_path(where, "ranges.path", ranges.get("path"))
     shards = doc.get("shards")
     _need(isinstance(shards, list), where, "shards is not a list")
-    paths = [("ranges.path", ranges.get("path"))]
     seen: set[str] = set()
     for i, s in enumerate(shards):
         at = f"{where}, shard {i}"
         _need(isinstance(s, dict), at, "not an object")
+        _need(isinstance(s.get("id"), str) and bool(_SHARD_ID.match(s["id"])), at,
+              f"id is {s.get('id')!r}, expected letters, digits, '-' or '_'")
         for key in ("rows", "bytes", "index_bytes"):
             _need(_is_count(s.get(key)), at, f"{key} is {s.get(key)!r}, expected a count")
         for key in ("sha256", "index_sha256"):
-            _need(isinstance(s.get(key), str) and bool(_HEX64.match(s[key])), at,
-                  f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
-        paths += [(f"shards[{i}].path", s.get("path")), (f"shards[{i}].index", s.get("index"))]
+            _need(_is_hex64(s.get(key)), at, f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
+        _need(s.get("index_type", INDEX_TYPES[0]) in INDEX_TYPES, at,
+              f"index_type is {s.get('index_type')!r}, expected one of {', '.join(INDEX_TYPES)}")
+        src = s.get("source", {})
+        _need(isinstance(src, dict) and all(_is_count(src.get(k, 0)) for k in ("row_start", "row_stop"))
+              and isinstance(src.get("file", ""), str), at,
+              f"source is {src!r}, expected {{file, row_start, row_stop}}")
+        _check_path(where, f"shards[{i}].path", s.get("path"))
+        _check_path(where, f"shards[{i}].index", s.get("index"))
         rej = s.get("rejects")
         if rej is not None:
-            _need(isinstance(rej, dict) and _is_count(rej.get("rows"))
-                  and isinstance(rej.get("sha256"), str) and bool(_HEX64.match(rej["sha256"])),
-                  at, "rejects must be null or {path, rows, sha256}")
-            paths.append((f"shards[{i}].rejects.path", rej.get("path")))
-        _need(s.get("path") not in seen, at, f"path {s.get('path')!r} is listed twice")
-        seen.add(s.get("path"))
-    for field, p in paths:
-        try:
-            check_relpath(p)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {field}: {exc}") from None
+            _need(isinstance(rej, dict) and _is_count(rej.get("rows")) and _is_hex64(rej.get("sha256"))
+                  and _is_count(rej.get("bytes", 0)), at, "rejects must be null or {path, rows, sha256, bytes}")
+            _check_path(where, f"shards[{i}].rejects.path", rej.get("path"))
+        _need(s["path"] not in seen, at, f"path {s['path']!r} is listed twice")
+        seen.add(s["path"])
 
 
 def now() -> str:
@@ -290,6 +355,8 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
 
     Raises:
         CommitConflict: another writer won and the rule refused to rebase on its version.
+        ValueError: the manifest is malformed, or the latest version is numbered MAX_VERSION
+            (a planted file: there is no next number).
     """
     doc = {**manifest, "writer": manifest.get("writer") or uuid.uuid4().hex}
     token = doc["writer"]
@@ -314,6 +381,14 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
             doc = rebase(doc, latest_doc, parent_doc)
             expected, parent_doc = latest, latest_doc
         n = (latest or 0) + 1
+        if n > MAX_VERSION:
+            # 100000000.json would be a version no listing sees, and every later commit would
+            # "lose the race" for it: refuse, naming the file that used the last number up.
+            raise ValueError(
+                f"cannot commit under {redact_url(root)}: versions/{latest:08d}.json already uses the "
+                f"last version number the 8-digit format allows ({MAX_VERSION}). Commits count up "
+                "from 1, so that file was most likely put there by hand or by a tool: remove or "
+                "rename it if it is not a real version; nothing was committed")
         body = {**doc, "format": FORMAT, "version": n, "parent": latest, "writer": token, "created_at": now()}
         validate(body, "new version")
         if _create(fs, version_path(root, n), pretty_json(body), token, create):
