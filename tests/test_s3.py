@@ -62,18 +62,20 @@ def test_ingest_inspect_vacuum_with_environment_credentials(s3, docs, ray_sessio
     assert cli(["inspect", f"{bucket}/emb", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(objects[f"{name}/emb/versions/00000001.json"])
 
-    fs.pipe_file(f"{bucket}/emb/shards/orphan.parquet", b"left by a failed job")
-    fs.pipe_file(f"{bucket}/emb/versions/00000002.json.tmp-dead", b"{")
+    orphan, tmp = f"shards/{'ab' * 16}.parquet", f"versions/00000002.json.tmp-{'0' * 32}"
+    fs.pipe_file(f"{bucket}/emb/{orphan}", b"left by a failed job")
+    fs.pipe_file(f"{bucket}/emb/{tmp}", b"{")
+    fs.pipe_file(f"{bucket}/emb/shards/notes.txt", b"not a name quantlake writes")
     assert cli(["vacuum", f"{bucket}/emb", "--json"]) == 0  # default --older-than 1h: all too new
     assert json.loads(capsys.readouterr().out)["deleted"] == []
     assert cli(["vacuum", f"{bucket}/emb", "--older-than", "0s", "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["deleted"] == [{"path": "versions/00000002.json.tmp-dead", "bytes": 1},
-                               {"path": "shards/orphan.parquet", "bytes": 20}]
+    assert plan["deleted"] == [{"path": tmp, "bytes": 1}, {"path": orphan, "bytes": 20}]
+    assert plan["kept_foreign"] == ["shards/notes.txt"]
     assert cli(["vacuum", f"{bucket}/emb", "--older-than", "0s"]) == 0
     capsys.readouterr()
     left = set(_objects(fs, bucket))
-    assert left == set(objects) and _verify_all(f"{bucket}/emb")[1] == 60
+    assert left == set(objects) | {f"{name}/emb/shards/notes.txt"} and _verify_all(f"{bucket}/emb")[1] == 60
 
 
 KEY, SECRET = "AKIAQLTESTKEY0001", "ql-secret-Zq9vX2wT"

@@ -33,20 +33,28 @@ def _verify_all(dest, version=None):
     return v
 
 
+ORPHAN = "ab" * 16  # a shard id no version lists
+FRESH = "cd" * 16
+RANGES = "ef" * 32
+TMP = "0123456789abcdef" * 2  # the uuid4 hex of a temporary's name
+
+
 @pytest.fixture
 def littered(copy_dataset):
-    """The dataset with leftovers of failed jobs, most of them two hours old."""
+    """The dataset with leftovers of failed jobs, most of them two hours old, and files of
+    other origins (which vacuum must keep whatever their age)."""
     d = copy_dataset
-    old = {"shards/orphan.parquet": b"o" * 10, "shards/orphan.faiss": b"o" * 20,
-           "shards/orphan.json": b"{}", "rejects/orphan.parquet": b"r" * 5,
-           "ranges/0000abcd.json": b"{}", "versions/00000002.json.tmp-dead": b"{",
-           "versions/notes.txt": b"someone's notes", "README.txt": b"not a dataset file"}
+    old = {f"shards/{ORPHAN}.parquet": b"o" * 10, f"shards/{ORPHAN}.faiss": b"o" * 20,
+           f"shards/{ORPHAN}.json": b"{}", f"rejects/{ORPHAN}.parquet": b"r" * 5,
+           f"ranges/{RANGES}.json": b"{}", f"versions/00000002.json.tmp-{TMP}": b"{",
+           "versions/notes.txt": b"someone's notes", "README.txt": b"not a dataset file",
+           "shards/orphan.parquet": b"not named by a shard id", "ranges/0000abcd.json": b"{}"}
     sid = json.loads((d / "versions" / "00000001.json").read_text())["shards"][0]["id"]
-    old[f"shards/{sid}.parquet.tmp-0a1b"] = b"t" * 7
+    old[f"shards/{sid}.parquet.tmp-{TMP}"] = b"t" * 7
     for rel, data in old.items():
         (d / rel).write_bytes(data)
         _age(d / rel, 2 * HOUR)
-    (d / "shards" / "fresh.parquet").write_bytes(b"a running job's shard")
+    (d / "shards" / f"{FRESH}.parquet").write_bytes(b"a running job's shard")
     return d, sid
 
 
@@ -55,23 +63,27 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
     before = _all_files(d)
     assert cli(["vacuum", str(d), "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    expected = [{"path": "rejects/orphan.parquet", "bytes": 5}, {"path": "ranges/0000abcd.json", "bytes": 2},
-                {"path": "shards/orphan.faiss", "bytes": 20}, {"path": "shards/orphan.json", "bytes": 2},
-                {"path": "shards/orphan.parquet", "bytes": 10},
-                {"path": f"shards/{sid}.parquet.tmp-0a1b", "bytes": 7},
-                {"path": "versions/00000002.json.tmp-dead", "bytes": 1}]
+    expected = [{"path": f"rejects/{ORPHAN}.parquet", "bytes": 5}, {"path": f"ranges/{RANGES}.json", "bytes": 2},
+                {"path": f"shards/{ORPHAN}.faiss", "bytes": 20}, {"path": f"shards/{ORPHAN}.json", "bytes": 2},
+                {"path": f"shards/{ORPHAN}.parquet", "bytes": 10},
+                {"path": f"shards/{sid}.parquet.tmp-{TMP}", "bytes": 7},
+                {"path": f"versions/00000002.json.tmp-{TMP}", "bytes": 1}]
     assert sorted(plan["deleted"], key=lambda x: x["path"]) == sorted(expected, key=lambda x: x["path"])
     assert plan["dry_run"] is True and plan["bytes_deleted"] == 47 and plan["retained_versions"] == [1]
-    assert plan["kept_too_recent"] == ["shards/fresh.parquet"]
+    assert plan["kept_too_recent"] == [f"shards/{FRESH}.parquet"]
+    assert plan["kept_foreign"] == ["ranges/0000abcd.json", "shards/orphan.parquet", "versions/notes.txt"]
     assert _all_files(d) == before
 
     assert cli(["vacuum", str(d)]) == 0
     out = capsys.readouterr().out
-    assert "deleted shards/orphan.parquet (10 bytes)" in out
+    assert f"deleted shards/{ORPHAN}.parquet (10 bytes)" in out
+    assert "kept shards/orphan.parquet: not a name quantlake writes" in out
     assert out.splitlines()[-1] == (f"vacuum {d}: deleted 7 file(s), 47 bytes; retained version(s) 1; "
-                                    "kept 1 unreferenced file(s) too recent to delete")
+                                    "kept 1 unreferenced file(s) too recent to delete; "
+                                    "kept 3 file(s) quantlake does not write")
     assert _all_files(d) == sorted(set(before) - {e["path"] for e in expected})
-    assert {"versions/notes.txt", "README.txt", "shards/fresh.parquet"} <= set(_all_files(d))
+    assert {"versions/notes.txt", "README.txt", f"shards/{FRESH}.parquet", "shards/orphan.parquet",
+            "ranges/0000abcd.json"} <= set(_all_files(d))
     _verify_all(d)  # every file the version needs is still there and verifies
 
 

@@ -169,9 +169,13 @@ def plan_units(cfg: IngestConfig, files, rows_per_file: list[int],
 def unit_items(cfg, units, duplicates, fingerprint, ranges_id) -> list[dict[str, Any]]:
     items = []
     for u in units:
-        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
-                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type)
         dups = [d for d in duplicates.get(u.file_index, []) if u.row_start <= d[0] < u.row_stop]
+        # The duplicates decide which rows the shard holds (and its rejects' text), and they
+        # depend on other files: they are part of the shard's name, so a rerun after the lake
+        # changed cannot reuse a shard whose duplicates differ.
+        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
+                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
+                       dups)
         items.append({"unit": json.dumps({
             "shard_id": sid, "file": u.file.__dict__, "row_start": u.row_start, "row_stop": u.row_stop,
             "duplicates": dups})})

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -29,12 +29,24 @@ REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()),
 
 def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,
              model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
-             text_column: str, id_column: str | None, normalize: bool, index_type: str) -> str:
-    """Deterministic name: a retry or rerun of the same work writes the same name and bytes."""
+             text_column: str, id_column: str | None, normalize: bool, index_type: str,
+             duplicates: Sequence[tuple[int, str, int]] = ()) -> str:
+    """Deterministic name: a retry or rerun of the same work writes the same name and bytes.
+
+    Args:
+        duplicates: the unit's rows rejected as duplicate ids, as `(row, first occurrence's
+            file, its row)`. They depend on other files (a file added before this one can
+            take an id over), so they are part of what decides the shard's rows and rejects,
+            hence of its name.
+    """
     key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
            "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
            "text_column": text_column, "id_column": id_column, "normalize": normalize,
            "index": index_type}
+    if duplicates:
+        # Only when there are some: a unit without duplicates keeps the name it had before
+        # duplicates were part of the key, so reruns over existing datasets still reuse it.
+        key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
     return sha256_hex(canonical_json(key))[:32]
 
 

@@ -69,12 +69,17 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     """Read a work unit: accepted texts to encode, the rest as rejects with their reason.
 
     A unit whose shard an earlier run wrote and that still verifies is not read again: its
-    record travels on as `done` (with no texts, so the encoder passes it through).
+    record travels on as `done` (with no texts, so the encoder passes it through), and its
+    sidecar is written again to mark the shard as in use for vacuum.
     """
     with unit_step(item["unit"], "read"):
         fs, root = cfg.url_to_fs(cfg.dest)
         done = completed_shard(fs, root, _plan(json.loads(item["unit"])))
         if done is not None:
+            # Rewrite the sidecar (same bytes): a reused shard keeps its old files, and vacuum
+            # judges a shard by the newest of its files, so this keeps a vacuum that runs now
+            # (or that listed the files earlier and checks again before deleting) off it.
+            write_sidecar(fs, root, done)
             return {"unit": item["unit"], "ids": "[]", "rows": b"", "texts": "[]", "rejects": "[]",
                     "done": json.dumps(done)}
         return {**_read(item, cfg), "done": ""}
