@@ -26,8 +26,8 @@ import pyarrow.dataset as pads  # noqa: E402
 from jobs.demo import DemoConfig  # noqa: E402
 from jobs.demo import run as build_demo  # noqa: E402
 from jobs.ingest import run as ingest  # noqa: E402
-from workers.config import IngestConfig  # noqa: E402
-from workers.encoder import EncoderConfig, resolve_model  # noqa: E402
+from workers.ingest.config import IngestConfig  # noqa: E402
+from workers.embedding.encoder import EncoderConfig, resolve_model  # noqa: E402
 
 
 def bare_encode(texts: list[str], batch_size: int) -> float:

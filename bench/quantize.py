@@ -1,4 +1,4 @@
-"""Benchmark workers.quantizer.quantize against sentence-transformers' quantize_embeddings."""
+"""Benchmark workers.embedding.quantizer.quantize against sentence-transformers' quantize_embeddings."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 from sentence_transformers.util.quantization import quantize_embeddings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workers.quantizer import quantize  # noqa: E402
+from workers.embedding.quantizer import quantize  # noqa: E402
 
 ROWS, DIM, SAMPLE, REPEATS = 1_000_000, 384, 10_000, 3
 

@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ranges.manifest import RangeManifest  # noqa: E402
-from workers.encoder import BUNDLED, model_fingerprint, resolve_model  # noqa: E402
-from workers.searcher import Searcher  # noqa: E402
-from workers.vectors import write_vectors  # noqa: E402
+from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model  # noqa: E402
+from workers.search.searcher import Searcher  # noqa: E402
+from workers.ingest.from_vectors import write_vectors  # noqa: E402
 
 K = 10
 MULTIPLIERS = (1, 2, 4, 10)

@@ -1,9 +1,12 @@
-"""The `quantlake` console script: `quantlake <command> ...` runs `jobs.<command>.main`."""
+"""The `quantlake` console script: `quantlake <command> ...` runs that command's `jobs.<module>.main`."""
 from __future__ import annotations
 
 import importlib
 import sys
 
+# The module of a command, where it is not the command's own name (`inspect` would shadow the
+# standard library's module of that name for `python jobs/inspect.py`).
+MODULES = {"inspect": "inspect_dataset"}
 COMMANDS = {
     "ingest": "calibrate, encode, quantize and write a source lake as a new dataset version",
     "search": "search a committed dataset version",
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantlake: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"jobs.{name}")
+        module = importlib.import_module(f"jobs.{MODULES.get(name, name)}")
     except ModuleNotFoundError as exc:
         print(f"quantlake: command {name!r} is not available in this build ({exc})", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, Callable, Iterable
 
-from workers.redact import describe_error
+from workers.lake.redact import describe_error
 
 # Errors of the user's making (bad input, missing files): exit status 2, as argparse does.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)

@@ -20,7 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-logger = logging.getLogger(__name__)
+from jobs.common import run_reporting
+from workers.lake.redact import redact_url
+
+log = logging.getLogger(__name__)
 
 # Project dependencies (direct or pulled in by torch, ray[data], sentence-transformers),
 # so on every machine the project runs on; the stdlib alone gives about 5k documents.
@@ -144,7 +147,7 @@ def collect_documents(sources: tuple[str, ...] = DEFAULT_SOURCES) -> pa.Table:
         merged: dict[str, str] = {}
         for source, part in zip(sources, pool.map(_collect_source, sources)):
             if not part:
-                logger.warning("%s gave no documents: is it installed?", source)
+                log.warning("%s gave no documents: is it installed?", source)
             merged.update({k: v for k, v in part.items() if k not in merged})
     first_id: dict[str, str] = {}
     for key in sorted(merged):  # a duplicated text keeps the first id in sorted order
@@ -179,20 +182,30 @@ def run(cfg: DemoConfig) -> DemoResult:
         with fs.open(path, "wb") as f:
             pq.write_table(table.slice(start, stop - start), f)
         written.append(fs.unstrip_protocol(path))
-    logger.info("wrote %s documents in %s files under %s", table.num_rows, len(written), cfg.dest)
+    log.info("wrote %s documents in %s files under %s", table.num_rows, len(written), cfg.dest)
     return DemoResult(documents=table.num_rows, files=tuple(written))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
-    parser.add_argument("dest", help="fsspec URL of the output folder")
-    parser.add_argument("--docs", type=int, default=None, help="seeded subset size (default all)")
-    parser.add_argument("--files", type=int, default=8, help="number of Parquet files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset")
-    args = parser.parse_args(argv)
-    result = run(DemoConfig(dest=args.dest, docs=args.docs, files=args.files, seed=args.seed))
-    print(f"demo corpus: {result.documents} documents, {len(result.files)} files, {args.dest}")
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    p = argparse.ArgumentParser(prog="quantlake demo", description=__doc__)
+    p.add_argument("dest", help="fsspec URL of the output folder")
+    p.add_argument("--docs", type=int, default=None, help="seeded subset size (default all)")
+    p.add_argument("--files", type=int, default=8, help="number of Parquet files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    a = p.parse_args(argv)
+    try:
+        return DemoConfig(dest=a.dest, docs=a.docs, files=a.files, seed=a.seed)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    status, result = run_reporting("demo", lambda: run(cfg), {}, [cfg.dest])
+    if status == 0:
+        print(f"demo corpus: {result.documents} documents, {len(result.files)} files, {redact_url(cfg.dest)}")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

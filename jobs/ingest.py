@@ -14,20 +14,19 @@ import numpy as np
 
 from jobs.common import add_storage_options, run_reporting, storage_options
 from ranges.manifest import RangeManifest
-from ranges.manifest import load as load_ranges
-from workers.config import IngestConfig
-from workers.credentials import StorageAccess
-from workers.encoder import EncoderConfig, model_fingerprint, resolve_model
-from workers.pipeline import (calibrate, data_context, encode_and_write, encoder_pool, plan_units, ray_init,
-                              scan, unit_items)
-from workers.redact import redact_url
-from workers.source import check_file, list_source
-from workers.storage import join, put_bytes, require_create_only, url_to_fs
-from workers.units import UnitFailed
-from workers.version import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
+from workers.vocab import DEVICES, INDEX_FLAGS, RANGE_METHODS
+from workers.ingest.config import IngestConfig
+from workers.lake.credentials import StorageAccess
+from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
+from workers.ingest.planning import plan_units, unit_items
+from workers.lake.range_files import load_ranges
+from workers.lake.redact import redact_url
+from workers.ingest.source import check_file, list_source
+from workers.lake.storage import join, put_bytes, require_create_only, url_to_fs
+from workers.ingest.steps import UnitFailed
+from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
                              read_version)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,26 +68,22 @@ def run(cfg: IngestConfig) -> IngestResult:
     files, row_groups = check_source(cfg)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
-    reused = None
+    saved_ranges = None
     if cfg.ranges:
-        reused = load_ranges(cfg.ranges, cfg.storage_options)
-        if reused.model_fingerprint != fingerprint:
-            raise ValueError(f"range manifest {cfg.ranges} was made with model {reused.model_name} "
-                             f"({reused.model_fingerprint}), not {cfg.encoder.model_name} ({fingerprint}); "
-                             "calibrate anew for this model")
-        if reused.normalize != cfg.encoder.normalize:
-            raise ValueError(f"range manifest {cfg.ranges} was made with normalize={reused.normalize}")
+        saved_ranges = load_ranges(cfg.ranges, cfg.storage_options)
+        saved_ranges.check_for(fingerprint, model_name=cfg.encoder.model_name, normalize=cfg.encoder.normalize,
+                         where=f"range manifest {cfg.ranges}")
     started = ray_init(cfg)
     try:
         data_context(cfg)
         pool = encoder_pool(cfg)
         # Tasks get a copy of the config without storage options; they fetch them through
-        # `access` (workers/credentials.py says why), which must live until the tasks are done.
+        # `access` (workers/lake/credentials.py says why), which must live until the tasks are done.
         access = StorageAccess.put(cfg.storage_options)
         wcfg = cfg.for_workers(access)
         rows_per_file, duplicates, sample = scan(wcfg, files)
         t_cal = time.perf_counter()
-        manifest = reused or calibrate(cfg, sample, fingerprint, pool)
+        manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
@@ -146,12 +141,12 @@ def _format_counts(files) -> dict[str, int]:
     return out
 
 
-def _summary(doc, records, reused, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
+def _summary(doc, records, shards_reused, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
     b = doc["bytes"]
     docs = doc["counts"]["documents"]
     return {
         "version": n, "documents": docs, "rejects": doc["counts"]["rejects"],
-        "rows_read": doc["counts"]["rows_read"], "shards": len(records), "shards_reused": reused,
+        "rows_read": doc["counts"]["rows_read"], "shards": len(records), "shards_reused": shards_reused,
         "bytes_float32": b["float32"], "bytes_int8": b["int8"], "bytes_ubinary": b["ubinary"],
         "bytes_stored": b["stored"],
         "compression_int8": round(b["float32"] / b["int8"], 2) if b["int8"] else None,
@@ -183,9 +178,6 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-INDEX_TYPE_FLAGS = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     """The config, and whether to print the summary as JSON."""
     p = argparse.ArgumentParser(prog="quantlake ingest", description=__doc__)
@@ -196,17 +188,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary")
     p.add_argument("--calibration-samples", type=int, default=10_000)
-    p.add_argument("--range-method", choices=["minmax", "quantile"], default="minmax")
+    p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax")
     p.add_argument("--quantiles", default="0.001,0.999", help="low,high for --range-method quantile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranges", default=None, help="reuse this range manifest instead of calibrating")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--encoder-actors", type=int, default=None)
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
-    p.add_argument("--index-type", choices=sorted(INDEX_TYPE_FLAGS), default="flat",
+    p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
     add_storage_options(p)
     p.add_argument("--no-progress", action="store_true")
@@ -223,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,
             encoder_actors=a.encoder_actors, storage_options=options, progress=not a.no_progress,
-            index_type=INDEX_TYPE_FLAGS[a.index_type]), a.json
+            index_type=INDEX_FLAGS[a.index_type]), a.json
     except ValueError as exc:
         p.error(str(exc))
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import posixpath
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.common import add_storage_options, run_reporting, storage_options
-from workers.encoder import WORKER_ENV
-from workers.redact import redact, redact_url
-from workers.ray_searcher import RaySearcher
-from workers.searcher import Hit, SearchOptions, Searcher, dumps_hits
-
-log = logging.getLogger(__name__)
+from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
+from workers.ingest.source import SourceFile, iter_batches, list_source
+from workers.lake.redact import redact, redact_url
+from workers.search.ray_searcher import RaySearcher
+from workers.search.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class SearchConfig:
     options: SearchOptions = field(default_factory=SearchOptions)
     version: int | None = None
     model: str | None = None
-    index: Literal["binary", "int8"] = "binary"
+    index: SearchIndex = "binary"
     ray: bool = False
     ray_address: str | None = None
     actors: int | None = None
@@ -74,8 +75,7 @@ class SearchConfig:
             raise ValueError("give exactly one of: a query text, --queries-file, --neighbours-of")
         if self.neighbours_of is not None and self.neighbours_of < 1:
             raise ValueError(f"--neighbours-of must be >= 1, got {self.neighbours_of}")
-        if self.index not in ("binary", "int8"):
-            raise ValueError(f"index must be binary or int8, got {self.index!r}")
+        check(self.index, SEARCH_INDEXES, "index")
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,90 @@ def run(cfg: SearchConfig) -> list[QueryResult]:
     with searcher:
         if cfg.neighbours_of is not None:
             docs = searcher.sample(cfg.neighbours_of, cfg.seed)
-            texts = searcher.source_texts(docs, cfg.source)
+            texts = source_texts(searcher, docs, cfg.source)
             hits = searcher.search(texts, cfg.options.k, **opts)
             return [QueryResult(t, h, d) for t, h, d in zip(texts, hits, docs)]
         queries = [cfg.query] if cfg.query is not None else read_queries(cfg.queries_file, cfg.storage_options)
         hits = searcher.search(queries, cfg.options.k, **opts)
         return [QueryResult(q, h) for q, h in zip(queries, hits)]
+
+
+def _storage(url: str) -> tuple[str, str] | None:
+    """(protocol, bucket or host) of an object store URL, ("file", absolute path) of a local one;
+    None for a chained URL (`a::b`), whose storage is not one place."""
+    if "::" in url:
+        return None
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local"):
+        return "file", posixpath.normpath(LocalFileSystem._strip_protocol(url))
+    return protocol, urlsplit(url).netloc.rsplit("@", 1)[-1]
+
+
+def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
+    """Whether `source_url` lies on the dataset's own storage: same protocol and, for an object
+    store, the same bucket (host for HTTP); for local paths, inside the folder that holds the
+    dataset (`lake/raw` next to `lake/emb`)."""
+    dataset, source = _storage(dataset_url), _storage(source_url)
+    if dataset is None or source is None or dataset[0] != source[0]:
+        return False
+    if dataset[0] != "file":
+        return bool(dataset[1]) and dataset[1] == source[1]
+    parent = posixpath.dirname(dataset[1])
+    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
+        return False
+    return source[1] == parent or source[1].startswith(parent + "/")
+
+
+def _storage_name(url: str) -> str:
+    where = _storage(url)
+    if where is None:
+        return redact_url(url)
+    return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"
+
+
+def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = None,
+                 text_column: str | None = None) -> list[str]:
+    """The documents' texts, read from the source lake the version was built from.
+
+    The manifest's source URL is used only when it lies on the dataset's own storage
+    (`on_dataset_storage`): these storage options (credentials) are the dataset's, and a
+    manifest must not make them read another bucket or folder. Elsewhere the caller names it.
+
+    Args:
+        hits: documents to look up.
+        source: the lake's URL (default: the manifest's, if on the dataset's storage), read
+            with the searcher's storage options.
+        text_column: default: the manifest's.
+    """
+    src = searcher.manifest["source"]
+    if source is None:
+        if src["url"] == "vectors:":
+            raise ValueError(f"version {searcher.version} was written from vectors, without a source lake: "
+                             "it has no texts to read; pass --source with a lake holding them")
+        if not on_dataset_storage(searcher.url, src["url"]):
+            raise ValueError(f"version {searcher.version} names its source {redact_url(src['url'])}, which is "
+                             f"not on the dataset's own storage ({_storage_name(searcher.url)}); a manifest alone "
+                             "never chooses what this job's credentials read: pass --source with the "
+                             "source lake's URL")
+    fs, root, files = list_source(source or src["url"], searcher.storage_options)
+    by_path = {f.relpath: f for f in files}
+    shard_file = {s["id"]: s["source"]["file"] for s in searcher.manifest["shards"]}
+    column = text_column or src["text_column"]
+    wanted: dict[str, dict[int, str | None]] = {}
+    for h in hits:
+        wanted.setdefault(shard_file[h.shard], {})[h.source_row] = None
+    for relpath, rows in wanted.items():
+        f: SourceFile | None = by_path.get(relpath)
+        if f is None:
+            raise FileNotFoundError(f"source file {relpath} of version {searcher.version} is gone from "
+                                    f"{redact_url(source or src['url'])}; pass the lake's current URL")
+        lo, hi = min(rows), max(rows) + 1
+        for first, batch in iter_batches(fs, root, f, [column], lo, hi):
+            texts = batch.column(column).to_pylist()
+            for r in rows:
+                if first <= r < first + len(texts):
+                    rows[r] = texts[r - first]
+    return [wanted[shard_file[h.shard]][h.source_row] for h in hits]
 
 
 def _short(text: str, width: int) -> str:
@@ -148,14 +226,14 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
                    help="search with the texts of N sampled documents")
     p.add_argument("-k", type=int, default=10, help="hits per query")
     p.add_argument("--rescore-multiplier", type=int, default=4, help="binary candidates per hit to rescore")
-    p.add_argument("--rescore", choices=["int8", "int8-raw", "bits", "none"], default="int8",
+    p.add_argument("--rescore", choices=RESCORE_MODES, default="int8",
                    help="int8: float query vs int8 bucket centres; int8-raw: vs raw codes; bits: vs sign "
                         "bits; none: candidate order")
-    p.add_argument("--candidates", choices=["asymmetric", "hamming"], default="asymmetric",
+    p.add_argument("--candidates", choices=CANDIDATE_MODES, default="asymmetric",
                    help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW shard indexes: search breadth")
     p.add_argument("--nprobe", type=int, default=None, help="IVF shard indexes: lists visited")
-    p.add_argument("--index", choices=["binary", "int8"], default="binary",
+    p.add_argument("--index", choices=SEARCH_INDEXES, default="binary",
                    help="binary: shard indexes + rescoring; int8: int8 indexes (8x the memory)")
     p.add_argument("--version", type=int, default=None, help="committed version (default: latest)")
     p.add_argument("--model", default=None,
@@ -186,8 +264,6 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
     cfg = parse_args(argv)
     status, results = run_reporting("search", lambda: run(cfg), cfg.storage_options,
                                     [cfg.dest, cfg.source, cfg.queries_file], failures=(RuntimeError,))

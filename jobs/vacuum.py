@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from jobs.common import add_storage_options, run_reporting, storage_options
-from workers.redact import redact_url
-from workers.storage import modified_at, url_to_fs
-from workers.version import list_versions, read_version
+from workers.lake.redact import redact_url
+from workers.lake.storage import modified_at, url_to_fs
+from workers.lake.versions import list_versions, read_version
 
 log = logging.getLogger(__name__)
 
 FOLDERS = ("shards", "rejects", "ranges", "versions")
 # Shard ids: 32 hex digits (workers/shard_writer.shard_id), or the row-range names of datasets
-# written from precomputed vectors (workers/vectors.py).
+# written from precomputed vectors (workers/ingest/from_vectors.py).
 _SHARD_ID = r"[0-9a-f]{32}|vectors-\d{12}-\d{12}"
-# The names quantlake writes, and their temporaries (`<name>.tmp-<uuid4 hex>`, workers/storage.py).
+# The names quantlake writes, and their temporaries (`<name>.tmp-<uuid4 hex>`, workers/lake/storage.py).
 _OURS = re.compile(
     rf"^(?:shards/(?P<shard>{_SHARD_ID})\.(?:parquet|faiss|json)"
     rf"|rejects/(?P<rejected>{_SHARD_ID})\.parquet"

@@ -5,14 +5,15 @@ import base64
 import datetime as dt
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from workers.redact import redact_url
-from workers.storage import canonical_json, pretty_json, put_bytes, sha256_hex, url_to_fs
+from ranges.encoding import canonical_json, pretty_json, sha256_hex
 
 FORMAT = "quantlake.ranges/1"
+RangeMethod = Literal["minmax", "quantile"]
+RANGE_METHODS: tuple[str, ...] = get_args(RangeMethod)
 
 
 def _now() -> str:
@@ -51,7 +52,7 @@ class RangeManifest:
             raise ValueError(f"ranges of dimension {d} ([{float(r[0, d]):g}; {float(r[1, d]):g}]) and "
                              f"{len(wide) - 1} other(s) are wider than float32 can hold: these are no "
                              "embedding value ranges; recalibrate")
-        if self.method not in ("minmax", "quantile"):
+        if self.method not in RANGE_METHODS:
             raise ValueError(f"unknown range method {self.method!r}")
 
     @property
@@ -74,6 +75,26 @@ class RangeManifest:
                 "base64": base64.b64encode(self.ranges.astype("<f4").tobytes()).decode(),
             },
         }
+
+    def check_for(self, model_fingerprint: str, *, model_name: str = "", normalize: bool | None = None,
+                  dim: int | None = None, where: str = "range manifest") -> None:
+        """Raise ValueError unless these ranges were made by that model (with that normalisation
+        and dimension, where given): the one check that corpus and queries share a vector space.
+
+        Args:
+            model_fingerprint, model_name: the model that will use the ranges (the name only for
+                the message).
+            normalize, dim: what it will be used with; None: not checked.
+            where: how the message names these ranges.
+        """
+        if self.model_fingerprint != model_fingerprint or (dim is not None and self.dim != dim):
+            want = f"{dim}-d " if dim is not None else ""
+            raise ValueError(f"{where} holds {self.dim}-d ranges made with model {self.model_name} "
+                             f"({self.model_fingerprint}), not {want}{model_name or 'the model'} "
+                             f"({model_fingerprint}); calibrate anew for this model")
+        if normalize is not None and self.normalize != normalize:
+            raise ValueError(f"{where} was made with normalize={self.normalize}, this job encodes with "
+                             f"normalize={normalize}; calibrate anew (or match --no-normalize)")
 
     @property
     def id(self) -> str:
@@ -113,16 +134,3 @@ class RangeManifest:
                              f"content ({manifest.id}); the file was altered or corrupted")
         return manifest
 
-
-def save(manifest: RangeManifest, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    fs, path = url_to_fs(url, storage_options)
-    put_bytes(fs, path, manifest.to_json())
-
-
-def load(url: str, storage_options: Mapping[str, Any] | None = None) -> RangeManifest:
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"range manifest {redact_url(url)} does not exist") from None
-    return RangeManifest.from_json(data, where=f"range manifest {redact_url(url)}")

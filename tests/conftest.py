@@ -48,7 +48,7 @@ def ray_session():
     """The one local Ray instance of the test session (2 CPUs), stopped at the end."""
     import ray
 
-    from workers.encoder import WORKER_ENV
+    from workers.ray_session import WORKER_ENV
 
     # address="local": a new instance, never the cluster a stale `ray start` record names.
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
@@ -116,7 +116,7 @@ class Store:
     """A dataset root on one storage backend: its URL, options and resolved filesystem."""
 
     def __init__(self, name: str, url: str, options: dict):
-        from workers.storage import url_to_fs
+        from workers.lake.storage import url_to_fs
 
         self.name, self.url, self.options = name, url, options
         self.fs, self.root = url_to_fs(url, options)
@@ -161,8 +161,8 @@ def small_dataset(tmp_path_factory, docs, ray_session):
     import json
 
     from jobs.ingest import run
-    from workers.config import IngestConfig
-    from workers.encoder import EncoderConfig
+    from workers.ingest.config import IngestConfig
+    from workers.embedding.encoder import EncoderConfig
 
     root = tmp_path_factory.mktemp("small")
     write_parquet_lake(root / "lake", docs[:90], files=2, row_group_size=20)

@@ -5,10 +5,10 @@ import json
 import time
 
 from conftest import write_parquet_lake
-from workers.config import IngestConfig
-from workers.dataset import open_version
-from workers.encoder import EncoderConfig
-from workers.storage import url_to_fs
+from workers.ingest.config import IngestConfig
+from workers.lake.dataset import open_version
+from workers.embedding.encoder import EncoderConfig
+from workers.lake.storage import url_to_fs
 
 UNIT_ROWS = 20  # the lakes' row groups hold 20 rows too: one work unit, one shard per row group
 

@@ -6,9 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.ingest import main, run
-from ranges.manifest import RangeManifest, save
-from workers.config import IngestConfig
-from workers.source import SourceError
+from ranges.manifest import RangeManifest
+from workers.lake.range_files import save_ranges as save
+from workers.ingest.config import IngestConfig
+from workers.ingest.source import SourceError
 
 import numpy as np
 

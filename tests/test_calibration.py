@@ -4,9 +4,9 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from jobs.ingest import check_source
-from workers.pipeline import calibrate, encoder_pool, scan
-from workers.config import IngestConfig
-from workers.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.ingest.pipeline import calibrate, encoder_pool, scan
+from workers.ingest.config import IngestConfig
+from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
 
 from conftest import write_parquet_lake
 

@@ -5,8 +5,8 @@ import faiss
 import numpy as np
 import pytest
 
-from workers.dataset import IntegrityError, open_version
-from workers.storage import sha256_hex
+from workers.lake.dataset import IntegrityError, open_version
+from ranges.encoding import sha256_hex
 
 
 def test_open_version_reads_every_shard_verified(small_dataset):

@@ -11,11 +11,11 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from jobs.cli import main as cli
 from jobs.ingest import run
-from workers.config import IngestConfig
-from workers.dataset import open_version
-from workers.encoder import EncoderConfig
-from workers.storage import NoAtomicCreate, create_only, put_bytes, require_create_only, url_to_fs
-from workers.version import EmptyVersion, commit, list_versions, read_version, version_path
+from workers.ingest.config import IngestConfig
+from workers.lake.dataset import open_version
+from workers.embedding.encoder import EncoderConfig
+from workers.lake.storage import NoAtomicCreate, create_only, put_bytes, require_create_only, url_to_fs
+from workers.lake.versions import EmptyVersion, commit, list_versions, read_version, version_path
 
 from test_storage import _race
 

@@ -17,7 +17,7 @@ import pytest
 from isolated import Job
 from jobs.ingest import run
 from lakes import UNIT_ROWS, committed_ids, ingest_args, ingest_cfg, s3_lake, sidecars, wait_for_sidecars
-from workers.storage import S3_RETRIES, url_to_fs, with_retry_defaults
+from workers.lake.storage import S3_RETRIES, url_to_fs, with_retry_defaults
 
 N_DOCS = 160  # 2 files of 80 rows: 8 units
 

@@ -25,11 +25,11 @@ import pytest
 
 from jobs import inspect as inspect_job
 from jobs import vacuum as vacuum_job
-from workers.dataset import IntegrityError, open_version
-from workers.encoder import resolve_model
-from workers.searcher import Searcher
-from workers.shard_writer import build_index
-from workers.storage import canonical_json, pretty_json, sha256_hex
+from workers.lake.dataset import IntegrityError, open_version
+from workers.embedding.encoder import resolve_model
+from workers.search.searcher import Searcher
+from workers.ingest.shard_builder import build_index
+from ranges.encoding import canonical_json, pretty_json, sha256_hex
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -312,10 +312,10 @@ VARIANTS = [
     Variant("parquet_missing_int8", _parquet_missing_int8, bad_file(IntegrityError, r"column int8 is missing")),
     Variant("not_parquet", _not_parquet, bad_file(IntegrityError, r"\.parquet .*is not a readable Parquet file")),
     Variant("model_dim_mismatch", _set("model.dim", 256),
-            bad_file(IntegrityError, r"ranges/.* holds 384-d ranges of model sha256:[0-9a-f]+, "
-                                     r"the manifest says 256-d")),
+            bad_file(IntegrityError, r"ranges/.* holds 384-d ranges made with model .* \(sha256:[0-9a-f]+\), "
+                                     r"not 256-d ")),
     Variant("model_fingerprint_mismatch", _set("model.fingerprint", "sha256:" + "0" * 64),
-            bad_file(IntegrityError, r"ranges of model sha256:[0-9a-f]+, the manifest says 384-d sha256:0000")),
+            bad_file(IntegrityError, r"ranges made with model .* \(sha256:[0-9a-f]+\), not 384-d .* \(sha256:0000")),
     Variant("huge_ranges", _ranges(-3e38, 3e38), bad_file(IntegrityError, r"wider than float32 can hold")),
     Variant("wide_finite_ranges", _ranges(-1e38, 1e38), FINE),
     Variant("ranges_missing", _ranges_missing, bad_file(FileNotFoundError, r"ranges/.*\.json of version 1 .*missing")),

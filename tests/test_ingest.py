@@ -10,9 +10,9 @@ from sentence_transformers.util.quantization import quantize_embeddings
 
 from jobs.ingest import run
 from ranges.manifest import RangeManifest
-from workers.config import IngestConfig
-from workers.encoder import EncoderConfig, resolve_model
-from workers.storage import sha256_hex
+from workers.ingest.config import IngestConfig
+from workers.embedding.encoder import EncoderConfig, resolve_model
+from ranges.encoding import sha256_hex
 
 from conftest import write_parquet_lake
 

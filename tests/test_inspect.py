@@ -2,8 +2,8 @@
 import json
 
 from jobs.cli import main as cli
-from workers.version import commit, read_version
-from workers.storage import url_to_fs
+from workers.lake.versions import commit, read_version
+from workers.lake.storage import url_to_fs
 
 
 def test_report_shows_versions_shards_rows_and_bytes(small_dataset, capsys):

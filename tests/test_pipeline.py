@@ -2,9 +2,9 @@
 import ray
 from ray.data import ActorPoolStrategy
 
-from workers.config import IngestConfig
-from workers.encoder import EncoderConfig
-from workers.pipeline import encoder_cfg, encoder_pool
+from workers.ingest.config import IngestConfig
+from workers.embedding.encoder import EncoderConfig
+from workers.ingest.pipeline import encoder_cfg, encoder_pool
 
 
 def _pool(monkeypatch, resources, **kw):

@@ -1,4 +1,4 @@
-"""workers.quantizer: bytes equal to sentence-transformers' quantize_embeddings, clip counts, errors."""
+"""workers.embedding.quantizer: bytes equal to sentence-transformers' quantize_embeddings, clip counts, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from workers import quantizer
-from workers.quantizer import PRECISIONS, clipped_counts, quantize, quantize_all
+from workers.embedding import quantizer
+from workers.embedding.quantizer import clipped_counts, quantize, quantize_all
+from workers.vocab import PRECISIONS
 
 
 def assert_matches_library(x: np.ndarray, ranges: np.ndarray) -> None:

@@ -4,7 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from ranges.manifest import RangeManifest, load, save
+from ranges.manifest import RangeManifest
+from workers.lake.range_files import load_ranges as load
+from workers.lake.range_files import save_ranges as save
 
 
 def _manifest(ranges, **kw):

@@ -11,14 +11,15 @@ import pytest
 from jobs.cli import main as cli
 from jobs.ingest import run as ingest
 from ranges.manifest import RangeManifest
-from workers.config import IngestConfig
-from workers.dataset import IntegrityError, index_problems, open_version, schema_problems
-from workers.encoder import EncoderConfig
-from workers.ray_searcher import RaySearcher
-from workers.searcher import Searcher
-from workers.shard_writer import INDEX_TYPES, ShardPlan, build_index, completed_shard, write_shard, write_sidecar
-from workers.storage import join, put_bytes, url_to_fs
-from workers.version import MAX_VERSION, commit, list_versions, read_version
+from workers.ingest.config import IngestConfig
+from workers.lake.dataset import IntegrityError, index_problems, open_version, schema_problems
+from workers.embedding.encoder import EncoderConfig
+from workers.search.ray_searcher import RaySearcher
+from workers.search.searcher import Searcher
+from workers.vocab import INDEX_TYPES
+from workers.ingest.shard_builder import ShardPlan, build_index, completed_shard, write_shard, write_sidecar
+from workers.lake.storage import join, put_bytes, url_to_fs
+from workers.lake.versions import MAX_VERSION, commit, list_versions, read_version
 
 from test_hostile_manifests import (MODEL, QUERIES, TARGET, codes_of, hnsw_index_with_link, ivf_index,
                                     manifest_of, replace_index, replace_table, save_manifest)
@@ -157,7 +158,7 @@ def test_a_sidecar_naming_other_files_means_rewrite_never_failure(store, lie, ca
     else:
         forged["rows"] = "12"
     write_sidecar(store.fs, store.root, forged)
-    with caplog.at_level(logging.WARNING, logger="workers.shard_writer"):
+    with caplog.at_level(logging.WARNING, logger="workers.ingest.shard_builder"):
         assert completed_shard(store.fs, store.root, plan) is None
     assert f"shard {plan.shard_id}: shards/{plan.shard_id}.json " in caplog.text
     assert "rewriting the shard" in caplog.text
@@ -312,7 +313,7 @@ def test_names_outside_the_numbering_are_not_versions(copy_dataset, caplog):
     for n in (0, 100_000_000):
         (copy_dataset / "versions" / f"{n:08d}.json").write_text(json.dumps({**doc, "version": n, "parent": 1}))
     fs, root = url_to_fs(str(copy_dataset))
-    with caplog.at_level(logging.WARNING, logger="workers.version"):
+    with caplog.at_level(logging.WARNING, logger="workers.lake.versions"):
         assert list_versions(fs, root) == [1]
     assert "ignoring versions/100000000.json" in caplog.text
     assert open_version(str(copy_dataset)).version == 1

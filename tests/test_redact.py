@@ -2,9 +2,9 @@
 import dataclasses
 import json
 
-from workers.config import IngestConfig
-from workers.credentials import StorageAccess
-from workers.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
+from workers.ingest.config import IngestConfig
+from workers.lake.credentials import StorageAccess
+from workers.lake.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
 
 OPTIONS = {
     "key": "AKIAEXAMPLEKEY", "secret": "s3cr3t-value", "profile": "analytics", "anon": False,

@@ -11,8 +11,8 @@ import pytest
 
 from jobs.ingest import run
 from lakes import UNIT_ROWS, ingest_cfg
-from workers.dataset import open_version
-from workers.storage import url_to_fs
+from workers.lake.dataset import open_version
+from workers.lake.storage import url_to_fs
 
 
 def _write(base: str, options: dict, local_dir, name: str, rows) -> None:
@@ -88,7 +88,7 @@ def test_rerun_after_a_file_takes_over_ids_equals_a_fresh_ingest(docs, tmp_path,
 
 @pytest.mark.parametrize("dups", [[], [(3, "b.parquet", 7)]])
 def test_shard_id_covers_duplicates_and_keeps_old_names_without_them(dups):
-    from workers.shard_writer import shard_id
+    from workers.ingest.planning import shard_id
 
     args = ("a.parquet", {"size": 10, "version": "1"}, 0, 20, "sha256:m", "r" * 64, ("int8", "ubinary"),
             "text", "id", True, "IndexBinaryFlat")

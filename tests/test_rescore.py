@@ -2,7 +2,7 @@
 import numpy as np
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from workers.rescore import bit_scores, bit_tables, hamming_scores, int8_query, int8_scores, merge, top_by_score
+from workers.search.rescore import bit_scores, bit_tables, hamming_scores, int8_query, int8_scores, merge, top_by_score
 
 
 def _unit(rng, n, dim=64):

@@ -12,7 +12,7 @@ import jobs.ingest as ingest
 from jobs.ingest import IncompleteVersion, run
 from isolated import Job
 from lakes import UNIT_ROWS, committed_ids, ingest_args, ingest_cfg, s3_lake, sidecars, wait_for_sidecars
-from workers.storage import url_to_fs
+from workers.lake.storage import url_to_fs
 
 N_DOCS = 200  # 2 files of 100 rows: 10 units
 
@@ -80,7 +80,7 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
 CORRUPT_AFTER_PLANNING = """
 import sys
 import jobs.ingest as ingest
-from workers.storage import url_to_fs
+from workers.lake.storage import url_to_fs
 plan_units = ingest.plan_units
 def corrupt_after_planning(cfg, *args, **kwargs):
     units = plan_units(cfg, *args, **kwargs)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import s3fs
 
 from jobs.cli import main as cli
-from workers.dataset import open_version
+from workers.lake.dataset import open_version
 
 INGEST = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "20", "--batch-size", "32",
           "--no-progress", "--json"]
@@ -127,8 +127,8 @@ def test_unreachable_endpoint_gives_a_clear_error_without_secrets(s3, monkeypatc
 
 
 def test_profile_in_storage_options_reaches_botocore(s3, s3_server, tmp_path, monkeypatch, capsys):
-    from workers.storage import url_to_fs
-    from workers.version import commit
+    from workers.lake.storage import url_to_fs
+    from workers.lake.versions import commit
     from test_version import manifest
 
     bucket, _ = s3

@@ -2,8 +2,8 @@
 import numpy as np
 import pyarrow as pa
 
-from workers.scan import DUPLICATE, find_duplicates, scan_rows
-from workers.source import SourceFile, classify
+from workers.ingest.scan import DUPLICATE, find_duplicates, scan_rows
+from workers.ingest.source import SourceFile, classify
 
 F = SourceFile("a.parquet", 1, "v", "parquet")
 

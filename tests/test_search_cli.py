@@ -6,8 +6,8 @@ import pytest
 from jobs.cli import main as cli
 from jobs.ingest import run
 from jobs.search import parse_args
-from workers.config import IngestConfig
-from workers.encoder import EncoderConfig
+from workers.ingest.config import IngestConfig
+from workers.embedding.encoder import EncoderConfig
 
 from conftest import write_parquet_lake
 

@@ -9,13 +9,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import workers.searcher as searcher_module
-import workers.source as source_module
+import workers.search.searcher as searcher_module
+import jobs.search as search_job
+import workers.ingest.source as source_module
 from jobs.cli import main as cli
-from workers.encoder import model_fingerprint, resolve_model
-from workers.quantizer import quantize
-from workers.rescore import int8_query, int8_scores
-from workers.searcher import Searcher, on_dataset_storage
+from workers.embedding.encoder import model_fingerprint, resolve_model
+from workers.embedding.quantizer import quantize
+from workers.search.rescore import int8_query, int8_scores
+from jobs.search import on_dataset_storage
+from workers.search.searcher import Searcher
 
 MANIFEST = "versions/00000001.json"
 
@@ -117,7 +119,7 @@ def listed(monkeypatch):
         seen.append(url)
         return real(url, storage_options)
 
-    monkeypatch.setattr(source_module, "list_source", spy)
+    monkeypatch.setattr(search_job, "list_source", spy)
     return seen
 
 

@@ -10,11 +10,11 @@ import pytest
 
 from jobs.ingest import run
 from ranges.manifest import RangeManifest
-from workers.config import IngestConfig
-from workers.dataset import IntegrityError
-from workers.encoder import EncoderConfig, resolve_model
-from workers.ray_searcher import RaySearcher
-from workers.searcher import ASYMMETRIC_POOL, Searcher
+from workers.ingest.config import IngestConfig
+from workers.lake.dataset import IntegrityError
+from workers.embedding.encoder import EncoderConfig, resolve_model
+from workers.search.ray_searcher import RaySearcher
+from workers.search.searcher import ASYMMETRIC_POOL, Searcher
 
 from conftest import write_parquet_lake
 

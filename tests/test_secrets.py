@@ -15,9 +15,9 @@ from jobs.cli import main as cli
 from jobs.ingest import _version_doc, format_summary, manifest_url
 from jobs.search import SearchConfig
 from ranges.manifest import RangeManifest
-from workers.config import IngestConfig
-from workers.credentials import StorageAccess
-from workers.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
+from workers.ingest.config import IngestConfig
+from workers.lake.credentials import StorageAccess
+from workers.lake.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
 
 AZURE_KEY = "YWNjb3VudC1rZXktdmFsdWU9PQ=="
 OPTIONS = {

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 
 from ranges.manifest import RangeManifest
-from workers.encoder import BUNDLED, model_fingerprint, resolve_model
-from workers.searcher import Searcher
-from workers.shard_writer import INDEX_TYPES, build_index
-from workers.vectors import write_vectors
+from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model
+from workers.search.searcher import Searcher
+from workers.vocab import INDEX_TYPES
+from workers.ingest.shard_builder import build_index
+from workers.ingest.from_vectors import write_vectors
 
 DIM, ROWS, UNIT = 384, 3000, 1000
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.source import SourceError, classify, iter_batches, list_source
+from workers.ingest.source import SourceError, classify, iter_batches, list_source
 
 
 @pytest.fixture

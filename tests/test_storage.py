@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from workers.storage import (cat_uncached, check_relpath, create_only, join, ls_uncached, modified_at,
+from workers.lake.storage import (cat_uncached, check_relpath, create_only, join, ls_uncached, modified_at,
                              put_bytes, url_to_fs)
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from jobs.cli import main as cli
 from jobs.vacuum import parse_duration
-from workers.dataset import open_version
-from workers.storage import url_to_fs
-from workers.version import commit, read_version
+from workers.lake.dataset import open_version
+from workers.lake.storage import url_to_fs
+from workers.lake.versions import commit, read_version
 
 HOUR = 3600
 

@@ -15,11 +15,11 @@ import jobs.ingest as ingest
 import jobs.vacuum as vacuum
 from jobs.cli import main as cli
 from jobs.vacuum import VacuumConfig, delete, plan
-from workers.config import IngestConfig
-from workers.dataset import open_version
-from workers.encoder import EncoderConfig
-from workers.units import read_unit
-from workers.version import commit, read_version
+from workers.ingest.config import IngestConfig
+from workers.lake.dataset import open_version
+from workers.embedding.encoder import EncoderConfig
+from workers.ingest.steps import read_unit
+from workers.lake.versions import commit, read_version
 
 HOUR = 3600
 TMP = "5" * 32  # the uuid4 hex of a temporary's name
@@ -71,7 +71,7 @@ def _verify(url: str, options: dict, version=None):
 
 
 def _reuse(store, shard: dict) -> None:
-    """What a rerun's read step does with a shard it can reuse (`workers.units.read_unit`)."""
+    """What a rerun's read step does with a shard it can reuse (`workers.ingest.steps.read_unit`)."""
     src = shard["source"]
     unit = {"shard_id": shard["id"], "file": {"relpath": src["file"], "size": 0, "version": "", "format": "parquet"},
             "row_start": src["row_start"], "row_stop": src["row_stop"], "duplicates": []}

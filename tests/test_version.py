@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from workers.storage import create_only, put_bytes
-from workers.version import CommitConflict, commit, list_versions, read_version, version_path
+from workers.lake.storage import create_only, put_bytes
+from workers.lake.versions import CommitConflict, commit, list_versions, read_version, version_path
 
 from test_storage import _race
 
@@ -134,8 +134,8 @@ class TestCommitProtocol:
 
 _COMMIT_IN_A_PROCESS = """
 import json, os, sys, time
-from workers.storage import url_to_fs
-from workers.version import commit
+from workers.lake.storage import url_to_fs
+from workers.lake.versions import commit
 url, options, manifest, go = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 fs, root = url_to_fs(url, options)
 open(f"{go}.ready-{os.getpid()}", "w").close()

@@ -16,11 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Mapping
+from typing import Mapping
 
-from workers.redact import redact_url
+from workers.lake.redact import redact_url
 
 ADDRESS_ENV = "RAY_ADDRESS"
+# Environment of every process that loads a model (Ray workers, and a driver that encodes
+# queries): never reach a model hub, and no per-process weight-loading bars flooding the
+# driver's console. `init_ray` gives it to the workers; `apply_worker_env` to this process.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 # How long the GCS (or Ray Client server) gets to accept a TCP connection before the job gives up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -117,8 +122,16 @@ def check_address(address: str | None, environ: Mapping[str, str] | None = None,
     return address
 
 
-def init_ray(address: str | None = None, *, runtime_env: dict[str, Any] | None = None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance.
+def apply_worker_env(environ=None) -> None:
+    """Give this process `WORKER_ENV`, keeping any variable already set (the user's choice wins)."""
+    environ = os.environ if environ is None else environ
+    for key, value in WORKER_ENV.items():
+        environ.setdefault(key, value)
+
+
+def init_ray(address: str | None = None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance; its workers
+    run with `WORKER_ENV`.
 
     Returns True when this call initialised Ray (the caller then calls `ray.shutdown()` when
     done), False when Ray was already initialised in this process (inside a Ray job, or a
@@ -131,5 +144,6 @@ def init_ray(address: str | None = None, *, runtime_env: dict[str, Any] | None =
 
     if ray.is_initialized():
         return False
-    ray.init(address=check_address(address), logging_level=logging.WARNING, runtime_env=runtime_env)
+    ray.init(address=check_address(address), logging_level=logging.WARNING,
+             runtime_env={"env_vars": WORKER_ENV})
     return True

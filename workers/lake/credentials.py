@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from workers.storage import url_to_fs
+from workers.lake.storage import url_to_fs
 
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",

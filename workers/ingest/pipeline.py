@@ -2,7 +2,7 @@
 
 Ray Data wires the main pass and the calibration (streaming executor, actor pool,
 backpressure, retries); the scan's dedupe shuffle uses Ray Core tasks (see `scan`). The
-steps themselves are plain functions in `workers/units.py`.
+steps themselves are plain functions in `workers/ingest/steps.py`.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ import numpy as np
 
 from ranges.manifest import RangeManifest
 from ranges.stats import PartialStats, merge_all, partial_stats, ranges_from
-from workers.config import IngestConfig
-from workers.encoder import WORKER_ENV, Encoder, EncoderConfig
+from workers.ingest.config import IngestConfig
+from workers.embedding.encoder import Encoder, EncoderConfig
 from workers.ray_session import init_ray
-from workers.scan import Sample, find_duplicates
-from workers.shard_writer import shard_id
-from workers.source import Fragment, SourceError
-from workers.units import UnitFailed, read_unit, scan_file, unit_step, write_unit
+from workers.ingest.scan import Sample, find_duplicates
+from workers.ingest.source import SourceError
+from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
 
 # Encoder batches per calibration work item. The items are cut from the sample in key order,
 # so each sampled text is always encoded beside the same neighbours (padding changes the
@@ -34,7 +33,7 @@ CALIBRATION_CHUNK_BATCHES = 4
 def ray_init(cfg: IngestConfig) -> bool:
     """Join `cfg.ray_address` (or RAY_ADDRESS), else start a local instance (`workers/ray_session.py`
     has the rule); True if this call initialised Ray."""
-    return init_ray(cfg.ray_address, runtime_env={"env_vars": WORKER_ENV})
+    return init_ray(cfg.ray_address)
 
 
 def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
@@ -139,47 +138,6 @@ def _row_stats(row: dict[str, Any]) -> PartialStats:
     values = np.frombuffer(row["values"], np.float32).reshape(-1, dim) if row["values"] else None
     return PartialStats(int(row["count"]), np.frombuffer(row["min"], np.float32),
                         np.frombuffer(row["max"], np.float32), values)
-
-
-def plan_units(cfg: IngestConfig, files, rows_per_file: list[int],
-               row_groups: list[list[int] | None]) -> list[Fragment]:
-    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups).
-
-    Args:
-        rows_per_file: the scan's row counts.
-        row_groups: per file, its Parquet row group sizes (from `check_file`), or None.
-    """
-    units = []
-    for i, (f, n, groups) in enumerate(zip(files, rows_per_file, row_groups)):
-        bounds = [0]
-        if groups is not None:
-            offset = 0
-            for g in groups:
-                offset += g
-                if offset - bounds[-1] >= cfg.unit_rows or offset == n:
-                    bounds.append(offset)
-        else:
-            bounds += list(range(cfg.unit_rows, n, cfg.unit_rows)) + [n]
-        bounds = sorted(set(bounds + [n]))
-        for a, b in zip(bounds, bounds[1:]):
-            units.append(Fragment(i, f, a, b))
-    return units
-
-
-def unit_items(cfg, units, duplicates, fingerprint, ranges_id) -> list[dict[str, Any]]:
-    items = []
-    for u in units:
-        dups = [d for d in duplicates.get(u.file_index, []) if u.row_start <= d[0] < u.row_stop]
-        # The duplicates decide which rows the shard holds (and its rejects' text), and they
-        # depend on other files: they are part of the shard's name, so a rerun after the lake
-        # changed cannot reuse a shard whose duplicates differ.
-        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
-                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
-                       dups)
-        items.append({"unit": json.dumps({
-            "shard_id": sid, "file": u.file.__dict__, "row_start": u.row_start, "row_stop": u.row_stop,
-            "duplicates": dups})})
-    return items
 
 
 def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id: str, total_rows: int):

@@ -9,15 +9,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.quantizer import quantize_all
-from workers.storage import canonical_json, join, pretty_json, put_bytes, sha256_hex
+from workers.embedding.quantizer import quantize_all
+from workers.lake.records import shard_files, sidecar_path
+from workers.vocab import INDEX_TYPES
+from ranges.encoding import pretty_json, sha256_hex
+from workers.lake.storage import join, put_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +29,6 @@ SIDECAR_FORMAT = "quantlake.shard/1"
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()),
                            ("source_row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
-
-def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,
-             model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
-             text_column: str, id_column: str | None, normalize: bool, index_type: str,
-             duplicates: Sequence[tuple[int, str, int]] = ()) -> str:
-    """Deterministic name: a retry or rerun of the same work writes the same name and bytes.
-
-    Args:
-        duplicates: the unit's rows rejected as duplicate ids, as `(row, first occurrence's
-            file, its row)`. They depend on other files (a file added before this one can
-            take an id over), so they are part of what decides the shard's rows and rejects,
-            hence of its name.
-    """
-    key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
-           "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
-           "text_column": text_column, "id_column": id_column, "normalize": normalize,
-           "index": index_type}
-    if duplicates:
-        # Only when there are some: a unit without duplicates keeps the name it had before
-        # duplicates were part of the key, so reruns over existing datasets still reuse it.
-        key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
-    return sha256_hex(canonical_json(key))[:32]
 
 
 def _vectors(a: np.ndarray, precision: str) -> pa.Array:
@@ -66,7 +47,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-INDEX_TYPES = ("IndexBinaryFlat", "IndexBinaryHNSW", "IndexBinaryIVF")
 # Graph degree: level 0 keeps 2 M int32 links per vector, 128 bytes beside a 48-byte code at M=16.
 HNSW_M = 16
 
@@ -165,18 +145,6 @@ def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray
     }
 
 
-def sidecar_path(sid: str) -> str:
-    return f"shards/{sid}.json"
-
-
-def shard_files(record: dict[str, Any]) -> list[tuple[str, int | None, str | None]]:
-    """`(path, bytes, sha256)` of every data file a shard record references."""
-    files = [(record["path"], record.get("bytes"), record.get("sha256")),
-             (record["index"], record.get("index_bytes"), record.get("index_sha256"))]
-    if record.get("rejects"):
-        r = record["rejects"]
-        files.append((r["path"], r.get("bytes"), r.get("sha256")))
-    return files
 
 
 def write_sidecar(fs, root: str, record: dict[str, Any]) -> None:

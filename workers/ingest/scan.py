@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.source import Rows
+from workers.ingest.source import Rows
 
 DIGEST = np.dtype([("h1", "<u8"), ("h2", "<u8")])
 ENTRY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("file", "<i4"), ("row", "<i8")])
@@ -84,7 +84,7 @@ def scan_rows(batches: list[Rows] | object, file_index: int, n_parts: int, seed:
     """Scan classified batches of one file.
 
     Args:
-        batches: iterable of `Rows` from `workers.source.classify`.
+        batches: iterable of `Rows` from `workers.ingest.source.classify`.
         file_index: index of the file in the sorted listing (orders first occurrences).
         n_parts: number of hash partitions the dedupe entries are split into.
         seed: calibration sampling seed.

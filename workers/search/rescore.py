@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-RESCORE = ("int8", "int8-raw", "bits", "none")
-CANDIDATES = ("hamming", "asymmetric")
+from workers.embedding.quantizer import range_steps
+
 
 
 def steps_of(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mins, steps) of the int8 buckets, computed in float32 as `quantize_embeddings` does."""
-    mins, maxs = np.asarray(ranges, np.float32)
-    steps = (maxs - mins) / np.float32(255)
-    steps[steps == 0] = 1
+    """(mins, steps) of the int8 buckets, as the quantizer computed them for the corpus."""
+    ranges = np.asarray(ranges, np.float32)
+    mins, _, steps = range_steps(ranges, ranges.shape[1])
     return mins, steps
 
 

@@ -6,9 +6,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ranges.manifest import RangeManifest
-from workers.shard_writer import ShardPlan, write_shard
-from workers.storage import join, put_bytes, url_to_fs
-from workers.version import commit
+from workers.ingest.shard_builder import ShardPlan, write_shard
+from workers.lake.storage import join, put_bytes, url_to_fs
+from workers.lake.versions import commit
 
 
 def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges: RangeManifest,

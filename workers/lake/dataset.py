@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ranges.manifest import RangeManifest
-from workers.redact import redact_url
-from workers.storage import cat_uncached, join, sha256_hex, url_to_fs
-from workers.version import read_version
+from workers.lake.redact import redact_url
+from ranges.encoding import sha256_hex
+from workers.lake.storage import cat_uncached, join, url_to_fs
+from workers.lake.versions import read_version
 
 
 class IntegrityError(ValueError):
@@ -237,10 +238,12 @@ class DatasetVersion:
             raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} has id "
                                  f"{manifest.id}, the manifest says {r['id']}")
         model = self.manifest["model"]
-        if manifest.dim != model["dim"] or manifest.model_fingerprint != model["fingerprint"]:
-            raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} holds {manifest.dim}-d "
-                                 f"ranges of model {manifest.model_fingerprint}, the manifest says "
-                                 f"{model['dim']}-d {model['fingerprint']}; do not use this version")
+        try:
+            manifest.check_for(model["fingerprint"], model_name=model["name"], dim=model["dim"],
+                               where=f"{r['path']} of version {self.version} of {self.url}")
+        except ValueError as exc:
+            raise IntegrityError(f"{exc}; the version's manifest and its ranges disagree: do not use this "
+                                 "version") from None
         return manifest
 
 

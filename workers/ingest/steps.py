@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from ranges.manifest import RangeManifest
-from workers.config import IngestConfig
-from workers.scan import FileScan, scan_rows
-from workers.shard_writer import ShardPlan, completed_shard, write_shard, write_sidecar
-from workers.source import SourceFile, classify, iter_batches
-from workers.storage import join
+from workers.ingest.config import IngestConfig
+from workers.ingest.scan import FileScan, scan_rows
+from workers.ingest.shard_builder import ShardPlan, completed_shard, write_shard, write_sidecar
+from workers.ingest.source import SourceFile, classify, iter_batches
+from workers.lake.storage import join
 
 
 class UnitFailed(RuntimeError):

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.common import add_storage_options, run_reporting, storage_options
-from workers.redact import redact_url
-from workers.storage import url_to_fs
-from workers.version import list_versions, read_version
+from workers.lake.redact import redact_url
+from workers.lake.storage import url_to_fs
+from workers.lake.versions import list_versions, read_version
 
 
 @dataclass(frozen=True)

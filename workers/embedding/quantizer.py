@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-PRECISIONS = ("int8", "uint8", "binary", "ubinary")
+from workers.vocab import PRECISIONS
 
 # A float32 block plus its float32 scratch copy stay in L2, so every pass after the first reads
 # cache rather than memory (0.5-2 MiB measured alike on a 1 MiB-L2 core).
@@ -87,8 +87,12 @@ def _check_embeddings(embeddings) -> None:
         )
 
 
-def _bounds(ranges, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate ranges; return float32 (mins, maxs, steps), steps computed as the library does."""
+def range_steps(ranges, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate ranges; return float32 (mins, maxs, steps), steps computed as the library does.
+
+    The one computation of the int8 bucket width: queries are scored against the buckets the
+    corpus was quantized into (`workers.search.rescore`), so both must be these bytes.
+    """
     if ranges is None:
         raise ValueError(
             "ranges is None: int8/uint8 and clip counts need a (2, dim) array of per-dimension "
@@ -117,7 +121,7 @@ def _run(embeddings, ranges, precisions: tuple[str, ...], count: bool):
     n, dim = embeddings.shape
     x = np.ascontiguousarray(embeddings)
     scalar = "int8" in precisions or "uint8" in precisions
-    bounds = _bounds(ranges, dim) if scalar or count else None
+    bounds = range_steps(ranges, dim) if scalar or count else None
     packed = (dim + 7) // 8
     layout = {"int8": (dim, np.int8), "uint8": (dim, np.uint8),
               "binary": (packed, np.int8), "ubinary": (packed, np.uint8)}  # fmt: skip

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from workers.redact import redact_url
-from workers.storage import url_to_fs
+from workers.lake.redact import redact_url
+from workers.lake.storage import url_to_fs
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -35,19 +35,6 @@ class SourceFile:
     def identity(self) -> dict[str, Any]:
         return {"size": self.size, "version": self.version}
 
-
-@dataclass(frozen=True)
-class Fragment:
-    """A work unit: rows [row_start, row_stop) of one source file."""
-
-    file_index: int
-    file: SourceFile
-    row_start: int
-    row_stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.row_stop - self.row_start
 
 
 def _version(info: Mapping[str, Any]) -> str:

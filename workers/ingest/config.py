@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any
 
-from workers.encoder import EncoderConfig
-from workers.quantizer import PRECISIONS
-from workers.redact import redact, redact_url
-from workers.shard_writer import INDEX_TYPES
-from workers.storage import url_to_fs
+from workers.embedding.encoder import EncoderConfig
+from workers.lake.redact import redact, redact_url
+from workers.lake.storage import url_to_fs
+from workers.vocab import INDEX_TYPES, PRECISIONS, RANGE_METHODS, IndexType, Precision, RangeMethod, check
 
 
 @dataclass(frozen=True)
@@ -43,19 +42,19 @@ class IngestConfig:
     text_column: str = "text"
     id_column: str | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    precisions: tuple[str, ...] = ("int8", "ubinary")
+    precisions: tuple[Precision, ...] = ("int8", "ubinary")
     calibration_samples: int = 10_000
-    range_method: Literal["minmax", "quantile"] = "minmax"
+    range_method: RangeMethod = "minmax"
     quantiles: tuple[float, float] = (0.001, 0.999)
     seed: int = 0
     ranges: str | None = None
     ray_address: str | None = None
     unit_rows: int = 10_000
     encoder_actors: int | None = None
-    index_type: str = "IndexBinaryFlat"
+    index_type: IndexType = "IndexBinaryFlat"
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    access: Any = None  # workers.credentials.StorageAccess
+    access: Any = None  # workers.lake.credentials.StorageAccess
 
     def __repr__(self) -> str:
         # A config shows up in logs, tracebacks and Ray's task errors: never with its secrets.
@@ -80,8 +79,7 @@ class IngestConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"unknown precision(s) {bad or self.precisions}: choose from {', '.join(PRECISIONS)}")
-        if self.range_method not in ("minmax", "quantile"):
-            raise ValueError(f"range method must be minmax or quantile, got {self.range_method!r}")
+        check(self.range_method, RANGE_METHODS, "range method")
         low, high = self.quantiles
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {self.quantiles}")
@@ -93,5 +91,4 @@ class IngestConfig:
             raise ValueError(f"encoder_actors must be >= 1, got {self.encoder_actors}")
         if not self.text_column:
             raise ValueError("text column must be named")
-        if self.index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
+        check(self.index_type, INDEX_TYPES, "index_type")

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from workers.shard_writer import ShardPlan, completed_shard, shard_files, write_shard, write_sidecar
-from workers.storage import join, url_to_fs
+from workers.ingest.shard_builder import ShardPlan, completed_shard, write_shard, write_sidecar
+from workers.lake.records import shard_files
+from workers.lake.storage import join, url_to_fs
 
 DIM = 64
 

@@ -3,26 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from workers.ray_session import apply_worker_env
+from workers.vocab import DEVICES, Device, check
+
 
 BUNDLED = "all-MiniLM-L6-v2"
 BUNDLED_NAMES = (BUNDLED, f"sentence-transformers/{BUNDLED}")
 # A Hugging Face repo id, `name` or `org/name`: what a model name read from a manifest may be.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-# Environment of every process that loads a model: never reach a model hub, and no
-# per-process weight-loading bars flooding the driver's console.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +37,13 @@ class EncoderConfig:
     model: str | None = None
     batch_size: int = 64
     normalize: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     threads: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(self.device, DEVICES, "device")
 
     @property
     def model_name(self) -> str:
@@ -58,7 +53,6 @@ class EncoderConfig:
 def resolve_model(model: str | None) -> Path:
     """The local folder of a model the user named (a folder, or a cached name), without touching
     the network. A name read from a manifest goes through `resolve_model_name` instead."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if model in (None, "", *BUNDLED_NAMES):
         return _bundled()
     path = Path(model).expanduser()
@@ -78,7 +72,6 @@ def resolve_model_name(name: str, where: str = "the version") -> Path:
         name: the manifest's `model.name`.
         where: what named it, for the message (e.g. `version 3 of s3://bucket/emb`).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name in BUNDLED_NAMES:
         return _bundled()
     if not isinstance(name, str) or not _REPO_ID.fullmatch(name) or ".." in name:
@@ -124,6 +117,7 @@ class Encoder:
     """Callable class for Ray Data's actor pool: texts in, float32 embeddings out."""
 
     def __init__(self, cfg: EncoderConfig):
+        apply_worker_env()  # before the model libraries read it
         import torch
         from sentence_transformers import SentenceTransformer
 

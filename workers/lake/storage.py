@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import hashlib
 import inspect
-import json
 import os
 import posixpath
 import threading
@@ -17,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from workers.redact import redact_url
+from workers.lake.redact import redact_url
 
 # memory:// checks for the file and then stores it; this lock makes the pair atomic (the
 # store is per process, so a process-wide lock is enough).
@@ -61,9 +59,6 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
     fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
     return fs, path.rstrip("/") or "/"
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def join(root: str, relpath: str) -> str:
@@ -211,10 +206,3 @@ def ls_uncached(fs, path: str) -> list[str]:
     return fs.ls(path, detail=False, refresh=True)
 
 
-def canonical_json(obj: Any) -> bytes:
-    """The byte form hashed for ids: sorted keys, no whitespace, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def pretty_json(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()

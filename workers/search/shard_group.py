@@ -5,15 +5,16 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
-from workers.dataset import DatasetVersion, IntegrityError
-from workers.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
-from workers.storage import join
+from workers.vocab import SearchIndex
+from workers.lake.dataset import DatasetVersion, IntegrityError
+from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
+from workers.lake.storage import join
 
 # Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row).
 SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary")
@@ -53,7 +54,7 @@ class ShardGroup:
     """Shards searched by one worker: binary (or int8) indexes in memory, everything else mapped.
 
     Args:
-        ds: the opened version (`workers.dataset.open_version`).
+        ds: the opened version (`workers.lake.dataset.open_version`).
         ordinals: positions, in the version, of this group's shards (ties across shards break by it).
         ranges: (2, dim) float32 ranges of the version.
         index: `binary` keeps the shards' FAISS binary indexes; `int8` builds one-byte scalar
@@ -62,7 +63,7 @@ class ShardGroup:
     """
 
     def __init__(self, ds: DatasetVersion, ordinals: Sequence[int], ranges: np.ndarray,
-                 index: Literal["binary", "int8"] = "binary", cache_dir: str | None = None):
+                 index: SearchIndex = "binary", cache_dir: str | None = None):
         self.ds = ds
         self.shards = {int(o): self.ds.shards[int(o)] for o in ordinals}
         self.ranges = np.asarray(ranges, np.float32)

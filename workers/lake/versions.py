@@ -23,10 +23,11 @@ import time
 import uuid
 from typing import Any, Callable
 
-from workers.quantizer import PRECISIONS
-from workers.redact import redact_url
-from workers.shard_writer import INDEX_TYPES, shard_files
-from workers.storage import cat_uncached, check_relpath, create_only, join, ls_uncached, pretty_json
+from workers.lake.redact import redact_url
+from workers.lake.records import shard_files
+from ranges.encoding import pretty_json
+from workers.vocab import INDEX_TYPES, PRECISIONS
+from workers.lake.storage import cat_uncached, check_relpath, create_only, join, ls_uncached
 
 log = logging.getLogger(__name__)
 

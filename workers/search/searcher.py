@@ -1,30 +1,26 @@
 """Searching a committed dataset version: open it once, then query it many times over a thread pool.
 
-`workers/ray_searcher.py` runs the same search with Ray actors holding groups of shards.
+`workers/search/ray_searcher.py` runs the same search with Ray actors holding groups of shards.
 """
 from __future__ import annotations
 
 import json
 import os
-import posixpath
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping, Sequence
-from urllib.parse import urlsplit
+from typing import Any, Mapping, Sequence
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from ranges.manifest import RangeManifest
-from workers.dataset import open_version
-from workers.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
-from workers.quantizer import quantize
-from workers.redact import redact_url
-from workers.rescore import CANDIDATES, RESCORE, hamming_scores, merge, top_by_score
-from workers.shard_group import ShardGroup
+from workers.lake.dataset import open_version
+from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
+from workers.embedding.quantizer import quantize
+from workers.search.rescore import hamming_scores, merge, top_by_score
+from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, CandidateMode, RescoreMode, SearchIndex, check
+from workers.search.shard_group import ShardGroup
 
 # Queries searched together: bounds the candidate arrays, whatever the size of a queries file.
 QUERY_BATCH = 256
@@ -51,18 +47,16 @@ class SearchOptions:
 
     k: int = 10
     rescore_multiplier: int = 4
-    rescore: Literal["int8", "int8-raw", "bits", "none"] = "int8"
-    candidates: Literal["hamming", "asymmetric"] = "asymmetric"
+    rescore: RescoreMode = "int8"
+    candidates: CandidateMode = "asymmetric"
     ef_search: int | None = None
     nprobe: int | None = None
 
     def __post_init__(self):
         if self.k < 1 or self.rescore_multiplier < 1:
             raise ValueError(f"k and rescore_multiplier must be >= 1, got {self.k} and {self.rescore_multiplier}")
-        if self.rescore not in RESCORE:
-            raise ValueError(f"rescore must be one of {', '.join(RESCORE)}, got {self.rescore!r}")
-        if self.candidates not in CANDIDATES:
-            raise ValueError(f"candidates must be one of {', '.join(CANDIDATES)}, got {self.candidates!r}")
+        check(self.rescore, RESCORE_MODES, "rescore")
+        check(self.candidates, CANDIDATE_MODES, "candidates")
 
 
 @dataclass(frozen=True)
@@ -90,9 +84,7 @@ def check_dataset(doc: dict[str, Any], ranges: RangeManifest, fingerprint: str, 
         raise ValueError(f"range manifest {doc['ranges']['path']} has id {ranges.id}, but version "
                          f"{doc['version']} was quantized with ranges {doc['ranges']['id']}: queries would "
                          "be quantized differently from the corpus; restore that range manifest")
-    if ranges.model_fingerprint != want or ranges.dim != doc["model"]["dim"]:
-        raise ValueError(f"range manifest {ranges.id} is for model {ranges.model_fingerprint} ({ranges.dim} "
-                         f"dims), not the version's {want} ({doc['model']['dim']} dims)")
+    # That the ranges are the version model's (fingerprint, dim) is the reader's check (`read_ranges`).
 
 
 def open_checked(url: str, version: int | None, storage_options, model: str | None):
@@ -111,32 +103,6 @@ def open_checked(url: str, version: int | None, storage_options, model: str | No
         path = resolve_model_name(name, f"version {ds.version} of {ds.url}")
     check_dataset(ds.manifest, ranges, model_fingerprint(path), name)
     return ds, ranges, str(path)
-
-
-def _storage(url: str) -> tuple[str, str] | None:
-    """(protocol, bucket or host) of an object store URL, ("file", absolute path) of a local one;
-    None for a chained URL (`a::b`), whose storage is not one place."""
-    if "::" in url:
-        return None
-    protocol = fsspec.utils.get_protocol(url)
-    if protocol in ("file", "local"):
-        return "file", posixpath.normpath(LocalFileSystem._strip_protocol(url))
-    return protocol, urlsplit(url).netloc.rsplit("@", 1)[-1]
-
-
-def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
-    """Whether `source_url` lies on the dataset's own storage: same protocol and, for an object
-    store, the same bucket (host for HTTP); for local paths, inside the folder that holds the
-    dataset (`lake/raw` next to `lake/emb`)."""
-    dataset, source = _storage(dataset_url), _storage(source_url)
-    if dataset is None or source is None or dataset[0] != source[0]:
-        return False
-    if dataset[0] != "file":
-        return bool(dataset[1]) and dataset[1] == source[1]
-    parent = posixpath.dirname(dataset[1])
-    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
-        return False
-    return source[1] == parent or source[1].startswith(parent + "/")
 
 
 class Searcher:
@@ -161,7 +127,7 @@ class Searcher:
 
     @classmethod
     def open(cls, url: str, version: int | None = None, storage_options: Mapping[str, Any] | None = None,
-             model: str | None = None, *, index: Literal["binary", "int8"] = "binary",
+             model: str | None = None, *, index: SearchIndex = "binary",
              threads: int | None = None, cache_dir: str | None = None) -> "Searcher":
         """Open version `version` (latest when None) of the dataset at `url`.
 
@@ -175,8 +141,7 @@ class Searcher:
             threads: shards searched at once (default: the CPUs this process may use).
             cache_dir: local folder for decoded shard columns (default: a temporary one).
         """
-        if index not in ("binary", "int8"):
-            raise ValueError(f"index must be binary or int8, got {index!r}")
+        check(index, SEARCH_INDEXES, "index")
         ds, ranges, name = open_checked(url, version, storage_options, model)
         doc = ds.manifest
         threads = threads or len(os.sched_getaffinity(0))
@@ -300,51 +265,6 @@ class Searcher:
             out.append(Hit(ids[0], float("nan"), self._shard_ids[s], int(r), int(src[0])))
         return out
 
-    def source_texts(self, hits: Sequence[Hit], source: str | None = None, text_column: str | None = None) -> list[str]:
-        """The documents' texts, read from the source lake the version was built from.
-
-        The manifest's source URL is used only when it lies on the dataset's own storage
-        (`on_dataset_storage`): these storage options (credentials) are the dataset's, and a
-        manifest must not make them read another bucket or folder. Elsewhere the caller names it.
-
-        Args:
-            hits: documents to look up.
-            source: the lake's URL (default: the manifest's, if on the dataset's storage), read
-                with this searcher's storage options.
-            text_column: default: the manifest's.
-        """
-        from workers.source import SourceFile, iter_batches, list_source
-
-        src = self.manifest["source"]
-        if source is None:
-            if src["url"] == "vectors:":
-                raise ValueError(f"version {self.version} was written from vectors, without a source lake: "
-                                 "it has no texts to read; pass --source with a lake holding them")
-            if not on_dataset_storage(self.url, src["url"]):
-                raise ValueError(f"version {self.version} names its source {redact_url(src['url'])}, which is "
-                                 f"not on the dataset's own storage ({_storage_name(self.url)}); a manifest alone "
-                                 "never chooses what this job's credentials read: pass --source with the "
-                                 "source lake's URL")
-        fs, root, files = list_source(source or src["url"], self.storage_options)
-        by_path = {f.relpath: f for f in files}
-        shard_file = {s["id"]: s["source"]["file"] for s in self.manifest["shards"]}
-        column = text_column or src["text_column"]
-        wanted: dict[str, dict[int, str | None]] = {}
-        for h in hits:
-            wanted.setdefault(shard_file[h.shard], {})[h.source_row] = None
-        for relpath, rows in wanted.items():
-            f: SourceFile | None = by_path.get(relpath)
-            if f is None:
-                raise FileNotFoundError(f"source file {relpath} of version {self.version} is gone from "
-                                        f"{redact_url(source or src['url'])}; pass the lake's current URL")
-            lo, hi = min(rows), max(rows) + 1
-            for first, batch in iter_batches(fs, root, f, [column], lo, hi):
-                texts = batch.column(column).to_pylist()
-                for r in rows:
-                    if first <= r < first + len(texts):
-                        rows[r] = texts[r - first]
-        return [wanted[shard_file[h.shard]][h.source_row] for h in hits]
-
     def resident_bytes(self) -> int:
         """Bytes of the indexes held in memory (int8 rows stay in memory-mapped files)."""
         return sum(self._map([(g, "resident_bytes", ()) for g in self._groups]))
@@ -362,13 +282,6 @@ class Searcher:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _storage_name(url: str) -> str:
-    where = _storage(url)
-    if where is None:
-        return redact_url(url)
-    return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"
 
 
 def dumps_hits(query: str, hits: Sequence[Hit]) -> str:

@@ -1,15 +1,16 @@
 """Search with Ray: actors each hold a group of shards, and every query fans out to all of them."""
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from workers.credentials import StorageAccess
-from workers.dataset import open_version
+from workers.vocab import SearchIndex
+from workers.lake.credentials import StorageAccess
+from workers.lake.dataset import open_version
 from workers.ray_session import init_ray
-from workers.searcher import Searcher, open_checked
-from workers.shard_group import ShardGroup
+from workers.search.searcher import Searcher, open_checked
+from workers.search.shard_group import ShardGroup
 
 
 class RaySearcher(Searcher):
@@ -17,7 +18,7 @@ class RaySearcher(Searcher):
 
     @classmethod
     def open(cls, url: str, version: int | None = None, storage_options: Mapping[str, Any] | None = None,
-             model: str | None = None, *, index: Literal["binary", "int8"] = "binary",
+             model: str | None = None, *, index: SearchIndex = "binary",
              actors: int | None = None, actor_cpus: float = 1.0, ray_address: str | None = None) -> "RaySearcher":
         """Open a version with its shards split over `actors` Ray actors (default: one per CPU).
 
@@ -27,9 +28,7 @@ class RaySearcher(Searcher):
         """
         import ray
 
-        from workers.encoder import WORKER_ENV
-
-        started = init_ray(ray_address, runtime_env={"env_vars": WORKER_ENV})
+        started = init_ray(ray_address)
         try:
             ds, ranges, name = open_checked(url, version, storage_options, model)
             doc, shards = ds.manifest, ds.shards
@@ -37,7 +36,7 @@ class RaySearcher(Searcher):
             bounds = _balanced_bounds([s["rows"] for s in shards], n)
             actor_cls = ray.remote(num_cpus=actor_cpus)(ShardGroupActor)
             # Actors get the storage options the way ingest tasks do, through the object store
-            # (workers/credentials.py says why): actor arguments are kept in Ray's task specs.
+            # (workers/lake/credentials.py says why): actor arguments are kept in Ray's task specs.
             access = StorageAccess.put(storage_options)
             groups, owner = [], np.zeros(len(shards), np.int64)
             for g, (a, b) in enumerate(zip(bounds, bounds[1:])):

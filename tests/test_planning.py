@@ -1,0 +1,64 @@
+"""Work-unit planning (pure): every row in exactly one unit, Parquet cut on row-group bounds."""
+from hypothesis import given
+from hypothesis import strategies as st
+
+from workers.ingest.config import IngestConfig
+from workers.ingest.planning import plan_units, row_bounds, shard_id, unit_items
+from workers.ingest.source import SourceFile
+
+groups_st = st.lists(st.integers(0, 50), max_size=12)
+
+
+def _check_cover(bounds: list[int], rows: int) -> None:
+    assert bounds[0] == 0 and bounds[-1] == rows
+    assert all(a < b for a, b in zip(bounds, bounds[1:])) or rows == 0  # no empty unit
+
+
+@given(st.integers(0, 500), st.integers(1, 60))
+def test_jsonl_units_cover_every_row_once_and_stay_within_unit_rows(rows, unit_rows):
+    bounds = row_bounds(rows, unit_rows)
+    _check_cover(bounds, rows)
+    assert all(b - a <= unit_rows for a, b in zip(bounds, bounds[1:]))
+
+
+@given(groups_st, st.integers(1, 60))
+def test_parquet_units_cut_on_row_group_bounds(groups, unit_rows):
+    rows = sum(groups)
+    bounds = row_bounds(rows, unit_rows, groups)
+    _check_cover(bounds, rows)
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    assert set(bounds) <= set(starts) | {rows}  # only row-group edges
+    for a, b in zip(bounds, bounds[1:]):
+        # Cut as soon as a unit reaches unit_rows: only its last row group may take it past.
+        last = max(s for s, g in zip(starts, groups) if a <= s < b and g)
+        assert last - a < unit_rows
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.booleans()), min_size=1, max_size=6), st.integers(1, 40))
+def test_plan_units_assigns_every_row_of_every_file_to_exactly_one_unit(shapes, unit_rows):
+    files = [SourceFile(f"part-{i}.{'parquet' if pq else 'jsonl'}", 10, "v", "parquet" if pq else "jsonl")
+             for i, (_, pq) in enumerate(shapes)]
+    rows = [n for n, _ in shapes]
+    groups = [[n // 2, n - n // 2] if pq else None for n, pq in shapes]
+    cfg = IngestConfig("src", "dst", unit_rows=unit_rows)
+    units = plan_units(cfg, files, rows, groups)
+    seen = {}
+    for u in units:
+        for r in range(u.row_start, u.row_stop):
+            assert (u.file_index, r) not in seen
+            seen[(u.file_index, r)] = u
+    assert len(seen) == sum(rows)
+
+
+def test_shard_ids_are_deterministic_and_cover_what_decides_the_rows():
+    f = SourceFile("a.parquet", 100, "etag1", "parquet")
+    cfg = IngestConfig("src", "dst", unit_rows=10)
+    units = plan_units(cfg, [f], [20], [[10, 10]])
+    first = unit_items(cfg, units, {}, "sha256:m", "r" * 64)
+    assert first == unit_items(cfg, units, {}, "sha256:m", "r" * 64)
+    ids = [item["unit"] for item in first]
+    assert len(set(ids)) == 2
+    with_dup = unit_items(cfg, units, {0: [(3, "z.parquet", 0)]}, "sha256:m", "r" * 64)
+    assert with_dup[0] != first[0] and with_dup[1] == first[1]  # only the unit holding row 3 changes
+    assert shard_id("a", {"size": 1}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat") != \
+        shard_id("a", {"size": 2}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat")

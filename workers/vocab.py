@@ -1,0 +1,35 @@
+"""The project's vocabularies: one Literal per kind of name, the tuple of its values, one check.
+
+Configs type their fields with these Literals, argparse takes its `choices` from the tuples,
+and `check` is the one place an unknown value is refused.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from ranges.manifest import RANGE_METHODS, RangeMethod  # noqa: F401 - defined with the range manifest
+
+Precision = Literal["int8", "uint8", "binary", "ubinary"]
+# FAISS class names, as manifests store them; the CLI spells them `flat|hnsw|ivf` (INDEX_FLAGS).
+IndexType = Literal["IndexBinaryFlat", "IndexBinaryHNSW", "IndexBinaryIVF"]
+RescoreMode = Literal["int8", "int8-raw", "bits", "none"]
+CandidateMode = Literal["asymmetric", "hamming"]
+SearchIndex = Literal["binary", "int8"]
+Device = Literal["auto", "cpu", "cuda"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
+RESCORE_MODES: tuple[str, ...] = get_args(RescoreMode)
+CANDIDATE_MODES: tuple[str, ...] = get_args(CandidateMode)
+SEARCH_INDEXES: tuple[str, ...] = get_args(SearchIndex)
+DEVICES: tuple[str, ...] = get_args(Device)
+
+# The one mapping between the CLI's index names and the manifest's.
+INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}
+
+
+def check(value: object, allowed: tuple[str, ...], what: str) -> str:
+    """`value` if it is one of `allowed`, else a ValueError naming `what`, the value and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+    return value  # type: ignore[return-value]
