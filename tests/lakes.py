@@ -60,3 +60,27 @@ def committed_ids(url: str, options: dict) -> list[str]:
         ids += version.read_shard_table(shard, columns=["id"])["id"].to_pylist()
         version.read_index_bytes(shard)  # the index must verify too
     return sorted(ids)
+
+
+def upload_lake(fs, url: str, docs, files: int = 2) -> None:
+    """Write `docs` as `files` Parquet files (20-row groups) under `<url>/raw` with `fs`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    per = -(-len(docs) // files)
+    for i in range(files):
+        part = docs[i * per:(i + 1) * per]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}), sink, row_group_size=20)
+        fs.pipe_file(f"{url}/raw/part-{i}.parquet", sink.getvalue().to_pybytes())
+
+
+def verify_version(url: str, options: dict | None = None, version: int | None = None):
+    """Open a committed version and read every file it references through the checked reader."""
+    v = open_version(url, version, storage_options=options)
+    for s in v.shards:
+        v.read_shard_table(s)
+        v.read_index(s)
+        v.read_rejects(s)
+    v.read_ranges()
+    return v

@@ -3,24 +3,15 @@ with credentials from the environment or from --storage-options, and never shown
 import json
 import logging
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import s3fs
 
 from jobs.cli import main as cli
 from workers.lake.dataset import open_version
+from lakes import upload_lake
 
 INGEST = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "20", "--batch-size", "32",
           "--no-progress", "--json"]
 
-
-def _upload_lake(fs, url, docs, files=2):
-    per = -(-len(docs) // files)
-    for i in range(files):
-        part = docs[i * per:(i + 1) * per]
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}), sink, row_group_size=20)
-        fs.pipe_file(f"{url}/raw/part-{i}.parquet", sink.getvalue().to_pybytes())
 
 
 def _objects(fs, bucket):
@@ -40,7 +31,7 @@ def _verify_all(url, options=None):
 def test_ingest_inspect_vacuum_with_environment_credentials(s3, docs, ray_session, tmp_path, monkeypatch, capsys):
     bucket, options = s3
     fs = s3fs.S3FileSystem(**options)
-    _upload_lake(fs, bucket, docs[:60])
+    upload_lake(fs, bucket, docs[:60])
     monkeypatch.chdir(tmp_path)  # nothing may land on local disk
     # Only the environment (AWS_ENDPOINT_URL, key, secret) says where S3 is and who we are;
     # the session's Ray workers were started without it and get it through the object store.
@@ -88,7 +79,7 @@ def test_storage_options_only_and_secrets_never_shown(s3, s3_server, docs, ray_s
     options = {"key": KEY, "secret": SECRET,
                "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(**options)
-    _upload_lake(fs, bucket, docs[60:120])
+    upload_lake(fs, bucket, docs[60:120])
     caplog.set_level(logging.INFO)
     opts = ["--storage-options", json.dumps(options)]
 

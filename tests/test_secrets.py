@@ -6,8 +6,6 @@ import os
 import uuid
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -16,8 +14,9 @@ from jobs.ingest import _version_doc, format_summary, manifest_url
 from jobs.search import SearchConfig
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
-from workers.lake.credentials import StorageAccess
+
 from workers.lake.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
+from lakes import upload_lake
 
 AZURE_KEY = "YWNjb3VudC1rZXktdmFsdWU9PQ=="
 OPTIONS = {
@@ -101,14 +100,6 @@ def test_summary_and_manifest_never_hold_url_credentials():
     assert doc["source"]["url"] == redact_url(SIGNED_S3) and "0a1b2c3d4e5f60718293" not in json.dumps(doc)
 
 
-def _upload_lake(fs, url, docs, files=2):
-    per = -(-len(docs) // files)
-    for i in range(files):
-        part = docs[i * per:(i + 1) * per]
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}), sink, row_group_size=20)
-        fs.pipe_file(f"{url}/raw/part-{i}.parquet", sink.getvalue().to_pybytes())
-
 
 def _ray_logs() -> dict[str, bytes]:
     """Every file of this Ray session's log folder (worker and driver logs, dumps)."""
@@ -152,7 +143,7 @@ def test_ingest_and_ray_search_on_s3_never_show_a_secret(s3, s3_server, docs, ra
     secrets = (key, secret, signature, credential)
     options = {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(**options)
-    _upload_lake(fs, bucket, docs[200:240])
+    upload_lake(fs, bucket, docs[200:240])
     opts = ["--storage-options", json.dumps(options)]
     caplog.set_level(logging.INFO)
     logs_before = _ray_logs()

@@ -10,6 +10,7 @@ from jobs.vacuum import parse_duration
 from workers.lake.dataset import open_version
 from workers.lake.storage import url_to_fs
 from workers.lake.versions import commit, read_version
+from lakes import verify_version
 
 HOUR = 3600
 
@@ -22,15 +23,6 @@ def _age(path, seconds):
 def _all_files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
-
-def _verify_all(dest, version=None):
-    v = open_version(str(dest), version)
-    for s in v.shards:
-        v.read_shard_table(s)
-        v.read_index(s)
-        v.read_rejects(s)
-    v.read_ranges()
-    return v
 
 
 ORPHAN = "ab" * 16  # a shard id no version lists
@@ -84,7 +76,7 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
     assert _all_files(d) == sorted(set(before) - {e["path"] for e in expected})
     assert {"versions/notes.txt", "README.txt", f"shards/{FRESH}.parquet", "shards/orphan.parquet",
             "ranges/0000abcd.json"} <= set(_all_files(d))
-    _verify_all(d)  # every file the version needs is still there and verifies
+    verify_version(str(d))  # every file the version needs is still there and verifies
 
 
 def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):
@@ -108,7 +100,7 @@ def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsy
     assert {e["path"] for e in res["deleted"]} == only_v1
     assert res["deleted"][0]["path"] == "versions/00000001.json"  # manifests go first
     assert not (d / "versions/00000001.json").exists() and not (d / dropped["path"]).exists()
-    assert _verify_all(d).version == 2
+    assert verify_version(str(d)).version == 2
     with pytest.raises(FileNotFoundError, match="version 1 of .* does not exist"):
         open_version(str(d), 1)
 

@@ -20,6 +20,7 @@ from workers.lake.dataset import open_version
 from workers.embedding.encoder import EncoderConfig
 from workers.ingest.steps import read_unit
 from workers.lake.versions import commit, read_version
+from lakes import verify_version
 
 HOUR = 3600
 TMP = "5" * 32  # the uuid4 hex of a temporary's name
@@ -59,15 +60,6 @@ def _commit_with(store, shards: list[dict]) -> int:
     body = {k: x for k, x in v.items() if k not in ("version", "writer", "created_at")}
     return commit(store.fs, store.root, {**body, "parent": v["version"], "shards": v["shards"] + shards})
 
-
-def _verify(url: str, options: dict, version=None):
-    v = open_version(url, version, storage_options=options)
-    for s in v.shards:
-        v.read_shard_table(s)
-        v.read_index(s)
-        v.read_rejects(s)
-    v.read_ranges()
-    return v
 
 
 def _reuse(store, shard: dict) -> None:
@@ -148,7 +140,7 @@ def test_deletes_only_names_quantlake_writes(small_dataset, store, capsys):
     assert sum(b for _, b in res.deleted) == sum(len(v) for v in ours.values())
     assert res.foreign == sorted(foreign) and res.young == [] and res.in_use == []
     assert store.files() == sorted(set(before) - set(ours))
-    _verify(store.url, store.options)
+    verify_version(store.url, store.options)
 
 
 # --- races with a job --------------------------------------------------------------------------
@@ -175,7 +167,7 @@ def test_a_version_or_a_reuse_that_lands_while_vacuum_runs_keeps_its_shards(smal
     assert [p for p, _ in done.deleted] == ["versions/00000001.json"]
     assert set(done.in_use) == going - {"versions/00000001.json"}
     assert done.damaged == []
-    _verify(store.url, store.options)  # version 3, with the committed shard
+    verify_version(store.url, store.options)  # version 3, with the committed shard
     for s in (before_plan, before_delete):  # still complete, as a rerun would reuse them
         assert {s["path"], s["index"], f"shards/{s['id']}.json"} <= _shard_files(store, s["id"])
 
@@ -248,7 +240,7 @@ def test_a_rerun_committing_between_plan_and_delete_keeps_its_shards(small_datas
     done = delete(store.fs, store.root, cfg, planned)
     assert [p for p, _ in done.deleted] == ["versions/00000001.json"]
     assert dropped["path"] in done.in_use and done.damaged == []
-    assert len(_verify(store.url, {}).shards) == 5
+    assert len(verify_version(store.url, {}).shards) == 5
 
 
 def test_a_rerun_reusing_a_shard_is_safe_from_a_vacuum_that_planned_earlier(small_dataset, expired_shard,
@@ -271,4 +263,4 @@ def test_a_rerun_reusing_a_shard_is_safe_from_a_vacuum_that_planned_earlier(smal
     (done,) = results
     assert [p for p, _ in done.deleted] == ["versions/00000001.json"]
     assert set(done.in_use) == _shard_files(store, dropped["id"])
-    assert len(_verify(store.url, {}).shards) == 5
+    assert len(verify_version(store.url, {}).shards) == 5
