@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import faiss
@@ -168,11 +169,13 @@ def test_normalised_ranges_are_refused_for_no_normalize(quantile, tmp_path, caps
     "resolves them against its own working directory: on a joined cluster (--ray-address, or this "
     "session's Ray) that is not the caller's; the driver should make local paths absolute first"))
 def test_relative_paths_resolve_against_the_callers_directory(docs, ray_session, tmp_path, monkeypatch, capsys):
-    write_parquet_lake(tmp_path / "lake", docs[:20], files=1, row_group_size=20)
+    # Names no other directory has: a worker resolving them elsewhere must find nothing to read.
+    lake, dest = f"lake-{uuid.uuid4().hex[:8]}", f"dest-{uuid.uuid4().hex[:8]}"
+    write_parquet_lake(tmp_path / lake, docs[:20], files=1, row_group_size=20)
     monkeypatch.chdir(tmp_path)
-    assert cli(["ingest", "lake", "dest", "--id-column", "id", "--calibration-samples", "20", "--no-progress"]) == 0, \
+    assert cli(["ingest", lake, dest, "--id-column", "id", "--calibration-samples", "20", "--no-progress"]) == 0, \
         capsys.readouterr().err
-    assert json.loads((tmp_path / "dest" / "versions" / "00000001.json").read_text())["counts"]["documents"] == 20
+    assert json.loads((tmp_path / dest / "versions" / "00000001.json").read_text())["counts"]["documents"] == 20
 
 
 @pytest.mark.xfail(strict=True, reason=(
