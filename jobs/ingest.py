@@ -62,10 +62,10 @@ def run(cfg: IngestConfig) -> IngestResult:
     # a backend without an atomic create-only write, or a latest version a crash left empty.
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
+    files, row_groups = check_source(cfg)
     parent = (list_versions(dest_fs, dest_root) or [None])[-1]
     if parent is not None:
         read_version(dest_fs, dest_root, parent)
-    files, row_groups = check_source(cfg)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
     saved_ranges = None

@@ -24,8 +24,9 @@ def lake(tmp_path, docs):
 
 
 def _nothing_committed(dest):
-    assert not os.path.exists(dest / "versions")
-    assert not os.path.exists(dest / "shards")
+    """No version, and no shard, reject or range manifest either: the job stopped before any work."""
+    for folder in ("versions", "shards", "rejects", "ranges"):
+        assert not os.path.exists(dest / folder), f"{folder}/ was written"
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -51,6 +52,7 @@ def test_text_column_of_wrong_type(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "lake" / "n.parquet")
     with pytest.raises(SourceError, match="text column 'text' of file n.parquet has type int64"):
         run(IngestConfig(str(tmp_path / "lake"), str(tmp_path / "out")))
+    _nothing_committed(tmp_path / "out")
 
 
 def test_missing_or_empty_source(tmp_path, capsys):

@@ -1,12 +1,17 @@
 """Calibration on the encoder actor pool: the ranges do not depend on the number of actors."""
+import os
+from collections import Counter
+
 import numpy as np
 import pytest
+from ray.data import DataContext
 from sentence_transformers import SentenceTransformer
 
+import workers.ingest.pipeline
 from jobs.ingest import check_source
 from workers.ingest.pipeline import calibrate, encoder_pool, scan
 from workers.ingest.config import IngestConfig
-from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
 
 from conftest import write_parquet_lake
 
@@ -22,14 +27,35 @@ def sampled(tmp_path_factory, docs, ray_session):
 
 
 @pytest.mark.parametrize("method", ["minmax", "quantile"])
-def test_same_ranges_with_one_or_two_encoder_actors(sampled, method):
+def test_same_ranges_with_one_or_two_encoder_actors(sampled, method, monkeypatch, tmp_path):
     cfg, sample, fp = sampled
-    out = []
+    log = tmp_path / "encoded.log"
+
+    class Logged(Encoder):  # defined here so that Ray ships it by value: tests/ is not on workers' path
+        def __call__(self, row):
+            out = super().__call__(row)
+            with open(log, "a") as f:  # one short line per call: an atomic append
+                f.write(f"{os.getpid()} {len(out['embeddings']) // (4 * out['dim'])}\n")
+            return out
+
+    monkeypatch.setattr(workers.ingest.pipeline, "Encoder", Logged)
+    # Hand out work only once every actor of the pool is up: otherwise the first actor to load
+    # the model may take every chunk, and "two actors" would be one.
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 600)
+    out, encoded = [], []
     for actors in (1, 2):
         c = IngestConfig(cfg.source, cfg.dest, id_column="id", calibration_samples=120, seed=7,
                          encoder=cfg.encoder, encoder_actors=actors, range_method=method,
                          quantiles=(0.01, 0.99), progress=False)
         out.append(calibrate(c, sample, fp, encoder_pool(c)))
+        per_actor = Counter()
+        for line in log.read_text().splitlines():
+            pid, n = map(int, line.split())
+            per_actor[pid] += n
+        encoded.append(sorted(per_actor.values()))
+        log.unlink()
+    # 120 texts in chunks of 4 batches of 8: one actor encodes all four, or each of two some.
+    assert encoded[0] == [120] and len(encoded[1]) == 2 and sum(encoded[1]) == 120, encoded
     assert out[0].ranges.tobytes() == out[1].ranges.tobytes()
     assert out[0].id == out[1].id and out[0].sample_size == 120 and out[0].method == method
 

@@ -50,12 +50,19 @@ def test_altered_shard_is_named_and_not_parsed(copy_dataset):
 def test_index_is_deserialised_only_after_its_checksum_matched(copy_dataset, monkeypatch):
     v = open_version(str(copy_dataset))
     s = v.shards[0]
+    real, parsed = faiss.deserialize_index_binary, []
+
+    def spy(data):
+        parsed.append(sha256_hex(np.asarray(data).tobytes()))
+        return real(data)
+
+    monkeypatch.setattr(faiss, "deserialize_index_binary", spy)
+    assert v.read_index(s).ntotal == s["rows"]
+    assert parsed == [s["index_sha256"]]  # the reader goes through the spy, with verified bytes
     _flip_last_byte(copy_dataset / s["index"])
-    calls = []
-    monkeypatch.setattr(faiss, "deserialize_index_binary", lambda *a: calls.append(a))
     with pytest.raises(IntegrityError, match=rf"{s['index']} of version 1 .* has sha256"):
         v.read_index(s)
-    assert calls == []
+    assert parsed == [s["index_sha256"]]  # the altered bytes never reached the parser
 
 
 def test_missing_shard_file_is_named(copy_dataset):

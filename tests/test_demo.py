@@ -1,10 +1,19 @@
-"""The demo corpus: real docstrings, deterministic, written as Parquet through fsspec."""
+"""The demo corpus (real docstrings, deterministic, written as Parquet through fsspec), and the
+README's `make demo` flow run at a small size."""
+import importlib
+import re
+import shlex
+from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo import SCHEMA, DemoConfig, collect_documents, run
+import jobs.demo
+from jobs.cli import main as quantlake
+from jobs.demo import DEFAULT_SOURCES, SCHEMA, DemoConfig, collect_documents, run
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The stdlib and numpy walk in a couple of seconds; the full default set takes longer.
 QUICK = ("stdlib", "numpy")
@@ -52,10 +61,56 @@ def test_rejects_more_docs_than_the_corpus_has(tmp_path):
         DemoConfig(dest=str(tmp_path), files=0)
 
 
-def test_default_corpus_is_large():
-    table = collect_documents()
+@pytest.fixture(scope="module")
+def default_corpus():
+    """The default corpus, walked once for this module: it imports every default source (minutes)."""
+    return collect_documents()
+
+
+def test_default_corpus_is_large(default_corpus):
+    table = default_corpus
     assert table.num_rows > 20_000
     ids = table.column("id").to_pylist()
     assert len(set(ids)) == len(ids) and ids == sorted(ids)
     assert "json.decoder.JSONDecoder.decode" in ids
     assert min(map(len, table.column("text").to_pylist())) >= 40
+
+
+def demo_commands(docs: int) -> list[list[str]]:
+    """The Makefile's `demo` recipe, as argument lists, with DEMO_DOCS set to `docs`."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("demo:"))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(shlex.split(line.strip().replace("$(DEMO_DOCS)", str(docs))))
+    return recipe
+
+
+def test_make_demo_flow_at_a_small_size(default_corpus, ray_session, tmp_path, monkeypatch, capsys):
+    """The Makefile's demo recipe, read from the Makefile, so `make demo` cannot silently break."""
+    assert "make demo" in (REPO / "README.md").read_text()
+    assert re.search(r"^DEMO_DOCS \?= \d+$", (REPO / "Makefile").read_text(), re.M)  # the size knob
+    real = jobs.demo.collect_documents
+    monkeypatch.setattr(jobs.demo, "collect_documents",  # the module's walk, not a second one
+                        lambda sources=DEFAULT_SOURCES: default_corpus if sources == DEFAULT_SOURCES else real(sources))
+    # The recipe's relative paths (lake/...), made absolute under tmp_path: this process's Ray
+    # workers run in the directory pytest started in, and resolve relative paths there.
+    commands = [[str(tmp_path / a) if a.startswith("lake/") else a for a in argv] for argv in demo_commands(200)]
+    assert len(commands) == 3, commands
+    outputs = []
+    for argv in commands:  # run as `make demo` would, in this process: the session's Ray is joined
+        if argv[:3] == ["$(BIN)/python", "-m", "jobs.demo"]:
+            assert importlib.import_module("jobs.demo").main(argv[3:]) in (None, 0)
+        elif argv[0] == "$(BIN)/quantlake":
+            assert quantlake(argv[1:]) == 0, capsys.readouterr().err
+        else:
+            pytest.fail(f"the demo recipe runs {argv}, which this test does not know how to run")
+        outputs.append(capsys.readouterr().out)
+    corpus, ingest, search = outputs
+    assert corpus.strip() == f"demo corpus: 200 documents, 4 files, {tmp_path}/lake/docs"
+    assert ingest.startswith("committed version 1: 200 documents, 0 rejects (of 200 rows read), 4 shards")
+    assert f"manifest: {tmp_path}/lake/emb/versions/00000001.json" in ingest
+    blocks = re.findall(r"^neighbours of (\S+): .*\n +1\. +[-\d.]+ +(\S+) ", search, re.M)
+    assert len(blocks) == 3 and all(doc == first for doc, first in blocks), search

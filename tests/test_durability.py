@@ -189,11 +189,17 @@ def test_an_empty_version_file_is_a_clear_error_for_readers(copy_dataset):
 
 def test_inspect_names_the_empty_version_file(copy_dataset, capsys):
     (copy_dataset / "versions" / "00000002.json").write_bytes(b"")
-    for args in ([], ["--version", "1"], ["--json"]):
+    for args in ([], ["--json"]):  # both detail the latest version: the empty one
         assert cli(["inspect", str(copy_dataset), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("quantlake inspect: error: versions/00000002.json of ")
         assert "delete versions/00000002.json and rerun" in err
+    # Version 1 is sound and can be shown; the history names the empty file and the fix.
+    assert cli(["inspect", str(copy_dataset), "--version", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "version 1, committed" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("2 "))
+    assert "unreadable" in line and "delete versions/00000002.json and rerun" in line
 
 
 def test_no_commit_numbers_past_an_empty_version_until_it_is_deleted(copy_dataset, v1):

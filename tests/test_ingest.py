@@ -30,8 +30,25 @@ def ingested(tmp_path_factory, docs, ray_session):
     (lake / "z-extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     cfg = IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=150, unit_rows=60,
                        encoder=EncoderConfig(batch_size=32), progress=False)
-    result = run(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        calibrated = _spy_calibration(mp)
+        result = run(cfg)
+    assert calibrated == [150]  # the spy sees a calibration when there is one
     return lake, dest, cfg, result, good + [("ok-jsonl", docs[350][1])]
+
+
+def _spy_calibration(mp) -> list[int]:
+    """Record, per calibration the job runs, how many sampled texts it hands the encoders."""
+    import jobs.ingest
+
+    calls, real = [], jobs.ingest.calibrate
+
+    def spy(cfg, sample, fingerprint, pool):
+        calls.append(len(sample.texts))
+        return real(cfg, sample, fingerprint, pool)
+
+    mp.setattr(jobs.ingest, "calibrate", spy)
+    return calls
 
 
 def _shards(dest, version):
@@ -99,13 +116,16 @@ def test_shard_index_finds_each_document_itself(ingested):
         assert (idx[:, 0] == np.arange(len(table))).mean() > 0.95  # ties only for identical codes
 
 
-def test_rerun_with_saved_ranges_writes_identical_shards(ingested, tmp_path):
+def test_rerun_with_saved_ranges_writes_identical_shards(ingested, tmp_path, monkeypatch):
     lake, dest, cfg, result, accepted = ingested
     version = json.loads((dest / "versions" / "00000001.json").read_text())
+    calibrated = _spy_calibration(monkeypatch)
     again = run(IngestConfig(str(lake), str(tmp_path / "d2"), id_column="id", unit_rows=60,
                              ranges=str(dest / version["ranges"]["path"]),
                              encoder=EncoderConfig(batch_size=32), progress=False))
     v2 = json.loads((tmp_path / "d2" / "versions" / "00000001.json").read_text())
-    assert again.summary["calibrate_s"] < 1 and v2["ranges"]["id"] == version["ranges"]["id"]
+    # Nothing was encoded for calibration: the encoders saw only the 301 documents of the shards.
+    assert calibrated == [] and again.summary["documents"] == sum(s["rows"] for s in v2["shards"]) == 301
+    assert v2["ranges"]["id"] == version["ranges"]["id"]
     assert [(s["id"], s["sha256"], s["index_sha256"]) for s in v2["shards"]] == \
            [(s["id"], s["sha256"], s["index_sha256"]) for s in version["shards"]]

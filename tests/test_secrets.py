@@ -114,18 +114,39 @@ def _ray_logs() -> dict[str, bytes]:
     return out
 
 
+def _reachable_text(obj, seen=None) -> bytes:
+    """Every string and bytes value reachable from `obj` (containers, dataclasses, object
+    attributes, arrays' bytes), joined: what Ray would serialise of it into a task spec."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return b""
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        return obj.encode() + b"\0"
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj) + b"\0"
+    if hasattr(obj, "tobytes"):
+        return obj.tobytes() + b"\0"
+    if isinstance(obj, dict):
+        return b"".join(_reachable_text(k, seen) + _reachable_text(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return b"".join(_reachable_text(v, seen) for v in obj)
+    fields = getattr(obj, "__dict__", None) or {n: getattr(obj, n) for n in getattr(obj, "__slots__", ())
+                                                 if hasattr(obj, n)}
+    return _reachable_text(fields, seen) + repr(obj).encode()
+
+
 @pytest.fixture
 def actor_arguments(monkeypatch):
-    """(class name, constructor arguments) of every Ray actor created, the arguments pickled as
-    Ray puts them in the actor's task specification (an observation: creation goes on unchanged)."""
-    import ray
+    """(class name, text reachable from the constructor arguments) of every Ray actor created:
+    what Ray puts in the actor's task specification (an observation: creation goes on unchanged)."""
     from ray.actor import ActorClass
 
     seen = []
     real = ActorClass._remote
 
     def spy(self, args=None, kwargs=None, **options):
-        seen.append((self.__ray_metadata__.class_name, ray.cloudpickle.dumps((args, kwargs))))
+        seen.append((self.__ray_metadata__.class_name, _reachable_text((args, kwargs))))
         return real(self, args=args, kwargs=kwargs, **options)
 
     monkeypatch.setattr(ActorClass, "_remote", spy)

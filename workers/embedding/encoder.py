@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,17 +101,84 @@ def _cached(name: str, missing: str) -> Path:
         raise ValueError(f"{missing} ({exc})") from None
 
 
+# Fingerprints by model folder, each with the state of the files it hashed: every search open and
+# every ingest checks the model's fingerprint, and hashing its weights (tens of MB) each time adds up.
+_FINGERPRINTS: dict[str, tuple[tuple, str]] = {}
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def _model_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+
+
+def _file_states(path: Path, files: list[Path]) -> tuple:
+    """What tells a changed file: size, inode, and modification and change times in ns.
+
+    The change time moves on any write and cannot be set back (unlike mtime, see `os.utime`).
+    """
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((f.relative_to(path).as_posix(), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
 def model_fingerprint(path: Path) -> str:
-    """sha256 over every file of the model folder: the same weights, the same fingerprint."""
+    """sha256 over every file of the model folder: the same weights, the same fingerprint.
+
+    Cached per process by folder; a file added, removed or written since (size, inode,
+    mtime or ctime changed) makes it hash the folder again.
+    """
+    path = Path(path)
+    files = _model_files(path)
+    state = _file_states(path, files)
+    key = str(path.resolve())
+    with _FINGERPRINTS_LOCK:
+        cached = _FINGERPRINTS.get(key)
+    if cached is not None and cached[0] == state:
+        return cached[1]
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
         fh = hashlib.sha256()
         with open(f, "rb") as fd:  # model files are local by construction (resolve_model)
             for chunk in iter(lambda: fd.read(1 << 20), b""):
                 fh.update(chunk)
         h.update(fh.digest())
-    return "sha256:" + h.hexdigest()
+    fingerprint = "sha256:" + h.hexdigest()
+    # Stat again: a file written while it was hashed must not pin a fingerprint to the new state.
+    if _file_states(path, _model_files(path)) == state:
+        with _FINGERPRINTS_LOCK:
+            _FINGERPRINTS[key] = (state, fingerprint)
+    return fingerprint
+
+
+# Loaded models by (folder, device): the files' state they were loaded from, the model, and
+# the lock every encode through it takes.
+_MODELS: dict[tuple[str, str], tuple[tuple, Any, threading.Lock]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _load_model(path: Path, device: str) -> tuple[Any, threading.Lock]:
+    """The model at `path` on `device`, loaded once per process, and the lock its users share.
+
+    Searches opened one after another in one process (a notebook, the test suite) reuse it
+    instead of loading the weights again; a model folder whose files changed is loaded anew.
+    A fast tokenizer refuses to be called from two threads at once ("Already borrowed"), hence
+    the lock.
+    """
+    key = (str(path), device)
+    state = _file_states(path, _model_files(path))
+    with _MODELS_LOCK:
+        cached = _MODELS.get(key)
+        if cached is None or cached[0] != state:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(path), device=device)
+            if device == "cuda":
+                model.half()  # fp16 halves memory and doubles tensor-core throughput
+            cached = _MODELS[key] = (state, model, threading.Lock())
+    return cached[1], cached[2]
 
 
 class Encoder:
@@ -119,7 +187,6 @@ class Encoder:
     def __init__(self, cfg: EncoderConfig):
         apply_worker_env()  # before the model libraries read it
         import torch
-        from sentence_transformers import SentenceTransformer
 
         device = cfg.device
         if device == "auto":
@@ -128,17 +195,16 @@ class Encoder:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.device = device
-        self.model = SentenceTransformer(str(resolve_model(cfg.model)), device=device)
-        if device == "cuda":
-            self.model.half()  # fp16 halves memory and doubles tensor-core throughput
+        self.model, self._lock = _load_model(resolve_model(cfg.model), device)
         self.dim = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        emb = self.model.encode(list(texts), batch_size=self.cfg.batch_size,
-                                normalize_embeddings=self.cfg.normalize,
-                                convert_to_numpy=True, show_progress_bar=False)
+        with self._lock:
+            emb = self.model.encode(list(texts), batch_size=self.cfg.batch_size,
+                                    normalize_embeddings=self.cfg.normalize,
+                                    convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(emb, dtype=np.float32)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""What `quantlake ingest` prints: a progress bar, then a summary whose figures are the run's."""
+import io
+import json
+import re
+import sys
+
+import pytest
+
+import jobs.ingest
+from jobs.cli import main as cli
+
+from conftest import write_parquet_lake
+
+MIB = 1 << 20
+ARGS = ["--id-column", "id", "--calibration-samples", "60", "--unit-rows", "25", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, docs):
+    """100 documents in 2 Parquet files, and a JSON Lines file with 2 rows to reject."""
+    root = tmp_path_factory.mktemp("output")
+    write_parquet_lake(root / "lake", docs[:100], files=2, row_group_size=25)
+    (root / "lake" / "z.jsonl").write_text(json.dumps({"id": "blank", "text": "  "}) + "\n"
+                                           + json.dumps({"id": docs[0][0], "text": "a duplicate id"}) + "\n")
+    return root
+
+
+class _Captured:
+    """stdout and stderr of the block (capsys is function-scoped; the ingest runs once per module)."""
+
+    def __enter__(self):
+        self._saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self._out, self._err = io.StringIO(), io.StringIO()
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self._saved
+        self.out, self.err = self._out.getvalue(), self._err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def human(lake, ray_session):
+    """`quantlake ingest` without --json: (stdout, stderr, the summary that run returned)."""
+    runs = []
+
+    def recording(cfg):
+        runs.append(real(cfg))
+        return runs[-1]
+
+    real = jobs.ingest.run
+    with pytest.MonkeyPatch.context() as mp, _Captured() as cap:
+        mp.setattr(jobs.ingest, "run", recording)
+        status = cli(["ingest", str(lake / "lake"), str(lake / "dest"), *ARGS])
+    assert status == 0 and len(runs) == 1, cap.err
+    # What --json prints for a run: its summary as JSON.
+    return cap.out, cap.err, json.loads(json.dumps(runs[0].summary))
+
+
+def test_progress_bar_counts_every_row_read(human):
+    out, err, s = human
+    assert s["rows_read"] == 102
+    assert re.search(r"ingest: 100%\|[^|]*\| 102/102 \[", err), err
+    assert "ingest:" not in out  # the bar goes to stderr, the summary alone to stdout
+
+
+def test_summary_figures_are_those_of_the_run(human, lake):
+    out, err, s = human
+    lines = out.splitlines()
+    assert len(lines) == 5, out
+    m = re.fullmatch(r"committed version (\d+): (\d+) documents, (\d+) rejects \(of (\d+) rows read\), "
+                     r"(\d+) shards \((\d+) reused from an earlier run of the same job\)", lines[0])
+    assert m and tuple(map(int, m.groups())) == (1, 100, 2, 102, 5, 0)
+    assert (s["version"], s["documents"], s["rejects"], s["rows_read"], s["shards"], s["shards_reused"]) == \
+        (1, 100, 2, 102, 5, 0)
+    m = re.fullmatch(r"vectors: float32 ([\d.]+) MiB -> int8 ([\d.]+) MiB \(([\d.]+)x\) \+ ubinary ([\d.]+) MiB "
+                     r"\(([\d.]+)x\); ([\d.]+) MiB stored with ids and indexes", lines[1])
+    assert m, lines[1]
+    assert m.groups() == tuple(f"{s[k] / MIB:.2f}" for k in ("bytes_float32", "bytes_int8")) + \
+        (str(s["compression_int8"]), f"{s['bytes_ubinary'] / MIB:.2f}", str(s["compression_ubinary"]),
+         f"{s['bytes_stored'] / MIB:.2f}")
+    m = re.fullmatch(r"throughput: ([\d.]+) documents/s over ([\d.]+) s \(calibration ([\d.]+) s; encode ([\d.]+) s, "
+                     r"quantize ([\d.]+) s, write ([\d.]+) s summed over shards\); (\d+) values clipped", lines[2])
+    assert m, lines[2]
+    assert tuple(map(float, m.groups()[:6])) == tuple(s[k] for k in ("docs_per_s", "wall_s", "calibrate_s",
+                                                                      "encode_s", "quantize_s", "write_s"))
+    assert int(m.group(7)) == s["clipped_values"]
+    assert lines[3] == f"ranges {s['ranges_id']}"
+    assert lines[4] == f"manifest: {s['manifest']}" and s["manifest"] == str(lake / "dest" / "versions" / "00000001.json")
+
+
+def test_summary_figures_agree_with_the_committed_version(human, lake):
+    out, err, s = human
+    version = json.loads((lake / "dest" / "versions" / "00000001.json").read_text())
+    stored = sum(x["bytes"] + x["index_bytes"] for x in version["shards"])
+    assert (s["bytes_float32"], s["bytes_int8"], s["bytes_ubinary"], s["bytes_stored"]) == \
+        (100 * 384 * 4, 100 * 384, 100 * 48, stored)
+    assert (s["compression_int8"], s["compression_ubinary"]) == (4.0, 32.0)
+    assert s["docs_per_s"] == round(100 / s["wall_s"], 2) and 0 < s["calibrate_s"] < s["wall_s"]
+    assert s["ranges_id"] == version["ranges"]["id"] and s["clipped_values"] == sum(version["clipped_per_dim"])
+
+
+def test_json_summary_holds_ratios_and_throughput(human, lake, capsys):
+    ranges = lake / "dest" / "ranges" / f"{human[2]['ranges_id']}.json"
+    assert cli(["ingest", str(lake / "lake"), str(lake / "dest"), *ARGS, "--ranges", str(ranges),
+                "--no-progress", "--json"]) == 0
+    out, err = capsys.readouterr()
+    s = json.loads(out)
+    assert err == ""  # --no-progress: no bar
+    assert (s["version"], s["documents"], s["shards"], s["shards_reused"]) == (2, 100, 5, 5)  # a rerun
+    assert (s["compression_int8"], s["compression_ubinary"]) == (4.0, 32.0)
+    assert s["docs_per_s"] == round(s["documents"] / s["wall_s"], 2) > 0
+    assert s["manifest"] == str(lake / "dest" / "versions" / "00000002.json")
