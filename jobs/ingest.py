@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from workers.ingest.planning import plan_units, unit_items
 from workers.lake.range_files import load_ranges
 from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
-from workers.lake.storage import join, put_bytes, require_create_only, url_to_fs
+from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
                              read_version)
@@ -57,6 +57,8 @@ def check_source(cfg: IngestConfig):
 
 def run(cfg: IngestConfig) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version."""
+    cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
+                  ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
     t0 = time.perf_counter()
     # Refuse a destination this job could never commit to before hours of work, not after:
     # a backend without an atomic create-only write, or a latest version a crash left empty.

@@ -41,11 +41,6 @@ def test_the_job_fails_and_commits_nothing(failed):
         assert not (dest / folder).exists(), f"{folder}/ was written"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the scan's Ray task raises pyarrow's ArrowInvalid 'JSON parse error: ... in row N', which names "
-    "no file and counts rows within a 4 MiB block, and the driver prints it wrapped in RayTaskError "
-    "with the task's traceback; needs a SourceError naming file and line in workers/source.iter_batches "
-    "(or check_file) and the task's own error unwrapped in workers/pipeline.scan"))
 def test_the_error_names_the_file_and_line(failed):
     status, err, dest = failed
     assert status == 2  # bad input, like the other source errors

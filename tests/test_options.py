@@ -164,10 +164,6 @@ def test_normalised_ranges_are_refused_for_no_normalize(quantile, tmp_path, caps
     assert not (tmp_path / "dest").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relative SOURCE and DEST reach the Ray tasks as given (IngestConfig keeps 'lake'), and each worker "
-    "resolves them against its own working directory: on a joined cluster (--ray-address, or this "
-    "session's Ray) that is not the caller's; the driver should make local paths absolute first"))
 def test_relative_paths_resolve_against_the_callers_directory(docs, ray_session, tmp_path, monkeypatch, capsys):
     # Names no other directory has: a worker resolving them elsewhere must find nothing to read.
     lake, dest = f"lake-{uuid.uuid4().hex[:8]}", f"dest-{uuid.uuid4().hex[:8]}"
@@ -178,10 +174,6 @@ def test_relative_paths_resolve_against_the_callers_directory(docs, ray_session,
     assert json.loads((tmp_path / dest / "versions" / "00000001.json").read_text())["counts"]["documents"] == 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a single-file SOURCE is listed (workers/source.list_source: the file's folder is the root) but the "
-    "Ray tasks resolve the root from the file URL itself (workers/ingest/steps.py scan_file/_read), so they "
-    "read <file>/<file>"))
 def test_a_single_file_is_a_source(docs, ray_session, tmp_path, capsys):
     write_parquet_lake(tmp_path / "lake", docs[:20], files=1, row_group_size=20)
     source = tmp_path / "lake" / "part-00000.parquet"

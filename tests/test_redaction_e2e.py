@@ -30,11 +30,6 @@ def _files_hold(dest, secret: str) -> list[str]:
     return [str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a single-file SOURCE fails in the Ray tasks: workers/ingest/steps.py resolves the source root from "
-    "cfg.source (the file itself) where list_source uses the file's folder, so reads ask for "
-    "<file>/<file>; an HTTP source can only be a single file (fsspec's HTTP isfile() is true for "
-    "any URL), and no other store here takes user:pass@ in its URL"))
 def test_source_credentials_are_stored_and_printed_masked(http_lake, ray_session, tmp_path, capsys):
     source = f"{http_lake.url}/lake/part-00000.parquet"
     masked = source.replace(f"{USER}:{PASSWORD}@", "***@")

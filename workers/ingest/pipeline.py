@@ -90,7 +90,13 @@ def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list], Sample]:
     refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
     dup_task = ray.remote(find_duplicates).options(max_retries=3)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
-    summaries = ray.get([r[0] for r in refs])
+    try:
+        summaries = ray.get([r[0] for r in refs])
+    except ray.exceptions.RayTaskError as exc:
+        # A file that cannot be read is bad input: its own SourceError (file and line), not Ray's wrapper.
+        if isinstance(getattr(exc, "cause", None), SourceError):
+            raise exc.cause from None
+        raise
     sample = Sample(0 if cfg.ranges else cfg.calibration_samples)
     for s in summaries:
         sample = sample.merge(s["sample"])

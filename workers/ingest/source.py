@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -139,8 +140,33 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
     else:
         with fs.open(path, "rb") as fh:
             reader = pj.open_json(fh, read_options=pj.ReadOptions(block_size=1 << 22))
-            batches = (b.select([c for c in columns if c in b.schema.names]) for b in reader)
-            yield from _window(batches, 0, row_start, row_stop)
+            yield from _window(_jsonl_batches(reader, f, columns), 0, row_start, row_stop)
+
+
+def _jsonl_batches(reader, f: SourceFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The reader's batches (one per block); a line it cannot parse raises SourceError naming the
+    file and the line (Arrow counts the row within its block: the rows before it are added)."""
+    rows = 0
+    while True:
+        try:
+            b = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:
+            m = re.search(r"\bin row (\d+)", str(exc))
+            at = f"line {rows + int(m.group(1)) + 1}" if m else f"a line after line {rows}"
+            raise SourceError(f"JSON Lines file {f.relpath}: {at} is not a JSON object "
+                              f"({str(exc).splitlines()[0]}); fix or remove that line") from None
+        rows += b.num_rows
+        yield b.select([c for c in columns if c in b.schema.names])
+
+
+def source_root(fs, root: str, f: SourceFile) -> str:
+    """The folder `f.relpath` is relative to: the source's root, or its parent when the source
+    URL is that one file (as `list_source` lists it)."""
+    if posixpath.basename(root) == f.relpath and fs.isfile(root):
+        return posixpath.dirname(root)
+    return root
 
 
 def _window(batches, first: int, row_start: int, row_stop: int | None):

@@ -16,7 +16,7 @@ from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
 from workers.ingest.scan import FileScan, scan_rows
 from workers.ingest.shard_builder import ShardPlan, completed_shard, write_shard, write_sidecar
-from workers.ingest.source import SourceFile, classify, iter_batches
+from workers.ingest.source import SourceFile, classify, iter_batches, source_root
 from workers.lake.storage import join
 
 
@@ -58,6 +58,7 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
     Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object.
     """
     fs, root = cfg.url_to_fs(cfg.source)
+    root = source_root(fs, root, f)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
                for first, b in iter_batches(fs, root, f, _columns(cfg)))
     k = 0 if cfg.ranges else cfg.calibration_samples
@@ -90,6 +91,7 @@ def _read(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     f = SourceFile(**unit["file"])
     dups = {int(r): (ff, int(fr)) for r, ff, fr in unit["duplicates"]}
     fs, root = cfg.url_to_fs(cfg.source)
+    root = source_root(fs, root, f)
     ids, rows, texts, rejects = [], [], [], []
     for first, batch in iter_batches(fs, root, f, _columns(cfg), unit["row_start"], unit["row_stop"]):
         b = classify(f, first, batch, cfg.text_column, cfg.id_column)

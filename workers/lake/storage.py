@@ -54,6 +54,17 @@ def with_retry_defaults(url: str, storage_options: Mapping[str, Any] | None) -> 
     return {**options, "config_kwargs": {**config, "retries": dict(S3_RETRIES)}}
 
 
+def absolute_url(url: str) -> str:
+    """`url` with a relative local path made absolute against this process's working directory.
+
+    A job's URLs travel to Ray workers, whose working directory is not the caller's (on a
+    joined cluster, not even the same machine's): the driver resolves them once.
+    """
+    if "://" in url or "::" in url or fsspec.utils.get_protocol(url) not in ("file", "local"):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
     """Resolve `url` once into `(filesystem, path)`; local paths become absolute."""
     fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
