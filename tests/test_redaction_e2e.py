@@ -53,7 +53,6 @@ def test_source_credentials_are_stored_and_printed_masked(http_lake, ray_session
     assert all(r["hits"][0]["id"] == r["of"] for r in records)
 
 
-@pytest.mark.xfail(strict=False, reason="signed query strings: redaction widened in the hardening branch")
 def test_signed_query_string_is_masked_in_what_ingest_prints(http_lake, tmp_path, capsys):
     # A pre-signed URL's signature is a credential too. (Such a source is refused today: the listed
     # name keeps the query string, so it has no Parquet suffix; see the test above for the rest.)
