@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import inspect as inspect_job
+from jobs import inspect_dataset as inspect_job
 from jobs import vacuum as vacuum_job
 from workers.lake.dataset import IntegrityError, open_version
 from workers.embedding.encoder import resolve_model
