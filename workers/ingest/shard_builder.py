@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from workers.embedding.quantizer import quantize_all
 from workers.lake.records import shard_files, sidecar_path
+from workers.lake.versions import check_shard_record
 from workers.vocab import INDEX_TYPES
 from ranges.encoding import pretty_json, sha256_hex
 from workers.lake.storage import join, put_bytes
@@ -170,14 +171,12 @@ def _sidecar_problem(record: Any, plan: ShardPlan) -> str | None:
             or not (rejects is None or (isinstance(rejects, dict)
                                         and rejects.get("path") == f"rejects/{sid}.parquet"))):
         return f"lists files other than shards/{sid}.parquet, shards/{sid}.faiss and rejects/{sid}.parquet"
-    counts = [record.get("rows"), record.get("bytes"), record.get("index_bytes")]
-    digests = [record.get("sha256"), record.get("index_sha256")]
-    if rejects is not None:
-        counts += [rejects.get("rows"), rejects.get("bytes")]
-        digests.append(rejects.get("sha256"))
-    if (not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-            or not all(isinstance(d, str) and len(d) == 64 for d in digests)
-            or record.get("index_type") not in INDEX_TYPES):
+    try:
+        check_shard_record(record, "record", sidecar_path(sid), "record")
+    except ValueError as exc:
+        return f"has a malformed record ({exc})"
+    # Stricter than a manifest's record: a sidecar is ours, written whole, with every field.
+    if "index_type" not in record or (rejects is not None and "bytes" not in rejects):
         return "has a malformed record"
     return None
 

@@ -203,29 +203,34 @@ def validate(doc: Any, where: str) -> None:
     _need(isinstance(shards, list), where, "shards is not a list")
     seen: set[str] = set()
     for i, s in enumerate(shards):
-        at = f"{where}, shard {i}"
-        _need(isinstance(s, dict), at, "not an object")
-        _need(isinstance(s.get("id"), str) and bool(_SHARD_ID.match(s["id"])), at,
-              f"id is {s.get('id')!r}, expected letters, digits, '-' or '_'")
-        for key in ("rows", "bytes", "index_bytes"):
-            _need(_is_count(s.get(key)), at, f"{key} is {s.get(key)!r}, expected a count")
-        for key in ("sha256", "index_sha256"):
-            _need(_is_hex64(s.get(key)), at, f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
-        _need(s.get("index_type", INDEX_TYPES[0]) in INDEX_TYPES, at,
-              f"index_type is {s.get('index_type')!r}, expected one of {', '.join(INDEX_TYPES)}")
-        src = s.get("source", {})
-        _need(isinstance(src, dict) and all(_is_count(src.get(k, 0)) for k in ("row_start", "row_stop"))
-              and isinstance(src.get("file", ""), str), at,
-              f"source is {src!r}, expected {{file, row_start, row_stop}}")
-        _check_path(where, f"shards[{i}].path", s.get("path"))
-        _check_path(where, f"shards[{i}].index", s.get("index"))
-        rej = s.get("rejects")
-        if rej is not None:
-            _need(isinstance(rej, dict) and _is_count(rej.get("rows")) and _is_hex64(rej.get("sha256"))
-                  and _is_count(rej.get("bytes", 0)), at, "rejects must be null or {path, rows, sha256, bytes}")
-            _check_path(where, f"shards[{i}].rejects.path", rej.get("path"))
-        _need(s["path"] not in seen, at, f"path {s['path']!r} is listed twice")
+        check_shard_record(s, f"{where}, shard {i}", where, f"shards[{i}]")
+        _need(s["path"] not in seen, f"{where}, shard {i}", f"path {s['path']!r} is listed twice")
         seen.add(s["path"])
+
+
+def check_shard_record(s: Any, at: str, where: str, field: str) -> None:
+    """Raise ValueError naming the field when `s` is not a well-formed shard record (of a
+    manifest, or of a shard's sidecar). `at` names the record, `where` and `field` its paths."""
+    _need(isinstance(s, dict), at, "not an object")
+    _need(isinstance(s.get("id"), str) and bool(_SHARD_ID.match(s["id"])), at,
+          f"id is {s.get('id')!r}, expected letters, digits, '-' or '_'")
+    for key in ("rows", "bytes", "index_bytes"):
+        _need(_is_count(s.get(key)), at, f"{key} is {s.get(key)!r}, expected a count")
+    for key in ("sha256", "index_sha256"):
+        _need(_is_hex64(s.get(key)), at, f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
+    _need(s.get("index_type", INDEX_TYPES[0]) in INDEX_TYPES, at,
+          f"index_type is {s.get('index_type')!r}, expected one of {', '.join(INDEX_TYPES)}")
+    src = s.get("source", {})
+    _need(isinstance(src, dict) and all(_is_count(src.get(k, 0)) for k in ("row_start", "row_stop"))
+          and isinstance(src.get("file", ""), str), at,
+          f"source is {src!r}, expected {{file, row_start, row_stop}}")
+    _check_path(where, f"{field}.path", s.get("path"))
+    _check_path(where, f"{field}.index", s.get("index"))
+    rej = s.get("rejects")
+    if rej is not None:
+        _need(isinstance(rej, dict) and _is_count(rej.get("rows")) and _is_hex64(rej.get("sha256"))
+              and _is_count(rej.get("bytes", 0)), at, "rejects must be null or {path, rows, sha256, bytes}")
+        _check_path(where, f"{field}.rejects.path", rej.get("path"))
 
 
 def now() -> str:
