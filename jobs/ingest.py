@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 
 from jobs.common import add_storage_options, run_reporting, storage_options
 from ranges.manifest import RangeManifest
@@ -19,8 +18,9 @@ from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
 from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
-from workers.ingest.planning import plan_units, unit_items
+from workers.ingest.planning import plan_units
 from workers.lake.range_files import load_ranges
+from workers.lake.records import ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest
 from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
@@ -89,16 +89,15 @@ def run(cfg: IngestConfig) -> IngestResult:
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        units = plan_units(cfg, files, rows_per_file, row_groups)
-        items = unit_items(cfg, units, duplicates, fingerprint, manifest.id)
-        records, reused_shards = encode_and_write(wcfg, items, pool, ranges_path, manifest.id,
+        units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
+        records, reused_shards = encode_and_write(wcfg, units, pool, ranges_path, manifest.id,
                                                   sum(rows_per_file))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    rows_read = sum(r["stats"]["rows_read"] for r in records)
+    rows_read = sum(r.rows_read for r in records)
     if rows_read != sum(rows_per_file):
         raise RuntimeError(f"read {rows_read} rows but the scan counted {sum(rows_per_file)}: "
                            "the source changed during the job; nothing was committed")
@@ -110,55 +109,32 @@ def run(cfg: IngestConfig) -> IngestResult:
     return IngestResult(n, url, summary)
 
 
-def _version_doc(cfg, files, manifest: RangeManifest, ranges_path, records, parent) -> dict[str, Any]:
-    docs = sum(r["rows"] for r in records)
-    rejects = sum(r["rejects"]["rows"] for r in records if r["rejects"])
-    clipped = np.zeros(manifest.dim, np.int64)
-    shards = []
-    for r in records:
-        clipped += np.asarray(r.pop("clipped_per_dim"), np.int64)
-        shards.append(r)
-    dim = manifest.dim
+def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path: str,
+                 records: list[ShardRecord], parent: int | None) -> VersionManifest:
+    return VersionManifest.build(
+        model=ModelInfo(cfg.encoder.model_name, manifest.model_fingerprint, manifest.dim, cfg.encoder.normalize),
+        ranges=RangesRef(manifest.id, ranges_path, manifest.method), precisions=cfg.precisions,
+        source=SourceSnapshot.of(redact_url(cfg.source), cfg.text_column, cfg.id_column, files),
+        shards=records, parent=parent)
+
+
+def _summary(doc: VersionManifest, records: list[ShardRecord], shards_reused: int, wall_s: float,
+             calibrate_s: float, manifest_url: str, n: int) -> dict[str, Any]:
+    b = doc.bytes
+    docs = doc.count("documents")
     return {
-        "parent": parent,
-        "model": {"name": cfg.encoder.model_name, "fingerprint": manifest.model_fingerprint,
-                  "dim": dim, "normalize": cfg.encoder.normalize},
-        "ranges": {"id": manifest.id, "path": ranges_path, "method": manifest.method},
-        "precisions": sorted(set(cfg.precisions) | {"ubinary"}),
-        "source": {"url": redact_url(cfg.source), "text_column": cfg.text_column,
-                   "id_column": cfg.id_column, "format_counts": _format_counts(files),
-                   "files": {f.relpath: f.identity() for f in files}},
-        "shards": shards,
-        "counts": {"rows_read": docs + rejects, "documents": docs, "rejects": rejects},
-        "clipped_per_dim": clipped.tolist(),
-        "bytes": {"float32": docs * dim * 4, "int8": docs * dim, "ubinary": docs * dim // 8,
-                  "stored": sum(r["bytes"] + r["index_bytes"] for r in records)},
-    }
-
-
-def _format_counts(files) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in files:
-        out[f.format] = out.get(f.format, 0) + 1
-    return out
-
-
-def _summary(doc, records, shards_reused, wall_s, calibrate_s, manifest_url, n) -> dict[str, Any]:
-    b = doc["bytes"]
-    docs = doc["counts"]["documents"]
-    return {
-        "version": n, "documents": docs, "rejects": doc["counts"]["rejects"],
-        "rows_read": doc["counts"]["rows_read"], "shards": len(records), "shards_reused": shards_reused,
+        "version": n, "documents": docs, "rejects": doc.count("rejects"),
+        "rows_read": doc.count("rows_read"), "shards": len(records), "shards_reused": shards_reused,
         "bytes_float32": b["float32"], "bytes_int8": b["int8"], "bytes_ubinary": b["ubinary"],
         "bytes_stored": b["stored"],
         "compression_int8": round(b["float32"] / b["int8"], 2) if b["int8"] else None,
         "compression_ubinary": round(b["float32"] / b["ubinary"], 2) if b["ubinary"] else None,
         "wall_s": round(wall_s, 3), "calibrate_s": round(calibrate_s, 3),
         "docs_per_s": round(docs / wall_s, 2) if wall_s else None,
-        "encode_s": round(sum(r["stats"]["encode_s"] for r in records), 3),
-        "quantize_s": round(sum(r["stats"]["quantize_s"] for r in records), 3),
-        "write_s": round(sum(r["stats"]["write_s"] for r in records), 3),
-        "clipped_values": int(sum(doc["clipped_per_dim"])), "ranges_id": doc["ranges"]["id"],
+        "encode_s": round(sum(r.stat("encode_s") for r in records), 3),
+        "quantize_s": round(sum(r.stat("quantize_s") for r in records), 3),
+        "write_s": round(sum(r.stat("write_s") for r in records), 3),
+        "clipped_values": int(sum(doc.clipped_per_dim or ())), "ranges_id": doc.ranges.id,
         "manifest": manifest_url,
     }
 

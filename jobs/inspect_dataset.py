@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.lake.records import ShardSource, VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
 from workers.lake.versions import list_versions, read_version
@@ -42,7 +43,7 @@ def _size(n: int | None) -> str:
     raise AssertionError
 
 
-def report(dest: str, history: list[tuple[int, dict[str, Any] | str]], doc: dict[str, Any]) -> str:
+def report(dest: str, history: list[tuple[int, VersionManifest | str]], doc: VersionManifest) -> str:
     """The human-readable report: one line per version, then the chosen version in detail.
 
     Args:
@@ -58,32 +59,29 @@ def report(dest: str, history: list[tuple[int, dict[str, Any] | str]], doc: dict
         if isinstance(h, str):
             lines.append(f"  {n:>7}  unreadable: {h}")
             continue
-        c = h.get("counts", {})
-        lines.append(f"  {h['version']:>7}  {h.get('created_at', ''):<20}  {h['writer'][:8]:<8}  "
-                     f"{h['parent'] if h['parent'] is not None else '-':>6}  {len(h['shards']):>6}  "
-                     f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h['ranges']['id'][:12]:<12}  "
-                     f"{h['model']['name']}")
+        c = h.counts or {}
+        lines.append(f"  {h.number:>7}  {h.created_at or '':<20}  {h.writer[:8]:<8}  "
+                     f"{h.parent if h.parent is not None else '-':>6}  {len(h.shards):>6}  "
+                     f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h.ranges.id[:12]:<12}  "
+                     f"{h.model.name}")
     latest = history[-1][0]
-    model, ranges, counts, b = doc["model"], doc["ranges"], doc.get("counts", {}), doc.get("bytes", {})
+    model, ranges, counts, b = doc.model, doc.ranges, doc.counts or {}, doc.bytes or {}
     lines += [
-        f"version {doc['version']}{' (latest)' if doc['version'] == latest else ''}, "
-        f"committed {doc.get('created_at')} by writer {doc['writer']}",
-        f"  model      {model.get('name')} ({model.get('fingerprint')}), dim {model.get('dim')}, "
-        f"normalize {model.get('normalize')}",
-        f"  ranges     {ranges['id']} ({ranges.get('method')}), {ranges['path']}",
-        f"  source     {redact_url(str(doc.get('source', {}).get('url')))}: "
-        f"{len(doc.get('source', {}).get('files', {}))} file(s)",
+        f"version {doc.number}{' (latest)' if doc.number == latest else ''}, "
+        f"committed {doc.created_at} by writer {doc.writer}",
+        f"  model      {model.name} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}",
+        f"  ranges     {ranges.id} ({ranges.method}), {ranges.path}",
+        f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)",
         f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
         f"{counts.get('rows_read')} rows read",
-        "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.get("precisions", [])])
+        "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.precisions])
         + f"; stored {_size(b.get('stored'))} (Parquet and indexes)",
-        f"  shards     {len(doc['shards'])}:",
+        f"  shards     {len(doc.shards)}:",
     ]
-    for s in doc["shards"]:
-        src = s.get("source", {})
-        rej = s.get("rejects") or {}
-        lines.append(f"    {s['path']}  {s['rows']:>7} rows  {_size(s['bytes']):>10}  index {_size(s['index_bytes']):>10}"
-                     f"  {rej.get('rows', 0):>4} rejects  {src.get('file')} [{src.get('row_start')}, {src.get('row_stop')})")
+    for s in doc.shards:
+        src = s.source or ShardSource(None, None, None)
+        lines.append(f"    {s.path}  {s.rows:>7} rows  {_size(s.bytes):>10}  index {_size(s.index_bytes):>10}"
+                     f"  {s.rejected:>4} rejects  {src.file} [{src.row_start}, {src.row_stop})")
     return "\n".join(lines)
 
 
@@ -99,11 +97,11 @@ def run(cfg: InspectConfig) -> str:
     wanted = cfg.version or versions[-1]
     doc = read_version(fs, root, wanted)  # the version shown must be sound: its errors stop the command
     if cfg.as_json:
-        return json.dumps(doc, indent=1, sort_keys=True)
+        return json.dumps(doc.to_json(), indent=1, sort_keys=True)
     return report(cfg.dest, [(n, doc if n == wanted else _read_or_reason(fs, root, n)) for n in versions], doc)
 
 
-def _read_or_reason(fs, root: str, n: int) -> dict[str, Any] | str:
+def _read_or_reason(fs, root: str, n: int) -> VersionManifest | str:
     """Version `n`'s manifest for the history table, or why it cannot be read."""
     try:
         return read_version(fs, root, n)

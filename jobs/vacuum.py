@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import modified_at, url_to_fs
 from workers.lake.versions import list_versions, read_version
@@ -89,11 +90,11 @@ class References:
     ids: set[str] = field(default_factory=set)
     read: set[int] = field(default_factory=set)
 
-    def add(self, doc: dict[str, Any]) -> tuple[set[str], set[str]]:
+    def add(self, doc: VersionManifest) -> tuple[set[str], set[str]]:
         paths, ids = references(doc)
         self.paths |= paths
         self.ids |= ids
-        self.read.add(int(doc["version"]))
+        self.read.add(doc.number)
         return paths, ids
 
     def needs(self, rel: str) -> bool:
@@ -139,16 +140,10 @@ def _listing(fs, root: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def references(doc: dict[str, Any]) -> tuple[set[str], set[str]]:
+def references(doc: VersionManifest) -> tuple[set[str], set[str]]:
     """`(paths, shard ids)` a version needs: its manifest, ranges, shard files and rejects."""
-    paths = {f"versions/{doc['version']:08d}.json", doc["ranges"]["path"]}
-    ids = set()
-    for s in doc["shards"]:
-        paths.update((s["path"], s["index"]))
-        if s.get("rejects"):
-            paths.add(s["rejects"]["path"])
-        ids.add(s["id"])
-    return paths, ids
+    paths = {f"versions/{doc.number:08d}.json", doc.ranges.path} | {f.path for f in doc.files()}
+    return paths, {s.id for s in doc.shards}
 
 
 def group_of(rel: str) -> str:

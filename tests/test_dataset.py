@@ -12,19 +12,19 @@ from ranges.encoding import sha256_hex
 def test_open_version_reads_every_shard_verified(small_dataset):
     dest, result = small_dataset
     v = open_version(str(dest))
-    assert v.version == result.version == 1 and v.manifest["parent"] is None
-    assert v.manifest["counts"] == {"rows_read": 93, "documents": 91, "rejects": 2}
+    assert v.version == result.version == 1 and v.manifest.parent is None
+    assert v.manifest.counts == {"rows_read": 93, "documents": 91, "rejects": 2}
     ids, rejects = [], []
     for s in v.shards:
         table = v.read_shard_table(s)
-        assert table.num_rows == s["rows"] == v.read_index(s).ntotal
-        assert len(v.read_index_bytes(s)) == s["index_bytes"]
+        assert table.num_rows == s.rows == v.read_index(s).ntotal
+        assert len(v.read_index_bytes(s)) == s.index_bytes
         ids += table["id"].to_pylist()
-        if s["rejects"]:
+        if s.rejects:
             rejects += v.read_rejects(s).to_pylist()
     assert len(ids) == len(set(ids)) == 91 and "fine" in ids
     assert sorted((r["id"], r["reason"]) for r in rejects) == [("blank", "empty_text"), ("null", "null_text")]
-    assert v.read_ranges().id == v.manifest["ranges"]["id"]
+    assert v.read_ranges().id == v.manifest.ranges.id
     assert v.read_shard_table(0, columns=["id"]).column_names == ["id"]
 
 
@@ -37,14 +37,14 @@ def _flip_last_byte(path):
 def test_altered_shard_is_named_and_not_parsed(copy_dataset):
     v = open_version(str(copy_dataset))
     s = v.shards[1]
-    _flip_last_byte(copy_dataset / s["path"])
-    with pytest.raises(IntegrityError, match=rf"{s['path']} of version 1 of .* has sha256 [0-9a-f]{{64}}, "
-                                             rf"the manifest says {s['sha256']}: the file was altered"):
+    _flip_last_byte(copy_dataset / s.path)
+    with pytest.raises(IntegrityError, match=rf"{s.path} of version 1 of .* has sha256 [0-9a-f]{{64}}, "
+                                             rf"the manifest says {s.sha256}: the file was altered"):
         v.read_shard_table(s)
-    (copy_dataset / s["path"]).write_bytes(b"short")
-    with pytest.raises(IntegrityError, match=rf"{s['path']} .* has 5 bytes, the manifest says {s['bytes']}"):
+    (copy_dataset / s.path).write_bytes(b"short")
+    with pytest.raises(IntegrityError, match=rf"{s.path} .* has 5 bytes, the manifest says {s.bytes}"):
         v.read_shard_table(s)
-    assert v.read_shard_table(0).num_rows == v.shards[0]["rows"]  # the others still read
+    assert v.read_shard_table(0).num_rows == v.shards[0].rows  # the others still read
 
 
 def test_index_is_deserialised_only_after_its_checksum_matched(copy_dataset, monkeypatch):
@@ -57,18 +57,18 @@ def test_index_is_deserialised_only_after_its_checksum_matched(copy_dataset, mon
         return real(data)
 
     monkeypatch.setattr(faiss, "deserialize_index_binary", spy)
-    assert v.read_index(s).ntotal == s["rows"]
-    assert parsed == [s["index_sha256"]]  # the reader goes through the spy, with verified bytes
-    _flip_last_byte(copy_dataset / s["index"])
-    with pytest.raises(IntegrityError, match=rf"{s['index']} of version 1 .* has sha256"):
+    assert v.read_index(s).ntotal == s.rows
+    assert parsed == [s.index_sha256]  # the reader goes through the spy, with verified bytes
+    _flip_last_byte(copy_dataset / s.index)
+    with pytest.raises(IntegrityError, match=rf"{s.index} of version 1 .* has sha256"):
         v.read_index(s)
-    assert parsed == [s["index_sha256"]]  # the altered bytes never reached the parser
+    assert parsed == [s.index_sha256]  # the altered bytes never reached the parser
 
 
 def test_missing_shard_file_is_named(copy_dataset):
     v = open_version(str(copy_dataset))
-    (copy_dataset / v.shards[0]["index"]).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{v.shards[0]['index']} of version 1 .* is missing"):
+    (copy_dataset / v.shards[0].index).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{v.shards[0].index} of version 1 .* is missing"):
         v.read_index_bytes(0)
 
 
@@ -115,7 +115,7 @@ def test_shard_bytes_match_their_manifest_checksums(small_dataset):
     dest, _ = small_dataset
     v = open_version(str(dest))
     for s in v.shards:
-        assert sha256_hex((dest / s["path"]).read_bytes()) == s["sha256"]
+        assert sha256_hex((dest / s.path).read_bytes()) == s.sha256
         codes = np.frombuffer(b"".join(v.read_shard_table(s)["ubinary"].to_pylist()), np.uint8)
-        dist, idx = v.read_index(s).search(codes.reshape(s["rows"], -1), 1)
+        dist, idx = v.read_index(s).search(codes.reshape(s.rows, -1), 1)
         assert (dist[:, 0] == 0).all()

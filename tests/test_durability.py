@@ -65,7 +65,7 @@ def lake(small_dataset):
 @pytest.fixture
 def v1(copy_dataset):
     fs, root = url_to_fs(str(copy_dataset))
-    return read_version(fs, root, 1)
+    return read_version(fs, root, 1).to_json()
 
 
 # --- 13. commit atomicity on other backends ----------------------------------------------------
@@ -110,7 +110,7 @@ def test_ingest_to_such_a_backend_fails_before_any_work(lake, tmp_path, capsys):
 def test_supported_backends_commit_a_real_version(store, v1):
     require_create_only(store.fs, store.url)
     assert commit(store.fs, store.root, _next(v1, parent=None)) == 1
-    got = read_version(store.fs, store.root, 1)
+    got = read_version(store.fs, store.root, 1).to_json()
     assert {k: got[k] for k in ("shards", "ranges", "source", "counts")} == \
         {k: v1[k] for k in ("shards", "ranges", "source", "counts")}
     with pytest.raises(FileExistsError):
@@ -155,7 +155,7 @@ def test_a_local_commit_is_on_disk_before_and_after_its_name_appears(copy_datase
     assert tmp.startswith(f"{folder}/00000002.json.tmp-")
     assert before == ["00000001.json", os.path.basename(tmp)]
     assert (synced_folder, after) == (folder, ["00000001.json", "00000002.json"])
-    assert read_version(fs, root, 2)["shards"] == v1["shards"]
+    assert read_version(fs, root, 2).to_json()["shards"] == v1["shards"]
 
 
 def test_a_local_put_is_synced_before_its_rename_and_the_folder_after(copy_dataset, v1, monkeypatch):
@@ -217,7 +217,7 @@ def test_no_commit_numbers_past_an_empty_version_until_it_is_deleted(copy_datase
     # The recovery the message gives: delete it, and the next commit takes its number.
     empty.unlink()
     assert commit(fs, root, _next(v1, parent=1)) == 2
-    assert read_version(fs, root, 2)["parent"] == 1
+    assert read_version(fs, root, 2).parent == 1
 
 
 def test_ingest_stops_at_start_on_an_empty_version_and_resumes_after_recovery(copy_dataset, lake, v1):
@@ -232,6 +232,6 @@ def test_ingest_stops_at_start_on_an_empty_version_and_resumes_after_recovery(co
     result = run(cfg)
     assert result.version == 2 and result.summary["shards_reused"] == len(v1["shards"])
     fs, root = url_to_fs(str(copy_dataset))
-    v2 = read_version(fs, root, 2)
+    v2 = read_version(fs, root, 2).to_json()
     # The same lake and config: the same shards, byte for byte, as the version before the crash.
     assert v2["parent"] == 1 and v2["shards"] == v1["shards"] and v2["ranges"] == v1["ranges"]

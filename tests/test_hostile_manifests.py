@@ -364,15 +364,15 @@ def pristine(small_dataset):
 def _open(dest: Path, variant: Variant, pristine) -> None:
     v = open_version(str(dest))
     ranges = v.read_ranges()
-    assert ranges.dim == v.manifest["model"]["dim"] == 384
+    assert ranges.dim == v.manifest.dim == 384
     rows = 0
     for s in v.shards:
         table, index = v.read_shard_table(s), v.read_index(s)
-        assert table.num_rows == index.ntotal == s["rows"]
+        assert table.num_rows == index.ntotal == s.rows
         assert table["ubinary"].type == pa.binary(48) and table["int8"].type.list_size == 384
         rows += table.num_rows
         v.read_rejects(s)
-    assert rows == sum(s["rows"] for s in v.shards) == (0 if variant.name == "zero_shards" else 91)
+    assert rows == sum(s.rows for s in v.shards) == (0 if variant.name == "zero_shards" else 91)
 
 
 def _search(dest: Path, variant: Variant, pristine) -> None:

@@ -3,8 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers.ingest.config import IngestConfig
-from workers.ingest.planning import plan_units, row_bounds, shard_id, unit_items
-from workers.ingest.source import SourceFile
+from workers.ingest.planning import plan_units, row_bounds, shard_id
+from workers.lake.records import Duplicate, SourceFile, WorkUnit
 
 groups_st = st.lists(st.integers(0, 50), max_size=12)
 
@@ -41,24 +41,27 @@ def test_plan_units_assigns_every_row_of_every_file_to_exactly_one_unit(shapes, 
     rows = [n for n, _ in shapes]
     groups = [[n // 2, n - n // 2] if pq else None for n, pq in shapes]
     cfg = IngestConfig("src", "dst", unit_rows=unit_rows)
-    units = plan_units(cfg, files, rows, groups)
+    units = plan_units(cfg, files, rows, groups, {}, "sha256:m", "r" * 64)
     seen = {}
     for u in units:
         for r in range(u.row_start, u.row_stop):
-            assert (u.file_index, r) not in seen
-            seen[(u.file_index, r)] = u
+            assert (u.file.relpath, r) not in seen
+            seen[(u.file.relpath, r)] = u
     assert len(seen) == sum(rows)
+    assert len({u.shard_id for u in units}) == len(units)
+    assert all(WorkUnit.from_json(u.to_json()) == u for u in units)
 
 
 def test_shard_ids_are_deterministic_and_cover_what_decides_the_rows():
     f = SourceFile("a.parquet", 100, "etag1", "parquet")
     cfg = IngestConfig("src", "dst", unit_rows=10)
-    units = plan_units(cfg, [f], [20], [[10, 10]])
-    first = unit_items(cfg, units, {}, "sha256:m", "r" * 64)
-    assert first == unit_items(cfg, units, {}, "sha256:m", "r" * 64)
-    ids = [item["unit"] for item in first]
-    assert len(set(ids)) == 2
-    with_dup = unit_items(cfg, units, {0: [(3, "z.parquet", 0)]}, "sha256:m", "r" * 64)
-    assert with_dup[0] != first[0] and with_dup[1] == first[1]  # only the unit holding row 3 changes
+    first = plan_units(cfg, [f], [20], [[10, 10]], {}, "sha256:m", "r" * 64)
+    assert first == plan_units(cfg, [f], [20], [[10, 10]], {}, "sha256:m", "r" * 64)
+    assert len({u.shard_id for u in first}) == 2
+    dup = Duplicate(3, "z.parquet", 0)
+    with_dup = plan_units(cfg, [f], [20], [[10, 10]], {0: [dup]}, "sha256:m", "r" * 64)
+    assert with_dup[0].duplicates == (dup,) and with_dup[1].duplicates == ()
+    # Only the unit holding row 3 changes name.
+    assert with_dup[0].shard_id != first[0].shard_id and with_dup[1].shard_id == first[1].shard_id
     assert shard_id("a", {"size": 1}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat") != \
         shard_id("a", {"size": 2}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat")

@@ -17,7 +17,9 @@ from workers.embedding.encoder import EncoderConfig
 from workers.search.ray_searcher import RaySearcher
 from workers.search.searcher import Searcher
 from workers.vocab import INDEX_TYPES
-from workers.ingest.shard_builder import ShardPlan, build_index, completed_shard, write_shard, write_sidecar
+from workers.ingest.shard_builder import build_index, completed_shard, write_shard, write_sidecar
+from ranges.encoding import pretty_json
+from workers.lake.records import SIDECAR_FORMAT, ShardSource, sidecar_path
 from workers.lake.storage import join, put_bytes, url_to_fs
 from workers.lake.versions import MAX_VERSION, commit, list_versions, read_version
 
@@ -129,12 +131,12 @@ def _two_shards(fs, root):
     ranges = np.stack([emb.min(0), emb.max(0)]).astype(np.float32)
     out = []
     for k, sid in enumerate(("a" * 32, "b" * 32)):
-        plan = ShardPlan(sid, "part-0.parquet", 12 * k, 12 * k + 13)
+        plan = (sid, ShardSource("part-0.parquet", 12 * k, 12 * k + 13))
         bad = [{"id": f"x{k}", "source_file": "part-0.parquet", "source_row": 12 * k + 12, "reason": "empty_text",
                 "detail": "empty text"}]
-        record = write_shard(fs, root, plan, [f"d{k}-{i}" for i in range(12)], np.arange(12) + 12 * k,
+        record = write_shard(fs, root, *plan, [f"d{k}-{i}" for i in range(12)], np.arange(12) + 12 * k,
                              emb[12 * k:12 * k + 12], ranges, ("int8", "ubinary"), bad)
-        write_sidecar(fs, root, dict(record))
+        write_sidecar(fs, root, record)
         out.append((plan, record))
     return out
 
@@ -143,8 +145,8 @@ def _two_shards(fs, root):
                                  "no_index", "rows_text"])
 def test_a_sidecar_naming_other_files_means_rewrite_never_failure(store, lie, caplog):
     (plan, record), (_, other) = _two_shards(store.fs, store.root)
-    assert completed_shard(store.fs, store.root, plan) == record  # the honest sidecar is reused
-    forged = dict(record)
+    assert completed_shard(store.fs, store.root, *plan) == record  # the honest sidecar is reused
+    forged, other = record.to_json(), other.to_json()
     if lie == "other_shards_files":  # sizes and checksums of those files are right: only the names betray it
         forged.update({k: other[k] for k in ("path", "index", "sha256", "index_sha256", "bytes", "index_bytes")})
     elif lie == "other_shards_rejects":
@@ -157,10 +159,11 @@ def test_a_sidecar_naming_other_files_means_rewrite_never_failure(store, lie, ca
         del forged["index"]
     else:
         forged["rows"] = "12"
-    write_sidecar(store.fs, store.root, forged)
+    put_bytes(store.fs, join(store.root, sidecar_path(plan[0])), pretty_json({"format": SIDECAR_FORMAT,
+                                                                              "record": forged}))
     with caplog.at_level(logging.WARNING, logger="workers.ingest.shard_builder"):
-        assert completed_shard(store.fs, store.root, plan) is None
-    assert f"shard {plan.shard_id}: shards/{plan.shard_id}.json " in caplog.text
+        assert completed_shard(store.fs, store.root, *plan) is None
+    assert f"shard {plan[0]}: shards/{plan[0]}.json " in caplog.text
     assert "rewriting the shard" in caplog.text
 
 
@@ -200,9 +203,9 @@ def test_rerun_rewrites_shards_whose_sidecars_lie_and_equals_a_full_run(small_da
 def test_the_checked_schema_is_what_the_writer_writes(tmp_path, precisions):
     fs, root = url_to_fs(str(tmp_path))
     emb = np.random.default_rng(1).normal(size=(5, DIM)).astype(np.float32)
-    record = write_shard(fs, root, ShardPlan("c" * 32, "f", 0, 5), list("abcde"), np.arange(5), emb,
+    record = write_shard(fs, root, "c" * 32, ShardSource("f", 0, 5), list("abcde"), np.arange(5), emb,
                          np.stack([emb.min(0), emb.max(0)]), precisions, [])
-    schema = pq.read_schema(tmp_path / record["path"])
+    schema = pq.read_schema(tmp_path / record.path)
     assert schema_problems(schema, DIM, list(precisions)) == []
     assert schema_problems(schema, DIM + 8, list(precisions)) == (
         ([f"column int8 is fixed_size_list<int8>[{DIM}], expected fixed_size_list<int8>[{DIM + 8}]"]
@@ -226,7 +229,7 @@ def test_the_checked_schema_is_what_the_writer_writes(tmp_path, precisions):
 
 def test_a_version_without_shards_searches_to_no_hits(copy_dataset, ray_session, capsys):
     fs, root = url_to_fs(str(copy_dataset))
-    v1 = read_version(fs, root, 1)
+    v1 = read_version(fs, root, 1).to_json()
     empty = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
     empty.update(parent=1, shards=[], counts={"rows_read": 0, "documents": 0, "rejects": 0})
     assert commit(fs, root, empty) == 2
@@ -245,7 +248,7 @@ def test_a_version_without_shards_searches_to_no_hits(copy_dataset, ray_session,
 
 def test_inspect_shows_a_version_beside_unreadable_ones(copy_dataset, capsys):
     fs, root = url_to_fs(str(copy_dataset))
-    v1 = read_version(fs, root, 1)
+    v1 = read_version(fs, root, 1).to_json()
     assert commit(fs, root, {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}) == 2
     (copy_dataset / "versions" / "00000003.json").write_text("{ cut short")
     broken = {**v1, "version": 4, "parent": 3}
@@ -298,10 +301,10 @@ def test_ranges_whose_width_overflows_float32_are_refused(low, high, ok):
 @pytest.mark.parametrize("started_on", [1, MAX_VERSION])
 def test_no_commit_past_the_last_version_number(store, started_on):
     assert commit(store.fs, store.root, manifest("w1")) == 1
-    planted = {**read_version(store.fs, store.root, 1), "version": MAX_VERSION, "parent": 1, "writer": "planted"}
+    planted = {**read_version(store.fs, store.root, 1).to_json(), "version": MAX_VERSION, "parent": 1, "writer": "planted"}
     put_bytes(store.fs, f"{store.root}/versions/99999999.json", json.dumps(planted).encode())
     before = store.files()
-    assert read_version(store.fs, store.root)["writer"] == "planted"  # readers take it for the latest
+    assert read_version(store.fs, store.root).writer == "planted"  # readers take it for the latest
     with pytest.raises(ValueError, match=r"versions/99999999\.json already uses the last version number the "
                                          r"8-digit format allows \(99999999\).*nothing was committed"):
         commit(store.fs, store.root, manifest("w2", parent=started_on))

@@ -33,10 +33,10 @@ def _content(url: str, options: dict):
     for s in v.shards:
         t = v.read_shard_table(s, columns=["id", "int8", "ubinary"]).to_pydict()
         docs += [(i, bytes(b & 0xFF for b in q), u) for i, q, u in zip(t["id"], t["int8"], t["ubinary"])]
-        if s["rejects"]:
+        if s.rejects:
             r = v.read_rejects(s).to_pydict()
             rejects += list(zip(r["id"], r["source_file"], r["source_row"], r["reason"], r["detail"]))
-        shards.append((s["id"], s["sha256"], s["index_sha256"], (s["rejects"] or {}).get("sha256")))
+        shards.append((s.id, s.sha256, s.index_sha256, s.rejects.sha256 if s.rejects else None))
     return sorted(docs), sorted(rejects), sorted(shards)
 
 
@@ -60,7 +60,7 @@ def test_rerun_after_a_file_takes_over_ids_equals_a_fresh_ingest(docs, tmp_path,
            second[:25] + [(first[5][0], docs[100][1])] + second[25:])
     v1 = run(ingest_cfg(lake, dest, options))
     assert (v1.summary["documents"], v1.summary["rejects"]) == (80, 1)
-    ranges = f"{dest}/{open_version(dest, storage_options=options).manifest['ranges']['path']}"
+    ranges = f"{dest}/{open_version(dest, storage_options=options).manifest.ranges.path}"
 
     # A new file that sorts first, holding part-00000 row 5's id and part-00001 row 30's.
     _write(lake, options, tmp_path / "lake", "a-new.parquet",

@@ -59,7 +59,7 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
 
     def lose_one_index(*args, **kwargs):  # after every shard is written, before the commit
         records, reused = real(*args, **kwargs)
-        lost.append(records[3]["index"])
+        lost.append(records[3].index)
         fs.rm_file(f"{root}/{lost[0]}")
         return records, reused
 

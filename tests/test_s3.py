@@ -24,7 +24,7 @@ def _verify_all(url, options=None):
     rows = 0
     for s in v.shards:
         rows += v.read_shard_table(s).num_rows
-        assert v.read_index(s).ntotal == s["rows"]
+        assert v.read_index(s).ntotal == s.rows
     return v, rows
 
 
@@ -49,7 +49,7 @@ def test_ingest_inspect_vacuum_with_environment_credentials(s3, docs, ray_sessio
     assert "testing-secret" not in out + err
 
     v, rows = _verify_all(f"{bucket}/emb")
-    assert rows == 60 and v.manifest["source"]["url"] == f"{bucket}/raw"
+    assert rows == 60 and v.manifest.source.url == f"{bucket}/raw"
     assert cli(["inspect", f"{bucket}/emb", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(objects[f"{name}/emb/versions/00000001.json"])
 

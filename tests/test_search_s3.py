@@ -105,7 +105,7 @@ def test_only_binary_indexes_are_resident(dataset, docs, tmp_path, no_aws_env):
     cache = tmp_path / "spill"
     cache.mkdir()
     with Searcher.open(url, storage_options=options, cache_dir=str(cache)) as s:
-        assert len(s.manifest["shards"]) == 4
+        assert len(s.manifest.shards) == 4
         assert s.resident_bytes() == index_bytes < N_DOCS * 384 // 4  # 48-byte codes, no int8 rows
         assert list(cache.iterdir()) == []  # nothing decoded before a query needs it
         hits = s.search([docs[i][1] for i in QUERIES], k=3)

@@ -191,8 +191,8 @@ def test_neighbours_on_s3_read_only_the_dataset_bucket_unless_named(small_datase
 def _brute_force(dest, s: Searcher, q):
     """Every row of the version ranked by the int8 rescoring score, straight from the Parquet files."""
     ids, codes = [], []
-    for shard in s.manifest["shards"]:
-        t = pq.read_table(dest / shard["path"], columns=["id", "int8"])
+    for shard in s.manifest.shards:
+        t = pq.read_table(dest / shard.path, columns=["id", "int8"])
         ids += t["id"].to_pylist()
         codes.append(np.stack(t["int8"].to_numpy(zero_copy_only=False)).astype(np.int8))
     codes = np.concatenate(codes)
@@ -209,7 +209,7 @@ def _brute_force(dest, s: Searcher, q):
 def test_k_is_capped_at_the_rows_of_the_version(small_dataset, docs):
     dest = small_dataset[0]
     with Searcher.open(str(dest), threads=1) as s:
-        rows = s.manifest["counts"]["documents"]
+        rows = s.manifest.counts["documents"]
         q = s.encode([docs[3][1], docs[50][1], "reading a compressed archive"])
         tracemalloc.start()
         try:
@@ -223,6 +223,6 @@ def test_k_is_capped_at_the_rows_of_the_version(small_dataset, docs):
         assert [[(h.id, h.score) for h in hh] for hh in hits] == _brute_force(dest, s, q)
         assert [h.id for h in s.search_vectors(q, k=rows)[0]] == [h.id for h in hits[0]]
         # Each shard's pool stops at what its index holds.
-        for g, shard in zip(s._groups, s.manifest["shards"]):
+        for g, shard in zip(s._groups, s.manifest.shards):
             keys, shards, found, bits = g.candidates(q, quantize(q, None, "ubinary"), 10**6, True)
-            assert keys.shape == (3, shard["rows"]) and sorted(found[0]) == list(range(shard["rows"]))
+            assert keys.shape == (3, shard.rows) and sorted(found[0]) == list(range(shard.rows))

@@ -81,7 +81,7 @@ def test_results_equal_brute_force_reference(datasets, candidates):
 def test_merging_shards_equals_one_combined_index(datasets, options):
     q = datasets["q"]
     with Searcher.open(str(datasets["multi"])) as multi, Searcher.open(str(datasets["one"])) as one:
-        assert len(multi.manifest["shards"]) == 3 and len(one.manifest["shards"]) == 1
+        assert len(multi.manifest.shards) == 3 and len(one.manifest.shards) == 1
         a, b = multi.search_vectors(q, k=K, **options), one.search_vectors(q, k=K, **options)
     assert [[(h.id, h.score, h.source_row) for h in x] for x in a] == \
            [[(h.id, h.score, h.source_row) for h in x] for x in b]

@@ -97,7 +97,7 @@ def test_summary_and_manifest_never_hold_url_credentials():
     assert "dest-pw-123" not in format_summary(summary)
     ranges = RangeManifest(np.zeros((2, 8), np.float32), "m", "sha256:" + "0" * 64, True, "minmax", None, 2, 0)
     doc = _version_doc(IngestConfig(SIGNED_S3, "s3://lake/emb"), [], ranges, "ranges/r.json", [], None)
-    assert doc["source"]["url"] == redact_url(SIGNED_S3) and "0a1b2c3d4e5f60718293" not in json.dumps(doc)
+    assert doc.source.url == redact_url(SIGNED_S3) and "0a1b2c3d4e5f60718293" not in json.dumps(doc.to_json())
 
 
 

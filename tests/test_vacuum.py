@@ -82,7 +82,7 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
 def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):
     d = copy_dataset
     fs, root = url_to_fs(str(d))
-    v1 = read_version(fs, root, 1)
+    v1 = read_version(fs, root, 1).to_json()
     dropped = v1["shards"][-1]
     v2 = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
     v2.update(parent=1, shards=v1["shards"][:-1])

@@ -18,7 +18,7 @@ from jobs.vacuum import VacuumConfig, delete, plan
 from workers.ingest.config import IngestConfig
 from workers.lake.dataset import open_version
 from workers.embedding.encoder import EncoderConfig
-from workers.ingest.steps import read_unit
+from workers.ingest.steps import UnitRows, read_unit
 from workers.lake.versions import commit, read_version
 from lakes import verify_version
 
@@ -47,7 +47,7 @@ def _shard_files(store, sid: str) -> set[str]:
 
 def _commit_without(store, version: int, keep: int) -> list[dict]:
     """Commit a copy of `version` that lists only its first `keep` shards; return the dropped ones."""
-    v = read_version(store.fs, store.root, version)
+    v = read_version(store.fs, store.root, version).to_json()
     body = {k: x for k, x in v.items() if k not in ("version", "writer", "created_at")}
     latest = max(int(p[9:17]) for p in store.files() if p.startswith("versions/"))
     commit(store.fs, store.root, {**body, "parent": latest, "shards": v["shards"][:keep]})
@@ -56,7 +56,7 @@ def _commit_without(store, version: int, keep: int) -> list[dict]:
 
 def _commit_with(store, shards: list[dict]) -> int:
     """Commit the latest version plus `shards` (what a rerun that reuses them commits)."""
-    v = read_version(store.fs, store.root)
+    v = read_version(store.fs, store.root).to_json()
     body = {k: x for k, x in v.items() if k not in ("version", "writer", "created_at")}
     return commit(store.fs, store.root, {**body, "parent": v["version"], "shards": v["shards"] + shards})
 
@@ -68,8 +68,8 @@ def _reuse(store, shard: dict) -> None:
     unit = {"shard_id": shard["id"], "file": {"relpath": src["file"], "size": 0, "version": "", "format": "parquet"},
             "row_start": src["row_start"], "row_stop": src["row_stop"], "duplicates": []}
     cfg = IngestConfig("unused", store.url, storage_options=store.options)
-    out = read_unit({"unit": json.dumps(unit)}, cfg)
-    assert json.loads(out["done"])["id"] == shard["id"]  # reused, not read again
+    out = UnitRows.from_row(read_unit({"unit": json.dumps(unit)}, cfg))
+    assert out.reused.id == shard["id"] and out.texts == ()  # reused, not read again
 
 
 # --- refusing what is not a dataset -------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_refuses_a_folder_a_user_keeps_other_files_in(tmp_path, capsys):
 
 def test_deletes_only_names_quantlake_writes(small_dataset, store, capsys):
     _upload(small_dataset[0], store)
-    sid = read_version(store.fs, store.root, 1)["shards"][0]["id"]
+    sid = read_version(store.fs, store.root, 1).shards[0].id
     orphan, vec = "0f" * 16, "vectors-000000000000-000000000010"
     ours = {f"shards/{orphan}.parquet": b"p" * 3, f"shards/{orphan}.faiss": b"f" * 4, f"shards/{orphan}.json": b"{}",
             f"rejects/{orphan}.parquet": b"r" * 5, f"ranges/{'e' * 64}.json": b"{}",
@@ -209,7 +209,7 @@ def test_a_commit_after_a_batch_was_deleted_is_reported(copy_dataset, monkeypatc
 def _rerun_cfg(small_dataset, dest) -> IngestConfig:
     """The session dataset's ingest, again, into `dest` with its ranges: every shard is reused."""
     lake = small_dataset[0].parent / "lake"
-    ranges = f"{dest}/{open_version(str(dest)).manifest['ranges']['path']}"
+    ranges = f"{dest}/{open_version(str(dest)).manifest.ranges.path}"
     return IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=50, unit_rows=40,
                         encoder=EncoderConfig(batch_size=32), progress=False, ranges=ranges)
 

@@ -26,7 +26,7 @@ def manifest(writer, parent=None, ranges="r1", files=None, **extra):
 
 def _versions(store):
     return [(d["version"], d["parent"], d["writer"]) for d in
-            (read_version(store.fs, store.root, n) for n in list_versions(store.fs, store.root))]
+            (read_version(store.fs, store.root, n).to_json() for n in list_versions(store.fs, store.root))]
 
 
 class TestCommitProtocol:
@@ -35,7 +35,7 @@ class TestCommitProtocol:
         assert commit(store.fs, store.root, manifest("w1")) == 1
         assert commit(store.fs, store.root, manifest("w2", parent=1)) == 2
         assert _versions(store) == [(1, None, "w1"), (2, 1, "w2")]
-        assert read_version(store.fs, store.root)["version"] == 2
+        assert read_version(store.fs, store.root).number == 2
         assert store.files() == ["versions/00000001.json", "versions/00000002.json"]
 
     def test_listing_ignores_temporaries_and_foreign_names(self, store):

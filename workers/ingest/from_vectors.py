@@ -6,9 +6,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ranges.manifest import RangeManifest
-from workers.ingest.shard_builder import ShardPlan, write_shard
+from workers.ingest.shard_builder import write_shard
+from workers.lake.records import ModelInfo, RangesRef, ShardSource, SourceSnapshot, VersionManifest
 from workers.lake.storage import join, put_bytes, url_to_fs
-from workers.lake.versions import commit
+from workers.lake.versions import commit, list_versions
 
 
 def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges: RangeManifest,
@@ -17,8 +18,9 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
                   storage_options: Mapping[str, Any] | None = None) -> int:
     """Write `embeddings` as shards of `unit_rows` rows and commit a version; return its number.
 
-    The version has no source lake (`source.url` is `vectors:`), so `Searcher.source_texts`
-    does not apply; everything else (ranges, model fingerprint, checksums) is as ingest writes it.
+    The version has no source lake (`source.url` is `vectors:`), so `quantlake search
+    --neighbours-of` does not apply; everything else (ranges, model fingerprint, checksums)
+    is as ingest writes it. It builds on the latest version, if any.
 
     Args:
         dest: dataset URL or path.
@@ -35,20 +37,11 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
     shards = []
     for a in range(0, len(ids), unit_rows):
         b = min(a + unit_rows, len(ids))
-        plan = ShardPlan(f"vectors-{a:012d}-{b:012d}", "vectors", a, b)
-        record = write_shard(fs, root, plan, list(ids[a:b]), np.arange(a, b), embeddings[a:b], ranges.ranges,
-                             precisions, [], index_type)
-        record.pop("clipped_per_dim")
-        shards.append(record)
-    n, dim = embeddings.shape
-    return commit(fs, root, {
-        "model": {"name": ranges.model_name, "fingerprint": ranges.model_fingerprint, "dim": dim,
-                  "normalize": ranges.normalize},
-        "ranges": {"id": ranges.id, "path": ranges_path, "method": ranges.method},
-        "precisions": sorted(set(precisions) | {"ubinary"}),
-        "source": {"url": "vectors:", "text_column": "text", "id_column": None, "files": {}},
-        "shards": shards,
-        "counts": {"rows_read": n, "documents": n, "rejects": 0},
-        "bytes": {"float32": n * dim * 4, "int8": n * dim, "ubinary": n * dim // 8,
-                  "stored": sum(s["bytes"] + s["index_bytes"] for s in shards)},
-    })
+        shards.append(write_shard(fs, root, f"vectors-{a:012d}-{b:012d}", ShardSource("vectors", a, b),
+                                  list(ids[a:b]), np.arange(a, b), embeddings[a:b], ranges.ranges, precisions,
+                                  [], index_type))
+    return commit(fs, root, VersionManifest.build(
+        model=ModelInfo(ranges.model_name, ranges.model_fingerprint, embeddings.shape[1], ranges.normalize),
+        ranges=RangesRef(ranges.id, ranges_path, ranges.method), precisions=precisions,
+        source=SourceSnapshot("vectors:", "text", None, {}), shards=shards,
+        parent=(list_versions(fs, root) or [None])[-1]))

@@ -22,6 +22,7 @@ from workers.ray_session import init_ray
 from workers.ingest.scan import Sample, find_duplicates
 from workers.ingest.source import SourceError
 from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
+from workers.lake.records import Duplicate, ShardRecord, WorkUnit
 
 # Encoder batches per calibration work item. The items are cut from the sample in key order,
 # so each sampled text is always encoded beside the same neighbours (padding changes the
@@ -76,7 +77,7 @@ def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
     return cfg.encoder
 
 
-def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list], Sample]:
+def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list[Duplicate]], Sample]:
     """Scan every file (Ray tasks): row counts, cross-file duplicate ids, calibration sample.
 
     Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
@@ -100,11 +101,11 @@ def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list], Sample]:
     sample = Sample(0 if cfg.ranges else cfg.calibration_samples)
     for s in summaries:
         sample = sample.merge(s["sample"])
-    duplicates: dict[int, list] = {}
+    duplicates: dict[int, list[Duplicate]] = {}
     for d in ray.get(dup_refs):
         for e in d:
             duplicates.setdefault(int(e["file"]), []).append(
-                (int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
+                Duplicate(int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
     return [s["rows"] for s in summaries], duplicates, sample
 
 
@@ -146,11 +147,14 @@ def _row_stats(row: dict[str, Any]) -> PartialStats:
                         np.frombuffer(row["max"], np.float32), values)
 
 
-def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id: str, total_rows: int):
+def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path: str, ranges_id: str,
+                     total_rows: int) -> tuple[list[ShardRecord], int]:
     """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
 
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
-    (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard.
+    (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard. The
+    rows are the typed records' row forms: `WorkUnit.to_json`, then `UnitRows.to_row` (plus the
+    encoder's embeddings), then the written `ShardRecord`.
     Memory is bounded by the units in flight, which Ray Data's backpressure limits.
     Returns the shard records and how many of them an earlier run had written (and the read
     step verified); a unit that fails for good raises UnitFailed naming it.
@@ -158,6 +162,7 @@ def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id
     import ray.data
     from tqdm import tqdm
 
+    items = [{"unit": u.to_json()} for u in units]
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
           .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
           .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
@@ -168,16 +173,16 @@ def encode_and_write(cfg: IngestConfig, items, pool, ranges_path: str, ranges_id
               desc="ingest") as bar:
         try:
             for row in ds.iter_rows():
-                rec = json.loads(row["record"])
+                rec = ShardRecord.from_json(json.loads(row["record"]))
                 records.append(rec)
                 reused += bool(row["reused"])
-                bar.update(rec["stats"]["rows_read"])
+                bar.update(rec.rows_read)
         except Exception as exc:
             failed = _unit_failure(exc)
             if failed is None:
                 raise
             raise UnitFailed(f"{failed.message}; nothing was committed") from exc
-    return sorted(records, key=lambda r: (r["source"]["file"], r["source"]["row_start"])), reused
+    return sorted(records, key=lambda r: (r.source.file, r.source.row_start)), reused
 
 
 def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
@@ -196,5 +201,5 @@ class _UnitEncoder(Encoder):
     """The encoder of the main pass: a failure names the work unit."""
 
     def __call__(self, row):
-        with unit_step(row["unit"], "encode"):
+        with unit_step(WorkUnit.from_json(row["unit"]), "encode"):
             return super().__call__(row)

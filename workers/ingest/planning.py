@@ -1,41 +1,37 @@
 """Work-unit planning without I/O: cut files into row ranges and name the shard each becomes."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ranges.encoding import canonical_json, sha256_hex
 from workers.ingest.config import IngestConfig
-from workers.ingest.source import SourceFile
+from workers.lake.records import Duplicate, SourceFile, WorkUnit
 
 
-@dataclass(frozen=True)
-class WorkUnit:
-    """A work unit: rows [row_start, row_stop) of one source file."""
-
-    file_index: int
-    file: SourceFile
-    row_start: int
-    row_stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.row_stop - self.row_start
-
-
-def plan_units(cfg: IngestConfig, files, rows_per_file: list[int],
-               row_groups: list[list[int] | None]) -> list[WorkUnit]:
-    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups).
+def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Sequence[int],
+               row_groups: Sequence[Sequence[int] | None], duplicates: Mapping[int, Sequence[Duplicate]],
+               fingerprint: str, ranges_id: str) -> list[WorkUnit]:
+    """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups), each
+    named by the shard it becomes.
 
     Args:
-        rows_per_file: the scan's row counts.
+        files, rows_per_file: the source files and the scan's row counts.
         row_groups: per file, its Parquet row group sizes (from `check_file`), or None.
+        duplicates: per file index, the scan's duplicate-id rows.
+        fingerprint, ranges_id: the model's and the ranges', part of every shard id.
     """
     units = []
     for i, (f, n, groups) in enumerate(zip(files, rows_per_file, row_groups)):
         bounds = row_bounds(n, cfg.unit_rows, groups)
-        units += [WorkUnit(i, f, a, b) for a, b in zip(bounds, bounds[1:])]
+        for a, b in zip(bounds, bounds[1:]):
+            dups = tuple(d for d in duplicates.get(i, ()) if a <= d.row < b)
+            # The duplicates decide which rows the shard holds (and its rejects' text), and they
+            # depend on other files: they are part of the shard's name, so a rerun after the lake
+            # changed cannot reuse a shard whose duplicates differ.
+            sid = shard_id(f.relpath, f.identity(), a, b, fingerprint, ranges_id, cfg.precisions,
+                           cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
+                           [(d.row, d.first_file, d.first_row) for d in dups])
+            units.append(WorkUnit(sid, f, a, b, dups))
     return units
 
 
@@ -55,29 +51,6 @@ def row_bounds(rows: int, unit_rows: int, row_groups: Sequence[int] | None = Non
     else:
         bounds += list(range(unit_rows, rows, unit_rows)) + [rows]
     return sorted(set(bounds + [rows]))
-
-
-def unit_items(cfg: IngestConfig, units: list[WorkUnit], duplicates: dict[int, list], fingerprint: str,
-               ranges_id: str) -> list[dict[str, Any]]:
-    """The Ray Data rows of the main pass: one per unit, with its shard id and duplicate rows.
-
-    Args:
-        duplicates: per file index, `(row, first occurrence's file, its row)` of the scan.
-        fingerprint, ranges_id: the model's and the ranges', part of every shard id.
-    """
-    items = []
-    for u in units:
-        dups = [d for d in duplicates.get(u.file_index, []) if u.row_start <= d[0] < u.row_stop]
-        # The duplicates decide which rows the shard holds (and its rejects' text), and they
-        # depend on other files: they are part of the shard's name, so a rerun after the lake
-        # changed cannot reuse a shard whose duplicates differ.
-        sid = shard_id(u.file.relpath, u.file.identity(), u.row_start, u.row_stop, fingerprint, ranges_id,
-                       cfg.precisions, cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
-                       dups)
-        items.append({"unit": json.dumps({
-            "shard_id": sid, "file": u.file.__dict__, "row_start": u.row_start, "row_stop": u.row_stop,
-            "duplicates": dups})})
-    return items
 
 
 def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,

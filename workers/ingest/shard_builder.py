@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -17,15 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.embedding.quantizer import quantize_all
-from workers.lake.records import shard_files, sidecar_path
-from workers.lake.versions import check_shard_record
-from workers.vocab import INDEX_TYPES
 from ranges.encoding import pretty_json, sha256_hex
+from workers.lake.records import SIDECAR_FORMAT, RejectsRef, ShardRecord, ShardSource, sidecar_json, sidecar_path
 from workers.lake.storage import join, put_bytes
+from workers.vocab import INDEX_TYPES
 
 log = logging.getLogger(__name__)
-
-SIDECAR_FORMAT = "quantlake.shard/1"
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source_file", pa.string()),
                            ("source_row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
@@ -89,24 +85,14 @@ def build_index(ubinary: np.ndarray, dim: int, index_type: str = "IndexBinaryFla
     return faiss.serialize_index_binary(index).tobytes()
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """Everything that names and places one shard."""
-
-    shard_id: str
-    source_file: str
-    row_start: int
-    row_stop: int
-
-
-def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray,
+def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str], rows: np.ndarray,
                 embeddings: np.ndarray, ranges: np.ndarray, precisions: tuple[str, ...],
-                rejects: list[dict[str, Any]], index_type: str = "IndexBinaryFlat") -> dict[str, Any]:
-    """Quantize one work unit and write its files; return its manifest record.
+                rejects: list[dict[str, Any]], index_type: str = "IndexBinaryFlat") -> ShardRecord:
+    """Quantize one work unit and write its files; return its record (not yet its sidecar).
 
     Args:
         fs, root: destination filesystem and dataset root.
-        plan: shard id and source range.
+        shard_id, source: the shard's name and the source rows it holds.
         ids, rows: accepted documents' ids and source row numbers, aligned with `embeddings`.
         embeddings: float32 (n, dim).
         ranges: (2, dim) float32 calibration ranges.
@@ -124,64 +110,58 @@ def write_shard(fs, root: str, plan: ShardPlan, ids: list[str], rows: np.ndarray
             columns[p] = _vectors(quantized[p], p)
     data = _parquet_bytes(pa.table(columns))
     index = build_index(quantized["ubinary"], dim, index_type)
-    path, index_path = f"shards/{plan.shard_id}.parquet", f"shards/{plan.shard_id}.faiss"
+    path, index_path = f"shards/{shard_id}.parquet", f"shards/{shard_id}.faiss"
     put_bytes(fs, join(root, index_path), index)
     put_bytes(fs, join(root, path), data)
     reject_record = None
     if rejects:
         rdata = _parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-        rpath = f"rejects/{plan.shard_id}.parquet"
+        rpath = f"rejects/{shard_id}.parquet"
         put_bytes(fs, join(root, rpath), rdata)
-        reject_record = {"path": rpath, "rows": len(rejects), "sha256": sha256_hex(rdata), "bytes": len(rdata)}
+        reject_record = RejectsRef(rpath, len(rejects), sha256_hex(rdata), len(rdata))
     t2 = time.perf_counter()
-    return {
-        "id": plan.shard_id, "path": path, "index": index_path, "index_type": index_type,
-        "rows": len(ids), "source": {"file": plan.source_file, "row_start": plan.row_start,
-                                     "row_stop": plan.row_stop},
-        "sha256": sha256_hex(data), "index_sha256": sha256_hex(index),
-        "bytes": len(data), "index_bytes": len(index), "rejects": reject_record,
-        "clipped": int(clipped.sum()), "clipped_per_dim": clipped.tolist(),
-        "stats": {"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
-                  "write_s": round(t2 - t1, 6)},
-    }
+    return ShardRecord(
+        id=shard_id, path=path, index=index_path, index_type=index_type, rows=len(ids), source=source,
+        sha256=sha256_hex(data), index_sha256=sha256_hex(index), bytes=len(data), index_bytes=len(index),
+        rejects=reject_record, clipped=int(clipped.sum()), clipped_per_dim=tuple(clipped.tolist()),
+        stats={"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
+               "write_s": round(t2 - t1, 6)})
 
 
 
 
-def write_sidecar(fs, root: str, record: dict[str, Any]) -> None:
+def write_sidecar(fs, root: str, record: ShardRecord) -> None:
     """Mark a shard complete by writing its record beside it; call after its data files."""
-    put_bytes(fs, join(root, sidecar_path(record["id"])),
-              pretty_json({"format": SIDECAR_FORMAT, "record": record}))
+    put_bytes(fs, join(root, sidecar_path(record.id)), pretty_json(sidecar_json(record)))
 
 
-def _sidecar_problem(record: Any, plan: ShardPlan) -> str | None:
-    """Why a sidecar's record cannot stand for `plan`'s shard; None when it can.
+def _sidecar_record(record: Any, shard_id: str, source: ShardSource) -> ShardRecord | str:
+    """The sidecar's record when it can stand for this shard, else why not.
 
     A sidecar is trusted only for its own shard: the files it lists must be exactly the
     names `write_shard` gives that shard id. One naming another shard's files (or any path
     outside them, an unsafe one included) would make the rerun commit a record whose files
     are not this unit's rows; such a shard is rewritten instead.
     """
-    source = {"file": plan.source_file, "row_start": plan.row_start, "row_stop": plan.row_stop}
-    if not isinstance(record, dict) or record.get("id") != plan.shard_id or record.get("source") != source:
+    if not isinstance(record, dict) or record.get("id") != shard_id or record.get("source") != source.to_json():
         return "does not describe this shard"
-    sid = plan.shard_id
     rejects = record.get("rejects")
-    if (record.get("path") != f"shards/{sid}.parquet" or record.get("index") != f"shards/{sid}.faiss"
+    if (record.get("path") != f"shards/{shard_id}.parquet" or record.get("index") != f"shards/{shard_id}.faiss"
             or not (rejects is None or (isinstance(rejects, dict)
-                                        and rejects.get("path") == f"rejects/{sid}.parquet"))):
-        return f"lists files other than shards/{sid}.parquet, shards/{sid}.faiss and rejects/{sid}.parquet"
+                                        and rejects.get("path") == f"rejects/{shard_id}.parquet"))):
+        return (f"lists files other than shards/{shard_id}.parquet, shards/{shard_id}.faiss and "
+                f"rejects/{shard_id}.parquet")
     try:
-        check_shard_record(record, "record", sidecar_path(sid), "record")
+        parsed = ShardRecord.from_json(record, "record", sidecar_path(shard_id), "record")
     except ValueError as exc:
         return f"has a malformed record ({exc})"
     # Stricter than a manifest's record: a sidecar is ours, written whole, with every field.
     if "index_type" not in record or (rejects is not None and "bytes" not in rejects):
         return "has a malformed record"
-    return None
+    return parsed
 
 
-def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
+def completed_shard(fs, root: str, shard_id: str, source: ShardSource) -> ShardRecord | None:
     """The record of a shard an earlier run wrote completely, or None when it must be written.
 
     Complete means: the sidecar exists, names this shard and source range, lists exactly
@@ -190,28 +170,28 @@ def completed_shard(fs, root: str, plan: ShardPlan) -> dict[str, Any] | None:
     case (a new shard, or a writer killed before it finished); anything else is logged with
     the reason. A sidecar never fails the job: at worst the shard is written again.
     """
-    where = sidecar_path(plan.shard_id)
+    where = sidecar_path(shard_id)
     try:
         doc = json.loads(fs.cat_file(join(root, where)))
     except FileNotFoundError:
         return None
     except ValueError as exc:  # a sidecar that is not JSON: rewrite the shard
-        log.warning("shard %s: %s is unreadable (%s); rewriting the shard", plan.shard_id, where, exc)
+        log.warning("shard %s: %s is unreadable (%s); rewriting the shard", shard_id, where, exc)
         return None
-    record = doc.get("record") if isinstance(doc, dict) and doc.get("format") == SIDECAR_FORMAT else None
-    problem = _sidecar_problem(record, plan)
-    if problem:
-        log.warning("shard %s: %s %s; rewriting the shard", plan.shard_id, where, problem)
+    found = doc.get("record") if isinstance(doc, dict) and doc.get("format") == SIDECAR_FORMAT else None
+    record = _sidecar_record(found, shard_id, source)
+    if isinstance(record, str):
+        log.warning("shard %s: %s %s; rewriting the shard", shard_id, where, record)
         return None
-    for path, size, digest in shard_files(record):
+    for f in record.files():
         try:
-            data = fs.cat_file(join(root, path))
+            data = fs.cat_file(join(root, f.path))
         except FileNotFoundError:
-            log.warning("shard %s: %s is missing; rewriting the shard", plan.shard_id, path)
+            log.warning("shard %s: %s is missing; rewriting the shard", shard_id, f.path)
             return None
         got = sha256_hex(data)
-        if len(data) != size or got != digest:
+        if len(data) != f.bytes or got != f.sha256:
             log.warning("shard %s: %s has %d bytes with sha256 %s, its record says %s bytes with %s; "
-                        "rewriting the shard", plan.shard_id, path, len(data), got, size, digest)
+                        "rewriting the shard", shard_id, f.path, len(data), got, f.bytes, f.sha256)
             return None
     return record

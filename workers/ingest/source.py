@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from workers.lake.records import SourceFile
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
 
@@ -22,20 +23,6 @@ READ_BATCH_ROWS = 4096
 
 class SourceError(ValueError):
     """The source cannot be ingested as asked; the message names the file and column."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file of the source, identified by path, size and version (etag or mtime)."""
-
-    relpath: str
-    size: int
-    version: str
-    format: str  # "parquet" | "jsonl"
-
-    def identity(self) -> dict[str, Any]:
-        return {"size": self.size, "version": self.version}
-
 
 
 def _version(info: Mapping[str, Any]) -> str:

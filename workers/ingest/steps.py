@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,9 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
 from workers.ingest.scan import FileScan, scan_rows
-from workers.ingest.shard_builder import ShardPlan, completed_shard, write_shard, write_sidecar
-from workers.ingest.source import SourceFile, classify, iter_batches, source_root
+from workers.ingest.shard_builder import completed_shard, write_shard, write_sidecar
+from workers.ingest.source import classify, iter_batches, source_root
+from workers.lake.records import ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import join
 
 
@@ -28,24 +30,49 @@ class UnitFailed(RuntimeError):
         self.message = message  # as raised: Ray Data appends its retry advice to `args`
 
 
-def describe_unit(unit_json: str) -> str:
-    u = json.loads(unit_json)
-    return f"work unit {u['file']['relpath']} rows [{u['row_start']}, {u['row_stop']}) (shard {u['shard_id']})"
-
-
 @contextlib.contextmanager
-def unit_step(unit_json: str, step: str):
+def unit_step(unit: WorkUnit, step: str):
     """Re-raise a failure of `step` as UnitFailed naming the unit, so the job's error says where."""
     try:
         yield
     except UnitFailed:
         raise
     except Exception as exc:
-        raise UnitFailed(f"{describe_unit(unit_json)}: {step} failed: {type(exc).__name__}: {exc}") from exc
+        raise UnitFailed(f"{unit.describe()}: {step} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _plan(unit: dict[str, Any]) -> ShardPlan:
-    return ShardPlan(unit["shard_id"], unit["file"]["relpath"], unit["row_start"], unit["row_stop"])
+@dataclass(frozen=True)
+class UnitRows:
+    """What the read step hands on for one work unit.
+
+    Either the rows to encode (`texts`, with their `ids` and source `rows`) and the rejected
+    ones, or, when an earlier run wrote the unit's shard and it still verifies, that shard's
+    record as `reused` and nothing to encode (the encoder passes the unit through).
+    """
+
+    unit: WorkUnit
+    ids: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
+    texts: tuple[str, ...] = ()
+    rejects: tuple[dict[str, Any], ...] = ()
+    reused: ShardRecord | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The Ray Data row: one column per field, each of one stable Arrow type (JSON strings and bytes)."""
+        return {"unit": self.unit.to_json(), "ids": json.dumps(self.ids),
+                "rows": np.asarray(self.rows, np.int64).tobytes(), "texts": json.dumps(self.texts),
+                "rejects": json.dumps(self.rejects),
+                "reused": json.dumps(None if self.reused is None else self.reused.to_json())}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "UnitRows":
+        """The record of a row `to_row` made (the encoder may have taken `texts` out of it)."""
+        reused = json.loads(row["reused"])
+        return cls(WorkUnit.from_json(row["unit"]), tuple(json.loads(row["ids"])),
+                   tuple(np.frombuffer(row["rows"], np.int64).tolist()),
+                   tuple(json.loads(row["texts"])) if "texts" in row else (),
+                   tuple(json.loads(row["rejects"])),
+                   None if reused is None else ShardRecord.from_json(reused))
 
 
 def _columns(cfg: IngestConfig) -> list[str]:
@@ -67,39 +94,37 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
 
 
 def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
-    """Read a work unit: accepted texts to encode, the rest as rejects with their reason.
+    """Read a work unit (a row of `WorkUnit.to_json`): a `UnitRows` row.
 
     A unit whose shard an earlier run wrote and that still verifies is not read again: its
-    record travels on as `done` (with no texts, so the encoder passes it through), and its
-    sidecar is written again to mark the shard as in use for vacuum.
+    record travels on as `reused`, and its sidecar is written again to mark the shard as in
+    use for vacuum.
     """
-    with unit_step(item["unit"], "read"):
+    unit = WorkUnit.from_json(item["unit"])
+    with unit_step(unit, "read"):
         fs, root = cfg.url_to_fs(cfg.dest)
-        done = completed_shard(fs, root, _plan(json.loads(item["unit"])))
+        done = completed_shard(fs, root, unit.shard_id, unit.source)
         if done is not None:
             # Rewrite the sidecar (same bytes): a reused shard keeps its old files, and vacuum
             # judges a shard by the newest of its files, so this keeps a vacuum that runs now
             # (or that listed the files earlier and checks again before deleting) off it.
             write_sidecar(fs, root, done)
-            return {"unit": item["unit"], "ids": "[]", "rows": b"", "texts": "[]", "rejects": "[]",
-                    "done": json.dumps(done)}
-        return {**_read(item, cfg), "done": ""}
+            return UnitRows(unit, reused=done).to_row()
+        return _read(unit, cfg).to_row()
 
 
-def _read(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
-    unit = json.loads(item["unit"])
-    f = SourceFile(**unit["file"])
-    dups = {int(r): (ff, int(fr)) for r, ff, fr in unit["duplicates"]}
+def _read(unit: WorkUnit, cfg: IngestConfig) -> UnitRows:
+    f = unit.file
+    dups = {d.row: d for d in unit.duplicates}
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
     ids, rows, texts, rejects = [], [], [], []
-    for first, batch in iter_batches(fs, root, f, _columns(cfg), unit["row_start"], unit["row_stop"]):
+    for first, batch in iter_batches(fs, root, f, _columns(cfg), unit.row_start, unit.row_stop):
         b = classify(f, first, batch, cfg.text_column, cfg.id_column)
         for i, row in enumerate(b.row.tolist()):
             reason, detail = b.reason[i], ""
             if reason is None and row in dups:
-                reason = "duplicate_id"
-                detail = "same id as row {1} of {0}".format(*dups[row])
+                reason, detail = "duplicate_id", dups[row].detail()
             if reason is None:
                 ids.append(b.ids[i])
                 rows.append(row)
@@ -107,8 +132,7 @@ def _read(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
             else:
                 rejects.append({"id": b.ids[i], "source_file": f.relpath, "source_row": row,
                                 "reason": reason, "detail": detail or reason.replace("_", " ")})
-    return {"unit": item["unit"], "ids": json.dumps(ids), "rows": np.asarray(rows, np.int64).tobytes(),
-            "texts": json.dumps(texts), "rejects": json.dumps(rejects)}
+    return UnitRows(unit, tuple(ids), tuple(rows), tuple(texts), tuple(rejects))
 
 
 _RANGES: dict[tuple[str, str, str], RangeManifest] = {}
@@ -128,24 +152,25 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
 
 
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
-    """Quantize a unit's embeddings, write its shard, then its sidecar (the mark of a complete
-    shard); return the shard record as JSON and whether it was reused from an earlier run."""
-    if row["done"]:
-        return {"record": row["done"], "reused": True}
-    with unit_step(row["unit"], "write"):
-        return {"record": json.dumps(_write(row, cfg, ranges_path, ranges_id)), "reused": False}
+    """Quantize an encoded unit's embeddings, write its shard, then its sidecar (the mark of a
+    complete shard); return the shard record as JSON and whether an earlier run had written it."""
+    unit = UnitRows.from_row(row)
+    if unit.reused is not None:
+        return {"record": json.dumps(unit.reused.to_json()), "reused": True}
+    with unit_step(unit.unit, "write"):
+        return {"record": json.dumps(_write(unit, row, cfg, ranges_path, ranges_id).to_json()), "reused": False}
 
 
-def _write(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
-    unit = json.loads(row["unit"])
+def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
     manifest = _ranges(cfg, ranges_path, ranges_id)
     dim = int(row["dim"])
     if dim != manifest.dim:
         raise ValueError(f"the model gives {dim}-dimensional embeddings but the ranges are for {manifest.dim}")
     fs, root = cfg.url_to_fs(cfg.dest)
     emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(-1, dim)
-    record = write_shard(fs, root, _plan(unit), json.loads(row["ids"]), np.frombuffer(row["rows"], np.int64),
-                         emb, manifest.ranges, cfg.precisions, json.loads(row["rejects"]), cfg.index_type)
-    record["stats"]["encode_s"] = round(float(row["encode_s"]), 6)
+    record = write_shard(fs, root, unit.unit.shard_id, unit.unit.source, list(unit.ids),
+                         np.asarray(unit.rows, np.int64), emb, manifest.ranges, cfg.precisions,
+                         list(unit.rejects), cfg.index_type)
+    record = record.with_stats(encode_s=round(float(row["encode_s"]), 6))
     write_sidecar(fs, root, record)
     return record

@@ -12,6 +12,7 @@ from ranges.manifest import RangeManifest
 from workers.lake.redact import redact_url
 from ranges.encoding import sha256_hex
 from workers.lake.storage import cat_uncached, join, url_to_fs
+from workers.lake.records import ShardRecord, VersionManifest
 from workers.lake.versions import read_version
 
 
@@ -118,22 +119,22 @@ class DatasetVersion:
     url: str  # credentials removed: safe to show
     fs: Any
     root: str
-    manifest: dict[str, Any]
+    manifest: VersionManifest
 
     @property
     def version(self) -> int:
-        return int(self.manifest["version"])
+        return self.manifest.number
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.manifest["shards"]
+    def shards(self) -> tuple[ShardRecord, ...]:
+        return self.manifest.shards
 
     @property
     def dim(self) -> int:
         """The embedding dimension of the version's model (every vector column's width follows)."""
-        return int(self.manifest["model"]["dim"])
+        return self.manifest.dim
 
-    def _shard(self, shard: Mapping[str, Any] | int) -> Mapping[str, Any]:
+    def _shard(self, shard: ShardRecord | int) -> ShardRecord:
         return self.shards[shard] if isinstance(shard, int) else shard
 
     def read_verified(self, relpath: str, sha256: str, size: int | None = None) -> bytes:
@@ -158,43 +159,43 @@ class DatasetVersion:
                                  "the file was altered or damaged; do not use this version")
         return data
 
-    def read_shard_table(self, shard: Mapping[str, Any] | int, columns: list[str] | None = None) -> pa.Table:
+    def read_shard_table(self, shard: ShardRecord | int, columns: list[str] | None = None) -> pa.Table:
         """The shard's Parquet table (optionally only `columns`), after its checksum matched."""
         s = self._shard(shard)
-        data = self.read_verified(s["path"], s["sha256"], s.get("bytes"))
-        where = f"{s['path']} of version {self.version} of {self.url}"
+        data = self.read_verified(s.path, s.sha256, s.bytes)
+        where = f"{s.path} of version {self.version} of {self.url}"
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
             # The schema is checked before any column is used: a vector of another width than
             # the version's model would be read as another row's bytes, or fail deep in search.
-            problems = schema_problems(parquet.schema_arrow, self.dim, self.manifest["precisions"])
+            problems = schema_problems(parquet.schema_arrow, self.dim, self.manifest.precisions)
             if problems:
                 raise IntegrityError(f"{where} does not hold what the manifest says "
-                                     f"(dim {self.dim}, precisions {', '.join(self.manifest['precisions'])}): "
+                                     f"(dim {self.dim}, precisions {', '.join(self.manifest.precisions)}): "
                                      f"{'; '.join(problems)}; do not use this version")
             table = parquet.read(columns=columns)
         except pa.ArrowException as exc:  # checksum matched, yet no Parquet file: the manifest lies
             raise IntegrityError(f"{where} is not a readable Parquet file ({exc}); "
                                  "do not use this version") from None
-        if table.num_rows != s["rows"]:
-            raise IntegrityError(f"{where} has {table.num_rows} rows, the manifest says {s['rows']}")
+        if table.num_rows != s.rows:
+            raise IntegrityError(f"{where} has {table.num_rows} rows, the manifest says {s.rows}")
         nulls = [c for c in table.column_names if table[c].null_count]
         if nulls:
             raise IntegrityError(f"{where} has null values in column(s) {', '.join(nulls)}; "
                                  "do not use this version")
         return table
 
-    def read_index_bytes(self, shard: Mapping[str, Any] | int) -> bytes:
+    def read_index_bytes(self, shard: ShardRecord | int) -> bytes:
         """The serialised FAISS index of the shard, after its checksum matched."""
         s = self._shard(shard)
-        return self.read_verified(s["index"], s["index_sha256"], s.get("index_bytes"))
+        return self.read_verified(s.index, s.index_sha256, s.index_bytes)
 
-    def read_index(self, shard: Mapping[str, Any] | int):
+    def read_index(self, shard: ShardRecord | int):
         """The shard's FAISS binary index, deserialised only once its checksum matched."""
         import faiss
 
         s = self._shard(shard)
-        where = f"{s['index']} of version {self.version} of {self.url} (shard {s['id']})"
+        where = f"{s.index} of version {self.version} of {self.url} (shard {s.id})"
         data = self.read_index_bytes(s)
         try:
             index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
@@ -202,22 +203,22 @@ class DatasetVersion:
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise IntegrityError(f"{where} cannot be read as a FAISS binary index ({first}); "
                                  "do not use this version") from None
-        problems = index_problems(index, s["rows"], self.dim, s.get("index_type", "IndexBinaryFlat"))
+        problems = index_problems(index, s.rows, self.dim, s.index_class)
         if problems:
             raise IntegrityError(f"{where} {'; '.join(problems)}: searching it would return rows the "
                                  "shard does not have; do not use this version")
         return index
 
-    def read_rejects(self, shard: Mapping[str, Any] | int) -> pa.Table | None:
+    def read_rejects(self, shard: ShardRecord | int) -> pa.Table | None:
         """The shard's rejected rows, or None when it had none."""
-        rej = self._shard(shard).get("rejects")
-        if not rej:
+        rej = self._shard(shard).rejects
+        if rej is None:
             return None
-        data = self.read_verified(rej["path"], rej["sha256"], rej.get("bytes"))
+        data = self.read_verified(rej.path, rej.sha256, rej.bytes)
         try:
             return pq.read_table(pa.BufferReader(data))
         except pa.ArrowException as exc:
-            raise IntegrityError(f"{rej['path']} of version {self.version} of {self.url} is not a readable "
+            raise IntegrityError(f"{rej.path} of version {self.version} of {self.url} is not a readable "
                                  f"Parquet file ({exc}); do not use this version") from None
 
     def read_ranges(self) -> RangeManifest:
@@ -225,22 +226,22 @@ class DatasetVersion:
 
         Its content hash must be the ranges id, and its dimension and model those of the version.
         """
-        r = self.manifest["ranges"]
+        r = self.manifest.ranges
         try:
-            data = cat_uncached(self.fs, join(self.root, r["path"]))
+            data = cat_uncached(self.fs, join(self.root, r.path))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{r['path']} of version {self.version} of {self.url} is missing") from None
+            raise FileNotFoundError(f"{r.path} of version {self.version} of {self.url} is missing") from None
         try:
-            manifest = RangeManifest.from_json(data, where=f"range manifest {r['path']}")
+            manifest = RangeManifest.from_json(data, where=f"range manifest {r.path}")
         except ValueError as exc:
             raise IntegrityError(str(exc)) from None
-        if manifest.id != r["id"]:
-            raise IntegrityError(f"{r['path']} of version {self.version} of {self.url} has id "
-                                 f"{manifest.id}, the manifest says {r['id']}")
-        model = self.manifest["model"]
+        if manifest.id != r.id:
+            raise IntegrityError(f"{r.path} of version {self.version} of {self.url} has id "
+                                 f"{manifest.id}, the manifest says {r.id}")
+        model = self.manifest.model
         try:
-            manifest.check_for(model["fingerprint"], model_name=model["name"], dim=model["dim"],
-                               where=f"{r['path']} of version {self.version} of {self.url}")
+            manifest.check_for(model.fingerprint, model_name=model.name, dim=model.dim,
+                               where=f"{r.path} of version {self.version} of {self.url}")
         except ValueError as exc:
             raise IntegrityError(f"{exc}; the version's manifest and its ranges disagree: do not use this "
                                  "version") from None

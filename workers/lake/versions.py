@@ -21,24 +21,18 @@ import posixpath
 import re
 import time
 import uuid
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Mapping
 
 from workers.lake.redact import redact_url
-from workers.lake.records import shard_files
 from ranges.encoding import pretty_json
-from workers.vocab import INDEX_TYPES, PRECISIONS
-from workers.lake.storage import cat_uncached, check_relpath, create_only, join, ls_uncached
+from workers.lake.records import MAX_VERSION, VersionManifest
+from workers.lake.storage import cat_uncached, create_only, join, ls_uncached
 
 log = logging.getLogger(__name__)
 
-FORMAT = "quantlake.version/1"
 _NAME = re.compile(r"^(\d{8})\.json$")
-# Version numbers are zero-padded to 8 digits, so listing (which only counts 8-digit names)
-# sees every one of them; a ninth digit would make a version nobody lists.
-MAX_VERSION = 99_999_999
 _LONG_NAME = re.compile(r"^\d{9,}\.json$")
-_SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Attempts at one create whose failure leaves its outcome unknown.
 CREATE_ATTEMPTS = 3
 # Commits lost to other writers before giving up (each loss means another job committed).
@@ -100,7 +94,7 @@ def list_versions(fs, root: str) -> list[int]:
     return sorted(n for n in (int(m.group(1)) for m in map(_NAME.match, names) if m) if n >= 1)
 
 
-def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
+def read_version(fs, root: str, n: int | None = None) -> VersionManifest:
     """The manifest of version `n` (latest when None), validated."""
     if n is None:
         versions = list_versions(fs, root)
@@ -117,120 +111,11 @@ def read_version(fs, root: str, n: int | None = None) -> dict[str, Any]:
     if not raw:
         raise EmptyVersion(root, n)
     where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc})") from None
-    validate(doc, where)
-    if doc["version"] != n:
-        raise ValueError(f"{where}: the file says it is version {doc['version']}; "
+    manifest = VersionManifest.from_json(raw, where)
+    if manifest.version != n:
+        raise ValueError(f"{where}: the file says it is version {manifest.version}; "
                          "a manifest must not be copied or renamed")
-    return doc
-
-
-def _need(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise ValueError(f"{where}: {what}")
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _check_path(where: str, field: str, p: Any) -> None:
-    try:
-        check_relpath(p)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {field}: {exc}") from None
-
-
-def _is_hex64(v: Any) -> bool:
-    return isinstance(v, str) and bool(_HEX64.match(v))
-
-
-def _is_name(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def validate(doc: Any, where: str) -> None:
-    """Raise ValueError naming the field when `doc` is not a well-formed version manifest.
-
-    Every field a reader uses is checked here, once, so that a damaged or hostile manifest
-    fails with its field named instead of a KeyError or TypeError deep in a reader. Besides
-    types and checksums' shape, every stored path must be relative to the dataset root (no
-    scheme, no leading `/`, no `..`): a manifest is input like any other file and must not
-    make a reader open a file outside the dataset. Optional fields (`created_at`, `counts`,
-    `bytes`, a shard's `source` and `index_type`) are checked when present.
-    """
-    _need(isinstance(doc, dict), where, "a version manifest must be a JSON object")
-    _need(doc.get("format") == FORMAT, where, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-    v, parent = doc.get("version"), doc.get("parent")
-    _need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_VERSION, where, f"version is {v!r}")
-    _need(parent is None or (isinstance(parent, int) and not isinstance(parent, bool) and 1 <= parent < v),
-          where, f"parent {parent!r} is not an earlier version")
-    _need(isinstance(doc.get("writer"), str) and doc["writer"], where, "no writer token")
-    _need(isinstance(doc.get("created_at", ""), str), where, f"created_at is {doc.get('created_at')!r}, "
-          "expected an ISO-8601 string")
-    model = doc.get("model")
-    _need(isinstance(model, dict), where, f"model is {model!r}, expected {{name, fingerprint, dim, normalize}}")
-    _need(_is_name(model.get("name")), where, f"model.name is {model.get('name')!r}, expected a model name")
-    _need(_is_name(model.get("fingerprint")), where,
-          f"model.fingerprint is {model.get('fingerprint')!r}, expected 'sha256:<hex>'")
-    dim = model.get("dim")
-    _need(_is_count(dim) and dim > 0, where, f"model.dim is {dim!r}, expected a positive integer")
-    _need(isinstance(model.get("normalize"), bool), where,
-          f"model.normalize is {model.get('normalize')!r}, expected true or false")
-    precisions = doc.get("precisions")
-    _need(isinstance(precisions, list) and all(p in PRECISIONS for p in precisions)
-          and len(set(precisions)) == len(precisions) and "ubinary" in precisions, where,
-          f"precisions is {precisions!r}, expected distinct names of {', '.join(PRECISIONS)} including "
-          "ubinary (the shard indexes are built on it)")
-    source = doc.get("source")
-    _need(isinstance(source, dict) and isinstance(source.get("url"), str)
-          and _is_name(source.get("text_column"))
-          and (source.get("id_column") is None or _is_name(source["id_column"]))
-          and isinstance(source.get("files", {}), dict), where,
-          "source must be {url, text_column, id_column, files} with a URL, column names and an "
-          "object of files")
-    for key in ("counts", "bytes"):
-        value = doc.get(key, {})
-        _need(isinstance(value, dict) and all(_is_count(c) for c in value.values()), where,
-              f"{key} is {value!r}, expected an object of counts")
-    ranges = doc.get("ranges")
-    _need(isinstance(ranges, dict) and isinstance(ranges.get("id"), str), where, "no ranges id")
-    _check_path(where, "ranges.path", ranges.get("path"))
-    shards = doc.get("shards")
-    _need(isinstance(shards, list), where, "shards is not a list")
-    seen: set[str] = set()
-    for i, s in enumerate(shards):
-        check_shard_record(s, f"{where}, shard {i}", where, f"shards[{i}]")
-        _need(s["path"] not in seen, f"{where}, shard {i}", f"path {s['path']!r} is listed twice")
-        seen.add(s["path"])
-
-
-def check_shard_record(s: Any, at: str, where: str, field: str) -> None:
-    """Raise ValueError naming the field when `s` is not a well-formed shard record (of a
-    manifest, or of a shard's sidecar). `at` names the record, `where` and `field` its paths."""
-    _need(isinstance(s, dict), at, "not an object")
-    _need(isinstance(s.get("id"), str) and bool(_SHARD_ID.match(s["id"])), at,
-          f"id is {s.get('id')!r}, expected letters, digits, '-' or '_'")
-    for key in ("rows", "bytes", "index_bytes"):
-        _need(_is_count(s.get(key)), at, f"{key} is {s.get(key)!r}, expected a count")
-    for key in ("sha256", "index_sha256"):
-        _need(_is_hex64(s.get(key)), at, f"{key} is {s.get(key)!r}, expected 64 lowercase hex digits")
-    _need(s.get("index_type", INDEX_TYPES[0]) in INDEX_TYPES, at,
-          f"index_type is {s.get('index_type')!r}, expected one of {', '.join(INDEX_TYPES)}")
-    src = s.get("source", {})
-    _need(isinstance(src, dict) and all(_is_count(src.get(k, 0)) for k in ("row_start", "row_stop"))
-          and isinstance(src.get("file", ""), str), at,
-          f"source is {src!r}, expected {{file, row_start, row_stop}}")
-    _check_path(where, f"{field}.path", s.get("path"))
-    _check_path(where, f"{field}.index", s.get("index"))
-    rej = s.get("rejects")
-    if rej is not None:
-        _need(isinstance(rej, dict) and _is_count(rej.get("rows")) and _is_hex64(rej.get("sha256"))
-              and _is_count(rej.get("bytes", 0)), at, "rejects must be null or {path, rows, sha256, bytes}")
-        _check_path(where, f"{field}.rejects.path", rej.get("path"))
+    return manifest
 
 
 def now() -> str:
@@ -241,16 +126,15 @@ def now() -> str:
 # Rebase rule
 
 
-def _definition(doc: dict[str, Any]) -> dict[str, Any]:
+def _definition(m: VersionManifest) -> dict[str, Any]:
     """What makes two versions versions of the same dataset (shards comparable, searchable together)."""
-    src = doc.get("source") or {}
-    return {"model": (doc.get("model") or {}).get("fingerprint"), "dim": (doc.get("model") or {}).get("dim"),
-            "normalize": (doc.get("model") or {}).get("normalize"), "ranges": doc["ranges"]["id"],
-            "precisions": sorted(doc.get("precisions") or []), "source": src.get("url"),
-            "text_column": src.get("text_column"), "id_column": src.get("id_column")}
+    return {"model": m.model.fingerprint, "dim": m.model.dim, "normalize": m.model.normalize,
+            "ranges": m.ranges.id, "precisions": sorted(m.precisions), "source": m.source.url,
+            "text_column": m.source.text_column, "id_column": m.source.id_column}
 
 
-def rebase_snapshot(ours: dict[str, Any], latest: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
+def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
+                    parent: VersionManifest | None) -> VersionManifest:
     """Rebase a full-snapshot manifest built on `parent` onto `latest`, or raise CommitConflict.
 
     A full snapshot lists every shard of the dataset, so it does not depend on its parent's
@@ -267,34 +151,32 @@ def rebase_snapshot(ours: dict[str, Any], latest: dict[str, Any], parent: dict[s
     next number. `parent` is None for a first commit (every file of `latest` then counts as
     changed) or when the parent manifest is gone.
     """
-    n, writer = latest["version"], latest.get("writer")
     a, b = _definition(ours), _definition(latest)
     differs = [k for k in a if a[k] != b[k]]
     if differs:
         raise _conflict(ours, latest, "it differs from this job's version in " + ", ".join(
             f"{k} ({b[k]!r} there, {a[k]!r} here)" for k in differs))
-    before = ((parent or {}).get("source") or {}).get("files") or {}
-    theirs = (latest.get("source") or {}).get("files") or {}
-    mine = (ours.get("source") or {}).get("files") or {}
+    before = parent.source.file_identities if parent else {}
+    theirs = latest.source.file_identities
+    mine = ours.source.file_identities
     touched = sorted(f for f in set(before) | set(theirs) if before.get(f) != theirs.get(f))
     clash = [f for f in touched if mine.get(f) != theirs.get(f)]
     if clash:
         shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
         raise _conflict(ours, latest, f"it saw source files this job saw differently: {shown}")
-    log.info("version %s was committed by writer %s meanwhile; rebasing on it", n, writer)
-    return {**ours, "parent": n}
+    log.info("version %s was committed by writer %s meanwhile; rebasing on it", latest.version, latest.writer)
+    return replace(ours, parent=latest.version)
 
 
-def _conflict(ours: dict[str, Any], latest: dict[str, Any], why: str) -> CommitConflict:
-    n, writer = latest["version"], latest.get("writer")
-    started = ours.get("parent")
-    base = f"version {started}" if started else "an empty dataset"
+def _conflict(ours: VersionManifest, latest: VersionManifest, why: str) -> CommitConflict:
+    n, writer = latest.version, latest.writer
+    base = f"version {ours.parent}" if ours.parent else "an empty dataset"
     return CommitConflict(
-        f"version {n} was committed by writer {writer} at {latest.get('created_at')} while this job "
-        f"(writer {ours.get('writer')}) was building on {base}, and {why}. Nothing of this job was "
+        f"version {n} was committed by writer {writer} at {latest.created_at} while this job "
+        f"(writer {ours.writer}) was building on {base}, and {why}. Nothing of this job was "
         f"committed (its shards are in place, and a rerun reuses the unchanged ones): check "
         f"`quantlake inspect` and rerun to build on version {n}, reusing its ranges with "
-        f"--ranges <dest>/{latest['ranges']['path']} to keep the versions comparable",
+        f"--ranges <dest>/{latest.ranges.path} to keep the versions comparable",
         version=n, writer=writer)
 
 
@@ -302,7 +184,7 @@ def _conflict(ours: dict[str, Any], latest: dict[str, Any], why: str) -> CommitC
 # Commit
 
 
-Rebase = Callable[[dict[str, Any], dict[str, Any], "dict[str, Any] | None"], dict[str, Any]]
+Rebase = Callable[[VersionManifest, VersionManifest, "VersionManifest | None"], VersionManifest]
 
 
 def _written_by(fs, path: str, token: str) -> bool:
@@ -346,14 +228,15 @@ def _create(fs, path: str, data: bytes, token: str, create) -> bool:
     raise last
 
 
-def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = rebase_snapshot,
-           create=create_only) -> int:
+def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
+           rebase: Rebase | None = rebase_snapshot, create=create_only) -> int:
     """Commit `manifest` as the next version; return its number.
 
     Args:
         fs, root: the dataset's filesystem and root path.
-        manifest: the version's content. `parent` is the version the job built on (a key
-            absent means: on whatever is latest); `writer` is the job's random token (one is
+        manifest: the version's content, a draft (`VersionManifest.build`; a dict is read as
+            one with `VersionManifest.from_json(..., draft=True)`). `parent` is the version the
+            job built on (None: an empty dataset); `writer` is the job's random token (one is
             made when absent).
         rebase: `(ours, latest, parent) -> ours'` when another writer committed since
             `parent`; raise CommitConflict to refuse. None refuses every such case.
@@ -364,28 +247,29 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
         ValueError: the manifest is malformed, or the latest version is numbered MAX_VERSION
             (a planted file: there is no next number).
     """
-    doc = {**manifest, "writer": manifest.get("writer") or uuid.uuid4().hex}
-    token = doc["writer"]
-    expected = doc.get("parent") if "parent" in doc else ...
-    parent_doc: dict[str, Any] | None = None
+    if not isinstance(manifest, VersionManifest):
+        manifest = VersionManifest.from_json(manifest, "new version", draft=True)
+    doc = replace(manifest, writer=manifest.writer or uuid.uuid4().hex)
+    token = doc.writer
+    parent_doc: VersionManifest | None = None
     for _ in range(MAX_REBASES + 1):
         versions = list_versions(fs, root)
         latest = versions[-1] if versions else None
         if latest is not None and _is_empty(fs, root, latest):
             raise EmptyVersion(root, latest)  # never number a version after one a crash left empty
-        if expected is not ... and latest != expected:
+        if latest != doc.parent:
             latest_doc = read_version(fs, root, latest)
-            if latest_doc.get("writer") == token:  # a commit of ours whose reply was lost
+            if latest_doc.writer == token:  # a commit of ours whose reply was lost
                 return latest
             if rebase is None:
                 raise _conflict(doc, latest_doc, "this commit was made without rebasing")
-            if parent_doc is None and expected:
+            if parent_doc is None and doc.parent:
                 try:
-                    parent_doc = read_version(fs, root, expected)
+                    parent_doc = read_version(fs, root, doc.parent)
                 except FileNotFoundError:  # vacuumed: every file of latest counts as changed
                     parent_doc = None
-            doc = rebase(doc, latest_doc, parent_doc)
-            expected, parent_doc = latest, latest_doc
+            doc = replace(rebase(doc, latest_doc, parent_doc), parent=latest)
+            parent_doc = latest_doc
         n = (latest or 0) + 1
         if n > MAX_VERSION:
             # 100000000.json would be a version no listing sees, and every later commit would
@@ -395,9 +279,10 @@ def commit(fs, root: str, manifest: dict[str, Any], *, rebase: Rebase | None = r
                 f"last version number the 8-digit format allows ({MAX_VERSION}). Commits count up "
                 "from 1, so that file was most likely put there by hand or by a tool: remove or "
                 "rename it if it is not a real version; nothing was committed")
-        body = {**doc, "format": FORMAT, "version": n, "parent": latest, "writer": token, "created_at": now()}
-        validate(body, "new version")
-        if _create(fs, version_path(root, n), pretty_json(body), token, create):
+        body = replace(doc, version=n, parent=latest, writer=token, created_at=now())
+        data = body.to_json()
+        VersionManifest.from_json(data, "new version")  # what readers will check, before anyone reads it
+        if _create(fs, version_path(root, n), pretty_json(data), token, create):
             return n
         log.info("another writer committed version %s under %s first; re-reading", n, redact_url(root))
     raise CommitConflict(f"lost the race for a version number {MAX_REBASES + 1} times under "
@@ -408,7 +293,7 @@ class IncompleteVersion(RuntimeError):
     """A file the new version would reference is missing or has another size: not committed."""
 
 
-def check_referenced_files(fs, root: str, doc: dict[str, Any]) -> None:
+def check_referenced_files(fs, root: str, doc: VersionManifest) -> None:
     """Raise IncompleteVersion unless every file `doc` references exists with its recorded size.
 
     The last check before the create-only write, so a version never points at a shard that
@@ -416,9 +301,8 @@ def check_referenced_files(fs, root: str, doc: dict[str, Any]) -> None:
     rather than a request per file; the listing cache is dropped first, as it may predate
     the workers' writes.
     """
-    wanted = {doc["ranges"]["path"]: None}
-    for record in doc["shards"]:
-        wanted.update({path: size for path, size, _ in shard_files(record)})
+    wanted: dict[str, int | None] = {doc.ranges.path: None}
+    wanted.update({f.path: f.bytes for f in doc.files()})
     fs.invalidate_cache()
     present: dict[str, int] = {}
     for folder in sorted({p.split("/")[0] for p in wanted}):

@@ -33,7 +33,7 @@ class RaySearcher(Searcher):
             ds, ranges, name = open_checked(url, version, storage_options, model)
             doc, shards = ds.manifest, ds.shards
             n = max(1, min(len(shards), actors or int(ray.cluster_resources().get("CPU", 1))))
-            bounds = _balanced_bounds([s["rows"] for s in shards], n)
+            bounds = _balanced_bounds([s.rows for s in shards], n)
             actor_cls = ray.remote(num_cpus=actor_cpus)(ShardGroupActor)
             # Actors get the storage options the way ingest tasks do, through the object store
             # (workers/lake/credentials.py says why): actor arguments are kept in Ray's task specs.

@@ -16,6 +16,7 @@ import numpy as np
 
 from ranges.manifest import RangeManifest
 from workers.lake.dataset import open_version
+from workers.lake.records import VersionManifest
 from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
 from workers.embedding.quantizer import quantize
 from workers.search.rescore import hamming_scores, merge, top_by_score
@@ -73,16 +74,16 @@ class Hit:
         return {"id": self.id, "score": self.score, "shard": self.shard, "row": self.row}
 
 
-def check_dataset(doc: dict[str, Any], ranges: RangeManifest, fingerprint: str, model: str) -> None:
+def check_dataset(doc: VersionManifest, ranges: RangeManifest, fingerprint: str, model: str) -> None:
     """Raise unless the version, its range manifest and the query encoder belong together."""
-    want = doc["model"]["fingerprint"]
+    want = doc.model.fingerprint
     if fingerprint != want:
-        raise ValueError(f"model {model} has fingerprint {fingerprint}, but version {doc['version']} was "
-                         f"encoded with {doc['model']['name']} ({want}): its queries would land in another "
+        raise ValueError(f"model {model} has fingerprint {fingerprint}, but version {doc.version} was "
+                         f"encoded with {doc.model.name} ({want}): its queries would land in another "
                          "vector space; search with --model set to that model")
-    if ranges.id != doc["ranges"]["id"]:
-        raise ValueError(f"range manifest {doc['ranges']['path']} has id {ranges.id}, but version "
-                         f"{doc['version']} was quantized with ranges {doc['ranges']['id']}: queries would "
+    if ranges.id != doc.ranges.id:
+        raise ValueError(f"range manifest {doc.ranges.path} has id {ranges.id}, but version "
+                         f"{doc.version} was quantized with ranges {doc.ranges.id}: queries would "
                          "be quantized differently from the corpus; restore that range manifest")
     # That the ranges are the version model's (fingerprint, dim) is the reader's check (`read_ranges`).
 
@@ -99,7 +100,7 @@ def open_checked(url: str, version: int | None, storage_options, model: str | No
     if model:
         name, path = model, resolve_model(model)
     else:
-        name = ds.manifest["model"]["name"]
+        name = ds.manifest.model.name
         path = resolve_model_name(name, f"version {ds.version} of {ds.url}")
     check_dataset(ds.manifest, ranges, model_fingerprint(path), name)
     return ds, ranges, str(path)
@@ -116,11 +117,11 @@ class Searcher:
                  groups: list, owner: np.ndarray, threads: int, index: str, cache_dir: str | None = None):
         self.url, self.storage_options = url, dict(storage_options or {})
         self.manifest, self.ranges, self.model, self.index = doc, ranges, model, index
-        self.version = doc["version"]
+        self.version = doc.number
         self.dim = ranges.dim
         self._groups, self._owner = groups, owner
-        self._shard_ids = [s["id"] for s in doc["shards"]]
-        self.rows = sum(int(s["rows"]) for s in doc["shards"])
+        self._shard_ids = [s.id for s in doc.shards]
+        self.rows = doc.rows
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._cache_dir = cache_dir
         self._encoder: Encoder | None = None
@@ -147,7 +148,7 @@ class Searcher:
         threads = threads or len(os.sched_getaffinity(0))
         own = cache_dir is None
         cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if own else cache_dir
-        shards = doc["shards"]
+        shards = doc.shards
 
         def group(o: int) -> ShardGroup:
             return ShardGroup(ds, [o], ranges.ranges, index, cache_dir)
@@ -171,7 +172,7 @@ class Searcher:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Float32 query embeddings, by the version's model (loaded on first use)."""
         if self._encoder is None:
-            norm = bool(self.manifest["model"].get("normalize", True))
+            norm = self.manifest.model.normalize
             self._encoder = Encoder(EncoderConfig(model=self.model, normalize=norm))
         return self._encoder.encode(list(texts))
 
@@ -250,7 +251,7 @@ class Searcher:
 
     def sample(self, n: int, seed: int = 0) -> list[Hit]:
         """`n` distinct documents drawn by seed, as hits (score NaN)."""
-        counts = np.array([s["rows"] for s in self.manifest["shards"]], np.int64)
+        counts = np.array([s.rows for s in self.manifest.shards], np.int64)
         total = int(counts.sum())
         if n > total:
             raise ValueError(f"cannot sample {n} documents from a version holding {total}")

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from workers.vocab import SearchIndex
 from workers.lake.dataset import DatasetVersion, IntegrityError
+from workers.lake.records import ShardRecord
 from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
 from workers.lake.storage import join
 
@@ -75,21 +76,21 @@ class ShardGroup:
         self._lock = threading.Lock()
         self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
 
-    def _load(self, o: int, s: dict):
+    def _load(self, o: int, s: ShardRecord):
         ds = self.ds
         try:
-            size = ds.fs.info(join(ds.root, s["path"]))["size"]
+            size = ds.fs.info(join(ds.root, s.path))["size"]
         except FileNotFoundError:
-            raise FileNotFoundError(f"shard {s['path']} of version {ds.version} of {ds.url} is missing: "
+            raise FileNotFoundError(f"shard {s.path} of version {ds.version} of {ds.url} is missing: "
                                     "the dataset is incomplete; restore the file or search another version") from None
-        if size != s["bytes"]:
-            raise IntegrityError(f"shard {s['path']} of version {ds.version} of {ds.url} has {size} bytes, "
-                                 f"the manifest says {s['bytes']}: the file was truncated or replaced")
+        if size != s.bytes:
+            raise IntegrityError(f"shard {s.path} of version {ds.version} of {ds.url} has {size} bytes, "
+                                 f"the manifest says {s.bytes}: the file was truncated or replaced")
         if self.kind == "int8":
             return int8_index(self._spill(o)["int8"], self.ranges)
         index = ds.read_index(s)  # deserialised only after its sha256 matched the manifest
         if index.d != self.dim:
-            raise IntegrityError(f"index {s['index']} holds {index.d}-bit codes, the version's model has "
+            raise IntegrityError(f"index {s.index} holds {index.d}-bit codes, the version's model has "
                                  f"{self.dim} dimensions")
         return index
 
@@ -97,7 +98,7 @@ class ShardGroup:
         """Bytes of the in-memory indexes (the spilled columns are memory-mapped files)."""
         if self.kind == "int8":
             return sum(i.ntotal * i.code_size for i in self.indexes.values())
-        return sum(s["index_bytes"] for s in self.shards.values())
+        return sum(s.index_bytes for s in self.shards.values())
 
     def _spill(self, o: int) -> dict[str, np.ndarray]:
         """The shard's columns as memory-mapped arrays, decoded once into a local Arrow file.
@@ -113,9 +114,9 @@ class ShardGroup:
     def _spill_locked(self, o: int) -> pa.Table:
         s = self.shards[o]
         # Local scratch files, not dataset data: Arrow's memory map needs a local path.
-        path = os.path.join(self.cache_dir, f"{s['sha256']}.arrow")
+        path = os.path.join(self.cache_dir, f"{s.sha256}.arrow")
         if not os.path.exists(path):
-            present = [c for c in SPILL_COLUMNS if c != "int8" or "int8" in self.ds.manifest["precisions"]]
+            present = [c for c in SPILL_COLUMNS if c != "int8" or "int8" in self.ds.manifest.precisions]
             table = self.ds.read_shard_table(s, columns=present)  # checked against its sha256
             tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
