@@ -103,9 +103,10 @@ def test_sample_rows_are_distinct_seeded_and_in_order():
 
 def test_options_of_the_other_backend_are_refused(tmp_path):
     # Refused before anything is read: the folder holds no dataset at all.
-    with pytest.raises(ValueError, match=r"actors, ray_address does not apply to backend='threads'"):
+    with pytest.raises(ValueError, match=r"actors, ray_address: only for backend='ray', not 'threads'; "
+                                         r"leave them out, or open with backend='ray'"):
         Searcher.open(str(tmp_path), actors=2, ray_address="auto")
-    with pytest.raises(ValueError, match=r"cache_dir does not apply to backend='ray'"):
+    with pytest.raises(ValueError, match=r"cache_dir: only for backend='threads', not 'ray'; leave it out"):
         Searcher.open(str(tmp_path), backend="ray", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"backend must be one of threads, ray, got 'spark'"):
         Searcher.open(str(tmp_path), backend="spark")

@@ -172,11 +172,14 @@ class Searcher:
         """
         check(index, SEARCH_INDEXES, "index")
         check(backend, BACKENDS, "backend")
-        other = {"threads": {"actors": actors, "actor_cpus": actor_cpus != 1.0, "ray_address": ray_address},
-                 "ray": {"threads": threads, "cache_dir": cache_dir}}[backend]
-        if any(v not in (None, False) for v in other.values()):
-            raise ValueError(f"{', '.join(k for k, v in other.items() if v not in (None, False))} does not apply to "
-                             f"backend={backend!r}; leave it out, or choose the other backend")
+        # An option of the other backend would be ignored silently: refuse it instead.
+        other = "threads" if backend == "ray" else "ray"
+        given = {"threads": threads, "cache_dir": cache_dir} if other == "threads" else \
+            {"actors": actors, "actor_cpus": None if actor_cpus == 1.0 else actor_cpus, "ray_address": ray_address}
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: only for backend={other!r}, not {backend!r}; leave "
+                             f"{'it' if len(stray) == 1 else 'them'} out, or open with backend={other!r}")
         ds, ranges, name = open_checked(url, version, storage_options, model)
         if backend == "ray":
             groups: ShardGroups = RayShardGroups.open(

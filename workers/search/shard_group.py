@@ -175,8 +175,8 @@ class ShardGroup:
         return ids.tolist(), source_rows
 
     def rescore(self, q: np.ndarray, mode: str, qidx: np.ndarray, shards: np.ndarray, rows: np.ndarray):
-        """Scores, ids and source rows of candidates `(qidx, shard, row)` (one call: an actor's
-        candidates cost one round trip).
+        """Scores, ids and source rows of candidates `(qidx, shard, row)`: all three in one call,
+        so rescoring costs one round trip to an actor.
 
         Args:
             q: float32 queries (n, dim).
