@@ -17,7 +17,6 @@ from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
-from workers.search.ray_searcher import RaySearcher
 from workers.search.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
 
@@ -104,8 +103,8 @@ def read_queries(url: str, storage_options: dict[str, Any] | None = None) -> lis
 def run(cfg: SearchConfig) -> list[QueryResult]:
     """Open the version, search, and return the results in query order."""
     if cfg.ray:
-        searcher = RaySearcher.open(cfg.dest, cfg.version, cfg.storage_options, cfg.model, index=cfg.index,
-                                    actors=cfg.actors, ray_address=cfg.ray_address)
+        searcher = Searcher.open(cfg.dest, cfg.version, cfg.storage_options, cfg.model, index=cfg.index,
+                                 backend="ray", actors=cfg.actors, ray_address=cfg.ray_address)
     else:
         searcher = Searcher.open(cfg.dest, cfg.version, cfg.storage_options, cfg.model, index=cfg.index)
     opts = {k: v for k, v in vars(cfg.options).items() if k != "k"}

@@ -14,7 +14,6 @@ from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
 from workers.lake.dataset import IntegrityError, index_problems, open_version, schema_problems
 from workers.embedding.encoder import EncoderConfig
-from workers.search.ray_searcher import RaySearcher
 from workers.search.searcher import Searcher
 from workers.vocab import INDEX_TYPES
 from workers.ingest.shard_builder import build_index, completed_shard, write_shard, write_sidecar
@@ -41,7 +40,7 @@ def test_each_index_class_loads_when_the_record_names_it(copy_dataset, index_typ
     index = open_version(str(copy_dataset)).read_index(TARGET)
     assert type(index).__name__ == index_type and index.ntotal == s["rows"] == 40
     with Searcher.open(str(copy_dataset), model=MODEL) as searcher:
-        assert type(searcher._groups[TARGET].indexes[TARGET]).__name__ == index_type
+        assert type(searcher.groups[TARGET].indexes[TARGET]).__name__ == index_type
         codes = codes_of(copy_dataset, s)[:5]  # a shard's own codes find their own rows
         hits = searcher.search_vectors(np.unpackbits(codes, axis=1) * 2.0 - 1, k=1, rescore="none",
                                        candidates="hamming")
@@ -236,7 +235,7 @@ def test_a_version_without_shards_searches_to_no_hits(copy_dataset, ray_session,
     with Searcher.open(str(copy_dataset), model=MODEL) as s:
         assert s.version == 2 and s.search_vectors(QUERIES, k=5) == [[], [], [], []]
         assert s.search([], k=5) == []
-    rs = RaySearcher.open(str(copy_dataset), model=MODEL)
+    rs = Searcher.open(str(copy_dataset), model=MODEL, backend="ray")
     try:
         assert rs.search_vectors(QUERIES[:2], k=5) == [[], []]
     finally:

@@ -223,6 +223,6 @@ def test_k_is_capped_at_the_rows_of_the_version(small_dataset, docs):
         assert [[(h.id, h.score) for h in hh] for hh in hits] == _brute_force(dest, s, q)
         assert [h.id for h in s.search_vectors(q, k=rows)[0]] == [h.id for h in hits[0]]
         # Each shard's pool stops at what its index holds.
-        for g, shard in zip(s._groups, s.manifest.shards):
+        for g, shard in zip(s.groups, s.manifest.shards):
             keys, shards, found, bits = g.candidates(q, quantize(q, None, "ubinary"), 10**6, True)
             assert keys.shape == (3, shard.rows) and sorted(found[0]) == list(range(shard.rows))

@@ -13,8 +13,8 @@ from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
 from workers.lake.dataset import IntegrityError
 from workers.embedding.encoder import EncoderConfig, resolve_model
-from workers.search.ray_searcher import RaySearcher
-from workers.search.searcher import ASYMMETRIC_POOL, Searcher
+from workers.search.rescore import ASYMMETRIC_POOL
+from workers.search.searcher import Searcher
 
 from conftest import write_parquet_lake
 
@@ -99,9 +99,9 @@ def test_ray_actors_equal_threads(datasets, ray_session):
     q = datasets["q"][:50]
     with Searcher.open(str(datasets["multi"])) as s:
         want = s.search_vectors(q, k=K)
-    rs = RaySearcher.open(str(datasets["multi"]), actors=2, actor_cpus=0.5)
+    rs = Searcher.open(str(datasets["multi"]), backend="ray", actors=2, actor_cpus=0.5)
     try:
-        assert sorted(set(rs._owner.tolist())) == [0, 1]  # shards really split over two actors
+        assert sorted(set(rs.groups.owner.tolist())) == [0, 1]  # shards really split over two actors
         assert rs.search_vectors(q, k=K) == want
     finally:
         rs.close()

@@ -15,6 +15,7 @@ IndexType = Literal["IndexBinaryFlat", "IndexBinaryHNSW", "IndexBinaryIVF"]
 RescoreMode = Literal["int8", "int8-raw", "bits", "none"]
 CandidateMode = Literal["asymmetric", "hamming"]
 SearchIndex = Literal["binary", "int8"]
+SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -22,6 +23,7 @@ INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
 RESCORE_MODES: tuple[str, ...] = get_args(RescoreMode)
 CANDIDATE_MODES: tuple[str, ...] = get_args(CandidateMode)
 SEARCH_INDEXES: tuple[str, ...] = get_args(SearchIndex)
+SEARCH_BACKENDS: tuple[str, ...] = get_args(SearchBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
 
 # The one mapping between the CLI's index names and the manifest's.

@@ -1,10 +1,13 @@
-"""Search math without I/O: query-side scaling, candidate scores, and the cross-shard merge."""
+"""Search math without I/O: query-side scaling, candidate scores, the cross-shard merge and narrowing."""
 from __future__ import annotations
 
 import numpy as np
 
 from workers.embedding.quantizer import range_steps
 
+# Asymmetric candidates: the Hamming search keeps this many times k * multiplier candidates, and
+# the float query against their sign bits picks the k * multiplier that go on to rescoring.
+ASYMMETRIC_POOL = 4
 
 
 def steps_of(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,3 +98,42 @@ def top_by_score(scores: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     """Per query, positions of the `k` highest scores; ties keep candidate order (stable)."""
     s = np.where(valid, -scores.astype(np.float64), np.inf)
     return np.argsort(s, axis=-1, kind="stable")[:, :k]
+
+
+def pool_sizes(k: int, multiplier: int, rows: int, index: str, asymmetric: bool) -> tuple[int, int]:
+    """(Hamming pool, candidates kept) per query for top `k` of a version holding `rows`.
+
+    Kept: `k * multiplier`. Pool: that (`hamming` candidates), `ASYMMETRIC_POOL` times that
+    (`asymmetric`), or `k` (an int8 index, whose order is final). Neither goes past `rows`:
+    a larger pool would hold only padding, as every row is a candidate already.
+    """
+    keep = min(k * multiplier, rows)
+    pool = k if index == "int8" else keep * ASYMMETRIC_POOL if asymmetric else keep
+    return min(pool, rows), keep
+
+
+def narrow_candidates(keys: np.ndarray, shards: np.ndarray, rows: np.ndarray, bits: np.ndarray, pool: int,
+                      keep: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the global Hamming top `pool` of all groups' candidates, then (with `keep`) the
+    `keep` best of those by bit score.
+
+    The first step is `merge`: the pool one combined index would return. The second is the
+    asymmetric step: the float query scored against the candidates' sign bits (`bits`, as
+    `bit_scores` gives them) reorders the pool, ties kept in Hamming order. Neither depends on
+    how rows are split into shards or groups, or on the order the groups answered in.
+
+    Args:
+        keys, shards, rows, bits: (q, m) candidates of every group side by side; row -1 is padding.
+        pool: Hamming candidates kept per query.
+        keep: asymmetric candidates kept per query; None: the Hamming pool, in Hamming order.
+
+    Returns:
+        (keys, shards, rows, bits), each (q, min(m, pool or keep)).
+    """
+    found = (keys, shards, rows, bits)
+    pick = merge(keys, shards, rows, pool)
+    found = tuple(np.take_along_axis(a, pick, axis=1) for a in found)
+    if keep is not None:
+        pick = top_by_score(found[3], found[2] >= 0, keep)
+        found = tuple(np.take_along_axis(a, pick, axis=1) for a in found)
+    return found

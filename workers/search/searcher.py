@@ -1,14 +1,11 @@
-"""Searching a committed dataset version: open it once, then query it many times over a thread pool.
+"""Searching a committed dataset version: open it once, then query it many times.
 
-`workers/search/ray_searcher.py` runs the same search with Ray actors holding groups of shards.
+The shards are held in groups by a backend (`workers/search/backends.py`: threads in this
+process, or Ray actors); the candidate and scoring math is `workers/search/rescore.py`.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -19,15 +16,13 @@ from workers.lake.dataset import open_version
 from workers.lake.records import VersionManifest
 from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
 from workers.embedding.quantizer import quantize
-from workers.search.rescore import hamming_scores, merge, top_by_score
-from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, CandidateMode, RescoreMode, SearchIndex, check
-from workers.search.shard_group import ShardGroup
+from workers.search.backends import RayShardGroups, ShardGroups, ThreadShardGroups
+from workers.search.rescore import hamming_scores, narrow_candidates, pool_sizes, top_by_score
+from workers.vocab import (CANDIDATE_MODES, RESCORE_MODES, SEARCH_BACKENDS, SEARCH_INDEXES, CandidateMode, RescoreMode,
+                           SearchBackend, SearchIndex, check)
 
 # Queries searched together: bounds the candidate arrays, whatever the size of a queries file.
 QUERY_BATCH = 256
-# Asymmetric candidates: the Hamming search keeps this many times k * multiplier candidates, and
-# the float query against their sign bits picks the k * multiplier that go on to int8 rescoring.
-ASYMMETRIC_POOL = 4
 
 
 @dataclass(frozen=True)
@@ -106,30 +101,60 @@ def open_checked(url: str, version: int | None, storage_options, model: str | No
     return ds, ranges, str(path)
 
 
-class Searcher:
-    """A version opened for search: shard indexes loaded once, queries fanned out over threads.
+def sample_rows(shard_rows: Sequence[int], n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(shard ordinals, rows) of `n` distinct rows drawn by `seed`, in the order of the rows laid end
+    to end: the same rows for the same seed and version, however its shards are held.
 
-    Open with `Searcher.open(url, version=None, storage_options=None, model=None)`; close (or
-    use as a context manager) to drop the local spill of int8 rows.
+    Args:
+        shard_rows: rows of each shard, in the version's order.
+        n: rows to draw (at most their sum).
+    """
+    counts = np.asarray(shard_rows, np.int64)
+    total = int(counts.sum())
+    if n > total:
+        raise ValueError(f"cannot sample {n} documents from a version holding {total}")
+    flat = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    shards = np.searchsorted(np.cumsum(counts), flat, side="right")
+    return shards, flat - np.concatenate([[0], np.cumsum(counts)])[shards]
+
+
+def _layout(manifest: VersionManifest) -> tuple[list[str], list[int]]:
+    """The ids and row counts of a version's shards, in its order: what search reads of the shard list."""
+    return [s.id for s in manifest.shards], [s.rows for s in manifest.shards]
+
+
+class Searcher:
+    """A version opened for search: shard indexes loaded once into groups held by a backend.
+
+    Open with `Searcher.open(url, ...)`; close (or use as a context manager) to drop the groups,
+    their local spill of int8 rows, and a Ray instance the opening started.
+
+    Args:
+        url, storage_options: the dataset root and its fsspec options.
+        manifest: the opened version's manifest (checked by the reader and `check_dataset`).
+        ranges: its range manifest.
+        model: folder of the query encoder.
+        index: `binary` or `int8`, as the groups were loaded.
+        groups: the backend holding every shard of the version.
     """
 
-    def __init__(self, url: str, storage_options, doc: dict, ranges: RangeManifest, model: str,
-                 groups: list, owner: np.ndarray, threads: int, index: str, cache_dir: str | None = None):
+    def __init__(self, *, url: str, storage_options: Mapping[str, Any] | None, manifest: VersionManifest,
+                 ranges: RangeManifest, model: str, index: SearchIndex, groups: ShardGroups):
         self.url, self.storage_options = url, dict(storage_options or {})
-        self.manifest, self.ranges, self.model, self.index = doc, ranges, model, index
-        self.version = doc.number
+        self.manifest, self.ranges, self.model, self.index = manifest, ranges, model, index
+        self.groups = groups
         self.dim = ranges.dim
-        self._groups, self._owner = groups, owner
-        self._shard_ids = [s.id for s in doc.shards]
-        self.rows = doc.rows
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self._cache_dir = cache_dir
+        self.version = manifest.number
+        self._normalize = manifest.model.normalize
+        self._shard_ids, self._shard_rows = _layout(manifest)
+        self.rows = sum(self._shard_rows)
         self._encoder: Encoder | None = None
 
     @classmethod
     def open(cls, url: str, version: int | None = None, storage_options: Mapping[str, Any] | None = None,
-             model: str | None = None, *, index: SearchIndex = "binary",
-             threads: int | None = None, cache_dir: str | None = None) -> "Searcher":
+             model: str | None = None, *, index: SearchIndex = "binary", backend: SearchBackend = "threads",
+             threads: int | None = None, cache_dir: str | None = None, actors: int | None = None,
+             actor_cpus: float = 1.0, ray_address: str | None = None) -> "Searcher":
         """Open version `version` (latest when None) of the dataset at `url`.
 
         Args:
@@ -139,41 +164,38 @@ class Searcher:
                 that is the bundled model or a Hugging Face cache entry (never a path).
             index: `binary` (shard FAISS binary indexes, rescoring from int8 rows read on
                 demand) or `int8` (one-byte scalar-quantizer indexes built at open).
-            threads: shards searched at once (default: the CPUs this process may use).
-            cache_dir: local folder for decoded shard columns (default: a temporary one).
+            backend: `threads` (every shard in this process, searched over a thread pool) or
+                `ray` (groups of shards held by Ray actors; the same results).
+            threads, cache_dir (`threads`): shards searched at once (default: the CPUs this
+                process may use); local folder for decoded shard columns (default: a temporary one).
+            actors, actor_cpus, ray_address (`ray`): actors (default: one per CPU of the cluster)
+                and the CPUs each reserves; the cluster to join when Ray is not running yet (the
+                rule is `workers/ray_session.py`'s; `close()` stops an instance this started).
         """
         check(index, SEARCH_INDEXES, "index")
+        check(backend, SEARCH_BACKENDS, "backend")
+        # An option of the other backend would be ignored silently: refuse it instead.
+        other = "threads" if backend == "ray" else "ray"
+        given = {"threads": threads, "cache_dir": cache_dir} if other == "threads" else \
+            {"actors": actors, "actor_cpus": None if actor_cpus == 1.0 else actor_cpus, "ray_address": ray_address}
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: only for backend={other!r}, not {backend!r}; leave "
+                             f"{'it' if len(stray) == 1 else 'them'} out, or open with backend={other!r}")
         ds, ranges, name = open_checked(url, version, storage_options, model)
-        doc = ds.manifest
-        threads = threads or len(os.sched_getaffinity(0))
-        own = cache_dir is None
-        cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if own else cache_dir
-        shards = doc.shards
-
-        def group(o: int) -> ShardGroup:
-            return ShardGroup(ds, [o], ranges.ranges, index, cache_dir)
-
-        try:
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                groups = list(pool.map(group, range(len(shards))))
-        except BaseException:
-            if own:
-                shutil.rmtree(cache_dir, ignore_errors=True)
-            raise
-        return cls(url, storage_options, doc, ranges, name, groups, np.arange(len(shards)), threads, index,
-                   cache_dir if own else None)
-
-    def _map(self, calls: list[tuple[Any, str, tuple]]) -> list:
-        """Run `group.method(*args)` for each call, in parallel; results in call order."""
-        if self._pool is None or len(calls) < 2:
-            return [getattr(g, m)(*a) for g, m, a in calls]
-        return list(self._pool.map(lambda c: getattr(c[0], c[1])(*c[2]), calls))
+        if backend == "ray":
+            groups: ShardGroups = RayShardGroups.open(
+                url, storage_options, ds.version, _layout(ds.manifest)[1], ranges.ranges, index,
+                actors=actors, actor_cpus=actor_cpus, ray_address=ray_address)
+        else:
+            groups = ThreadShardGroups.open(ds, ranges.ranges, index, threads=threads, cache_dir=cache_dir)
+        return cls(url=url, storage_options=storage_options, manifest=ds.manifest, ranges=ranges, model=name,
+                   index=index, groups=groups)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Float32 query embeddings, by the version's model (loaded on first use)."""
         if self._encoder is None:
-            norm = self.manifest.model.normalize
-            self._encoder = Encoder(EncoderConfig(model=self.model, normalize=norm))
+            self._encoder = Encoder(EncoderConfig(model=self.model, normalize=self._normalize))
         return self._encoder.encode(list(texts))
 
     def search(self, queries: str | Sequence[str], k: int = 10, **options) -> list[Hit] | list[list[Hit]]:
@@ -198,7 +220,7 @@ class Searcher:
         q = np.ascontiguousarray(q, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be float32 (n, {self.dim}), got shape {q.shape}")
-        if self.rows == 0:
+        if self.rows == 0:  # a version with no rows holds no documents: nothing matches
             return [[] for _ in range(len(q))]
         opts = replace(opts, k=min(opts.k, self.rows))
         out: list[list[Hit]] = []
@@ -207,76 +229,44 @@ class Searcher:
         return out
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
-        if not self._groups:  # a version with no shards holds no documents: nothing matches
-            return [[] for _ in range(len(q))]
-        # Pools past the version's rows would hold only padding: every row is a candidate already.
-        n = min(o.k * o.rescore_multiplier, self.rows)
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"
-        pool = min(o.k if self.index == "int8" else n * ASYMMETRIC_POOL if asymmetric else n, self.rows)
-        qbin = quantize(q, None, "ubinary")
-        parts = self._map([(g, "candidates", (q, qbin, pool, asymmetric, o.ef_search, o.nprobe))
-                           for g in self._groups])
-        found = [np.concatenate(x, axis=1) for x in zip(*parts)]
+        pool, keep = pool_sizes(o.k, o.rescore_multiplier, self.rows, self.index, asymmetric)
+        found = self.groups.candidates(q, quantize(q, None, "ubinary"), pool, asymmetric, o.ef_search, o.nprobe)
         # The global Hamming top `pool`, as one combined index would return it, then (asymmetric)
-        # the best `n` of those by bit score: neither depends on how rows are split into shards.
-        pick = merge(found[0], found[1], found[2], pool)
-        keys, shards, rows, bits = (np.take_along_axis(a, pick, axis=1) for a in found)
-        if asymmetric:
-            pick = top_by_score(bits, rows >= 0, n)
-            keys, shards, rows, bits = (np.take_along_axis(a, pick, axis=1) for a in (keys, shards, rows, bits))
+        # the best `keep` of those by bit score: neither depends on how rows are split into shards.
+        keys, shards, rows, bits = narrow_candidates(*found, pool, keep if asymmetric else None)
         valid = rows >= 0
         mode = o.rescore
         if self.index == "int8" or (asymmetric and mode == "bits"):
-            mode = "none"
+            mode = "none"  # the candidates are in their final order already
         scores = np.zeros(rows.shape, np.float32)
         ids = np.empty(rows.shape, object)
         source_rows = np.zeros(rows.shape, np.int64)
-        qidx = np.broadcast_to(np.arange(len(q))[:, None], rows.shape)
-        owner = np.where(valid, self._owner[np.where(valid, shards, 0)], -1)
-        calls, masks = [], []
-        for g in np.unique(owner[valid]):
-            m = owner == g
-            masks.append(m)
-            calls.append((self._groups[g], "rescore", (q, mode, qidx[m], shards[m], rows[m])))
-        for m, (s, i, r) in zip(masks, self._map(calls)):
-            if s is not None:
-                scores[m] = s
-            ids[m], source_rows[m] = i, r
         if mode == "none":
+            ids[valid], source_rows[valid] = self.groups.fetch(shards[valid], rows[valid])
             scores = (-keys).astype(np.float32) if self.index == "int8" else bits if asymmetric \
                 else hamming_scores(keys, self.dim)
+        else:
+            qidx = np.broadcast_to(np.arange(len(q))[:, None], rows.shape)
+            scores[valid], ids[valid], source_rows[valid] = self.groups.rescore(
+                q, mode, qidx[valid], shards[valid], rows[valid])
         top = top_by_score(scores, valid, o.k)
         return [[Hit(ids[i, j], float(scores[i, j]), self._shard_ids[shards[i, j]], int(rows[i, j]),
                      int(source_rows[i, j])) for j in top[i] if valid[i, j]] for i in range(len(q))]
 
     def sample(self, n: int, seed: int = 0) -> list[Hit]:
-        """`n` distinct documents drawn by seed, as hits (score NaN)."""
-        counts = np.array([s.rows for s in self.manifest.shards], np.int64)
-        total = int(counts.sum())
-        if n > total:
-            raise ValueError(f"cannot sample {n} documents from a version holding {total}")
-        flat = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
-        shards = np.searchsorted(np.cumsum(counts), flat, side="right")
-        rows = flat - np.concatenate([[0], np.cumsum(counts)])[shards]
-        out = []
-        for s, r in zip(shards, rows):
-            _, ids, src = self._map([(self._groups[self._owner[s]], "rescore",
-                                      (np.zeros((1, self.dim), np.float32), "none", np.zeros(1, np.int64),
-                                       np.array([s]), np.array([r])))])[0]
-            out.append(Hit(ids[0], float("nan"), self._shard_ids[s], int(r), int(src[0])))
-        return out
+        """`n` distinct documents drawn by seed (`sample_rows`), as hits (score NaN)."""
+        shards, rows = sample_rows(self._shard_rows, n, seed)
+        ids, source_rows = self.groups.fetch(shards, rows)
+        return [Hit(i, float("nan"), self._shard_ids[s], int(r), int(src))
+                for i, s, r, src in zip(ids, shards, rows, source_rows)]
 
     def resident_bytes(self) -> int:
         """Bytes of the indexes held in memory (int8 rows stay in memory-mapped files)."""
-        return sum(self._map([(g, "resident_bytes", ()) for g in self._groups]))
+        return self.groups.resident_bytes()
 
     def close(self) -> None:
-        for g in self._groups:
-            g.close()
-        if self._pool is not None:
-            self._pool.shutdown()
-        if self._cache_dir:
-            shutil.rmtree(self._cache_dir, ignore_errors=True)
+        self.groups.close()
 
     def __enter__(self):
         return self

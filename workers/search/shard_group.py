@@ -161,35 +161,51 @@ class ShardGroup:
         out[valid] = bit_scores(codes[rows[valid]], tables, np.nonzero(valid)[0])
         return out
 
+    def fetch(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Ids and source rows of the rows `(shards[i], rows[i])` of this group, in that order.
+
+        Args:
+            shards, rows: aligned 1-D arrays of shard ordinals (of this group) and rows.
+        """
+        ids, source_rows = np.empty(len(rows), object), np.empty(len(rows), np.int64)
+        for o in np.unique(shards):
+            at = np.nonzero(shards == o)[0]
+            spill = self._spill(int(o))
+            ids[at] = spill["id"].take(pa.array(rows[at])).to_pylist()
+            source_rows[at] = spill["source_row"][rows[at]]
+        return ids.tolist(), source_rows
+
     def rescore(self, q: np.ndarray, mode: str, qidx: np.ndarray, shards: np.ndarray, rows: np.ndarray):
-        """Scores (None for mode `none`), ids and source rows of candidates `(qidx, shard, row)`.
+        """Scores, ids and source rows of candidates `(qidx, shard, row)`: all three in one call,
+        so rescoring costs one round trip to an actor.
 
         Args:
             q: float32 queries (n, dim).
-            mode: `int8`, `int8-raw`, `bits` or `none` (ids only).
+            mode: `int8`, `int8-raw` or `bits` (for ids alone, `fetch`).
             qidx, shards, rows: aligned 1-D arrays, one entry per candidate of this group.
         """
-        scores = np.empty(len(rows), np.float32) if mode != "none" else None
-        ids, source_rows = np.empty(len(rows), object), np.empty(len(rows), np.int64)
-        if mode in ("int8", "int8-raw"):
+        if mode not in ("int8", "int8-raw", "bits"):
+            raise ValueError(f"rescoring mode must be int8, int8-raw or bits, got {mode!r}; fetch reads ids alone")
+        ids, source_rows = self.fetch(shards, rows)
+        scores = np.empty(len(rows), np.float32)
+        if mode == "bits":
+            tables = bit_tables(q)
+        else:
             w, offset = int8_query(q, self.ranges, mode)
-        tables = bit_tables(q) if mode == "bits" else None
         for o in np.unique(shards):
             at = np.nonzero(shards == o)[0]
             r = rows[at]
             spill = self._spill(int(o))
-            ids[at] = spill["id"].take(pa.array(r)).to_pylist()
-            source_rows[at] = spill["source_row"][r]
-            if mode in ("int8", "int8-raw"):
-                if "int8" not in spill:
-                    raise ValueError(f"shard {self.shards[int(o)]['path']} has no int8 vectors (the dataset "
-                                     "was ingested without them): search with rescore='bits' or 'none'")
-                scores[at] = int8_scores(spill["int8"][r], w[qidx[at]], offset[qidx[at]])
-            elif mode == "bits":
+            if mode == "bits":
                 codes = _codes_view(self.indexes[int(o)])
                 codes = spill["ubinary"] if codes is None else codes
                 scores[at] = bit_scores(codes[r], tables, qidx[at])
-        return scores, ids.tolist(), source_rows
+            elif "int8" not in spill:
+                raise ValueError(f"shard {self.shards[int(o)]['path']} has no int8 vectors (the dataset "
+                                 "was ingested without them): search with rescore='bits' or 'none'")
+            else:
+                scores[at] = int8_scores(spill["int8"][r], w[qidx[at]], offset[qidx[at]])
+        return scores, ids, source_rows
 
     def close(self) -> None:
         self._spills.clear()

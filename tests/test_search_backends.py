@@ -1,0 +1,205 @@
+"""Shard groups behind one protocol: candidate narrowing against brute force, seeded sampling, and
+threads and Ray actors answering with the same arrays on a real version."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ranges.manifest import RangeManifest
+from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model
+from workers.embedding.quantizer import quantize
+from workers.ingest.from_vectors import write_vectors
+from workers.search.rescore import ASYMMETRIC_POOL, bit_scores, bit_tables, narrow_candidates, pool_sizes
+from workers.search.searcher import Searcher, sample_rows
+
+# ---------------------------------------------------------------------------------------------
+# Pure: narrowing, pool sizes, sampling (no Ray, no model)
+
+
+def _group_answers(codes, q, bounds, pool):
+    """What one group per shard answers: its Hamming top `pool` (ties by row), bit scores filled."""
+    qbin, tables = np.packbits(q > 0, axis=1), bit_tables(q)
+    parts = []
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        hamming = np.unpackbits(codes[None, a:b] ^ qbin[:, None], axis=2).sum(axis=2)
+        rows = np.argsort(hamming, axis=1, kind="stable")[:, :pool]
+        qidx = np.repeat(np.arange(len(q)), rows.shape[1])
+        bits = bit_scores(codes[a:b][rows.ravel()], tables, qidx).reshape(rows.shape)
+        parts.append((np.take_along_axis(hamming, rows, 1).astype(np.float64), np.full(rows.shape, s), rows, bits))
+    return parts
+
+
+def _brute_force(codes, q, pool, keep):
+    """Global row numbers: the Hamming top `pool` of all rows end to end, then the best `keep` of
+    those by float query against ±1/sqrt(dim) signs."""
+    signs = np.unpackbits(codes, axis=1) * 2.0 - 1
+    out = []
+    for qi in q.astype(np.float64):
+        hamming = (np.unpackbits(codes, axis=1) != (qi > 0)).sum(axis=1)
+        cand = np.lexsort((np.arange(len(codes)), hamming))[:pool]
+        if keep is not None:
+            scores = signs[cand] @ qi / np.sqrt(len(qi))
+            cand = cand[np.argsort(-scores, kind="stable")[:keep]]
+        out.append(cand.tolist())
+    return out
+
+
+@pytest.mark.parametrize("keep", [None, 6, 24])
+def test_narrowing_equals_brute_force_over_all_rows(keep):
+    rng = np.random.default_rng(0)
+    dim, n_queries, pool = 64, 9, 24
+    codes = np.packbits(rng.standard_normal((300, dim)) > 0, axis=1)  # 64 bits: many Hamming ties
+    q = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    bounds = [0, 40, 40, 170, 181, 300]  # uneven shards, one of them empty
+    parts = _group_answers(codes, q, bounds, pool)
+    # Padding (row -1) with the best key and bit score of all: never kept over a real candidate.
+    parts.append((np.zeros((n_queries, 3)), np.full((n_queries, 3), 5), np.full((n_queries, 3), -1),
+                  np.full((n_queries, 3), 99, np.float32)))
+    order = rng.permutation(len(parts))  # the groups answer in any order
+    found = [np.concatenate([parts[i][a] for i in order], axis=1) for a in range(4)]
+    keys, shards, rows, bits = narrow_candidates(*found, pool, keep)
+    assert keys.shape == (n_queries, keep or pool)
+    got = (np.array(bounds)[shards] + rows).tolist()
+    assert got == _brute_force(codes, q, pool, keep)
+    flat = np.array(got)
+    assert (keys == np.unpackbits(codes[flat] ^ np.packbits(q > 0, axis=1)[:, None], axis=2).sum(axis=2)).all()
+    signs = np.unpackbits(codes, axis=1)[flat] * 2.0 - 1
+    np.testing.assert_allclose(bits, np.einsum("qcd,qd->qc", signs, q) / np.sqrt(dim), atol=1e-5)
+
+
+def test_a_pool_wider_than_the_candidates_keeps_them_all_padding_last():
+    keys = np.array([[2.0, 0.0, 1.0, 0.0]])
+    shards, rows = np.array([[0, 1, 1, 0]]), np.array([[3, -1, 0, 1]])
+    bits = np.array([[0.1, 0.9, 0.3, 0.2]], np.float32)
+    _, s, r, _ = narrow_candidates(keys, shards, rows, bits, 10)
+    assert list(zip(s[0], r[0])) == [(0, 1), (1, 0), (0, 3), (1, -1)]
+    _, s, r, b = narrow_candidates(keys, shards, rows, bits, 10, keep=10)
+    assert list(zip(s[0], r[0])) == [(1, 0), (0, 1), (0, 3), (1, -1)] and b[0, 0] == np.float32(0.3)
+
+
+def test_pool_sizes():
+    assert pool_sizes(3, 2, 150, "binary", True) == (3 * 2 * ASYMMETRIC_POOL, 6)
+    assert pool_sizes(3, 2, 150, "binary", False) == (6, 6)
+    assert pool_sizes(3, 2, 150, "int8", False) == (3, 6)
+    assert pool_sizes(3, 2, 10, "binary", True) == (10, 6)  # never past the version's rows
+    assert pool_sizes(3, 2, 4, "binary", True) == (4, 4)
+
+
+def test_sample_rows_are_distinct_seeded_and_in_order():
+    counts = [5, 0, 12, 3]
+    shards, rows = sample_rows(counts, 20, seed=7)
+    flat = np.array([0, 5, 5, 17])[shards] + rows
+    assert sorted(flat.tolist()) == list(range(20)) and 1 not in shards.tolist()  # all rows, none of the empty shard
+    shards, rows = sample_rows(counts, 6, seed=7)
+    flat = (np.array([0, 5, 5, 17])[shards] + rows).tolist()
+    assert flat == sorted(flat) and len(set(flat)) == 6 and all(r < counts[s] for s, r in zip(shards, rows))
+    assert flat == sorted(np.random.default_rng(7).choice(20, 6, replace=False).tolist())
+    again = sample_rows(counts, 6, seed=7)
+    assert (again[0] == shards).all() and (again[1] == rows).all()
+    with pytest.raises(ValueError, match="cannot sample 21 documents from a version holding 20"):
+        sample_rows(counts, 21)
+
+
+def test_options_of_the_other_backend_are_refused(tmp_path):
+    # Refused before anything is read: the folder holds no dataset at all.
+    with pytest.raises(ValueError, match=r"actors, ray_address: only for backend='ray', not 'threads'; "
+                                         r"leave them out, or open with backend='ray'"):
+        Searcher.open(str(tmp_path), actors=2, ray_address="auto")
+    with pytest.raises(ValueError, match=r"cache_dir: only for backend='threads', not 'ray'; leave it out"):
+        Searcher.open(str(tmp_path), backend="ray", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"backend must be one of threads, ray, got 'spark'"):
+        Searcher.open(str(tmp_path), backend="spark")
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads and Ray actors over the same real version (shard files, FAISS indexes, spills)
+
+DIM, ROWS, UNIT = 384, 700, 150  # five shards: four of 150 rows, one of 100
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, ROWS, 0)
+    dest = tmp_path_factory.mktemp("backends") / "dest"
+    write_vectors(str(dest), [f"doc{i}" for i in range(ROWS)], x, rm, UNIT)
+    q = x[rng.choice(ROWS, 12, replace=False)] + 0.05 * rng.standard_normal((12, DIM)).astype(np.float32)
+    return dest, q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def both(version, ray_session):
+    dest, _ = version
+    threads = Searcher.open(str(dest), threads=2)
+    ray_actors = Searcher.open(str(dest), backend="ray", actors=2, actor_cpus=0.5)
+    yield threads, ray_actors
+    ray_actors.close()
+    threads.close()
+
+
+def test_ray_groups_are_balanced_runs_of_shards(both):
+    threads, ray_actors = both
+    assert threads.groups.owner.tolist() == [0, 1, 2, 3, 4] and len(threads.groups) == 5
+    # Rows 150, 150, 150, 150, 100: the first run ends at the shard that passes half the rows.
+    assert ray_actors.groups.owner.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_backends_give_the_same_arrays(both, version):
+    _, q = version
+    qbin = quantize(q, None, "ubinary")
+    narrowed = []
+    for s in both:
+        found = s.groups.candidates(q, qbin, 40, True, None, None)
+        narrowed.append(narrow_candidates(*found, 40, 10))
+    for a, b in zip(*narrowed):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    _, shards, rows, _ = narrowed[0]
+    qidx = np.repeat(np.arange(len(q)), rows.shape[1])
+    for mode in ("int8", "int8-raw", "bits"):
+        (ts, ti, tr), (rs, ri, rr) = (s.groups.rescore(q, mode, qidx, shards.ravel(), rows.ravel()) for s in both)
+        assert np.array_equal(ts, rs) and ti == ri and np.array_equal(tr, rr)
+    assert ti == [f"doc{UNIT * s + r}" for s, r in zip(shards.ravel(), rows.ravel())]
+    assert both[0].resident_bytes() == both[1].resident_bytes() == \
+        sum(s["index_bytes"] for s in both[0].manifest["shards"])
+
+
+def test_fetch_reads_rows_in_request_order(both):
+    shards, rows = np.array([4, 0, 3, 4, 1]), np.array([99, 0, 7, 0, 149])
+    for s in both:
+        ids, source_rows = s.groups.fetch(shards, rows)
+        assert ids == ["doc699", "doc0", "doc457", "doc600", "doc299"]
+        assert source_rows.tolist() == [699, 0, 457, 600, 299]  # written with source row = position
+        assert s.groups.fetch(np.zeros(0, np.int64), np.zeros(0, np.int64))[0] == []
+
+
+def test_sample_and_search_agree_across_backends(both, version):
+    _, q = version
+    threads, ray_actors = both
+    drawn = [[(h.id, h.shard, h.row, h.source_row) for h in s.sample(9, seed=3)] for s in both]
+    assert drawn[0] == drawn[1]
+    shards, rows = sample_rows([UNIT] * 4 + [100], 9, seed=3)
+    assert [d[0] for d in drawn[0]] == [f"doc{UNIT * s + r}" for s, r in zip(shards, rows)]
+    for options in ({}, {"rescore": "bits"}, {"candidates": "hamming", "rescore": "none"}):
+        assert threads.search_vectors(q, k=5, **options) == ray_actors.search_vectors(q, k=5, **options)
+
+
+def test_a_group_rescores_only_with_a_scoring_mode(both, version):
+    _, q = version
+    with pytest.raises(ValueError, match="rescoring mode must be int8, int8-raw or bits, got 'none'"):
+        both[0].groups[0].rescore(q, "none", np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+
+
+def test_an_actor_that_cannot_open_its_shards_fails_the_open(version, tmp_path, ray_session):
+    dest = tmp_path / "dest"
+    shutil.copytree(version[0], dest)
+    shard = json.loads((dest / "versions" / "00000001.json").read_text())["shards"][3]
+    raw = bytearray((dest / shard["index"]).read_bytes())
+    raw[-1] ^= 0xFF
+    (dest / shard["index"]).write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match=rf"a search actor could not open its shards: (.|\n)*{shard['index']}"):
+        Searcher.open(str(dest), backend="ray", actors=2, actor_cpus=0.5)
+    assert ray_session.is_initialized()  # the session's instance: not this searcher's to stop
