@@ -9,10 +9,12 @@ error, a signal), the filter still reads to the end and shows what was written l
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import subprocess
 import sys
+import termios
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -25,13 +27,16 @@ FALSE_ALARMS: tuple[re.Pattern[bytes], ...] = (
     # that way, and hold both for the pool's life, so the restart it warns about works
     # (tests/test_faults.py kills an encoder actor). Only Ray Data's MapWorker actors: the same
     # line for an actor of ours would be a real warning. ray-project/ray#57733.
-    re.compile(rb"\[[0-9][0-9 :,.-]* E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: "
+    re.compile(rb"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: "
                rb"'MapWorker\([^'\n]*\)' and ID: '[0-9a-f]+' has constructor arguments in the object "
                rb"store and max_restarts > 0\.[^\n]*\n"),
 )
-# More than a pipe holds (64 KiB on Linux): one read returns all that was written, so a line
-# written at once (up to PIPE_BUF, 4 KiB: Ray's log lines are) is never cut between reads.
-READ_BYTES = 1 << 20
+# The start of a Ray C++ log line ("[2026-11-23 05:01:48,710 E ...") that has not ended yet,
+# or what may be its first bytes: held back until it ends, so that a line cut between two
+# reads is still matched whole (up to HOLD_BYTES, then let through).
+_UNFINISHED = re.compile(rb"\[(?:\d{4}-\d\d-\d\d [^\n]*|[\d -]{0,10})\Z")
+HOLD_BYTES = 1 << 16
+READ_BYTES = 1 << 16
 # How long a command's exit waits for the filter to show the last output. A process the
 # command started may still hold the pipe: the filter then ends with it, unwaited.
 DRAIN_TIMEOUT_S = 10.0
@@ -46,15 +51,42 @@ def drop_false_alarms(data: bytes) -> bytes:
     return data
 
 
+class AlarmFilter:
+    """`drop_false_alarms` over a stream, however it is cut into pieces."""
+
+    def __init__(self):
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What can be shown of the stream so far."""
+        data = self._held + data
+        start = _UNFINISHED.search(data)
+        cut = start.start() if start and len(data) - start.start() <= HOLD_BYTES else len(data)
+        self._held = data[cut:]
+        return drop_false_alarms(data[:cut])
+
+    def close(self) -> bytes:
+        """The rest, at the end of the stream."""
+        data, self._held = self._held, b""
+        return drop_false_alarms(data)
+
+
 def pump(src: int = 0, dst: int = 1) -> None:
     """Copy `src` to `dst` until end of file, less `FALSE_ALARMS` (the filter process's loop)."""
-    while data := os.read(src, READ_BYTES):
-        data = drop_false_alarms(data)
+    stream, out = AlarmFilter(), b""
+    while True:
         try:
-            while data:
-                data = data[os.write(dst, data):]
+            data = os.read(src, READ_BYTES)
+        except OSError:  # a terminal's reading end says EIO once its last writer is gone
+            data = b""
+        out = stream.feed(data) if data else stream.close()
+        try:
+            while out:
+                out = out[os.write(dst, out):]
         except OSError:
             pass  # the console is gone: keep reading, so that writers never block on a full pipe
+        if not data:
+            return
 
 
 @contextmanager
@@ -70,7 +102,7 @@ def filtered_stderr() -> Iterator[None]:
     except OSError:  # no stderr to filter
         console = None
     if console is not None:
-        read, write = os.pipe()
+        read, write = _channel(console)
         try:
             # Its own session: a Ctrl-C meant for the command must not stop the filter first,
             # or what the command prints on its way out would be lost.
@@ -91,9 +123,22 @@ def filtered_stderr() -> Iterator[None]:
     finally:
         if sys.stderr is not None:
             sys.stderr.flush()
-        os.dup2(console, 2)  # closes this process's end of the pipe: the filter reads to the end
+        os.dup2(console, 2)  # closes this process's writing end: the filter reads to the end
         os.close(console)
         try:
             child.wait(DRAIN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _channel(console: int) -> tuple[int, int]:
+    """(reading, writing) ends from the command to its filter: a pipe, or for a terminal a
+    terminal of the same size, so that what sizes itself to one (the progress bar) still can."""
+    if not os.isatty(console):
+        return os.pipe()
+    read, write = os.openpty()
+    fcntl.ioctl(write, termios.TIOCSWINSZ, fcntl.ioctl(console, termios.TIOCGWINSZ, bytes(8)))
+    attrs = termios.tcgetattr(write)
+    attrs[1] &= ~termios.OPOST  # the bytes as written: no "\n" -> "\r\n" (the real terminal does that)
+    termios.tcsetattr(write, termios.TCSANOW, attrs)
+    return read, write
