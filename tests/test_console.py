@@ -26,7 +26,7 @@ RAY_DATA_BARS_OFF = ("2026-11-23 05:01:48,711\tWARNING __init__.py:28 -- Progres
 # What must not be on a clean run's stderr: Ray's C++ log lines (glog style, E/W/F), lines
 # forwarded from Ray's processes, Ray Data's bar warning, and anything called an error or warning.
 NOISE = [re.compile(p, re.I | re.M) for p in (
-    r"^\[?\d{4}-\d\d-\d\d [\d:,.]+ [EWF] \d+ \d+\]", r"core_worker\.cc|raylet|gcs_server", r"\(\w* ?pid=\d+",
+    r"^\[?\d{4}-\d\d-\d\d [\d:,.]+ [EWF] \d+ \d+\]", r"core_worker\.cc|raylet|gcs_server", r"\bpid=\d+",
     r"progress bars? (are |is )?disabled", r"error|warning|traceback|exception")]
 BAR = re.compile(r"ingest: +\d+%\|[^|]*\| \d+/\d+ \[[^\]]*\]")
 ARGS = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "25", "--batch-size", "16"]
@@ -41,6 +41,7 @@ def test_the_noise_patterns_catch_what_ray_printed():
     # The clean-run assertions below would pass vacuously with patterns that miss these.
     assert noise(RAY_CORE_ALARM.decode() + RAY_DATA_BARS_OFF) == [RAY_CORE_ALARM.decode()[:-1],
                                                                   RAY_DATA_BARS_OFF[:-1]]
+    assert noise("(MapWorker(Map(_UnitEncoder)) pid=3495) loading\n") == ["(MapWorker(Map(_UnitEncoder)) pid=3495) loading"]
     assert noise("\ringest:  50%|█████     | 25/50 [00:05<00:05,  4.43doc/s]\n") == []
 
 
