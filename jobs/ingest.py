@@ -12,6 +12,7 @@ from typing import Any
 
 
 from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
 from workers.vocab import DEVICES, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
@@ -201,9 +202,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg, as_json = parse_args(argv)
-    status, result = run_reporting("ingest", lambda: run(cfg), cfg.storage_options,
-                                   [cfg.source, cfg.dest, cfg.ranges],
-                                   failures=(UnitFailed, IncompleteVersion, CommitConflict))
+    with filtered_stderr():  # Ray's false alarms off the console; its errors and ours stay
+        status, result = run_reporting("ingest", lambda: run(cfg), cfg.storage_options,
+                                       [cfg.source, cfg.dest, cfg.ranges],
+                                       failures=(UnitFailed, IncompleteVersion, CommitConflict))
     if status == 0:
         print(json.dumps(result.summary, indent=1) if as_json else format_summary(result.summary))
     return status

@@ -46,6 +46,9 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     # max_restarts=-1, max_task_retries=-1; tests/test_faults.py kills one to hold it to that).
     # Not passed explicitly: extra remote args to map() are deprecated from Ray 2.60.
     # Encoding is a pure function of the unit, so the retry gives the same bytes.
+    # Ray Core logs an ERROR on the driver's stderr for such an actor (restarts, and constructor
+    # arguments in the object store: Ray Data's own, kept alive by the pool); no option stops
+    # it, so the ingest command's console drops that line (`jobs/console.py`).
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu":
         return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
@@ -64,7 +67,16 @@ def data_context(cfg: IngestConfig):
     # (which names the unit) and Ray passes a wrapped exception's cause on only as text.
     ctx.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data warns that its bars are off on every run, whichever flags are set (off: this
+    # warning; on: Ray Data's own bars, or a warning that its operator bars are off). Only
+    # that record of that logger is dropped: every other Ray Data warning or error still shows.
+    logging.getLogger("ray.data._internal.progress").addFilter(_not_bars_disabled)
     return ctx
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    """False for Ray Data's "Progress bars disabled" warning, which echoes `data_context`'s own choice."""
+    return not record.getMessage().startswith("Progress bars disabled.")
 
 
 def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:

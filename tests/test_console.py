@@ -1,0 +1,196 @@
+"""What a user sees: a clean `quantlake ingest` prints its bar and summary and nothing that looks
+like an error; a failing one still prints its error, and Ray's own report of a real failure.
+
+The commands run as they are run by hand: `python -m jobs.<name>` in its own process, with its
+own local Ray (tests/isolated.py), on a small real lake.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_parquet_lake
+from isolated import REPO, Job
+from jobs.console import AlarmFilter, drop_false_alarms
+
+# The two lines a clean ingest printed on stderr before they were dealt with, as Ray wrote them.
+RAY_CORE_ALARM = (b"[2026-11-23 05:01:48,710 E 30083 30083] core_worker.cc:2465: Actor with class name: "
+                  b"'MapWorker(Map(Encoder))' and ID: '123488172101db9316f6850a01000000' has constructor "
+                  b"arguments in the object store and max_restarts > 0. If the arguments in the object store "
+                  b"go out of scope or are lost, the actor restart will fail. See "
+                  b"https://github.com/ray-project/ray/issues/53727 for more details.\n")
+RAY_DATA_BARS_OFF = ("2026-11-23 05:01:48,711\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
+                     "`ray.data.DataContext.get_current().enable_progress_bars = True`.\n")
+# What must not be on a clean run's stderr: Ray's C++ log lines (glog style, E/W/F), lines
+# forwarded from Ray's processes, Ray Data's bar warning, and anything called an error or warning.
+NOISE = [re.compile(p, re.I | re.M) for p in (
+    r"^\[?\d{4}-\d\d-\d\d [\d:,.]+ [EWF] \d+ \d+\]", r"core_worker\.cc|raylet|gcs_server", r"\bpid=\d+",
+    r"progress bars? (are |is )?disabled", r"error|warning|traceback|exception")]
+BAR = re.compile(r"ingest: +\d+%\|[^|]*\| \d+/\d+ \[[^\]]*\]")
+ARGS = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "25", "--batch-size", "16"]
+
+
+def noise(err: str) -> list[str]:
+    """The lines of `err` (bar updates split on carriage returns) that match a NOISE pattern."""
+    return [line for line in re.split(r"[\r\n]", err) if any(p.search(line) for p in NOISE)]
+
+
+def test_the_noise_patterns_catch_what_ray_printed():
+    # The clean-run assertions below would pass vacuously with patterns that miss these.
+    assert noise(RAY_CORE_ALARM.decode() + RAY_DATA_BARS_OFF) == [RAY_CORE_ALARM.decode()[:-1],
+                                                                  RAY_DATA_BARS_OFF[:-1]]
+    assert noise("(MapWorker(Map(_UnitEncoder)) pid=3495) loading\n") == ["(MapWorker(Map(_UnitEncoder)) pid=3495) loading"]
+    assert noise("\ringest:  50%|█████     | 25/50 [00:05<00:05,  4.43doc/s]\n") == []
+
+
+def test_only_ray_datas_restart_alarm_is_dropped_and_every_other_byte_kept():
+    bar = b"\ringest:   0%|          | 0/50 [00:00<?, ?doc/s]"
+    ours = RAY_CORE_ALARM.replace(b"MapWorker(Map(Encoder))", b"ShardGroupActor")  # not Ray Data's pool
+    other = b"[2026-11-23 05:01:49,002 E 30083 30101] core_worker.cc:1234: Failed to register actor.\n"
+    assert drop_false_alarms(bar + RAY_CORE_ALARM + bar + ours + other + RAY_CORE_ALARM) == bar + bar + ours + other
+    assert drop_false_alarms(ours + other) == ours + other
+
+
+def test_an_alarm_cut_anywhere_between_reads_is_still_dropped_and_the_rest_shown_at_once():
+    bar = b"\ringest:   0%|          | 0/50 [00:00<?, ?doc/s]"
+    other = b"[2026-11-23 05:01:49,002 E 30083 30101] core_worker.cc:1234: Failed to register actor.\n"
+    stream = bar + RAY_CORE_ALARM + bar + other
+    for cut in range(len(stream) + 1):
+        f = AlarmFilter()
+        assert f.feed(stream[:cut]) + f.feed(stream[cut:]) + f.close() == bar + bar + other, cut
+    f = AlarmFilter()
+    assert f.feed(bar) == bar and f.feed(other[:30]) == b"" and f.close() == other[:30]
+
+
+# A command whose stderr goes through the filter, which ends abruptly (as on a C++ fatal error).
+DIES = """
+import os, sys
+from jobs.console import filtered_stderr
+print("before", file=sys.stderr, flush=True)
+with filtered_stderr():
+    os.write(2, sys.argv[1].encode("latin-1"))
+    print("from Python", file=sys.stderr, flush=True)
+    if sys.argv[2] == "die":
+        os._exit(3)
+print("after", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.parametrize("end", ["return", "die"])
+def test_filtered_stderr_shows_everything_else_in_order_even_from_a_dying_process(end):
+    written = b"\rbar 1" + RAY_CORE_ALARM + b"\rbar 2\nquantlake ingest: error: it broke\n"
+    p = subprocess.run([sys.executable, "-c", DIES, written.decode("latin-1"), end], cwd=REPO,
+                       capture_output=True, timeout=60)
+    shown = b"before\n\rbar 1\rbar 2\nquantlake ingest: error: it broke\nfrom Python\n"
+    if end == "die":
+        assert (p.returncode, p.stderr) == (3, shown)
+    else:
+        assert (p.returncode, p.stderr) == (0, shown + b"after\n")
+
+
+# Inside the filter, on a terminal: the terminal's size, and what reaches the terminal.
+ON_A_TERMINAL = """
+import os, sys
+from jobs.console import filtered_stderr
+with filtered_stderr():
+    print(os.isatty(2), os.get_terminal_size(2).columns, flush=True)
+    os.write(2, sys.argv[1].encode("latin-1"))
+"""
+
+
+def test_on_a_terminal_the_command_still_writes_to_a_terminal_of_its_size():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 123, 0, 0))
+    written = b"\rbar 1" + RAY_CORE_ALARM + b"\rbar 2\nquantlake ingest: error: it broke\n"
+    p = subprocess.run([sys.executable, "-c", ON_A_TERMINAL, written.decode("latin-1")], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=slave, timeout=60)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: no writer left
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert (p.returncode, p.stdout) == (0, b"True 123\n")
+    assert shown.replace(b"\r\n", b"\n") == b"\rbar 1\rbar 2\nquantlake ingest: error: it broke\n"
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, docs):
+    root = tmp_path_factory.mktemp("console")
+    write_parquet_lake(root / "lake", docs[:50], files=2, row_group_size=25)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(lake):
+    """`quantlake ingest` of 50 documents with its progress bar: (exit status, stdout, stderr)."""
+    with Job(["-m", "jobs.ingest", str(lake / "lake"), str(lake / "dest"), *ARGS], lake) as job:
+        return job.run()
+
+
+def test_a_clean_ingest_prints_its_bar_and_summary_and_nothing_else(clean_run):
+    rc, out, err = clean_run
+    assert rc == 0, err
+    assert out.startswith("committed version 1: 50 documents, 0 rejects (of 50 rows read), 2 shards"), out
+    assert BAR.search(err) and "| 50/50 [" in err, err  # the bar is on stderr, up to every row
+    assert noise(err) == [], err
+    assert [s for s in re.split(r"[\r\n]", err) if s.strip() and not BAR.fullmatch(s.strip())] == [], err
+
+
+def test_search_with_ray_prints_hits_and_nothing_on_stderr(clean_run, lake, tmp_path):
+    assert clean_run[0] == 0
+    with Job(["-m", "jobs.search", str(lake / "dest"), "read a JSON document", "-k", "3", "--ray"],
+             tmp_path) as job:
+        rc, out, err = job.run()
+    assert (rc, err) == (0, ""), err
+    assert out.startswith("query: read a JSON document\n") and len(re.findall(r"(?m)^ +\d\. ", out)) == 3, out
+
+
+def test_bad_text_column_prints_its_error_alone(lake, tmp_path):
+    with Job(["-m", "jobs.ingest", str(lake / "lake"), str(tmp_path / "dest"), "--text-column", "body"],
+             tmp_path) as job:
+        rc, out, err = job.run()
+    assert (rc, out) == (2, "")
+    assert err == ("quantlake ingest: error: file part-00000.parquet has no text column 'body' "
+                   "(columns: id, text); pass --text-column\n")
+
+
+# The ingest command, with a fault injected in the driver: a source file breaks after it was
+# checked, scanned and planned, so its work unit fails inside Ray.
+BREAK_AFTER_PLANNING = """
+import sys
+import jobs.ingest as ingest
+from workers.lake.storage import url_to_fs
+plan_units = ingest.plan_units
+def break_after_planning(cfg, *args, **kwargs):
+    units = plan_units(cfg, *args, **kwargs)
+    fs, root = url_to_fs(cfg.source, cfg.storage_options)
+    fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
+    return units
+ingest.plan_units = break_after_planning
+sys.exit(ingest.main(sys.argv[1:]))
+"""
+
+
+def test_a_failure_inside_ray_still_shows_rays_report_and_our_error(docs, tmp_path):
+    write_parquet_lake(tmp_path / "lake", docs[:50], files=2, row_group_size=25)
+    with Job(["-c", BREAK_AFTER_PLANNING, str(tmp_path / "lake"), str(tmp_path / "dest"), *ARGS], tmp_path) as job:
+        rc, out, err = job.run()
+    assert (rc, out) == (1, "")
+    assert re.search(r"(?m)^quantlake ingest: error: work unit part-00001\.parquet rows \[0, 25\) "
+                     r"\(shard [0-9a-f]{32}\): read failed: ArrowInvalid: .*; nothing was committed$", err), err
+    # Ray's own account of the failure reaches the user too: its error record and traceback.
+    assert re.search(r"(?m)\tERROR .*Map\(read_unit\)", err) and "pyarrow.lib.ArrowInvalid" in err, err
+    assert b"has constructor arguments" not in err.encode() and "Progress bars disabled" not in err
