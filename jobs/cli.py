@@ -10,6 +10,9 @@ MODULES = {"inspect": "inspect_dataset"}
 COMMANDS = {
     "ingest": "calibrate, encode, quantize and write a source lake as a new dataset version",
     "search": "search a committed dataset version",
+    "reindex": "bring a dataset up to date with its source lake: only what changed is encoded",
+    "history": "list a dataset's versions: parent, what changed, rows, drift",
+    "rollback": "commit a new version whose content equals an earlier one",
     "inspect": "show a dataset's versions, shards and sizes",
     "vacuum": "delete files no committed version references",
     "demo": "build the demo corpus (docstrings of installed Python modules) as Parquet",

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
-from workers.lake.redact import describe_error
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from workers.lake.redact import describe_error, redact_url
 
 # Errors of the user's making (bad input, missing files): exit status 2, as argparse does.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
@@ -47,3 +52,37 @@ def run_reporting(command: str, fn: Callable[[], Any], options: Any, urls: Itera
         status, text = 1, f"{type(exc).__name__}: {describe_error(exc, options, urls)}"
     print(f"quantlake {command}: error: {text}", file=sys.stderr)
     return status, None
+
+
+def _storage(url: str) -> tuple[str, str] | None:
+    """(protocol, bucket or host) of an object store URL, ("file", absolute path) of a local one;
+    None for a chained URL (`a::b`), whose storage is not one place."""
+    if "::" in url:
+        return None
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("file", "local"):
+        return "file", posixpath.normpath(LocalFileSystem._strip_protocol(url))
+    return protocol, urlsplit(url).netloc.rsplit("@", 1)[-1]
+
+
+def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
+    """Whether `source_url` lies on the dataset's own storage: same protocol and, for an object
+    store, the same bucket (host for HTTP); for local paths, inside the folder that holds the
+    dataset (`lake/raw` next to `lake/emb`)."""
+    dataset, source = _storage(dataset_url), _storage(source_url)
+    if dataset is None or source is None or dataset[0] != source[0]:
+        return False
+    if dataset[0] != "file":
+        return bool(dataset[1]) and dataset[1] == source[1]
+    parent = posixpath.dirname(dataset[1])
+    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
+        return False
+    return source[1] == parent or source[1].startswith(parent + "/")
+
+
+def storage_name(url: str) -> str:
+    """Where `url` is stored, for messages: its bucket, or the folder that holds a local dataset."""
+    where = _storage(url)
+    if where is None:
+        return redact_url(url)
+    return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"

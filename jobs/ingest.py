@@ -8,7 +8,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 
 from jobs.common import add_storage_options, run_reporting, storage_options
@@ -21,7 +23,8 @@ from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_
 from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
 from workers.ingest.planning import plan_units
 from workers.lake.range_files import load_ranges
-from workers.lake.records import ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest
+from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
+                                  sidecar_path)
 from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
@@ -34,8 +37,8 @@ from workers.lake.versions import (CommitConflict, IncompleteVersion, check_refe
 class IngestResult:
     """The committed version, its manifest's URL (credentials masked: it is printed) and the summary."""
 
-    version: int
-    manifest_url: str
+    version: int | None  # None: nothing committed (a dry run, or no change to commit)
+    manifest_url: str | None
     summary: dict[str, Any]
 
 
@@ -56,10 +59,25 @@ def check_source(cfg: IngestConfig):
     return files, groups
 
 
-def run(cfg: IngestConfig) -> IngestResult:
-    """Ingest `cfg.source` into `cfg.dest` and commit a new version."""
+def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool = False,
+        accept: Callable[[VersionManifest], bool] | None = None) -> IngestResult:
+    """Ingest `cfg.source` into `cfg.dest` and commit a new version.
+
+    Args:
+        base: a committed version to build on (`quantlake reindex`): a unit whose shard it
+            lists (same shard id: same file identity, rows, model, ranges, options and
+            duplicates) is carried over without being read or written; the rest is encoded.
+            When every planned shard is carried and none dropped, nothing is committed
+            (`version` None).
+        dry_run: plan only (needs saved ranges): list and scan the source, then report what
+            would be encoded, carried and dropped; nothing is written.
+        accept: called with the finished draft before its commit; False commits nothing
+            (`version` None; the shards stay for a rerun).
+    """
     cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
                   ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
+    if dry_run and not cfg.ranges:
+        raise ValueError("a dry run plans with saved ranges (--ranges): calibrating is real work")
     t0 = time.perf_counter()
     # Refuse a destination this job could never commit to before hours of work, not after:
     # a backend without an atomic create-only write, or a latest version a crash left empty.
@@ -69,6 +87,8 @@ def run(cfg: IngestConfig) -> IngestResult:
     parent = (list_versions(dest_fs, dest_root) or [None])[-1]
     if parent is not None:
         read_version(dest_fs, dest_root, parent)
+    if base is not None:
+        parent = base.number
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
     saved_ranges = None
@@ -89,34 +109,124 @@ def run(cfg: IngestConfig) -> IngestResult:
         manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
-        put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
-        records, reused_shards = encode_and_write(wcfg, units, pool, ranges_path, manifest.id,
-                                                  sum(rows_per_file))
+        plan = Plan.of(units, base)
+        if dry_run or plan.unchanged:
+            return IngestResult(None, None, plan.summary(sum(rows_per_file), committed=False))
+        put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
+        records, reused_shards = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
+                                                  sum(u.rows for u in plan.todo))
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    new = records
+    records = sorted(records + carry_over(dest_fs, dest_root, plan.carried),
+                     key=lambda r: (r.source.file, r.source.row_start))
     rows_read = sum(r.rows_read for r in records)
     if rows_read != sum(rows_per_file):
         raise RuntimeError(f"read {rows_read} rows but the scan counted {sum(rows_per_file)}: "
                            "the source changed during the job; nothing was committed")
     version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent)
+    if base is not None:
+        version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift_of(new, manifest)})
     check_referenced_files(dest_fs, dest_root, version_doc)
+    summary_extra = {}
+    if base is not None:
+        summary_extra = {**plan.summary(sum(rows_per_file), committed=True), "drift": version_doc.extra["drift"]}
+    if accept is not None and not accept(version_doc):
+        return IngestResult(None, None, {**summary_extra, "committed": False})
     n = commit(dest_fs, dest_root, version_doc)
     url = manifest_url(cfg.dest, n)
     summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, url, n)
-    return IngestResult(n, url, summary)
+    return IngestResult(n, url, {**summary, **summary_extra})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which planned units are encoded and which shards of a base version carry over."""
+
+    todo: list[WorkUnit]
+    carried: list[ShardRecord]
+    dropped: list[ShardRecord]
+
+    @classmethod
+    def of(cls, units: list[WorkUnit], base: VersionManifest | None) -> "Plan":
+        have = {s.id: s for s in (base.shards if base else ())}
+        planned = {u.shard_id for u in units}
+        return cls([u for u in units if u.shard_id not in have],
+                   [have[u.shard_id] for u in units if u.shard_id in have],
+                   [s for s in have.values() if s.id not in planned])
+
+    @property
+    def unchanged(self) -> bool:
+        return bool(self.carried) and not self.todo and not self.dropped
+
+    def summary(self, rows_scanned: int, committed: bool) -> dict[str, Any]:
+        return {"committed": committed, "rows_scanned": rows_scanned,
+                "rows_encoded": sum(u.rows for u in self.todo), "shards_carried": len(self.carried),
+                "shards_added": len(self.todo), "shards_dropped": len(self.dropped),
+                "files_to_encode": sorted({u.file.relpath for u in self.todo})}
+
+
+def carry_over(fs, root: str, records: list[ShardRecord]) -> list[ShardRecord]:
+    """The carried shards' records, with the per-dimension clip counts their sidecars keep.
+
+    Each sidecar is written again (same bytes): vacuum judges a shard by the newest of its
+    files, so this keeps a vacuum that runs now off the shards the new version will list.
+    """
+    def one(r: ShardRecord) -> ShardRecord:
+        path = join(root, sidecar_path(r.id))
+        try:
+            data = fs.cat_file(path)
+            side = ShardRecord.from_json(json.loads(data)["record"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return r  # the manifest's record stands; only the version's clip totals go
+        put_bytes(fs, path, data)
+        same = (side.id, side.sha256, side.index_sha256) == (r.id, r.sha256, r.index_sha256)
+        return replace(r, clipped_per_dim=side.clipped_per_dim) if same else r
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, records))
+
+
+def drift_of(new: list[ShardRecord], ranges: RangeManifest) -> dict[str, Any]:
+    """How much of the newly encoded data the saved ranges clip, against the calibration sample's share.
+
+    `baseline_share` is what the ranges clip of their own sample: none for minmax, the two tails
+    for quantile ranges. `worst_dims`: the five dimensions clipped most, `[dim, share]`.
+    """
+    rows = sum(r.rows for r in new)
+    per_dim = np.zeros(ranges.dim, np.int64)
+    for r in new:
+        if r.clipped_per_dim is not None:
+            per_dim += np.asarray(r.clipped_per_dim, np.int64)
+    low, high = ranges.quantiles or (0.0, 1.0)
+    share = per_dim / rows if rows else np.zeros(ranges.dim)
+    worst = np.argsort(-share, kind="stable")[:5]
+    return {"rows": rows, "clipped_share": round(float(per_dim.sum() / (rows * ranges.dim)) if rows else 0.0, 6),
+            "baseline_share": round(low + 1.0 - high, 6),
+            "worst_dims": [[int(d), round(float(share[d]), 6)] for d in worst if share[d] > 0]}
 
 
 def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path: str,
                  records: list[ShardRecord], parent: int | None) -> VersionManifest:
-    return VersionManifest.build(
+    doc = VersionManifest.build(
         model=ModelInfo(cfg.encoder.model_name, manifest.model_fingerprint, manifest.dim, cfg.encoder.normalize),
         ranges=RangesRef(manifest.id, ranges_path, manifest.method), precisions=cfg.precisions,
         source=SourceSnapshot.of(redact_url(cfg.source), cfg.text_column, cfg.id_column, files),
         shards=records, parent=parent)
+    return replace(doc, extra={"options": ingest_options(cfg)})
+
+
+def ingest_options(cfg: IngestConfig) -> dict[str, Any]:
+    """The options a version records besides model, columns and precisions: what a reindex needs
+    to plan and encode the same shards (unit size, batch size: padding changes the float bits),
+    and to calibrate the same way."""
+    return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "index_type": cfg.index_type,
+            "calibration_samples": cfg.calibration_samples, "range_method": cfg.range_method,
+            "quantiles": list(cfg.quantiles), "seed": cfg.seed}
 
 
 def _summary(doc: VersionManifest, records: list[ShardRecord], shards_reused: int, wall_s: float,

@@ -4,16 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import posixpath
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, on_dataset_storage, run_reporting, storage_name, storage_options
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
@@ -119,39 +116,6 @@ def run(cfg: SearchConfig) -> list[QueryResult]:
         return [QueryResult(q, h) for q, h in zip(queries, hits)]
 
 
-def _storage(url: str) -> tuple[str, str] | None:
-    """(protocol, bucket or host) of an object store URL, ("file", absolute path) of a local one;
-    None for a chained URL (`a::b`), whose storage is not one place."""
-    if "::" in url:
-        return None
-    protocol = fsspec.utils.get_protocol(url)
-    if protocol in ("file", "local"):
-        return "file", posixpath.normpath(LocalFileSystem._strip_protocol(url))
-    return protocol, urlsplit(url).netloc.rsplit("@", 1)[-1]
-
-
-def on_dataset_storage(dataset_url: str, source_url: str) -> bool:
-    """Whether `source_url` lies on the dataset's own storage: same protocol and, for an object
-    store, the same bucket (host for HTTP); for local paths, inside the folder that holds the
-    dataset (`lake/raw` next to `lake/emb`)."""
-    dataset, source = _storage(dataset_url), _storage(source_url)
-    if dataset is None or source is None or dataset[0] != source[0]:
-        return False
-    if dataset[0] != "file":
-        return bool(dataset[1]) and dataset[1] == source[1]
-    parent = posixpath.dirname(dataset[1])
-    if parent == "/":  # a dataset at the top of the disk: its folder would be the whole disk
-        return False
-    return source[1] == parent or source[1].startswith(parent + "/")
-
-
-def _storage_name(url: str) -> str:
-    where = _storage(url)
-    if where is None:
-        return redact_url(url)
-    return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"
-
-
 def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = None,
                  text_column: str | None = None) -> list[str]:
     """The documents' texts, read from the source lake the version was built from.
@@ -173,7 +137,7 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
                              "it has no texts to read; pass --source with a lake holding them")
         if not on_dataset_storage(searcher.url, src.url):
             raise ValueError(f"version {searcher.version} names its source {redact_url(src.url)}, which is "
-                             f"not on the dataset's own storage ({_storage_name(searcher.url)}); a manifest alone "
+                             f"not on the dataset's own storage ({storage_name(searcher.url)}); a manifest alone "
                              "never chooses what this job's credentials read: pass --source with the "
                              "source lake's URL")
     fs, root, files = list_source(source or src.url, searcher.storage_options)

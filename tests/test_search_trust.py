@@ -16,7 +16,7 @@ from jobs.cli import main as cli
 from workers.embedding.encoder import model_fingerprint, resolve_model
 from workers.embedding.quantizer import quantize
 from workers.search.rescore import int8_query, int8_scores
-from jobs.search import on_dataset_storage
+from jobs.common import on_dataset_storage
 from workers.search.searcher import Searcher
 
 MANIFEST = "versions/00000001.json"

@@ -1,0 +1,98 @@
+"""`quantlake history`: a dataset's versions, each with its parent, what changed, rows and drift."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from jobs.common import add_storage_options, run_reporting, storage_options
+from workers.lake.records import VersionManifest
+from workers.lake.redact import redact_url
+from workers.lake.storage import url_to_fs
+from workers.lake.versions import list_versions, read_version
+
+
+def changes(before: VersionManifest | None, after: VersionManifest) -> dict[str, Any]:
+    """What `after` changed relative to `before` (None: an empty dataset): source files added,
+    changed and removed (by identity), shards added and dropped, and whether ranges or model changed."""
+    old = before.source.file_identities if before else {}
+    new = after.source.file_identities
+    shards_before = {s.id for s in before.shards} if before else set()
+    shards_after = {s.id for s in after.shards}
+    return {
+        "files_added": sorted(set(new) - set(old)),
+        "files_changed": sorted(f for f in set(new) & set(old) if new[f] != old[f]),
+        "files_removed": sorted(set(old) - set(new)),
+        "shards_added": len(shards_after - shards_before), "shards_dropped": len(shards_before - shards_after),
+        "ranges_changed": before is not None and before.ranges.id != after.ranges.id,
+        "model_changed": before is not None and before.model.fingerprint != after.model.fingerprint,
+    }
+
+
+def history(fs, root: str) -> list[dict[str, Any]]:
+    """One entry per committed version, ascending; an unreadable one says why."""
+    out, read = [], {}
+    for n in list_versions(fs, root):
+        try:
+            m = read[n] = read_version(fs, root, n)
+        except (ValueError, FileNotFoundError) as exc:
+            out.append({"version": n, "unreadable": str(exc)})
+            continue
+        parent = read.get(m.parent) if m.parent else None
+        entry = {"version": n, "parent": m.parent, "created_at": m.created_at, "writer": m.writer,
+                 "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
+                 "ranges": m.ranges.id, "model": m.model.name,
+                 "rollback_of": m.extra.get("rollback_of"), "drift": m.extra.get("drift")}
+        if m.parent is None or parent is not None:
+            entry["changes"] = changes(parent, m)
+        out.append(entry)
+    return out
+
+
+def report(dest: str, entries: list[dict[str, Any]]) -> str:
+    lines = [f"dataset {redact_url(dest)}: {len(entries)} committed version(s)"]
+    for e in entries:
+        if "unreadable" in e:
+            lines.append(f"  version {e['version']}: unreadable: {e['unreadable']}")
+            continue
+        parent = f"on {e['parent']}" if e["parent"] else "first"
+        lines.append(f"  version {e['version']} ({parent}, {e['created_at']}): {e['documents']} documents, "
+                     f"{e['rejects']} rejects, {e['shards']} shards, ranges {e['ranges'][:12]}, model {e['model']}")
+        c = e.get("changes")
+        if e["rollback_of"]:
+            lines.append(f"    rollback to the content of version {e['rollback_of']}")
+        if c:
+            lines.append(f"    files +{len(c['files_added'])} ~{len(c['files_changed'])} -{len(c['files_removed'])}; "
+                         f"shards +{c['shards_added']} -{c['shards_dropped']}"
+                         + ("; new ranges" if c["ranges_changed"] else "") + ("; new model" if c["model_changed"] else ""))
+        d = e.get("drift")
+        if d and d.get("rows"):
+            lines.append(f"    drift: {d['clipped_share']:.4%} of the new data's values clipped "
+                         f"(calibration sample {d['baseline_share']:.4%}) over {d['rows']} new rows")
+    return "\n".join(lines)
+
+
+def run(dest: str, options: dict[str, Any], as_json: bool) -> str:
+    fs, root = url_to_fs(dest, options)
+    entries = history(fs, root)
+    if not entries:
+        raise FileNotFoundError(f"no committed version under {redact_url(dest)}")
+    return json.dumps(entries, indent=1) if as_json else report(dest, entries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quantlake history", description=__doc__)
+    p.add_argument("dest", help="dataset URL or path")
+    p.add_argument("--json", action="store_true", help="print the history as JSON")
+    add_storage_options(p)
+    a = p.parse_args(argv)
+    options = storage_options(p, a)
+    status, text = run_reporting("history", lambda: run(a.dest, options, a.json), options, [a.dest])
+    if status == 0:
+        print(text)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""`quantlake reindex`: bring a dataset up to date with its changing source lake, as a new version.
+
+Incremental by default: the source is listed and scanned, and planned as a fresh
+`quantlake ingest --ranges <the dataset's ranges>` of the current lake would plan it (same
+options, recorded in the latest version). A unit whose shard the latest version already lists
+(the shard id covers file identity, rows, model, ranges, options and duplicate ids) carries
+over without being read or written; only new and changed data is encoded; shards of deleted or
+changed files drop out. So the new version holds exactly what that fresh ingest would hold.
+A run with no source change commits nothing.
+
+`--recalibrate` (or `--recalibrate-on-drift` when the new data's clipping passes
+`--drift-threshold`) calibrates new ranges and rebuilds every shard as one new version;
+`--model` re-encodes everything with another model (new ranges too). Both leave older
+versions searchable as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jobs.common import add_storage_options, on_dataset_storage, run_reporting, storage_name, storage_options
+from jobs.console import filtered_stderr
+from jobs.ingest import IngestResult, format_summary, run as ingest
+from workers.embedding.encoder import EncoderConfig, resolve_model_name
+from workers.ingest.config import IngestConfig
+from workers.ingest.steps import UnitFailed
+from workers.lake.records import VersionManifest
+from workers.lake.redact import redact, redact_url
+from workers.lake.storage import absolute_url, join, url_to_fs
+from workers.lake.versions import CommitConflict, IncompleteVersion, read_version
+
+log = logging.getLogger(__name__)
+
+DRIFT_THRESHOLD = 0.01
+
+
+@dataclass(frozen=True)
+class ReindexConfig:
+    """One reindex run.
+
+    Args:
+        dest: the dataset (it must hold a committed version).
+        source: the source lake; None: the one the latest version recorded, when it lies on
+            the dataset's own storage (a manifest never chooses what these credentials read).
+        dry_run: plan and report the cost (rows to encode); write nothing.
+        recalibrate: calibrate new ranges and rebuild every shard.
+        recalibrate_on_drift: recalibrate when the new data's clipped share passes the
+            calibration sample's own by more than `drift_threshold`.
+        model: re-encode everything with this model (folder or cached name), with new ranges.
+        storage_options, ray_address, progress, encoder_actors: as `IngestConfig`.
+    """
+
+    dest: str
+    source: str | None = None
+    dry_run: bool = False
+    recalibrate: bool = False
+    recalibrate_on_drift: bool = False
+    drift_threshold: float = DRIFT_THRESHOLD
+    model: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    ray_address: str | None = None
+    encoder_actors: int | None = None
+    progress: bool = True
+
+    def __repr__(self) -> str:
+        return (f"ReindexConfig(dest={redact_url(self.dest)!r}, source={redact_url(self.source or '')!r}, "
+                f"dry_run={self.dry_run}, recalibrate={self.recalibrate}, model={self.model!r}, "
+                f"storage_options={redact(self.storage_options)!r})")
+
+    def __post_init__(self):
+        if self.recalibrate and self.recalibrate_on_drift:
+            raise ValueError("--recalibrate and --recalibrate-on-drift exclude each other")
+        if self.drift_threshold < 0:
+            raise ValueError(f"drift threshold must be >= 0, got {self.drift_threshold}")
+        if self.dry_run and (self.recalibrate or self.model):
+            raise ValueError("--dry-run plans an incremental reindex: a recalibration or a new model "
+                             "re-encodes every row of the source")
+
+
+def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
+    """The ingest a reindex repeats: the latest version's model, columns, precisions and options;
+    its ranges unless `fresh` (calibrate anew, with the same calibration options)."""
+    o = latest.extra.get("options") or {}
+    if not isinstance(o, dict):
+        raise ValueError(f"version {latest.number}: options is {o!r}, expected an object")
+    model = cfg.model or latest.model.name
+    if cfg.model is None:
+        resolve_model_name(model, f"version {latest.number} of {redact_url(cfg.dest)}")  # a name, never a path
+    index_type = o.get("index_type") or (latest.shards[0].index_class if latest.shards else "IndexBinaryFlat")
+    return IngestConfig(
+        source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
+        encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
+                              normalize=latest.model.normalize),
+        precisions=latest.precisions, calibration_samples=int(o.get("calibration_samples", 10_000)),
+        range_method=o.get("range_method", latest.ranges.method or "minmax"),
+        quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),
+        ranges=None if fresh else join(cfg.dest, latest.ranges.path), ray_address=cfg.ray_address,
+        unit_rows=int(o.get("unit_rows", 10_000)), encoder_actors=cfg.encoder_actors, index_type=index_type,
+        storage_options=cfg.storage_options, progress=cfg.progress)
+
+
+def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:
+    """The source lake to read: `--source`, else the latest version's when on the dataset's storage."""
+    if cfg.source:
+        return cfg.source
+    url = latest.source.url
+    if url == "vectors:":
+        raise ValueError(f"version {latest.number} was written from vectors, without a source lake: "
+                         "there is nothing to reindex from")
+    if not on_dataset_storage(cfg.dest, url) or "***" in url:
+        raise ValueError(f"version {latest.number} names its source {redact_url(url)}, which is not on the "
+                         f"dataset's own storage ({storage_name(cfg.dest)}); a manifest alone never chooses "
+                         "what this job's credentials read: pass --source with the source lake's URL")
+    return url
+
+
+def run(cfg: ReindexConfig) -> IngestResult:
+    """Reindex `cfg.dest`; the result's version is None when nothing was committed."""
+    cfg = replace(cfg, dest=absolute_url(cfg.dest), source=absolute_url(cfg.source) if cfg.source else None)
+    fs, root = url_to_fs(cfg.dest, cfg.storage_options)
+    latest = read_version(fs, root)
+    source = source_of(latest, cfg)
+    if cfg.recalibrate or cfg.model:
+        result = ingest(ingest_config(latest, cfg, source, fresh=True))
+        return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
+    icfg = ingest_config(latest, cfg, source, fresh=False)
+    drifted: list[dict[str, Any]] = []
+
+    def accept(draft: VersionManifest) -> bool:
+        drift = draft.extra.get("drift") or {}
+        excess = drift.get("clipped_share", 0.0) - drift.get("baseline_share", 0.0)
+        if drift.get("rows") and excess > cfg.drift_threshold:
+            log.warning("drift: the saved ranges clip %.4f of the new data's values, %.4f more than their "
+                        "calibration sample (threshold %.4f)%s", drift["clipped_share"], excess,
+                        cfg.drift_threshold, "; recalibrating" if cfg.recalibrate_on_drift else
+                        "; rerun with --recalibrate to calibrate new ranges")
+            drifted.append(drift)
+            return not cfg.recalibrate_on_drift
+        return True
+
+    result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept)
+    if drifted and cfg.recalibrate_on_drift:
+        again = ingest(ingest_config(latest, cfg, source, fresh=True))
+        return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
+    return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
+
+
+def format_result(r: IngestResult) -> str:
+    s = r.summary
+    if s.get("mode") in ("recalibrate", "model"):
+        why = "a new model" if s["mode"] == "model" else "new ranges"
+        return f"rebuilt every shard with {why}\n" + format_summary(s)
+    plan = (f"{s['rows_encoded']} rows to encode of {s['rows_scanned']} scanned; shards: {s['shards_carried']} "
+            f"carried over, {s['shards_added']} added, {s['shards_dropped']} dropped")
+    if s["mode"] == "dry-run":
+        files = s["files_to_encode"]
+        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        return f"dry run, nothing written: {plan}" + (f"\nfiles to encode: {shown}" if files else "")
+    if r.version is None and s.get("shards_added", 0) == 0 and s.get("shards_dropped", 0) == 0:
+        return f"no source change since the latest version: nothing committed ({plan})"
+    if r.version is None:
+        return f"nothing committed: {plan}"
+    drift = s.get("drift") or {}
+    lines = [format_summary(s), plan]
+    if drift.get("rows"):
+        lines.append(f"drift: the ranges clip {drift['clipped_share']:.4%} of the new data's values "
+                     f"(calibration sample: {drift['baseline_share']:.4%})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool]:
+    p = argparse.ArgumentParser(prog="quantlake reindex", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dest", help="dataset URL or path (holds at least one committed version)")
+    p.add_argument("--source", default=None,
+                   help="source lake URL (default: the latest version's, if on the dataset's storage)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its cost; write nothing")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--recalibrate", action="store_true", help="calibrate new ranges and rebuild every shard")
+    g.add_argument("--recalibrate-on-drift", action="store_true",
+                   help="recalibrate when the new data's clipping passes --drift-threshold")
+    p.add_argument("--drift-threshold", type=float, default=DRIFT_THRESHOLD,
+                   help="share of clipped values, above the calibration sample's, that counts as drift")
+    p.add_argument("--model", default=None, help="re-encode everything with this model (folder or cached name)")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--encoder-actors", type=int, default=None)
+    add_storage_options(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a = p.parse_args(argv)
+    options = storage_options(p, a)
+    try:
+        return ReindexConfig(a.dest, a.source, a.dry_run, a.recalibrate, a.recalibrate_on_drift, a.drift_threshold,
+                             a.model, options, a.ray_address, a.encoder_actors, not a.no_progress), a.json
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg, as_json = parse_args(argv)
+    with filtered_stderr():
+        status, result = run_reporting("reindex", lambda: run(cfg), cfg.storage_options, [cfg.source, cfg.dest],
+                                       failures=(UnitFailed, IncompleteVersion, CommitConflict))
+    if status == 0:
+        print(json.dumps({"version": result.version, **result.summary}, indent=1) if as_json
+              else format_result(result))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

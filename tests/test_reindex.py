@@ -1,0 +1,138 @@
+"""`quantlake reindex`, `history` and `rollback` on a changing lake: each new version holds what a
+fresh ingest of the current lake holds, and only changed data is encoded.
+
+One lake changes step by step (module-scoped, in order): a file added that sorts between
+others and takes over an id an unchanged file holds, a file rewritten, a file deleted; then
+no change; a dry run; drift with recalibration; history and rollback. Real Ray, model,
+Parquet and FAISS on local disk.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main as cli
+from jobs.history import history
+from jobs.ingest import run as ingest
+from jobs.reindex import ReindexConfig, run as reindex
+from jobs.rollback import run as rollback
+from lakes import ingest_cfg
+from test_rerun import _content
+from workers.lake.dataset import open_version
+from workers.lake.storage import url_to_fs
+from workers.lake.versions import list_versions, read_version
+
+ROWS = 12  # documents per file; one unit (and shard) per file
+
+
+def _write(lake, name: str, rows) -> None:
+    lake.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}), lake / name)
+
+
+def _cfg(source, dest, **kw):
+    return replace(ingest_cfg(str(source), str(dest), {}, **kw), unit_rows=ROWS)
+
+
+def _fresh(base, lake, name: str, ranges_of=None):
+    """A fresh ingest of the lake as it is now (with `ranges_of`'s ranges when given)."""
+    dest = base / name
+    ranges = None
+    if ranges_of is not None:
+        ranges = str(ranges_of / open_version(str(ranges_of)).manifest.ranges.path)
+    ingest(_cfg(lake, dest, ranges=ranges))
+    return dest
+
+
+def _files(dest) -> list[str]:
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, docs, ray_session):
+    base = tmp_path_factory.mktemp("reindex")
+    raw, dest = base / "raw", base / "emb"
+    for i in range(5):
+        _write(raw, f"part-{i}.parquet", docs[i * ROWS:(i + 1) * ROWS])
+    first = ingest(_cfg(raw, dest))
+    assert first.version == 1 and first.summary["shards"] == 5
+    return base, raw, dest
+
+
+def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs):
+    base, raw, dest = lake
+    # A new file sorting between part-1 and part-2 that holds part-3's row 4 id (so that row
+    # becomes a duplicate and part-3's shard changes), a rewritten part-2, a deleted part-4.
+    _write(raw, "part-1a.parquet", [(docs[3 * ROWS + 4][0], docs[200][1])] + docs[201:206])
+    _write(raw, "part-2.parquet", docs[210:210 + ROWS])
+    (raw / "part-4.parquet").unlink()
+
+    result = reindex(ReindexConfig(str(dest), progress=False))
+    assert result.version == 2
+    s = result.summary
+    assert (s["mode"], s["rows_scanned"], s["rows_encoded"]) == ("incremental", 4 * ROWS + 6, 6 + 2 * ROWS)
+    assert (s["shards_carried"], s["shards_added"], s["shards_dropped"]) == (2, 3, 3)
+    assert s["files_to_encode"] == ["part-1a.parquet", "part-2.parquet", "part-3.parquet"]
+    assert (s["documents"], s["rejects"]) == (4 * ROWS + 6 - 1, 1)
+
+    fresh = _fresh(base, raw, "fresh-2", ranges_of=dest)
+    assert _content(str(dest), {}) == _content(str(fresh), {})  # ids, vector bytes, rejects, shard bytes
+    v1, v2 = (read_version(*url_to_fs(str(dest)), n) for n in (1, 2))
+    assert v2.parent == 1 and v2.ranges == v1.ranges and v2.extra["options"] == v1.extra["options"]
+    carried = {x.id for x in v1.shards} & {x.id for x in v2.shards}
+    assert len(carried) == 2 and v2.extra["drift"]["rows"] == 6 + 2 * ROWS - 1
+
+
+def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, capsys):
+    base, raw, dest = lake
+    before = _files(dest)
+    assert cli(["reindex", str(dest), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("no source change since the latest version: nothing committed")
+    _write(raw, "part-9.parquet", docs[300:300 + ROWS])
+    assert cli(["reindex", str(dest), "--dry-run", "--json", "--no-progress"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["version"], plan["committed"], plan["rows_encoded"], plan["shards_added"]) == (None, False, ROWS, 1)
+    assert plan["files_to_encode"] == ["part-9.parquet"]
+    assert _files(dest) == before and list_versions(*url_to_fs(str(dest))) == [1, 2]
+    (raw / "part-9.parquet").unlink()
+
+
+def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, docs, caplog):
+    base, raw, dest = lake
+    # Texts from another part of the corpus: their embeddings reach past the saved ranges.
+    _write(raw, "part-8.parquet", docs[-ROWS:])
+    result = reindex(ReindexConfig(str(dest), recalibrate_on_drift=True, drift_threshold=0.0, progress=False))
+    assert "drift: the saved ranges clip" in caplog.text and "recalibrating" in caplog.text
+    assert result.version == 3 and result.summary["mode"] == "recalibrate"
+    assert result.summary["drift"]["clipped_share"] > 0
+    v2, v3 = (read_version(*url_to_fs(str(dest)), n) for n in (2, 3))
+    assert v3.ranges.id != v2.ranges.id and not {x.id for x in v2.shards} & {x.id for x in v3.shards}
+    fresh = _fresh(base, raw, "fresh-3")  # calibrated anew, with the same options and seed
+    assert open_version(str(fresh)).manifest.ranges.id == v3.ranges.id
+    assert _content(str(dest), {}) == _content(str(fresh), {})
+
+
+def test_history_and_rollback(lake, capsys):
+    base, raw, dest = lake
+    fs, root = url_to_fs(str(dest))
+    n = rollback(str(dest), 1)
+    assert n == 4
+    v1, v4 = read_version(fs, root, 1), read_version(fs, root, 4)
+    assert v4.shards == v1.shards and v4.ranges == v1.ranges and v4.parent == 3
+    assert v4.extra["rollback_of"] == 1 and "drift" not in v4.extra
+    entries = history(fs, root)
+    assert [(e["version"], e["parent"]) for e in entries] == [(1, None), (2, 1), (3, 2), (4, 3)]
+    c2 = entries[1]["changes"]
+    assert (c2["files_added"], c2["files_changed"], c2["files_removed"]) == (
+        ["part-1a.parquet"], ["part-2.parquet"], ["part-4.parquet"])
+    assert (c2["shards_added"], c2["shards_dropped"], c2["ranges_changed"]) == (3, 3, False)
+    assert entries[2]["changes"]["ranges_changed"] and entries[3]["rollback_of"] == 1
+    assert cli(["history", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "version 4 (on 3" in out and "rollback to the content of version 1" in out and "drift:" in out
+    assert cli(["rollback", str(dest), "--to", "7"]) == 2
+    assert "version 7 of" in capsys.readouterr().err and list_versions(fs, root) == [1, 2, 3, 4]
