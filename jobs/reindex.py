@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from jobs.common import add_storage_options, on_dataset_storage, run_reporting, storage_name, storage_options
 from jobs.console import filtered_stderr
@@ -29,7 +31,7 @@ from workers.embedding.encoder import EncoderConfig, resolve_model_name
 from workers.ingest.config import IngestConfig
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
-from workers.lake.redact import redact, redact_url
+from workers.lake.redact import describe_error, redact, redact_url
 from workers.lake.storage import absolute_url, join, url_to_fs
 from workers.lake.versions import CommitConflict, IncompleteVersion, read_version
 
@@ -149,6 +151,60 @@ def run(cfg: ReindexConfig) -> IngestResult:
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> float:
+    """Seconds of `30s`, `10m`, `2h`, `1d` or a plain number of seconds."""
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"interval {text!r} is not a positive duration like 30s, 10m, 2h or 1d")
+    return value
+
+
+def watch(cfg: ReindexConfig, interval_s: float, stop: threading.Event,
+          report: Callable[[IngestResult], None] = lambda r: print(format_result(r))) -> int:
+    """Reindex every `interval_s` until `stop` is set; a commit per change set.
+
+    A run in progress when `stop` is set (SIGTERM) finishes, commit included, before the loop
+    ends: it never stops between writing shards and committing them. A failure of the first
+    cycle ends the watch (the configuration is wrong); a later one (storage unreachable, a
+    concurrent commit that cannot be rebased) is logged and retried at the next cycle.
+    Ray is started once, for every cycle. In the main thread, SIGTERM and SIGINT set `stop`.
+    """
+    from workers.ray_session import init_ray
+
+    started = init_ray(cfg.ray_address)
+    if threading.current_thread() is threading.main_thread():
+        # After Ray's start: its core worker installs a handler that aborts the process on SIGTERM.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    cycle = 0
+    try:
+        while not stop.is_set():
+            cycle += 1
+            try:
+                report(run(cfg))
+            except Exception as exc:  # noqa: BLE001 - retried next cycle, or fatal in the first
+                if cycle == 1:
+                    raise
+                log.warning("reindex cycle %d failed (%s: %s); retrying in %.0f s", cycle, type(exc).__name__,
+                            describe_error(exc, cfg.storage_options, [cfg.dest, cfg.source]), interval_s)
+            sys.stdout.flush()
+            stop.wait(interval_s)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    log.info("watch stopped after %d cycle(s)", cycle)
+    return 0
+
+
 def format_result(r: IngestResult) -> str:
     s = r.summary
     if s.get("mode") in ("recalibrate", "model"):
@@ -172,7 +228,8 @@ def format_result(r: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, float | None]:
+    """The config, whether to print JSON, and the watch interval in seconds (None: one run)."""
     p = argparse.ArgumentParser(prog="quantlake reindex", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dest", help="dataset URL or path (holds at least one committed version)")
@@ -186,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool]:
     p.add_argument("--drift-threshold", type=float, default=DRIFT_THRESHOLD,
                    help="share of clipped values, above the calibration sample's, that counts as drift")
     p.add_argument("--model", default=None, help="re-encode everything with this model (folder or cached name)")
+    p.add_argument("--watch", action="store_true", help="keep reindexing every --interval until SIGTERM")
+    p.add_argument("--interval", default="10m", help="time between --watch cycles: 30s, 10m, 2h (default 10m)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--encoder-actors", type=int, default=None)
     add_storage_options(p)
@@ -194,21 +253,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool]:
     a = p.parse_args(argv)
     options = storage_options(p, a)
     try:
+        interval = parse_interval(a.interval) if a.watch else None
+        if a.watch and (a.dry_run or a.recalibrate or a.model):
+            raise ValueError("--watch repeats incremental reindexes: not with --dry-run, --recalibrate or --model")
         return ReindexConfig(a.dest, a.source, a.dry_run, a.recalibrate, a.recalibrate_on_drift, a.drift_threshold,
-                             a.model, options, a.ray_address, a.encoder_actors, not a.no_progress), a.json
+                             a.model, options, a.ray_address, a.encoder_actors,
+                             not a.no_progress and not a.watch), a.json, interval
     except ValueError as exc:
         p.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg, as_json = parse_args(argv)
+    cfg, as_json, interval = parse_args(argv)
+
+    def show(result: IngestResult) -> str:
+        return json.dumps({"version": result.version, **result.summary}, indent=1) if as_json \
+            else format_result(result)
+
+    if interval is not None:
+        stop = threading.Event()  # set by SIGTERM or SIGINT (`watch`)
+        with filtered_stderr():
+            status, _ = run_reporting("reindex", lambda: watch(cfg, interval, stop, lambda r: print(show(r))),
+                                      cfg.storage_options, [cfg.source, cfg.dest],
+                                      failures=(UnitFailed, IncompleteVersion, CommitConflict))
+        return status
     with filtered_stderr():
         status, result = run_reporting("reindex", lambda: run(cfg), cfg.storage_options, [cfg.source, cfg.dest],
                                        failures=(UnitFailed, IncompleteVersion, CommitConflict))
     if status == 0:
-        print(json.dumps({"version": result.version, **result.summary}, indent=1) if as_json
-              else format_result(result))
+        print(show(result))
     return status
 
 

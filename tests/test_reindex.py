@@ -9,6 +9,9 @@ Parquet and FAISS on local disk.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from dataclasses import replace
 
 import pyarrow as pa
@@ -20,6 +23,7 @@ from jobs.history import history
 from jobs.ingest import run as ingest
 from jobs.reindex import ReindexConfig, run as reindex
 from jobs.rollback import run as rollback
+from isolated import Job
 from lakes import ingest_cfg
 from test_rerun import _content
 from workers.lake.dataset import open_version
@@ -30,8 +34,11 @@ ROWS = 12  # documents per file; one unit (and shard) per file
 
 
 def _write(lake, name: str, rows) -> None:
+    """Write a Parquet file of the lake whole (a hidden name, then renamed): a watching reindex
+    never lists a half-written file."""
     lake.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}), lake / name)
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}), lake / f".{name}")
+    os.replace(lake / f".{name}", lake / name)
 
 
 def _cfg(source, dest, **kw):
@@ -136,3 +143,33 @@ def test_history_and_rollback(lake, capsys):
     assert "version 4 (on 3" in out and "rollback to the content of version 1" in out and "drift:" in out
     assert cli(["rollback", str(dest), "--to", "7"]) == 2
     assert "version 7 of" in capsys.readouterr().err and list_versions(fs, root) == [1, 2, 3, 4]
+
+
+def _wait_for(cond, proc, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert proc.poll() is None, f"the watch exited early with status {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_watch_commits_each_change_set_and_stops_cleanly_on_sigterm(lake, docs, tmp_path):
+    base, raw, dest = lake
+    fs, root = url_to_fs(str(dest))
+    start = len(list_versions(fs, root))
+    with Job(["-m", "jobs.reindex", str(dest), "--watch", "--interval", "1s"], tmp_path) as job:
+        proc = job.start()
+        # The first cycle brings the dataset (rolled back to version 1's content) up to the lake.
+        _wait_for(lambda: len(list_versions(fs, root)) == start + 1, proc)
+        _write(raw, "part-5.parquet", docs[320:320 + ROWS])
+        _wait_for(lambda: len(list_versions(fs, root)) == start + 2, proc)
+        _write(raw, "part-6.parquet", docs[340:340 + ROWS])
+        _wait_for(lambda: len(list_versions(fs, root)) == start + 3, proc)
+        _wait_for(lambda: "no source change" in job.output()[0], proc)  # an idle cycle commits nothing
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        out, err = job.output()
+    assert out.count("committed version") == 3 and len(list_versions(fs, root)) == start + 3
+    assert "error" not in err.lower()
+    fresh = _fresh(base, raw, "fresh-watch", ranges_of=dest)
+    assert _content(str(dest), {}) == _content(str(fresh), {})
