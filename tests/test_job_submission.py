@@ -29,8 +29,9 @@ from workers.lake.versions import list_versions, read_version
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI of this Python's environment
 # Kept out of the upload: Ray skips .gitignore's entries and, since 2.5x, .git, .venv and
 # __pycache__ by itself; listed anyway so an older Ray or a changed .gitignore keeps the package
-# small (Ray refuses one of 512 MiB or more). Anchored with a leading `/`: a bare `lake` would
-# also drop the `workers/lake` package.
+# small (Ray refuses one of 512 MiB or more). Anchored with a leading `/`: a bare `lake` also
+# drops the `workers/lake` package, and the jobs then silently import an installed copy of it
+# (the test's first submission catches that).
 EXCLUDES = [".git", ".venv", "**/__pycache__", "/lake/", "/out/", "/build/", ".pytest_cache", ".hypothesis"]
 ROWS = 20  # documents per lake file; --unit-rows 20 makes one shard per file
 
@@ -76,7 +77,7 @@ def head(tmp_path, monkeypatch):
             assert job.proc.poll() is None and time.monotonic() < deadline, \
                 f"the head's dashboard did not come up at {url}: {job.output()}"
             time.sleep(1)
-        yield SimpleNamespace(url=url, ray_tmp=job.ray_tmp, gcs=f"127.0.0.1:{ports['--port']}")
+        yield SimpleNamespace(url=url, ray_tmp=job.ray_tmp)
     # Job.__exit__ killed the head and every process carrying its RAY_TMPDIR, or raised.
 
 
@@ -102,10 +103,11 @@ def test_ingest_then_reindex_submitted_to_a_head(head, docs, tmp_path):
     write_parquet_lake(raw, docs[:2 * ROWS], files=2, row_group_size=ROWS)
 
     # The code the jobs run is the uploaded copy, not this checkout nor an installed one.
-    logs, _ = _submit(head, "where", "-c", "import jobs.reindex, workers.lake.storage as s; print(s.__file__)")
+    logs, driver = _submit(head, "where", "-c", "import jobs.reindex, workers.lake.storage as s; print(s.__file__)")
     where = Path(logs.strip().splitlines()[-1])
     assert where.name == "storage.py" and str(where).startswith(head.ray_tmp), logs
     assert not str(where).startswith(str(REPO))
+    assert driver is None  # this driver never called ray.init: the head knows no driver of it
 
     logs, driver = _submit(head, "ingest", "-m", "jobs.ingest", str(raw), str(dest), "--id-column", "id",
                            "--calibration-samples", str(2 * ROWS), "--unit-rows", str(ROWS),
@@ -118,7 +120,7 @@ def test_ingest_then_reindex_submitted_to_a_head(head, docs, tmp_path):
     write_parquet_lake(tmp_path / "more", docs[2 * ROWS:2 * ROWS + 10], files=1)
     os.rename(tmp_path / "more" / "part-00000.parquet", raw / "part-00002.parquet")
     logs, driver = _submit(head, "reindex", "-m", "jobs.reindex", str(dest), "--no-progress")
-    assert "committed version 2: 50 documents, 0 rejects" in logs, logs
+    assert f"committed version 2: {2 * ROWS + 10} documents, 0 rejects" in logs, logs
     assert f"10 rows to encode of {2 * ROWS + 10} scanned; shards: 2 carried over, 1 added, 0 dropped" in logs, logs
     assert driver is not None, "the reindex driver did not join the head"
 
