@@ -78,9 +78,8 @@ class ReindexConfig:
             raise ValueError("--recalibrate and --recalibrate-on-drift exclude each other")
         if self.drift_threshold < 0:
             raise ValueError(f"drift threshold must be >= 0, got {self.drift_threshold}")
-        if self.dry_run and (self.recalibrate or self.model):
-            raise ValueError("--dry-run plans an incremental reindex: a recalibration or a new model "
-                             "re-encodes every row of the source")
+        if self.dry_run and self.model:
+            raise ValueError("--dry-run with --model: a new model re-encodes every row of the source")
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
@@ -126,6 +125,9 @@ def run(cfg: ReindexConfig) -> IngestResult:
     fs, root = url_to_fs(cfg.dest, cfg.storage_options)
     latest = read_version(fs, root)
     source = source_of(latest, cfg)
+    if cfg.dry_run and cfg.recalibrate:  # every row is encoded again: plan as a first ingest would
+        result = ingest(ingest_config(latest, cfg, source, fresh=False), dry_run=True)
+        return replace(result, summary={**result.summary, "mode": "dry-run"})
     if cfg.recalibrate or cfg.model:
         result = ingest(ingest_config(latest, cfg, source, fresh=True))
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})

@@ -139,3 +139,20 @@ def test_ingest_with_a_dead_address_fails_fast_and_commits_nothing(dead_cluster,
         "or leave out --ray-address and unset RAY_ADDRESS to run on a new local instance")
     assert "Failed to connect to GCS" not in err
     assert not (tmp_path / "dest").exists()
+
+
+def test_a_submitted_jobs_own_env_vars_are_not_set_twice():
+    """Ray refuses a job whose driver's runtime env sets a variable the job's already sets."""
+    import json
+
+    from ray._private.worker import _merge_runtime_env
+
+    from workers.ray_session import WORKER_ENV, worker_env
+
+    job = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "OTHER": "x"}}}
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    assert _merge_runtime_env(job["runtime_env"], {"env_vars": WORKER_ENV}) is None  # what failed
+    mine = worker_env(env)
+    assert "HF_HUB_OFFLINE" not in mine and set(mine) == set(WORKER_ENV) - {"HF_HUB_OFFLINE"}
+    assert _merge_runtime_env(job["runtime_env"], {"env_vars": mine})["env_vars"] == {**mine, **job["runtime_env"]["env_vars"]}
+    assert worker_env({}) == WORKER_ENV == worker_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": "not json"})

@@ -104,6 +104,9 @@ def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, caps
     plan = json.loads(capsys.readouterr().out)
     assert (plan["version"], plan["committed"], plan["rows_encoded"], plan["shards_added"]) == (None, False, ROWS, 1)
     assert plan["files_to_encode"] == ["part-9.parquet"]
+    assert cli(["reindex", str(dest), "--dry-run", "--recalibrate", "--json", "--no-progress"]) == 0
+    plan = json.loads(capsys.readouterr().out)  # every row would be encoded again under new ranges
+    assert (plan["rows_encoded"], plan["rows_scanned"], plan["shards_carried"]) == (5 * ROWS + 6, 5 * ROWS + 6, 0)
     assert _files(dest) == before and list_versions(*url_to_fs(str(dest))) == [1, 2]
     (raw / "part-9.parquet").unlink()
 

@@ -13,6 +13,7 @@ The rule:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -129,6 +130,22 @@ def apply_worker_env(environ=None) -> None:
         environ.setdefault(key, value)
 
 
+def worker_env(environ=None) -> dict[str, str]:
+    """`WORKER_ENV` less the variables a submitted job's runtime env sets itself.
+
+    Inside `ray job submit`, `ray.init` merges its runtime env into the job's (passed in
+    RAY_JOB_CONFIG_JSON_ENV_VAR) and refuses the whole job when both set one variable; the
+    job's value wins here, as it does for `apply_worker_env`.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        theirs = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError, TypeError):
+        theirs = set()
+    return {k: v for k, v in WORKER_ENV.items() if k not in theirs}
+
+
 def init_ray(address: str | None = None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance; its workers
     run with `WORKER_ENV`.
@@ -145,5 +162,5 @@ def init_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     ray.init(address=check_address(address), logging_level=logging.WARNING,
-             runtime_env={"env_vars": WORKER_ENV})
+             runtime_env={"env_vars": worker_env()})
     return True
