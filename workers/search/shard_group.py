@@ -12,13 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from workers.vocab import SearchIndex
-from workers.lake.dataset import DatasetVersion, IntegrityError
+from workers.lake.dataset import SCALE_COLUMN, DatasetVersion, IntegrityError
 from workers.lake.records import ShardRecord
 from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
 from workers.lake.storage import join
 
-# Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row).
-SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary")
+# Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row), and
+# the sign-bit scales of the candidate estimate (absent from shards written before them).
+SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary", SCALE_COLUMN)
 
 
 def _codes_view(index) -> np.ndarray | None:
@@ -153,12 +154,14 @@ class ShardGroup:
         return tuple(np.take_along_axis(a, pick, axis=1) for a in (keys, shards, rows, bits))
 
     def _bits(self, o: int, index, tables: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        spill = self._spill(o)
         codes = _codes_view(index)
         if codes is None:  # IVF keeps codes in inverted lists: read them from the spill
-            codes = self._spill(o)["ubinary"]
+            codes = spill["ubinary"]
         valid = rows >= 0
         out = np.zeros(rows.shape, np.float32)
-        out[valid] = bit_scores(codes[rows[valid]], tables, np.nonzero(valid)[0])
+        r = rows[valid]
+        out[valid] = bit_scores(codes[r], tables, np.nonzero(valid)[0], _scales(spill, r))
         return out
 
     def fetch(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -199,9 +202,9 @@ class ShardGroup:
             if mode == "bits":
                 codes = _codes_view(self.indexes[int(o)])
                 codes = spill["ubinary"] if codes is None else codes
-                scores[at] = bit_scores(codes[r], tables, qidx[at])
+                scores[at] = bit_scores(codes[r], tables, qidx[at], _scales(spill, r))
             elif "int8" not in spill:
-                raise ValueError(f"shard {self.shards[int(o)]['path']} has no int8 vectors (the dataset "
+                raise ValueError(f"shard {self.shards[int(o)].path} has no int8 vectors (the dataset "
                                  "was ingested without them): search with rescore='bits' or 'none'")
             else:
                 scores[at] = int8_scores(spill["int8"][r], w[qidx[at]], offset[qidx[at]])
@@ -226,7 +229,15 @@ def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
         col, width = one("ubinary"), -(-dim // 8)
         data = np.frombuffer(col.buffers()[1], np.uint8) if len(col) else np.empty(0, np.uint8)
         out["ubinary"] = data[col.offset * width:(col.offset + len(col)) * width].reshape(-1, width)
+    if SCALE_COLUMN in t.column_names:
+        out[SCALE_COLUMN] = one(SCALE_COLUMN).to_numpy()
     return out
+
+
+def _scales(spill: dict[str, Any], rows: np.ndarray) -> np.ndarray | None:
+    """The sign-bit scales of `rows`, or None for a shard written without them (bits alone)."""
+    scales = spill.get(SCALE_COLUMN)
+    return None if scales is None else scales[rows]
 
 
 def _params(index, n: int, ef_search: int | None, nprobe: int | None):
