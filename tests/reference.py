@@ -43,9 +43,11 @@ class Stored:
         self.bits = np.unpackbits(packed, axis=1)[:, :self.ranges.shape[1]]
 
     def centres(self) -> np.ndarray:
-        """Each int8 code's bucket centre: `min + (code + 128.5) * (max - min) / 255`."""
-        lo, hi = self.ranges.astype(np.float64)
-        return lo + (self.codes + 128.5) * ((hi - lo) / 255)
+        """Each int8 code's bucket centre: `min + (code + 128.5) * (max - min) / 255` (computed once)."""
+        if getattr(self, "_centres", None) is None:
+            lo, hi = self.ranges.astype(np.float64)
+            self._centres = lo + (self.codes + 128.5) * ((hi - lo) / 255)
+        return self._centres
 
     def search(self, q: np.ndarray, k: int, multiplier: int = 6, candidates: str = "asymmetric",
                rescore: str = "int8") -> list[list[tuple[str, float]]]:
