@@ -58,7 +58,8 @@ def schema_problems(schema: pa.Schema, dim: int, precisions: list[str] | tuple[s
     want = shard_schema(dim, precisions)
     got = {f.name: f.type for f in schema}
     problems = [f"column {name} is missing" for name in want if name not in got]
-    problems += [f"column {name} is not expected" for name in got if name not in want and name not in OPTIONAL_COLUMNS]
+    problems += [f"column {name} is not expected" for name in got
+                 if name not in want and name not in OPTIONAL_COLUMNS]
     want.update({name: t for name, t in OPTIONAL_COLUMNS.items() if name in got})  # present: of its type
     problems += [f"column {name} is {_describe(got[name])}, expected {_describe(t)}" for name, t in want.items()
                  if name in got and not _same_type(got[name], t)]

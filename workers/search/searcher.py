@@ -59,8 +59,11 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: the document id, its score, and where its vectors live (shard id, row: for reading
-    the source text back, not part of `--json` output, since they change when a version is rebuilt)."""
+    """One result: the document id, its score, and where its vectors live (shard id, row, source row).
+
+    Where it lives serves the text output and reading the source text back; `to_dict` (`--json`)
+    leaves it out: the id names the document, and shards and rows change when a version is rebuilt.
+    """
 
     id: str
     score: float
