@@ -164,7 +164,7 @@ def test_backends_give_the_same_arrays(both, version):
         assert np.array_equal(ts, rs) and ti == ri and np.array_equal(tr, rr)
     assert ti == [f"doc{UNIT * s + r}" for s, r in zip(shards.ravel(), rows.ravel())]
     assert both[0].resident_bytes() == both[1].resident_bytes() == \
-        sum(s["index_bytes"] for s in both[0].manifest["shards"])
+        sum(s.index_bytes for s in both[0].manifest.shards)
 
 
 def test_fetch_reads_rows_in_request_order(both):
