@@ -230,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
                    help="int8: float query vs int8 bucket centres; int8-raw: vs raw codes; bits: vs sign "
                         "bits; none: candidate order")
     p.add_argument("--candidates", choices=CANDIDATE_MODES, default="asymmetric",
-                   help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits")
+                   help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits (times each "
+                        "vector's stored scale)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW shard indexes: search breadth")
     p.add_argument("--nprobe", type=int, default=None, help="IVF shard indexes: lists visited")
     p.add_argument("--index", choices=SEARCH_INDEXES, default="binary",
