@@ -3,7 +3,8 @@
 The math is `workers/search/rescore.py`'s, written out again over all rows at once, so a search can be
 checked against it without running the code under test: Hamming candidates over every row laid
 end to end (ties by shard, then row), optionally narrowed by the float query against the sign
-bits times each row's stored scale (asymmetric; a shard without the scale column: 1), then rescored.
+bits times each row's stored scale (asymmetric; 1 for every row unless every shard's record says
+`ubinary_scale`), then rescored.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ class Stored:
         self.ranges = RangeManifest.from_json(fs.cat_file(f"{root}/{self.manifest['ranges']['path']}")).ranges
         tables = [pq.read_table(pa.BufferReader(fs.cat_file(f"{root}/{s['path']}")))
                   for s in self.manifest["shards"]]
-        # The sign-bit scale per row, as stored (float32); rows of shards written without it: 1.
+        # The sign-bit scale per row, as stored (float32), when every shard has them; else 1 for all.
+        scaled = all(s.get("ubinary_scale", False) for s in self.manifest["shards"])
         self.scales = np.concatenate([np.ones(0)] + [
-            t["ubinary_scale"].to_numpy().astype(np.float64) if "ubinary_scale" in t.column_names
-            else np.ones(t.num_rows) for t in tables])
+            t["ubinary_scale"].to_numpy().astype(np.float64) if scaled else np.ones(t.num_rows) for t in tables])
         table = pa.concat_tables([t.select([c for c in t.column_names if c != "ubinary_scale"]) for t in tables])
         self.ids = table["id"].to_pylist()
         self.shard = [s["id"] for s in self.manifest["shards"] for _ in range(s["rows"])]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model
 from workers.embedding.quantizer import sign_scales
 from workers.ingest.from_vectors import write_vectors
 from workers.ingest.shard_builder import _parquet_bytes
-from workers.lake.dataset import SCALE_COLUMN, open_version, schema_problems
+from workers.lake.dataset import SCALE_COLUMN, IntegrityError, open_version, schema_problems
 from workers.search.searcher import SearchOptions, Searcher
 
 K, DIM, ROWS, UNIT = 10, 384, 4000, 1500  # three shards: 1500, 1500, 1000 rows
@@ -74,7 +75,9 @@ def test_sign_scales_make_the_bit_score_an_estimate():
 def test_scale_column_round_trips_through_the_shard_format(written):
     dest, x, _ = written
     ds = open_version(str(dest))
-    assert [s.rows for s in ds.shards] == [1500, 1500, 1000]
+    assert [s.rows for s in ds.shards] == [1500, 1500, 1000] and all(s.ubinary_scale for s in ds.shards)
+    stored = json.loads((dest / "versions" / "00000001.json").read_text())["shards"]
+    assert all(s["ubinary_scale"] is True for s in stored)
     for s in ds.shards:
         table = ds.read_shard_table(s)
         assert table.schema.field(SCALE_COLUMN).type == pa.float32()
@@ -104,7 +107,8 @@ def test_defaults_equal_the_reference_and_find_float32_top_10(written):
 
 
 def _drop_scales(dest, shards: list[int]) -> None:
-    """Rewrite those shards as a writer without the column would have, and fix the manifest's records."""
+    """Rewrite those shards as a writer without the column would have, and their records as it would
+    have written them (no `ubinary_scale`, the new sha256 and size)."""
     path = dest / "versions" / "00000001.json"
     manifest = json.loads(path.read_text())
     for i in shards:
@@ -113,6 +117,7 @@ def _drop_scales(dest, shards: list[int]) -> None:
         data = _parquet_bytes(table.drop_columns([SCALE_COLUMN]))
         (dest / record["path"]).write_bytes(data)
         record.update(sha256=sha256_hex(data), bytes=len(data))
+        del record["ubinary_scale"]
     path.write_text(json.dumps(manifest))
 
 
@@ -127,8 +132,9 @@ def test_shards_without_scales_search_with_the_previous_estimate(tmp_path, old):
     _drop_scales(dest, old)
     assert all(SCALE_COLUMN not in open_version(str(dest)).read_shard_table(i).column_names for i in old)
     stored = Stored(str(dest))
-    ones = np.concatenate([np.full(s["rows"], i in old) for i, s in enumerate(stored.manifest["shards"])])
-    assert np.all(stored.scales[ones] == 1) and not np.any(stored.scales[~ones] == 1)
+    # One shard without scales is enough for the whole version to rank by the bits alone: scaled
+    # and plain scores side by side would demote the old shards' rows (~1/1.26 for unit vectors).
+    assert np.all(stored.scales == 1)
     for options in ({}, {"rescore": "bits"}):
         with Searcher.open(str(dest)) as s:
             got = s.search_vectors(q, K, **options)
@@ -136,9 +142,26 @@ def test_shards_without_scales_search_with_the_previous_estimate(tmp_path, old):
         assert _ids(got) == [[i for i, _ in row] for row in want]
         np.testing.assert_allclose([h.score for row in got for h in row], [v for row in want for _, v in row],
                                    rtol=1e-5, atol=1e-5)
-    if old == [0, 1, 2]:  # every shard old: exactly what the code before the scales gave
-        previous = Stored(str(dest))
-        previous.scales = np.ones_like(previous.scales)
-        with Searcher.open(str(dest)) as s:
-            assert _ids(s.search_vectors(q, K, rescore_multiplier=4)) == [
-                [i for i, _ in row] for row in previous.search(q, K, multiplier=4)]
+    with Searcher.open(str(dest)) as s:  # the previous defaults: exactly what the code before the scales gave
+        assert _ids(s.search_vectors(q, K, rescore_multiplier=4)) == [
+            [i for i, _ in row] for row in stored.search(q, K, multiplier=4)]
+
+
+def test_a_record_claiming_scales_its_shard_lacks_is_refused(written, tmp_path):
+    dest, x, _ = written
+    copy = tmp_path / "ds"
+    shutil.copytree(dest, copy)
+    _drop_scales(copy, [1])
+    path = copy / "versions" / "00000001.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][1]["ubinary_scale"] = True  # the file has no such column
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=rf"{manifest['shards'][1]['path']} of version 1 .* column "
+                                             rf"{SCALE_COLUMN} is missing \(its record says ubinary_scale\)"):
+        open_version(str(copy)).read_shard_table(1)
+    with Searcher.open(str(copy)) as s, pytest.raises(IntegrityError, match=SCALE_COLUMN):
+        s.search_vectors(x[1500:1510], K)
+    manifest["shards"][1]["ubinary_scale"] = "yes"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="ubinary_scale is 'yes', expected true or false"):
+        open_version(str(copy))

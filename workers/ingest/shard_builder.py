@@ -133,6 +133,7 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
         id=shard_id, path=path, index=index_path, index_type=index_type, rows=len(ids), source=source,
         sha256=sha256_hex(data), index_sha256=sha256_hex(index), bytes=len(data), index_bytes=len(index),
         rejects=reject_record, clipped=int(clipped.sum()), clipped_per_dim=tuple(clipped.tolist()),
+        ubinary_scale=scales,
         stats={"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
                "write_s": round(t2 - t1, 6)})
 

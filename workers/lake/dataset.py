@@ -21,7 +21,8 @@ class IntegrityError(ValueError):
 
 
 # The per-vector factor of the sign-bit score estimate (`workers.embedding.quantizer.sign_scales`).
-# Optional: shards written before it was added lack it, and search then ranks by the bits alone.
+# Optional: shards written before it was added lack it (their record has no `ubinary_scale`), and
+# a version holding any of those is searched by the bits alone.
 SCALE_COLUMN = "ubinary_scale"
 OPTIONAL_COLUMNS = {SCALE_COLUMN: pa.float32()}
 
@@ -184,6 +185,8 @@ class DatasetVersion:
             # The schema is checked before any column is used: a vector of another width than
             # the version's model would be read as another row's bytes, or fail deep in search.
             problems = schema_problems(parquet.schema_arrow, self.dim, self.manifest.precisions)
+            if s.ubinary_scale and SCALE_COLUMN not in parquet.schema_arrow.names:
+                problems.append(f"column {SCALE_COLUMN} is missing (its record says ubinary_scale)")
             if problems:
                 raise IntegrityError(f"{where} does not hold what the manifest says "
                                      f"(dim {self.dim}, precisions {', '.join(self.manifest.precisions)}): "

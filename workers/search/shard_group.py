@@ -74,6 +74,9 @@ class ShardGroup:
         self._own_dir = cache_dir is None
         self.cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if cache_dir is None else cache_dir
         self._spills: dict[int, dict[str, Any]] = {}
+        # The estimate must rank every row of the version alike (a scaled score is ~1.26x a plain
+        # one for unit vectors): scales only when every shard has them, else bits alone, as before.
+        self.scaled = all(s.ubinary_scale for s in ds.shards)
         self._lock = threading.Lock()
         self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
 
@@ -117,7 +120,8 @@ class ShardGroup:
         # Local scratch files, not dataset data: Arrow's memory map needs a local path.
         path = os.path.join(self.cache_dir, f"{s.sha256}.arrow")
         if not os.path.exists(path):
-            present = [c for c in SPILL_COLUMNS if c != "int8" or "int8" in self.ds.manifest.precisions]
+            present = [c for c in SPILL_COLUMNS if (c != "int8" or "int8" in self.ds.manifest.precisions)
+                       and (c != SCALE_COLUMN or self.scaled)]
             table = self.ds.read_shard_table(s, columns=present)  # checked against its sha256
             tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -161,8 +165,12 @@ class ShardGroup:
         valid = rows >= 0
         out = np.zeros(rows.shape, np.float32)
         r = rows[valid]
-        out[valid] = bit_scores(codes[r], tables, np.nonzero(valid)[0], _scales(spill, r))
+        out[valid] = bit_scores(codes[r], tables, np.nonzero(valid)[0], self._scales(spill, r))
         return out
+
+    def _scales(self, spill: dict[str, Any], rows: np.ndarray) -> np.ndarray | None:
+        """The sign-bit scales of `rows`, or None when the version is searched by the bits alone."""
+        return spill[SCALE_COLUMN][rows] if self.scaled else None
 
     def fetch(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Ids and source rows of the rows `(shards[i], rows[i])` of this group, in that order.
@@ -202,7 +210,7 @@ class ShardGroup:
             if mode == "bits":
                 codes = _codes_view(self.indexes[int(o)])
                 codes = spill["ubinary"] if codes is None else codes
-                scores[at] = bit_scores(codes[r], tables, qidx[at], _scales(spill, r))
+                scores[at] = bit_scores(codes[r], tables, qidx[at], self._scales(spill, r))
             elif "int8" not in spill:
                 raise ValueError(f"shard {self.shards[int(o)].path} has no int8 vectors (the dataset "
                                  "was ingested without them): search with rescore='bits' or 'none'")
@@ -232,12 +240,6 @@ def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
     if SCALE_COLUMN in t.column_names:
         out[SCALE_COLUMN] = one(SCALE_COLUMN).to_numpy()
     return out
-
-
-def _scales(spill: dict[str, Any], rows: np.ndarray) -> np.ndarray | None:
-    """The sign-bit scales of `rows`, or None for a shard written without them (bits alone)."""
-    scales = spill.get(SCALE_COLUMN)
-    return None if scales is None else scales[rows]
 
 
 def _params(index, n: int, ef_search: int | None, nprobe: int | None):
