@@ -1,17 +1,24 @@
-"""Search benchmark (by hand, not CI): quality on the demo corpus, speed and memory on 1M synthetic vectors.
+"""Search benchmark (by hand, not CI): quality on two real corpora, speed and memory on 1M synthetic vectors.
 
-Quality: held-out queries (a document's first sentence; the relevant item is that document)
-against float32 exact, int8, ubinary, ubinary + rescoring at several multipliers, and
-sentence-transformers' `semantic_search_faiss` with the same settings, all on the same vectors.
-Speed: queries/s and resident bytes of float32 IndexFlatIP, int8, ubinary and ubinary + int8
-rescoring on `--rows` synthetic unit vectors.
+Quality, on two corpora built and encoded at run time (bundled all-MiniLM-L6-v2): the demo
+docstrings with a document's first sentence as its query (short queries, long documents), and
+the sentences of the installed packages' READMEs with the rest of a paragraph as the query for
+its first sentence (long queries, short documents). Against float32 exact search: int8,
+ubinary, then the curve to choose from: candidate estimate (sign bits alone, as shards written
+before the scales search, or scaled by each vector's stored correction), Hamming pool and
+rescore multiplier -> recall of float32's top 10, NDCG@10 retention, queries/s.
+Speed: queries/s (one query per call and batched), single-query p50/p99 latency and resident
+bytes of float32 IndexFlatIP, int8, ubinary and ubinary + int8 rescoring at several
+multipliers on `--rows` synthetic unit vectors.
 
-    python bench/search.py [--docs 2000] [--queries 300] [--rows 1000000] [--approx]
+    python bench/search.py [--docs 2000] [--queries 300] [--readme-queries 500] [--rows 1000000]
+                           [--cache DIR] [--approx]
 """
 from __future__ import annotations
 
 import argparse
 import glob
+from importlib import metadata
 import os
 import re
 import sys
@@ -31,7 +38,7 @@ from workers.search.searcher import Searcher  # noqa: E402
 from workers.ingest.from_vectors import write_vectors  # noqa: E402
 
 K = 10
-MULTIPLIERS = (1, 2, 4, 10)
+MULTIPLIERS = (2, 3, 4, 5, 6, 8, 10)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -75,82 +82,188 @@ def scores(found: list[list[int]], exact: np.ndarray, relevant: np.ndarray) -> t
     return float(recall), float(ndcg)
 
 
-def quality(args, tmp: str) -> None:
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.util.quantization import quantize_embeddings, semantic_search_faiss
+def readme_corpus(n_queries: int, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """(texts, queries, relevant rows): a corpus of another nature than the demo's, built at run time.
 
+    Documents: the sentences (>= 30 characters) of the installed packages' descriptions (their
+    READMEs, in the distributions' metadata): short prose about software, not API docstrings.
+    Queries: the rest of a paragraph after its first sentence (longer than the documents); the
+    relevant document is that first sentence. Long queries against short documents, where the
+    demo set has short queries against long documents.
+    """
+    paragraphs = []
+    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        for para in re.split(r"\n\s*\n", text):
+            para = " ".join(para.split())
+            # Prose only: code fences, tables, lists, headings, badges and directives start with these.
+            if len(para) >= 40 and not para.startswith(("```", "|", "..", ">", "<", "[", "!", "*", "-", "#", "=", ":")):
+                paragraphs.append(_SENTENCE.split(para))
+    texts = sorted({s for parts in paragraphs for s in parts if len(s) >= 30})
+    row = {t: i for i, t in enumerate(texts)}
+    pairs = sorted({(" ".join(parts[1:]), row[parts[0]]) for parts in paragraphs
+                    if len(parts) > 1 and parts[0] in row and len(" ".join(parts[1:])) >= 60})
+    pick = np.random.default_rng(seed).choice(len(pairs), min(n_queries, len(pairs)), replace=False)
+    return texts, [pairs[p][0] for p in pick], np.array([pairs[p][1] for p in pick])
+
+
+def _embedded(name: str, build, args) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(corpus, queries, relevant, seconds) of one quality corpus, encoded by the bundled model.
+
+    With `--cache DIR` the embeddings are kept in DIR (keyed by the corpus and its sizes), so a
+    rerun that only changes search code does not encode again.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    sizes = f"{args.docs}-{args.queries}" if name == "demo" else f"{args.readme_queries}"
+    path = os.path.join(args.cache, f"{name}-{sizes}.npz") if args.cache else None
+    if path and os.path.exists(path):
+        z = np.load(path)
+        return z["x"], z["q"], z["rel"], 0.0
     t0 = time.perf_counter()
-    ids, texts = demo_corpus(args.docs, tmp)
-    queries, relevant = held_out_queries(texts, args.queries)
+    texts, queries, relevant = build()
     model = SentenceTransformer(str(resolve_model(None)), device="cpu")
     enc = lambda x: model.encode(x, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)  # noqa: E731
     corpus, q = enc(texts).astype(np.float32), enc(queries).astype(np.float32)
-    print(f"\n## Quality: {len(texts)} demo documents, {len(queries)} held-out first-sentence queries, "
-          f"k={K} ({time.perf_counter() - t0:.0f} s to build and encode)\n")
+    if path:
+        os.makedirs(args.cache, exist_ok=True)
+        np.savez(path, x=corpus, q=q, rel=relevant)
+    return corpus, q, relevant, time.perf_counter() - t0
+
+
+def _batch_qps(fn, q: np.ndarray, repeats: int = 3) -> float:
+    """Queries/s with all queries in one call, best of `repeats` (the least disturbed run)."""
+    fn(q[:2])
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(q)
+        best = max(best, len(q) / (time.perf_counter() - t))
+    return best
+
+
+def quality(args, tmp: str) -> None:
+    """Both quality corpora: the fixed comparisons, then the curve users choose a multiplier from."""
+    def demo():
+        ids, texts = demo_corpus(args.docs, tmp)
+        queries, relevant = held_out_queries(texts, args.queries)
+        return texts, queries, relevant
+
+    corpora = (("demo", "demo docstrings, a document's first sentence as its query (short queries, long "
+                        "documents)", demo),
+               ("readme", "package README sentences, the rest of a paragraph as the query for its first "
+                          "sentence (long queries, short documents)", lambda: readme_corpus(args.readme_queries)))
+    embedded = {name: _embedded(name, build, args) for name, _, build in corpora}
+    for name, what, _ in corpora:
+        corpus, q, relevant, took = embedded[name]
+        print(f"\n## Quality, {name}: {len(corpus)} documents, {len(q)} queries: {what}; k={K} "
+              f"({took:.0f} s to build and encode)\n")
+        _quality_table(name, corpus, q, relevant, args, tmp)
+    # Unit vectors' scales are nearly all alike (their spread is ~1% on both corpora), so the
+    # correction barely moves the ranking there; embeddings stored without normalisation (inner
+    # product search) are where it counts: the same vectors with norms drawn from [0.5, 1.5].
+    for name, _, _ in corpora:
+        corpus, q, relevant, _ = embedded[name]
+        corpus = corpus * np.random.default_rng(0).uniform(0.5, 1.5, (len(corpus), 1)).astype(np.float32)
+        print(f"\n## Candidate estimate, {name} with norms from 0.5 to 1.5 (inner product), k={K}\n")
+        _quality_table(f"{name}-norms", corpus, q, relevant, args, tmp, short=True)
+
+
+def _quality_table(name, corpus, q, relevant, args, tmp, short: bool = False) -> None:
+    """One corpus's table: fixed comparisons (unless `short`), then estimate x pool x multiplier."""
+    from workers.search import rescore
+
     ranges = RangeManifest(np.stack([corpus.min(0), corpus.max(0)]), BUNDLED,
-                           model_fingerprint(resolve_model(None)), True, "minmax", None, len(corpus), 0)
-    dest = os.path.join(tmp, "quality")
-    write_vectors(dest, [str(i) for i in range(len(texts))], corpus, ranges, unit_rows=max(1, len(texts) // 4))
+                           model_fingerprint(resolve_model(None)), not short, "minmax", None, len(corpus), 0)
+    dests = {}
+    for scales in (True, False):
+        dests[scales] = os.path.join(tmp, f"quality-{name}-{scales}")
+        write_vectors(dests[scales], [str(i) for i in range(len(corpus))], corpus, ranges,
+                      unit_rows=max(1, len(corpus) // 4), scales=scales)
     flat = faiss.IndexFlatIP(corpus.shape[1])
     flat.add(corpus)
     exact = flat.search(q, K)[1]
-    rows: list[tuple[str, str, float, float]] = []
+    base = scores(exact.tolist(), exact, relevant)[1]
+    f32 = _batch_qps(lambda v: flat.search(v, K), q)
 
-    def add(name, mult, found):
-        rows.append((name, mult, *scores(found, exact, relevant)))
+    def row(label, mult, search, qps=None):
+        rec, ndcg = scores(_ids(search(q)), exact, relevant)
+        qps = _batch_qps(search, q) if qps is None else qps
+        print(f"| {label} | {mult} | {rec:.3f} | {ndcg / base:.3f} | {qps:,.0f} |")
 
-    add("float32 exact (IndexFlatIP)", "-", exact.tolist())
-    with Searcher.open(dest, index="int8") as s:
-        add("int8 (SQ8 index, bucket centres)", "-", _ids(s.search_vectors(q, K)))
-    with Searcher.open(dest) as s:
-        add("ubinary (Hamming only)", "-", _ids(s.search_vectors(q, K, rescore="none", candidates="hamming")))
-        for name, opts in (("ubinary, Hamming cand. + int8 rescore (bucket centres)", {"candidates": "hamming"}),
-                           ("ubinary, Hamming cand. + int8 rescore (raw codes)",
-                            {"candidates": "hamming", "rescore": "int8-raw"}),
-                           ("ubinary, Hamming cand. + bits rescore (float q vs signs)",
-                            {"candidates": "hamming", "rescore": "bits"}),
-                           ("ubinary, asymmetric cand. (4x Hamming pool), no int8", {"rescore": "bits"}),
-                           ("ubinary, asymmetric cand. + int8 rescore [default]", {})):
-            for m in MULTIPLIERS:
-                add(name, m, _ids(s.search_vectors(q, K, rescore_multiplier=m, **opts)))
-    codes = quantize_embeddings(corpus, "ubinary")
-    index = None
-    for m in MULTIPLIERS:
-        res, _, index = semantic_search_faiss(q, corpus_index=index, corpus_embeddings=None if index else codes,
-                                              corpus_precision="ubinary", top_k=K, rescore_multiplier=m,
-                                              exact=True, output_index=True)
-        add("sentence-transformers semantic_search_faiss (ubinary, rescore)", m,
-            [[h["corpus_id"] for h in r] for r in res])
-    base = rows[0][3]
-    print(f"| method | multiplier | recall of f32 top-{K} | NDCG@{K} | NDCG / f32 |")
+    print(f"| method | multiplier | recall of f32 top-{K} | NDCG@{K} ÷ f32 | q/s ({len(q)} per call) |")
     print("|---|---|---|---|---|")
-    for name, mult, rec, ndcg in rows:
-        print(f"| {name} | {mult} | {rec:.3f} | {ndcg:.3f} | {ndcg / base:.3f} |")
+    print(f"| float32 exact (IndexFlatIP) | - | 1.000 | 1.000 | {f32:,.0f} |")
+    if short:
+        for scales, label in ((False, "bits alone"), (True, "scaled bits (default)")):
+            with Searcher.open(dests[scales]) as s:
+                for m in (4, 6, 8):
+                    row(f"ubinary, asymmetric cand. ({label}, pool 4x) + int8 rescore", m,
+                        lambda v: s.search_vectors(v, K, rescore_multiplier=m))
+        return
+    with Searcher.open(dests[True], index="int8") as s:
+        row("int8 (SQ8 index, bucket centres)", "-", lambda v: s.search_vectors(v, K))
+    with Searcher.open(dests[True]) as s:
+        row("ubinary, Hamming only", "-", lambda v: s.search_vectors(v, K, rescore="none", candidates="hamming"))
+        for m in (4, 6, 8):
+            row("ubinary, Hamming cand. + int8 rescore", m,
+                lambda v: s.search_vectors(v, K, rescore_multiplier=m, candidates="hamming"))
+    # The candidate estimate: bits alone (shards written before the scales) against the scaled
+    # estimate, over Hamming pools of 4 and 8 times the candidates kept.
+    for pool in (4, 8):
+        rescore.ASYMMETRIC_POOL = pool
+        try:
+            for scales, label in ((False, "bits alone (old shards)"), (True, "scaled bits (default)")):
+                with Searcher.open(dests[scales]) as s:
+                    for m in MULTIPLIERS:
+                        row(f"ubinary, asymmetric cand. ({label}, pool {pool}x) + int8 rescore", m,
+                            lambda v: s.search_vectors(v, K, rescore_multiplier=m))
+        finally:
+            rescore.ASYMMETRIC_POOL = 4
+    if not args.skip_st:
+        from sentence_transformers.util.quantization import quantize_embeddings, semantic_search_faiss
+
+        index = None
+        for m in (4, 6):
+            res, _, index = semantic_search_faiss(
+                q, corpus_index=index, corpus_embeddings=None if index else quantize_embeddings(corpus, "ubinary"),
+                corpus_precision="ubinary", top_k=K, rescore_multiplier=m, exact=True, output_index=True)
+            rec, ndcg = scores([[h["corpus_id"] for h in r] for r in res], exact, relevant)
+            print(f"| sentence-transformers semantic_search_faiss (ubinary, rescore) | {m} | {rec:.3f} "
+                  f"| {ndcg / base:.3f} | |")
 
 
 def _ids(hits) -> list[list[int]]:
     return [[int(h.id) for h in row] for row in hits]
 
 
-def _qps(fn, q: np.ndarray, single: int, repeats: int = 3) -> tuple[float, float]:
-    """(queries/s one query per call over the first `single` queries, queries/s all in one call).
+def _qps(fn, q: np.ndarray, single: int, repeats: int = 3) -> tuple[float, float, float, float]:
+    """(queries/s one query per call over the first `single` queries, queries/s all in one call,
+    p50 and p99 milliseconds of one query per call).
 
-    Best of `repeats`: the machine is shared, and the best run is the least disturbed one.
+    Rates are the best of `repeats`: the machine is shared, and the best run is the least
+    disturbed one. The latency percentiles pool every single-query call of every repeat.
     """
     fn(q[:2])  # warm: spills int8 rows, faults pages in
     one = batch = 0.0
+    latencies = []
     for _ in range(repeats):
         t = time.perf_counter()
         for i in range(single):
+            t1 = time.perf_counter()
             fn(q[i:i + 1])
+            latencies.append(time.perf_counter() - t1)
         one = max(one, single / (time.perf_counter() - t))
         t = time.perf_counter()
         fn(q)
         batch = max(batch, len(q) / (time.perf_counter() - t))
-    return one, batch
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    return one, batch, float(p50), float(p99)
 
 
 def speed(args, tmp: str) -> None:
+    from workers.search.searcher import SearchOptions
+
     n, dim = args.rows, 384
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -170,7 +283,7 @@ def speed(args, tmp: str) -> None:
     del x
     print(f"\n## Speed and memory: {n:,} synthetic unit vectors ({dim}-d) in 4 shards, {len(q)} queries "
           f"(noisy copies of corpus vectors), k={K}, {len(os.sched_getaffinity(0))} CPUs, faiss "
-          f"{faiss.__version__} ({time.perf_counter() - t0:.0f} s to build)\n")
+          f"{faiss.__version__} ({time.perf_counter() - t0:.0f} s to build); query encoding not included\n")
     found: dict[str, float] = {}
     rows = []
     f32 = _qps(lambda v: flat.search(v, K), q, args.single)
@@ -180,22 +293,22 @@ def speed(args, tmp: str) -> None:
         rows.append(("int8 (SQ8 index)", _qps(lambda v: s.search_vectors(v, K), q, args.single),
                      s.resident_bytes(), "-"))
         found["int8"] = float(np.mean([h[0].id == f"v{i}" for h, i in zip(s.search_vectors(q, 1), src)]))
+    default = SearchOptions().rescore_multiplier
     with Searcher.open(dest) as s:
-        for name, opts in (("ubinary (Hamming only)", {"rescore": "none", "candidates": "hamming"}),
-                           ("ubinary, asymmetric cand. + int8 rescore x4 [default]", {}),
-                           ("ubinary, asymmetric cand. + int8 rescore x10", {"rescore_multiplier": 10}),
-                           ("ubinary, Hamming cand. + int8 rescore x4", {"candidates": "hamming"}),
-                           ("ubinary, Hamming cand. + int8 rescore x10",
-                            {"candidates": "hamming", "rescore_multiplier": 10})):
+        runs = [("ubinary (Hamming only)", {"rescore": "none", "candidates": "hamming"})]
+        runs += [(f"ubinary, asymmetric cand. + int8 rescore x{m}{' [default]' if m == default else ''}",
+                  {"rescore_multiplier": m}) for m in args.speed_multipliers]
+        runs += [(f"ubinary, Hamming cand. + int8 rescore x{default}", {"candidates": "hamming"})]
+        for name, opts in runs:
             rows.append((name, _qps(lambda v: s.search_vectors(v, K, **opts), q, args.single),
                          s.resident_bytes(), f"{n * dim / 1e6:.0f} MB mmapped" if "int8" in name else "-"))
         found["ubinary+int8"] = float(np.mean([h[0].id == f"v{i}" for h, i in zip(s.search_vectors(q, 1), src)]))
-    print(f"| method | q/s, 1 query per call | q/s, {len(q)} per call | resident bytes | speed-up (1 / batch) "
-          "| memory ÷ | int8 rows |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (one, batch), nbytes, extra in rows:
-        print(f"| {name} | {one:,.0f} | {batch:,.0f} | {nbytes / 1e6:,.1f} MB | x{one / f32[0]:.1f} / "
-              f"x{batch / f32[1]:.1f} | {n * dim * 4 / nbytes:.1f} | {extra} |")
+    print(f"| method | q/s, 1 query per call | q/s, {len(q)} per call | 1 query p50 / p99 ms | resident bytes "
+          "| speed-up (1 / batch) | memory ÷ | int8 rows |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (one, batch, p50, p99), nbytes, extra in rows:
+        print(f"| {name} | {one:,.0f} | {batch:,.0f} | {p50:.2f} / {p99:.2f} | {nbytes / 1e6:,.1f} MB "
+              f"| x{one / f32[0]:.1f} / x{batch / f32[1]:.1f} | {n * dim * 4 / nbytes:.1f} | {extra} |")
     print("\nTop-1 is the query's source vector: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()))
 
 
@@ -226,7 +339,7 @@ def approximate(args, tmp: str) -> None:
             flat = flat or found
             top1 = np.mean([f[0] == i for f, i in zip(found, src)])
             agree = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, flat)])
-            one, batch = _qps(lambda v: s.search_vectors(v, K), q, args.single)
+            one, batch, _, _ = _qps(lambda v: s.search_vectors(v, K), q, args.single)
             print(f"| {t} | {build:.1f} | {top1:.3f} | {agree:.3f} | {one:,.0f} | {batch:,.0f} "
                   f"| {s.resident_bytes() / 1e6:.1f} MB |")
 
@@ -234,10 +347,15 @@ def approximate(args, tmp: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=2000, help="demo documents (CPU encoding ~60 docs/s)")
-    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--queries", type=int, default=300, help="demo corpus: held-out queries")
+    p.add_argument("--readme-queries", type=int, default=500, help="README corpus: queries")
+    p.add_argument("--cache", default=None, help="folder to keep the quality corpora's embeddings in")
+    p.add_argument("--skip-st", action="store_true", help="leave out sentence-transformers' semantic_search_faiss")
     p.add_argument("--rows", type=int, default=1_000_000, help="synthetic vectors for the speed part")
     p.add_argument("--speed-queries", type=int, default=200)
-    p.add_argument("--single", type=int, default=20, help="queries timed one per call")
+    p.add_argument("--single", type=int, default=50, help="queries timed one per call (and latency percentiles)")
+    p.add_argument("--speed-multipliers", type=lambda v: [int(m) for m in v.split(",")], default=[2, 4, 6, 8, 10],
+                   help="rescore multipliers timed in the speed part")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--approx", action="store_true", help="also compare HNSW and IVF shard indexes (slow builds)")

@@ -188,12 +188,14 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
     p.add_argument("--neighbours-of", type=int, default=None, metavar="N",
                    help="search with the texts of N sampled documents")
     p.add_argument("-k", type=int, default=10, help="hits per query")
-    p.add_argument("--rescore-multiplier", type=int, default=4, help="binary candidates per hit to rescore")
+    p.add_argument("--rescore-multiplier", type=int, default=SearchOptions.rescore_multiplier,
+                   help="binary candidates per hit to rescore (README, Benchmarks: recall and speed per value)")
     p.add_argument("--rescore", choices=RESCORE_MODES, default="int8",
                    help="int8: float query vs int8 bucket centres; int8-raw: vs raw codes; bits: vs sign "
                         "bits; none: candidate order")
     p.add_argument("--candidates", choices=CANDIDATE_MODES, default="asymmetric",
-                   help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits")
+                   help="asymmetric: a 4x wider Hamming pool narrowed by float query vs sign bits (times each "
+                        "vector's stored scale)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW shard indexes: search breadth")
     p.add_argument("--nprobe", type=int, default=None, help="IVF shard indexes: lists visited")
     p.add_argument("--index", choices=SEARCH_INDEXES, default="binary",

@@ -3,7 +3,8 @@
 The math is `workers/search/rescore.py`'s, written out again over all rows at once, so a search can be
 checked against it without running the code under test: Hamming candidates over every row laid
 end to end (ties by shard, then row), optionally narrowed by the float query against the sign
-bits (asymmetric), then rescored.
+bits times each row's stored scale (asymmetric; 1 for every row unless every shard's record says
+`ubinary_scale`), then rescored.
 """
 from __future__ import annotations
 
@@ -29,8 +30,13 @@ class Stored:
             version = max(int(p.rsplit("/", 1)[-1][:8]) for p in fs.glob(f"{root}/versions/*.json"))
         self.manifest = json.loads(fs.cat_file(f"{root}/versions/{version:08d}.json"))
         self.ranges = RangeManifest.from_json(fs.cat_file(f"{root}/{self.manifest['ranges']['path']}")).ranges
-        table = pa.concat_tables([pq.read_table(pa.BufferReader(fs.cat_file(f"{root}/{s['path']}")))
-                                  for s in self.manifest["shards"]])
+        tables = [pq.read_table(pa.BufferReader(fs.cat_file(f"{root}/{s['path']}")))
+                  for s in self.manifest["shards"]]
+        # The sign-bit scale per row, as stored (float32), when every shard has them; else 1 for all.
+        scaled = all(s.get("ubinary_scale", False) for s in self.manifest["shards"])
+        self.scales = np.concatenate([np.ones(0)] + [
+            t["ubinary_scale"].to_numpy().astype(np.float64) if scaled else np.ones(t.num_rows) for t in tables])
+        table = pa.concat_tables([t.select([c for c in t.column_names if c != "ubinary_scale"]) for t in tables])
         self.ids = table["id"].to_pylist()
         self.shard = [s["id"] for s in self.manifest["shards"] for _ in range(s["rows"])]
         self.codes = np.array(table["int8"].to_pylist(), np.float64) if "int8" in table.column_names else None
@@ -38,11 +44,13 @@ class Stored:
         self.bits = np.unpackbits(packed, axis=1)[:, :self.ranges.shape[1]]
 
     def centres(self) -> np.ndarray:
-        """Each int8 code's bucket centre: `min + (code + 128.5) * (max - min) / 255`."""
-        lo, hi = self.ranges.astype(np.float64)
-        return lo + (self.codes + 128.5) * ((hi - lo) / 255)
+        """Each int8 code's bucket centre: `min + (code + 128.5) * (max - min) / 255` (computed once)."""
+        if getattr(self, "_centres", None) is None:
+            lo, hi = self.ranges.astype(np.float64)
+            self._centres = lo + (self.codes + 128.5) * ((hi - lo) / 255)
+        return self._centres
 
-    def search(self, q: np.ndarray, k: int, multiplier: int = 4, candidates: str = "asymmetric",
+    def search(self, q: np.ndarray, k: int, multiplier: int = 6, candidates: str = "asymmetric",
                rescore: str = "int8") -> list[list[tuple[str, float]]]:
         """Per query, the top `k` `(id, score)` of the binary-index search with these options."""
         dim = self.bits.shape[1]
@@ -52,7 +60,7 @@ class Stored:
         for qi in np.asarray(q, np.float64):
             hamming = (self.bits != (qi > 0)).sum(axis=1)
             order = np.lexsort((np.arange(len(self.ids)), hamming))
-            bit_scores = signs @ qi / np.sqrt(dim)
+            bit_scores = signs @ qi / np.sqrt(dim) * self.scales
             if candidates == "asymmetric":
                 pool = order[:n * ASYMMETRIC_POOL]
                 cand = pool[np.argsort(-bit_scores[pool], kind="stable")[:n]]

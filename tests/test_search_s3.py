@@ -134,8 +134,9 @@ def test_shard_altered_in_place_fails_on_the_first_query_that_touches_it(dataset
     cache = tmp_path / "spill"
     cache.mkdir()
     with Searcher.open(copy, storage_options=options, cache_dir=str(cache)) as s:  # sizes match
-        # k = 1, multiplier 1: only the best candidate's shard is read to rescore it.
-        assert s.search(docs[3][1], k=1, rescore_multiplier=1)[0].id == docs[3][0]
+        # k = 1, multiplier 1, Hamming candidates: only the best candidate's shard is read to rescore
+        # it. (Asymmetric candidates read the scales of every shard in their Hamming pool.)
+        assert s.search(docs[3][1], k=1, rescore_multiplier=1, candidates="hamming")[0].id == docs[3][0]
         assert [p.stem for p in cache.iterdir()] == [first["sha256"]]
         with pytest.raises(IntegrityError, match=rf"{last['path']} of version 1 of {copy} has sha256 "
                                                  rf"[0-9a-f]{{64}}, the manifest says {last['sha256']}"):

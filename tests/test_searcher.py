@@ -38,12 +38,14 @@ def datasets(tmp_path_factory, docs, ray_session):
 
 def _brute_force(dest, q, k, mult, asymmetric=False):
     """Hamming candidates over all rows laid end to end (asymmetric: a 4x pool narrowed by the
-    float query against ±1/sqrt(dim) signs), rescored against int8 bucket centres."""
+    float query against ±1/sqrt(dim) signs times each row's stored scale), rescored against int8
+    bucket centres."""
     version = json.loads((dest / "versions" / "00000001.json").read_text())
     ranges = RangeManifest.from_json((dest / version["ranges"]["path"]).read_bytes()).ranges.astype(np.float64)
     t = pa.concat_tables([pq.read_table(dest / s["path"]) for s in version["shards"]])
     ids, codes = t["id"].to_pylist(), np.array(t["int8"].to_pylist(), np.float64)
     bits = np.unpackbits(np.frombuffer(b"".join(t["ubinary"].to_pylist()), np.uint8).reshape(len(t), -1), axis=1)
+    scales = t["ubinary_scale"].to_numpy().astype(np.float64)
     qbits = (q > 0).astype(np.uint8)
     centres = ranges[0] + (codes + 128.5) * ((ranges[1] - ranges[0]) / 255)
     out = []
@@ -51,7 +53,7 @@ def _brute_force(dest, q, k, mult, asymmetric=False):
         hamming = (bits != qb).sum(axis=1)
         cand = np.lexsort((np.arange(len(t)), hamming))[:k * mult * (ASYMMETRIC_POOL if asymmetric else 1)]
         if asymmetric:
-            bit_scores = (bits[cand] * 2.0 - 1) @ qi / np.sqrt(len(qi))
+            bit_scores = (bits[cand] * 2.0 - 1) @ qi / np.sqrt(len(qi)) * scales[cand]
             cand = cand[np.argsort(-bit_scores, kind="stable")[:k * mult]]
         scores = centres[cand] @ qi
         best = cand[np.argsort(-scores, kind="stable")[:k]]

@@ -67,6 +67,40 @@ def quantize_all(
     return _run(embeddings, ranges, tuple(precisions), count=True)
 
 
+_SCALE_ROWS = 8192
+
+
+def sign_scales(embeddings: np.ndarray) -> np.ndarray:
+    """Per vector, the factor that turns its sign bits' score into an estimate of the inner product.
+
+    A ubinary code keeps the signs `s` (+1 for `x > 0`, else -1) of `x`. A float query scored
+    against them, `<q, s> / sqrt(dim)`, estimates `<q, x>` up to the vector's own factor
+    `||x|| / <x/||x||, s/sqrt(dim)>` = `||x||^2 sqrt(dim) / ||x||_1` (RaBitQ's and Elasticsearch
+    BBQ's correction; for a unit vector, `sqrt(dim) / ||x||_1`): the sign vector of a vector
+    whose mass spreads over many dimensions is a close copy of it, a peaked one's is not, and
+    the factor says by how much. A zero vector gets 0 (its estimate is 0).
+
+    Computed in float64 from the float32 input and returned as float32, so the same input gives
+    the same bytes (a shard rewritten by a rerun is byte-identical).
+
+    Args:
+        embeddings: finite float32 array of shape (n, dim).
+
+    Returns:
+        float32 array of shape (n,).
+    """
+    _check_embeddings(embeddings)
+    n, dim = embeddings.shape
+    out = np.zeros(n, np.float32)
+    for lo in range(0, n, _SCALE_ROWS):  # in blocks: a float64 copy of a whole shard could be GBs
+        x = embeddings[lo:lo + _SCALE_ROWS].astype(np.float64)
+        l1 = np.abs(x).sum(axis=1)
+        scale = np.zeros(len(x), np.float64)
+        np.divide(np.einsum("ij,ij->i", x, x) * np.sqrt(dim), l1, out=scale, where=l1 > 0)
+        out[lo:lo + len(x)] = scale
+    return out
+
+
 def _check_precisions(precisions) -> None:
     for precision in precisions:
         if precision not in PRECISIONS:

@@ -15,7 +15,7 @@ from workers.lake.versions import commit, list_versions
 def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges: RangeManifest,
                   unit_rows: int = 10_000, index_type: str = "IndexBinaryFlat",
                   precisions: tuple[str, ...] = ("int8", "ubinary"),
-                  storage_options: Mapping[str, Any] | None = None) -> int:
+                  storage_options: Mapping[str, Any] | None = None, scales: bool = True) -> int:
     """Write `embeddings` as shards of `unit_rows` rows and commit a version; return its number.
 
     The version has no source lake (`source.url` is `vectors:`), so `quantlake search
@@ -28,6 +28,7 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
         embeddings: float32 (n, dim), made by the model `ranges` names.
         ranges: the range manifest to quantize with (written under `ranges/`).
         unit_rows, index_type, precisions: as `IngestConfig`.
+        scales: store each vector's sign-bit scale (`write_shard`); False: shards as written before.
     """
     fs, root = url_to_fs(dest, storage_options)
     if len(ids) != len(embeddings) or embeddings.shape[1] != ranges.dim:
@@ -39,7 +40,7 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
         b = min(a + unit_rows, len(ids))
         shards.append(write_shard(fs, root, f"vectors-{a:012d}-{b:012d}", ShardSource("vectors", a, b),
                                   list(ids[a:b]), np.arange(a, b), embeddings[a:b], ranges.ranges, precisions,
-                                  [], index_type))
+                                  [], index_type, scales))
     return commit(fs, root, VersionManifest.build(
         model=ModelInfo(ranges.model_name, ranges.model_fingerprint, embeddings.shape[1], ranges.normalize),
         ranges=RangesRef(ranges.id, ranges_path, ranges.method), precisions=precisions,

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.embedding.quantizer import quantize_all
+from workers.embedding.quantizer import quantize_all, sign_scales
 from ranges.encoding import pretty_json, sha256_hex
+from workers.lake.dataset import SCALE_COLUMN
 from workers.lake.records import SIDECAR_FORMAT, RejectsRef, ShardRecord, ShardSource, sidecar_json, sidecar_path
 from workers.lake.storage import join, put_bytes
 from workers.vocab import INDEX_TYPES
@@ -87,7 +88,8 @@ def build_index(ubinary: np.ndarray, dim: int, index_type: str = "IndexBinaryFla
 
 def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str], rows: np.ndarray,
                 embeddings: np.ndarray, ranges: np.ndarray, precisions: tuple[str, ...],
-                rejects: list[dict[str, Any]], index_type: str = "IndexBinaryFlat") -> ShardRecord:
+                rejects: list[dict[str, Any]], index_type: str = "IndexBinaryFlat",
+                scales: bool = True) -> ShardRecord:
     """Quantize one work unit and write its files; return its record (not yet its sidecar).
 
     Args:
@@ -98,6 +100,9 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
         ranges: (2, dim) float32 calibration ranges.
         precisions: precisions to store; `ubinary` is always stored (the index is built on it).
         rejects: rejected rows (`REJECT_SCHEMA` fields).
+        index_type: the FAISS binary index class (`workers.vocab.INDEX_TYPES`).
+        scales: store the `ubinary_scale` column; False writes a shard as before it existed
+            (benchmarks and tests of the previous estimate).
     """
     dim = int(ranges.shape[1])
     t0 = time.perf_counter()
@@ -108,6 +113,10 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
     for p in ("int8", "uint8", "binary", "ubinary"):
         if p in quantized:
             columns[p] = _vectors(quantized[p], p)
+    # Search ranks Hamming candidates by the float query against their sign bits; this factor
+    # per vector makes that score an estimate of the inner product (docs/formats.md).
+    if scales:
+        columns[SCALE_COLUMN] = pa.array(sign_scales(embeddings.reshape(-1, dim)), pa.float32())
     data = _parquet_bytes(pa.table(columns))
     index = build_index(quantized["ubinary"], dim, index_type)
     path, index_path = f"shards/{shard_id}.parquet", f"shards/{shard_id}.faiss"
@@ -124,6 +133,7 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
         id=shard_id, path=path, index=index_path, index_type=index_type, rows=len(ids), source=source,
         sha256=sha256_hex(data), index_sha256=sha256_hex(index), bytes=len(data), index_bytes=len(index),
         rejects=reject_record, clipped=int(clipped.sum()), clipped_per_dim=tuple(clipped.tolist()),
+        ubinary_scale=scales,
         stats={"rows_read": len(ids) + len(rejects), "quantize_s": round(t1 - t0, 6),
                "write_s": round(t2 - t1, 6)})
 

@@ -20,6 +20,13 @@ class IntegrityError(ValueError):
     """A file's bytes or content differ from what the version manifest records for it."""
 
 
+# The per-vector factor of the sign-bit score estimate (`workers.embedding.quantizer.sign_scales`).
+# Optional: shards written before it was added lack it (their record has no `ubinary_scale`), and
+# a version holding any of those is searched by the bits alone.
+SCALE_COLUMN = "ubinary_scale"
+OPTIONAL_COLUMNS = {SCALE_COLUMN: pa.float32()}
+
+
 def shard_schema(dim: int, precisions: list[str] | tuple[str, ...]) -> dict[str, pa.DataType]:
     """Column name -> Arrow type of a shard's Parquet table, as the manifest implies it.
 
@@ -45,11 +52,16 @@ def _describe(t: pa.DataType) -> str:
 
 
 def schema_problems(schema: pa.Schema, dim: int, precisions: list[str] | tuple[str, ...]) -> list[str]:
-    """What differs between a shard's Parquet schema and `shard_schema(dim, precisions)`."""
+    """What differs between a shard's Parquet schema and `shard_schema(dim, precisions)`.
+
+    `OPTIONAL_COLUMNS` may be absent (older shards); when present they must have their type.
+    """
     want = shard_schema(dim, precisions)
     got = {f.name: f.type for f in schema}
     problems = [f"column {name} is missing" for name in want if name not in got]
-    problems += [f"column {name} is not expected" for name in got if name not in want]
+    problems += [f"column {name} is not expected" for name in got
+                 if name not in want and name not in OPTIONAL_COLUMNS]
+    want.update({name: t for name, t in OPTIONAL_COLUMNS.items() if name in got})  # present: of its type
     problems += [f"column {name} is {_describe(got[name])}, expected {_describe(t)}" for name, t in want.items()
                  if name in got and not _same_type(got[name], t)]
     return problems
@@ -160,7 +172,11 @@ class DatasetVersion:
         return data
 
     def read_shard_table(self, shard: ShardRecord | int, columns: list[str] | None = None) -> pa.Table:
-        """The shard's Parquet table (optionally only `columns`), after its checksum matched."""
+        """The shard's Parquet table (optionally only `columns`), after its checksum matched.
+
+        An `OPTIONAL_COLUMNS` name in `columns` that the shard lacks (it predates the column) is
+        left out of the table rather than an error.
+        """
         s = self._shard(shard)
         data = self.read_verified(s.path, s.sha256, s.bytes)
         where = f"{s.path} of version {self.version} of {self.url}"
@@ -169,10 +185,15 @@ class DatasetVersion:
             # The schema is checked before any column is used: a vector of another width than
             # the version's model would be read as another row's bytes, or fail deep in search.
             problems = schema_problems(parquet.schema_arrow, self.dim, self.manifest.precisions)
+            if s.ubinary_scale and SCALE_COLUMN not in parquet.schema_arrow.names:
+                problems.append(f"column {SCALE_COLUMN} is missing (its record says ubinary_scale)")
             if problems:
                 raise IntegrityError(f"{where} does not hold what the manifest says "
                                      f"(dim {self.dim}, precisions {', '.join(self.manifest.precisions)}): "
                                      f"{'; '.join(problems)}; do not use this version")
+            if columns is not None:
+                names = parquet.schema_arrow.names
+                columns = [c for c in columns if c in names or c not in OPTIONAL_COLUMNS]
             table = parquet.read(columns=columns)
         except pa.ArrowException as exc:  # checksum matched, yet no Parquet file: the manifest lies
             raise IntegrityError(f"{where} is not a readable Parquet file ({exc}); "

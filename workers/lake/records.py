@@ -208,6 +208,8 @@ class ShardRecord:
         clipped: values the ranges clipped, over the shard.
         clipped_per_dim: the same per dimension: in the sidecar; the manifest keeps only their sum.
         stats: per-shard timings and rows read (`rows_read`, `encode_s`, `quantize_s`, `write_s`).
+        ubinary_scale: its Parquet holds the `ubinary_scale` column (per-vector sign-bit scales);
+            False (absent) for shards written before the column existed.
         extra: fields of later formats, kept as read.
     """
 
@@ -225,6 +227,7 @@ class ShardRecord:
     clipped: int | None = None
     clipped_per_dim: tuple[int, ...] | None = None
     stats: Mapping[str, float] | None = None
+    ubinary_scale: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -266,6 +269,8 @@ class ShardRecord:
             out["clipped_per_dim"] = list(self.clipped_per_dim)
         if self.stats is not None:
             out["stats"] = dict(self.stats)
+        if self.ubinary_scale:  # absent when False: an older record stays byte-identical
+            out["ubinary_scale"] = True
         return out
 
     @classmethod
@@ -282,11 +287,12 @@ class ShardRecord:
             source=None if doc.get("source") is None else ShardSource.from_json(doc["source"]),
             clipped=doc.get("clipped"), clipped_per_dim=_counts(doc.get("clipped_per_dim")),
             stats=None if doc.get("stats") is None else dict(doc["stats"]),
+            ubinary_scale=doc.get("ubinary_scale", False),
             extra={k: v for k, v in doc.items() if k not in _SHARD_KEYS})
 
 
 _SHARD_KEYS = {"id", "path", "index", "rows", "sha256", "bytes", "index_sha256", "index_bytes", "rejects",
-               "index_type", "source", "clipped", "clipped_per_dim", "stats"}
+               "index_type", "source", "clipped", "clipped_per_dim", "stats", "ubinary_scale"}
 
 
 def _check_shard(s: Any, at: str, where: str, name: str) -> None:
@@ -313,6 +319,8 @@ def _check_shard(s: Any, at: str, where: str, name: str) -> None:
     _need(stats is None or (isinstance(stats, dict) and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in stats.values())), at,
         "stats must map names to numbers")
+    _need(isinstance(s.get("ubinary_scale", False), bool), at,
+          f"ubinary_scale is {s.get('ubinary_scale')!r}, expected true or false")
     _check_path(where, f"{name}.path", s.get("path"))
     _check_path(where, f"{name}.index", s.get("index"))
     rej = s.get("rejects")

@@ -56,8 +56,8 @@ def bit_tables(q: np.ndarray) -> np.ndarray:
 
     A packed code then scores as the sum of one table entry per byte (a gather, no unpacking),
     the way BBQ / RaBitQ score a float query against sign bits. Each bit stands for
-    ±1/sqrt(dim), the sign vector's unit-norm form (RaBitQ's estimator without its per-vector
-    correction, which the shards do not store); for unit vectors the score estimates the cosine.
+    ±1/sqrt(dim), the sign vector's unit-norm form; `bit_scores` applies each vector's stored
+    correction (`workers.embedding.quantizer.sign_scales`, RaBitQ's) when the shard has it.
     """
     n, dim = q.shape
     width = -(-dim // 8)
@@ -66,11 +66,18 @@ def bit_tables(q: np.ndarray) -> np.ndarray:
     return (padded.reshape(n, width, 8) @ _BYTE_SIGNS.T) / np.float32(np.sqrt(dim))
 
 
-def bit_scores(codes: np.ndarray, tables: np.ndarray, qidx: np.ndarray) -> np.ndarray:
-    """Scores of packed codes (t, width) against their queries' `bit_tables` (rows `qidx`, (t,))."""
+def bit_scores(codes: np.ndarray, tables: np.ndarray, qidx: np.ndarray,
+               scales: np.ndarray | None = None) -> np.ndarray:
+    """Scores of packed codes (t, width) against their queries' `bit_tables` (rows `qidx`, (t,)).
+
+    With `scales` (t,), the codes' stored `sign_scales`, each score becomes the estimate of the
+    inner product with the vector the code was made from; without (shards written before the
+    scales were stored), the plain sign-vector score.
+    """
     if not len(codes):
         return np.zeros(0, np.float32)
-    return tables[qidx[:, None], np.arange(codes.shape[1])[None, :], codes].sum(axis=1)
+    scores = tables[qidx[:, None], np.arange(codes.shape[1])[None, :], codes].sum(axis=1)
+    return scores if scales is None else scores * scales
 
 
 def hamming_scores(distances: np.ndarray, dim: int) -> np.ndarray:

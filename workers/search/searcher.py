@@ -31,7 +31,9 @@ class SearchOptions:
 
     Args:
         k: hits per query (a search asks for at most the version's rows).
-        rescore_multiplier: binary candidates per hit that go on to rescoring.
+        rescore_multiplier: binary candidates per hit that go on to rescoring. 6 is where recall of
+            float32's top 10 passes 0.98 on both benchmark corpora (README, Benchmarks); raise it for
+            recall, lower it for speed.
         rescore: candidate scoring after the Hamming search: `int8` (float query against the
             int8 bucket centres, the default), `int8-raw` (against the codes as they are),
             `bits` (against the sign bits), `none` (Hamming order).
@@ -42,7 +44,7 @@ class SearchOptions:
     """
 
     k: int = 10
-    rescore_multiplier: int = 4
+    rescore_multiplier: int = 6
     rescore: RescoreMode = "int8"
     candidates: CandidateMode = "asymmetric"
     ef_search: int | None = None
@@ -57,7 +59,11 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: the document id, its score, and where its vectors live (shard id, row)."""
+    """One result: the document id, its score, and where its vectors live (shard id, row, source row).
+
+    Where it lives serves the text output and reading the source text back; `to_dict` (`--json`)
+    leaves it out: the id names the document, and shards and rows change when a version is rebuilt.
+    """
 
     id: str
     score: float
@@ -66,7 +72,7 @@ class Hit:
     source_row: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, "shard": self.shard, "row": self.row}
+        return {"id": self.id, "score": self.score}
 
 
 def check_dataset(doc: VersionManifest, ranges: RangeManifest, fingerprint: str, model: str) -> None:
@@ -276,5 +282,5 @@ class Searcher:
 
 
 def dumps_hits(query: str, hits: Sequence[Hit]) -> str:
-    """One JSON Lines record: `{"query": ..., "hits": [{"id", "score", "shard", "row"}, ...]}`."""
+    """One JSON Lines record: `{"query": ..., "hits": [{"id", "score"}, ...]}`."""
     return json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False)

@@ -12,13 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from workers.vocab import SearchIndex
-from workers.lake.dataset import DatasetVersion, IntegrityError
+from workers.lake.dataset import SCALE_COLUMN, DatasetVersion, IntegrityError
 from workers.lake.records import ShardRecord
 from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
 from workers.lake.storage import join
 
-# Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row).
-SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary")
+# Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row), and
+# the sign-bit scales of the candidate estimate (absent from shards written before them).
+SPILL_COLUMNS = ("id", "source_row", "int8", "ubinary", SCALE_COLUMN)
 
 
 def _codes_view(index) -> np.ndarray | None:
@@ -73,6 +74,9 @@ class ShardGroup:
         self._own_dir = cache_dir is None
         self.cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if cache_dir is None else cache_dir
         self._spills: dict[int, dict[str, Any]] = {}
+        # The estimate must rank every row of the version alike (a scaled score is ~1.26x a plain
+        # one for unit vectors): scales only when every shard has them, else bits alone, as before.
+        self.scaled = all(s.ubinary_scale for s in ds.shards)
         self._lock = threading.Lock()
         self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
 
@@ -116,7 +120,8 @@ class ShardGroup:
         # Local scratch files, not dataset data: Arrow's memory map needs a local path.
         path = os.path.join(self.cache_dir, f"{s.sha256}.arrow")
         if not os.path.exists(path):
-            present = [c for c in SPILL_COLUMNS if c != "int8" or "int8" in self.ds.manifest.precisions]
+            present = [c for c in SPILL_COLUMNS if (c != "int8" or "int8" in self.ds.manifest.precisions)
+                       and (c != SCALE_COLUMN or self.scaled)]
             table = self.ds.read_shard_table(s, columns=present)  # checked against its sha256
             tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -153,13 +158,19 @@ class ShardGroup:
         return tuple(np.take_along_axis(a, pick, axis=1) for a in (keys, shards, rows, bits))
 
     def _bits(self, o: int, index, tables: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        spill = self._spill(o)
         codes = _codes_view(index)
         if codes is None:  # IVF keeps codes in inverted lists: read them from the spill
-            codes = self._spill(o)["ubinary"]
+            codes = spill["ubinary"]
         valid = rows >= 0
         out = np.zeros(rows.shape, np.float32)
-        out[valid] = bit_scores(codes[rows[valid]], tables, np.nonzero(valid)[0])
+        r = rows[valid]
+        out[valid] = bit_scores(codes[r], tables, np.nonzero(valid)[0], self._scales(spill, r))
         return out
+
+    def _scales(self, spill: dict[str, Any], rows: np.ndarray) -> np.ndarray | None:
+        """The sign-bit scales of `rows`, or None when the version is searched by the bits alone."""
+        return spill[SCALE_COLUMN][rows] if self.scaled else None
 
     def fetch(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Ids and source rows of the rows `(shards[i], rows[i])` of this group, in that order.
@@ -199,9 +210,9 @@ class ShardGroup:
             if mode == "bits":
                 codes = _codes_view(self.indexes[int(o)])
                 codes = spill["ubinary"] if codes is None else codes
-                scores[at] = bit_scores(codes[r], tables, qidx[at])
+                scores[at] = bit_scores(codes[r], tables, qidx[at], self._scales(spill, r))
             elif "int8" not in spill:
-                raise ValueError(f"shard {self.shards[int(o)]['path']} has no int8 vectors (the dataset "
+                raise ValueError(f"shard {self.shards[int(o)].path} has no int8 vectors (the dataset "
                                  "was ingested without them): search with rescore='bits' or 'none'")
             else:
                 scores[at] = int8_scores(spill["int8"][r], w[qidx[at]], offset[qidx[at]])
@@ -226,6 +237,8 @@ def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
         col, width = one("ubinary"), -(-dim // 8)
         data = np.frombuffer(col.buffers()[1], np.uint8) if len(col) else np.empty(0, np.uint8)
         out["ubinary"] = data[col.offset * width:(col.offset + len(col)) * width].reshape(-1, width)
+    if SCALE_COLUMN in t.column_names:
+        out[SCALE_COLUMN] = one(SCALE_COLUMN).to_numpy()
     return out
 
 
