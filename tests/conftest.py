@@ -183,13 +183,3 @@ def copy_dataset(small_dataset, tmp_path):
     shutil.copytree(small_dataset[0], dest)
     return dest
 
-
-# Test files that start Ray jobs of their own or run many ingests: scheduled first, so that
-# with `-n 2 --dist loadfile` (make test) the two workers do not end on one long file.
-SLOW_FIRST = ("test_resume.py", "test_faults.py", "test_reindex.py", "test_job_submission.py", "test_rerun.py",
-              "test_console.py", "test_calibration.py", "test_demo.py", "test_ray_session.py", "test_s3.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
