@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from workers.lake.records import VersionManifest
 from workers.lake.redact import describe_error, redact_url
 
 # Errors of the user's making (bad input, missing files): exit status 2, as argparse does.
@@ -86,3 +87,21 @@ def storage_name(url: str) -> str:
     if where is None:
         return redact_url(url)
     return f"the folder {posixpath.dirname(where[1])}" if where[0] == "file" else f"{where[0]}://{where[1]}"
+
+
+def recorded_source(dataset_url: str, manifest: VersionManifest, without_lake: str) -> str:
+    """The source URL `manifest` recorded, when this job may read it: only on the dataset's own
+    storage (`on_dataset_storage`), since a manifest alone never chooses what the job's
+    credentials read. Otherwise a ValueError says to pass --source; `without_lake` ends the
+    message for a version written from vectors, which has no source lake.
+    """
+    url = manifest.source.url
+    if url == "vectors:":
+        raise ValueError(f"version {manifest.version} was written from vectors, without a source lake: "
+                         f"{without_lake}")
+    if not on_dataset_storage(dataset_url, url):
+        raise ValueError(f"version {manifest.version} names its source {redact_url(url)}, which is "
+                         f"not on the dataset's own storage ({storage_name(dataset_url)}); a manifest alone "
+                         "never chooses what this job's credentials read: pass --source with the "
+                         "source lake's URL")
+    return url

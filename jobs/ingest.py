@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-
 from jobs.common import add_storage_options, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
@@ -84,11 +83,12 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
     files, row_groups = check_source(cfg)
-    parent = (list_versions(dest_fs, dest_root) or [None])[-1]
-    if parent is not None:
-        read_version(dest_fs, dest_root, parent)
     if base is not None:
-        parent = base.number
+        parent = base.number  # read (and so checked) by the caller
+    else:
+        parent = (list_versions(dest_fs, dest_root) or [None])[-1]
+        if parent is not None:
+            read_version(dest_fs, dest_root, parent)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = model_fingerprint(model_path)
     saved_ranges = None
@@ -105,6 +105,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         access = StorageAccess.put(cfg.storage_options)
         wcfg = cfg.for_workers(access)
         rows_per_file, duplicates, sample = scan(wcfg, files)
+        scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
         manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
@@ -112,7 +113,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
         plan = Plan.of(units, base)
         if dry_run or plan.unchanged:
-            return IngestResult(None, None, plan.summary(sum(rows_per_file), committed=False))
+            return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         records, reused_shards = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
                                                   sum(u.rows for u in plan.todo))
@@ -125,16 +126,16 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     records = sorted(records + carry_over(dest_fs, dest_root, plan.carried),
                      key=lambda r: (r.source.file, r.source.row_start))
     rows_read = sum(r.rows_read for r in records)
-    if rows_read != sum(rows_per_file):
-        raise RuntimeError(f"read {rows_read} rows but the scan counted {sum(rows_per_file)}: "
+    if rows_read != scanned:
+        raise RuntimeError(f"read {rows_read} rows but the scan counted {scanned}: "
                            "the source changed during the job; nothing was committed")
     version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent)
+    summary_extra: dict[str, Any] = {}
     if base is not None:
-        version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift_of(new, manifest)})
+        drift = drift_of(new, manifest)
+        version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift})
+        summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
     check_referenced_files(dest_fs, dest_root, version_doc)
-    summary_extra = {}
-    if base is not None:
-        summary_extra = {**plan.summary(sum(rows_per_file), committed=True), "drift": version_doc.extra["drift"]}
     if accept is not None and not accept(version_doc):
         return IngestResult(None, None, {**summary_extra, "committed": False})
     n = commit(dest_fs, dest_root, version_doc)

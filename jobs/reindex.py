@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, on_dataset_storage, run_reporting, storage_name, storage_options
+from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
 from workers.embedding.encoder import EncoderConfig, resolve_model_name
@@ -108,14 +108,10 @@ def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:
     """The source lake to read: `--source`, else the latest version's when on the dataset's storage."""
     if cfg.source:
         return cfg.source
-    url = latest.source.url
-    if url == "vectors:":
-        raise ValueError(f"version {latest.number} was written from vectors, without a source lake: "
-                         "there is nothing to reindex from")
-    if not on_dataset_storage(cfg.dest, url) or "***" in url:
-        raise ValueError(f"version {latest.number} names its source {redact_url(url)}, which is not on the "
-                         f"dataset's own storage ({storage_name(cfg.dest)}); a manifest alone never chooses "
-                         "what this job's credentials read: pass --source with the source lake's URL")
+    url = recorded_source(cfg.dest, latest, "there is nothing to reindex from")
+    if "***" in url:  # its credentials were masked when it was recorded: the URL cannot be read as it is
+        raise ValueError(f"version {latest.number} names its source {url}, with masked credentials: pass "
+                         "--source with the source lake's URL")
     return url
 
 

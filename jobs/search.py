@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import fsspec
 
-from jobs.common import add_storage_options, on_dataset_storage, run_reporting, storage_name, storage_options
+from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
@@ -131,16 +131,9 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
         text_column: default: the manifest's.
     """
     src = searcher.manifest.source
-    if source is None:
-        if src.url == "vectors:":
-            raise ValueError(f"version {searcher.version} was written from vectors, without a source lake: "
-                             "it has no texts to read; pass --source with a lake holding them")
-        if not on_dataset_storage(searcher.url, src.url):
-            raise ValueError(f"version {searcher.version} names its source {redact_url(src.url)}, which is "
-                             f"not on the dataset's own storage ({storage_name(searcher.url)}); a manifest alone "
-                             "never chooses what this job's credentials read: pass --source with the "
-                             "source lake's URL")
-    fs, root, files = list_source(source or src.url, searcher.storage_options)
+    source = source or recorded_source(searcher.url, searcher.manifest,
+                                       "it has no texts to read; pass --source with a lake holding them")
+    fs, root, files = list_source(source, searcher.storage_options)
     by_path = {f.relpath: f for f in files}
     shard_file = {s.id: s.source.file if s.source else "" for s in searcher.manifest.shards}
     column = text_column or src.text_column
@@ -151,7 +144,7 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
         f: SourceFile | None = by_path.get(relpath)
         if f is None:
             raise FileNotFoundError(f"source file {relpath} of version {searcher.version} is gone from "
-                                    f"{redact_url(source or src.url)}; pass the lake's current URL")
+                                    f"{redact_url(source)}; pass the lake's current URL")
         lo, hi = min(rows), max(rows) + 1
         for first, batch in iter_batches(fs, root, f, [column], lo, hi):
             texts = batch.column(column).to_pylist()

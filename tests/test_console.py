@@ -14,6 +14,7 @@ import pytest
 from conftest import write_parquet_lake
 from isolated import REPO, Job
 from jobs.console import AlarmFilter, drop_false_alarms
+from test_resume import CORRUPT_AFTER_PLANNING  # a source file breaks after planning: its unit fails inside Ray
 
 # The two lines a clean ingest printed on stderr before they were dealt with, as Ray wrote them.
 RAY_CORE_ALARM = (b"[2026-11-23 05:01:48,710 E 30083 30083] core_worker.cc:2465: Actor with class name: "
@@ -167,26 +168,9 @@ def test_bad_text_column_prints_its_error_alone(lake, tmp_path):
                    "(columns: id, text); pass --text-column\n")
 
 
-# The ingest command, with a fault injected in the driver: a source file breaks after it was
-# checked, scanned and planned, so its work unit fails inside Ray.
-BREAK_AFTER_PLANNING = """
-import sys
-import jobs.ingest as ingest
-from workers.lake.storage import url_to_fs
-plan_units = ingest.plan_units
-def break_after_planning(cfg, *args, **kwargs):
-    units = plan_units(cfg, *args, **kwargs)
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
-    fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
-    return units
-ingest.plan_units = break_after_planning
-sys.exit(ingest.main(sys.argv[1:]))
-"""
-
-
 def test_a_failure_inside_ray_still_shows_rays_report_and_our_error(docs, tmp_path):
     write_parquet_lake(tmp_path / "lake", docs[:50], files=2, row_group_size=25)
-    with Job(["-c", BREAK_AFTER_PLANNING, str(tmp_path / "lake"), str(tmp_path / "dest"), *ARGS], tmp_path) as job:
+    with Job(["-c", CORRUPT_AFTER_PLANNING, str(tmp_path / "lake"), str(tmp_path / "dest"), *ARGS], tmp_path) as job:
         rc, out, err = job.run()
     assert (rc, out) == (1, "")
     assert re.search(r"(?m)^quantlake ingest: error: work unit part-00001\.parquet rows \[0, 25\) "
