@@ -28,8 +28,10 @@ from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
-from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
-                             read_version)
+from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
+                                   list_versions, read_version, rebase_snapshot, rebase_unless_same)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,12 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     check_referenced_files(dest_fs, dest_root, version_doc)
     if accept is not None and not accept(version_doc):
         return IngestResult(None, None, {**summary_extra, "committed": False})
-    n = commit(dest_fs, dest_root, version_doc)
+    try:
+        # A reindex that lost the race to a run with the same change commits no copy of it.
+        n = commit(dest_fs, dest_root, version_doc, rebase=rebase_snapshot if base is None else rebase_unless_same)
+    except AlreadyCommitted as exc:
+        log.info("%s; nothing committed", exc)
+        return IngestResult(None, None, {**summary_extra, "committed": False, "committed_meanwhile": exc.version})
     url = manifest_url(cfg.dest, n)
     summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, url, n)
     return IngestResult(n, url, {**summary, **summary_extra})

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
-from workers.embedding.encoder import EncoderConfig, resolve_model_name
+from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
 from workers.ingest.config import IngestConfig
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
@@ -52,7 +52,9 @@ class ReindexConfig:
         recalibrate: calibrate new ranges and rebuild every shard.
         recalibrate_on_drift: recalibrate when the new data's clipped share passes the
             calibration sample's own by more than `drift_threshold`.
-        model: re-encode everything with this model (folder or cached name), with new ranges.
+        model: re-encode everything with this model (folder or cached name), with new ranges;
+            the latest version's own model (same fingerprint) only says where to load it from.
+        model_path: where the latest version's model is (set by `run` from `model`).
         storage_options, ray_address, progress, encoder_actors: as `IngestConfig`.
     """
 
@@ -63,6 +65,7 @@ class ReindexConfig:
     recalibrate_on_drift: bool = False
     drift_threshold: float = DRIFT_THRESHOLD
     model: str | None = None
+    model_path: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     ray_address: str | None = None
     encoder_actors: int | None = None
@@ -78,8 +81,6 @@ class ReindexConfig:
             raise ValueError("--recalibrate and --recalibrate-on-drift exclude each other")
         if self.drift_threshold < 0:
             raise ValueError(f"drift threshold must be >= 0, got {self.drift_threshold}")
-        if self.dry_run and self.model:
-            raise ValueError("--dry-run with --model: a new model re-encodes every row of the source")
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
@@ -88,8 +89,8 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
     o = latest.extra.get("options") or {}
     if not isinstance(o, dict):
         raise ValueError(f"version {latest.number}: options is {o!r}, expected an object")
-    model = cfg.model or latest.model.name
-    if cfg.model is None:
+    model = cfg.model or cfg.model_path or latest.model.name
+    if cfg.model is None and cfg.model_path is None:
         resolve_model_name(model, f"version {latest.number} of {redact_url(cfg.dest)}")  # a name, never a path
     index_type = o.get("index_type") or (latest.shards[0].index_class if latest.shards else "IndexBinaryFlat")
     return IngestConfig(
@@ -102,6 +103,11 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
         ranges=None if fresh else join(cfg.dest, latest.ranges.path), ray_address=cfg.ray_address,
         unit_rows=int(o.get("unit_rows", 10_000)), encoder_actors=cfg.encoder_actors, index_type=index_type,
         storage_options=cfg.storage_options, progress=cfg.progress)
+
+
+def same_model(model: str, latest: VersionManifest) -> bool:
+    """Whether `model` (a folder or cached name) is the latest version's model, by fingerprint."""
+    return model_fingerprint(resolve_model(model)) == latest.model.fingerprint
 
 
 def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:
@@ -124,6 +130,13 @@ def run(cfg: ReindexConfig) -> IngestResult:
     if cfg.dry_run and cfg.recalibrate:  # every row is encoded again: plan as a first ingest would
         result = ingest(ingest_config(latest, cfg, source, fresh=False), dry_run=True)
         return replace(result, summary={**result.summary, "mode": "dry-run"})
+    if cfg.model and same_model(cfg.model, latest):
+        # The version's own model, found at another place (a folder: a manifest names no path
+        # to load): an incremental reindex with it, not a migration.
+        cfg = replace(cfg, model=None, model_path=cfg.model)
+    elif cfg.model and cfg.dry_run:
+        raise ValueError(f"--dry-run with --model {cfg.model}: a new model re-encodes every row of the source "
+                         f"({latest.rows} in version {latest.number})")
     if cfg.recalibrate or cfg.model:
         result = ingest(ingest_config(latest, cfg, source, fresh=True))
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
@@ -214,6 +227,9 @@ def format_result(r: IngestResult) -> str:
         files = s["files_to_encode"]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         return f"dry run, nothing written: {plan}" + (f"\nfiles to encode: {shown}" if files else "")
+    if r.version is None and s.get("committed_meanwhile"):
+        return (f"version {s['committed_meanwhile']}, committed meanwhile by another run, already holds this "
+                f"change: nothing committed ({plan})")
     if r.version is None and s.get("shards_added", 0) == 0 and s.get("shards_dropped", 0) == 0:
         return f"no source change since the latest version: nothing committed ({plan})"
     if r.version is None:
@@ -252,11 +268,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     options = storage_options(p, a)
     try:
         interval = parse_interval(a.interval) if a.watch else None
-        if a.watch and (a.dry_run or a.recalibrate or a.model):
-            raise ValueError("--watch repeats incremental reindexes: not with --dry-run, --recalibrate or --model")
-        return ReindexConfig(a.dest, a.source, a.dry_run, a.recalibrate, a.recalibrate_on_drift, a.drift_threshold,
-                             a.model, options, a.ray_address, a.encoder_actors,
-                             not a.no_progress and not a.watch), a.json, interval
+        if a.watch and (a.dry_run or a.recalibrate):
+            raise ValueError("--watch repeats incremental reindexes: not with --dry-run or --recalibrate")
+        return ReindexConfig(a.dest, a.source, dry_run=a.dry_run, recalibrate=a.recalibrate,
+                             recalibrate_on_drift=a.recalibrate_on_drift, drift_threshold=a.drift_threshold,
+                             model=a.model, storage_options=options, ray_address=a.ray_address,
+                             encoder_actors=a.encoder_actors, progress=not a.no_progress and not a.watch), \
+            a.json, interval
     except ValueError as exc:
         p.error(str(exc))
 

@@ -53,6 +53,19 @@ class CommitConflict(RuntimeError):
         self.writer = writer
 
 
+class AlreadyCommitted(Exception):
+    """Another writer committed, meanwhile, a version holding exactly this job's content.
+
+    Two overlapping runs of a scheduled reindex that saw the same change build the same shards
+    (content-named): the second commits nothing rather than a copy of the first's version.
+    """
+
+    def __init__(self, version: int, writer: str | None):
+        super().__init__(f"version {version} (writer {writer}) already holds this job's content")
+        self.version = version
+        self.writer = writer
+
+
 class EmptyVersion(ValueError):
     """A version file with no bytes: a crash or power loss hit before its content reached the disk.
 
@@ -166,6 +179,17 @@ def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
         raise _conflict(ours, latest, f"it saw source files this job saw differently: {shown}")
     log.info("version %s was committed by writer %s meanwhile; rebasing on it", latest.version, latest.writer)
     return replace(ours, parent=latest.version)
+
+
+def rebase_unless_same(ours: VersionManifest, latest: VersionManifest,
+                       parent: VersionManifest | None) -> VersionManifest:
+    """`rebase_snapshot`, except that a winner holding exactly our shards (same ids, so the same
+    files, rows, model, ranges and options) under the same definition raises AlreadyCommitted:
+    the change this job made is committed already. For reindexes, where an unchanged lake
+    commits nothing either."""
+    if _definition(ours) == _definition(latest) and [s.id for s in ours.shards] == [s.id for s in latest.shards]:
+        raise AlreadyCommitted(latest.version, latest.writer)
+    return rebase_snapshot(ours, latest, parent)
 
 
 def _conflict(ours: VersionManifest, latest: VersionManifest, why: str) -> CommitConflict:
