@@ -122,7 +122,8 @@ def to_float16(embeddings: np.ndarray) -> np.ndarray:
         ValueError: a value lies beyond float16's range (+-65504), naming its row.
     """
     _check_embeddings(embeddings)
-    half = embeddings.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below with its row
+        half = embeddings.astype(np.float16)
     if not np.isfinite(half).all():
         row = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0])
         raise ValueError(
