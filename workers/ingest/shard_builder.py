@@ -1,7 +1,8 @@
 """Shard writing: quantized vectors as Parquet, a FAISS binary index, rejects; all by content id.
 
 A shard is complete once its sidecar `shards/<id>.json` (its manifest record) exists: the
-sidecar is written after the data files, so a rerun can reuse a shard it can verify.
+sidecar is written after the data files, so a rerun can reuse a shard it can verify. A shard
+that keeps float16 embeddings can be read back (`float16_rows`) and written under other ranges.
 """
 from __future__ import annotations
 
