@@ -170,9 +170,10 @@ class Plan:
         have = {s.id: s for s in (base.shards if base else ())}
         planned = {u.shard_id for u in units}
         todo = [u for u in units if u.shard_id not in have]
+        twins = requantize or {}
         return cls(todo, [have[u.shard_id] for u in units if u.shard_id in have],
                    [s for s in have.values() if s.id not in planned],
-                   {u.shard_id: (requantize or {})[u.shard_id] for u in todo if u.shard_id in (requantize or {})})
+                   {u.shard_id: twins[u.shard_id] for u in todo if u.shard_id in twins})
 
     @property
     def unchanged(self) -> bool:
