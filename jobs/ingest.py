@@ -7,8 +7,8 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
 from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
-from workers.ingest.planning import plan_units
+from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
                                   sidecar_path)
@@ -61,7 +61,8 @@ def check_source(cfg: IngestConfig):
 
 
 def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool = False,
-        accept: Callable[[VersionManifest], bool] | None = None) -> IngestResult:
+        accept: Callable[[VersionManifest], bool] | None = None,
+        requantize: Float16Source | None = None) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version.
 
     Args:
@@ -74,6 +75,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             would be encoded, carried and dropped; nothing is written.
         accept: called with the finished draft before its commit; False commits nothing
             (`version` None; the shards stay for a rerun).
+        requantize: shards that kept float16 embeddings (`quantlake reindex --recalibrate` passes
+            the latest version's): a unit whose shard under their ranges is among them is
+            requantized from that shard's float16 column instead of read and encoded, which
+            gives the bytes encoding it would (docs/formats.md, "Shard Parquet").
     """
     cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
                   ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
@@ -113,12 +118,15 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
-        plan = Plan.of(units, base)
+        # The same units named with the float16 shards' ranges: those names find their shards.
+        same = units if requantize is None or requantize.ranges_id == manifest.id else plan_units(
+            cfg, files, rows_per_file, row_groups, duplicates, fingerprint, requantize.ranges_id)
+        plan = Plan.of(units, base, requantize_map(units, same, requantize))
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        records, reused_shards = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
-                                                  sum(u.rows for u in plan.todo))
+        records, written = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
+                                            sum(u.rows for u in plan.todo), plan.requantize)
     finally:
         if started:
             import ray
@@ -147,35 +155,44 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         log.info("%s; nothing committed", exc)
         return IngestResult(None, None, {**summary_extra, "committed": False, "committed_meanwhile": exc.version})
     url = manifest_url(cfg.dest, n)
-    summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, url, n)
+    summary = _summary(version_doc, records, written.reused, time.perf_counter() - t0, t_cal, url, n)
+    summary.update(rows_encoded=written.encoded_rows, rows_requantized=written.requantized_rows,
+                   calibration_rows=0 if saved_ranges else manifest.sample_size)
     return IngestResult(n, url, {**summary, **summary_extra})
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which planned units are encoded and which shards of a base version carry over."""
+    """Which planned units are written (encoded, or requantized from the float16 shard named in
+    `requantize`) and which shards of a base version carry over."""
 
     todo: list[WorkUnit]
     carried: list[ShardRecord]
     dropped: list[ShardRecord]
+    requantize: Mapping[str, ShardRecord] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, units: list[WorkUnit], base: VersionManifest | None) -> "Plan":
+    def of(cls, units: list[WorkUnit], base: VersionManifest | None,
+           requantize: Mapping[str, ShardRecord] | None = None) -> "Plan":
         have = {s.id: s for s in (base.shards if base else ())}
         planned = {u.shard_id for u in units}
-        return cls([u for u in units if u.shard_id not in have],
-                   [have[u.shard_id] for u in units if u.shard_id in have],
-                   [s for s in have.values() if s.id not in planned])
+        todo = [u for u in units if u.shard_id not in have]
+        twins = requantize or {}
+        return cls(todo, [have[u.shard_id] for u in units if u.shard_id in have],
+                   [s for s in have.values() if s.id not in planned],
+                   {u.shard_id: twins[u.shard_id] for u in todo if u.shard_id in twins})
 
     @property
     def unchanged(self) -> bool:
         return bool(self.carried) and not self.todo and not self.dropped
 
     def summary(self, rows_scanned: int, committed: bool) -> dict[str, Any]:
+        encode = [u for u in self.todo if u.shard_id not in self.requantize]
         return {"committed": committed, "rows_scanned": rows_scanned,
-                "rows_encoded": sum(u.rows for u in self.todo), "shards_carried": len(self.carried),
-                "shards_added": len(self.todo), "shards_dropped": len(self.dropped),
-                "files_to_encode": sorted({u.file.relpath for u in self.todo})}
+                "rows_encoded": sum(u.rows for u in encode),
+                "rows_requantized": sum(u.rows for u in self.todo if u.shard_id in self.requantize),
+                "shards_carried": len(self.carried), "shards_added": len(self.todo),
+                "shards_dropped": len(self.dropped), "files_to_encode": sorted({u.file.relpath for u in encode})}
 
 
 def carry_over(fs, root: str, records: list[ShardRecord]) -> list[ShardRecord]:
@@ -272,7 +289,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"write {s['write_s']} s summed over shards); {s['clipped_values']} values clipped",
         f"ranges {s['ranges_id']}",
         f"manifest: {s['manifest']}",
-    ])
+    ] + ([f"requantized {s['rows_requantized']} rows from their shards' float16 embeddings without the model; "
+          f"encoded {s['rows_encoded']} (and {s['calibration_rows']} to calibrate)"]
+         if s.get("rows_requantized") else []))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
@@ -283,7 +302,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default=None, help="default: <file>:<row>")
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary")
+    p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary,float16 (float16: keep the embeddings "
+                        "at half width, so a recalibration requantizes shards without the model)")
     p.add_argument("--calibration-samples", type=int, default=10_000)
     p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax")
     p.add_argument("--quantiles", default="0.001,0.999", help="low,high for --range-method quantile")

@@ -29,6 +29,7 @@ from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
 from workers.ingest.config import IngestConfig
+from workers.ingest.planning import Float16Source
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
 from workers.lake.redact import describe_error, redact, redact_url
@@ -127,9 +128,6 @@ def run(cfg: ReindexConfig) -> IngestResult:
     fs, root = url_to_fs(cfg.dest, cfg.storage_options)
     latest = read_version(fs, root)
     source = source_of(latest, cfg)
-    if cfg.dry_run and cfg.recalibrate:  # every row is encoded again: plan as a first ingest would
-        result = ingest(ingest_config(latest, cfg, source, fresh=False), dry_run=True)
-        return replace(result, summary={**result.summary, "mode": "dry-run"})
     if cfg.model and same_model(cfg.model, latest):
         # The version's own model, found at another place (a folder: a manifest names no path
         # to load): an incremental reindex with it, not a migration.
@@ -137,11 +135,21 @@ def run(cfg: ReindexConfig) -> IngestResult:
     elif cfg.model and cfg.dry_run:
         raise ValueError(f"--dry-run with --model {cfg.model}: a new model re-encodes every row of the source "
                          f"({latest.rows} in version {latest.number})")
+    # A recalibration rewrites every shard: those of a version that keeps float16 embeddings are
+    # requantized from them, the rest (and new or changed files) read and encoded.
+    float16 = Float16Source.of(latest)
+    if cfg.dry_run and cfg.recalibrate:  # plan every shard as a first ingest would, with the saved ranges
+        icfg = ingest_config(latest, cfg, source, fresh=False)
+        result = ingest(icfg, dry_run=True, requantize=float16)
+        return replace(result, summary={**result.summary, "mode": "dry-run", "recalibrate": True,
+                                        "float16": float16 is not None,
+                                        "calibration_samples": icfg.calibration_samples})
     if cfg.recalibrate or cfg.model:
-        result = ingest(ingest_config(latest, cfg, source, fresh=True))
+        result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16)
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
     icfg = ingest_config(latest, cfg, source, fresh=False)
     drifted: list[dict[str, Any]] = []
+    drafts: list[VersionManifest] = []
 
     def accept(draft: VersionManifest) -> bool:
         drift = draft.extra.get("drift") or {}
@@ -152,12 +160,16 @@ def run(cfg: ReindexConfig) -> IngestResult:
                         cfg.drift_threshold, "; recalibrating" if cfg.recalibrate_on_drift else
                         "; rerun with --recalibrate to calibrate new ranges")
             drifted.append(drift)
+            drafts.append(draft)
             return not cfg.recalibrate_on_drift
         return True
 
     result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept)
     if drifted and cfg.recalibrate_on_drift:
-        again = ingest(ingest_config(latest, cfg, source, fresh=True))
+        # The draft's shards (the latest version's, and those just written for the new data,
+        # all under the saved ranges) are complete on storage though not committed: a version
+        # keeping float16 has its new rows requantized too, so each is encoded once.
+        again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]))
         return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 
@@ -226,7 +238,14 @@ def format_result(r: IngestResult) -> str:
     if s["mode"] == "dry-run":
         files = s["files_to_encode"]
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
-        return f"dry run, nothing written: {plan}" + (f"\nfiles to encode: {shown}" if files else "")
+        lines = [f"dry run, nothing written: {plan}"]
+        if s.get("recalibrate"):
+            lines.append(f"recalibrating encodes a sample of up to {s['calibration_samples']} rows and rewrites every "
+                         f"shard: {s['rows_requantized']} rows requantized from float16, {s['rows_encoded']} re-encoded")
+            if not s["float16"]:
+                lines.append("the shards keep no float16 embeddings, so every row must be re-encoded; a dataset "
+                             "ingested with --precisions int8,ubinary,float16 is requantized without the model")
+        return "\n".join(lines) + (f"\nfiles to encode: {shown}" if files else "")
     if r.version is None and s.get("committed_meanwhile"):
         return (f"version {s['committed_meanwhile']}, committed meanwhile by another run, already holds this "
                 f"change: nothing committed ({plan})")

@@ -11,7 +11,7 @@ from sentence_transformers.util.quantization import quantize_embeddings
 
 from workers.embedding import quantizer
 from workers.embedding.quantizer import clipped_counts, quantize, quantize_all
-from workers.vocab import PRECISIONS
+from workers.vocab import QUANTIZED_PRECISIONS as PRECISIONS
 
 
 def assert_matches_library(x: np.ndarray, ranges: np.ndarray) -> None:

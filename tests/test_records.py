@@ -112,7 +112,7 @@ def test_work_unit_round_trips(relpath, size, start, dups):
     (lambda d: d["model"].update(normalize="yes"), "normalize"),
     (lambda d: d.pop("precisions"), "precisions"),
     (lambda d: d.update(precisions=["int8"]), "precisions"),
-    (lambda d: d.update(precisions=["float16", "ubinary"]), "precisions"),
+    (lambda d: d.update(precisions=["float8", "ubinary"]), "precisions"),
     (lambda d: d.update(shards={}), "shards"),
     (lambda d: d["shards"][0].update(rows=-1), "rows"),
     (lambda d: d["shards"][0].update(sha256="XYZ"), "sha256"),

@@ -9,7 +9,12 @@ from typing import Literal, get_args
 
 from ranges.manifest import RANGE_METHODS, RangeMethod  # noqa: F401 - defined with the range manifest
 
-Precision = Literal["int8", "uint8", "binary", "ubinary"]
+# What the quantizer makes (sentence-transformers' precisions), and what a shard can store: those
+# plus `float16`, the embeddings themselves at half width, kept so that shards can be requantized
+# under new ranges without running the model again (docs/formats.md, "Shard Parquet").
+QuantizedPrecision = Literal["int8", "uint8", "binary", "ubinary"]
+FLOAT16 = "float16"
+Precision = Literal["int8", "uint8", "binary", "ubinary", "float16"]
 # FAISS class names, as manifests store them; the CLI spells them `flat|hnsw|ivf` (INDEX_FLAGS).
 IndexType = Literal["IndexBinaryFlat", "IndexBinaryHNSW", "IndexBinaryIVF"]
 RescoreMode = Literal["int8", "int8-raw", "bits", "none"]
@@ -18,6 +23,7 @@ SearchIndex = Literal["binary", "int8"]
 SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 
+QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
 RESCORE_MODES: tuple[str, ...] = get_args(RescoreMode)

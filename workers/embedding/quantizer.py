@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from workers.vocab import PRECISIONS
+from workers.vocab import QUANTIZED_PRECISIONS
 
 # A float32 block plus its float32 scratch copy stay in L2, so every pass after the first reads
 # cache rather than memory (0.5-2 MiB measured alike on a 1 MiB-L2 core).
@@ -25,7 +25,7 @@ def quantize(embeddings: np.ndarray, ranges: np.ndarray | None, precision: str) 
         embeddings: finite float32 array of shape (n, dim).
         ranges: float32 array of shape (2, dim), per-dimension min (row 0) and max (row 1).
             Required for int8/uint8, ignored for binary/ubinary.
-        precision: one of `PRECISIONS`.
+        precision: one of `QUANTIZED_PRECISIONS`.
 
     Returns:
         (n, dim) int8/uint8 for int8/uint8; (n, ceil(dim / 8)) int8/uint8 for binary/ubinary
@@ -58,7 +58,7 @@ def quantize_all(
     Args:
         embeddings: finite float32 array of shape (n, dim).
         ranges: float32 array of shape (2, dim), per-dimension min (row 0) and max (row 1).
-        precisions: any of `PRECISIONS`.
+        precisions: any of `QUANTIZED_PRECISIONS`.
 
     Returns:
         ({precision: what `quantize` returns}, what `clipped_counts` returns).
@@ -101,10 +101,42 @@ def sign_scales(embeddings: np.ndarray) -> np.ndarray:
     return out
 
 
+# float16's largest finite value: anything beyond it would be stored as inf.
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_float16(embeddings: np.ndarray) -> np.ndarray:
+    """The embeddings rounded to float16 (IEEE half, round to nearest even), as a shard keeps them.
+
+    Exact both ways after the first rounding: `to_float16(h.astype(np.float32))` gives `h`
+    again, which is what lets a shard be requantized from its float16 column with the bytes a
+    fresh write gives (`workers/ingest/shard_builder.write_shard`).
+
+    Args:
+        embeddings: finite float32 array of shape (n, dim).
+
+    Returns:
+        float16 array of shape (n, dim).
+
+    Raises:
+        ValueError: a value lies beyond float16's range (+-65504), naming its row.
+    """
+    _check_embeddings(embeddings)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below with its row
+        half = embeddings.astype(np.float16)
+    if not np.isfinite(half).all():
+        row = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0])
+        raise ValueError(
+            f"embeddings row {row} holds a value beyond float16's range (+-{_FLOAT16_MAX:g}) or NaN; "
+            "drop float16 from the precisions for this model, or normalize its embeddings"
+        )
+    return half
+
+
 def _check_precisions(precisions) -> None:
     for precision in precisions:
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        if precision not in QUANTIZED_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {QUANTIZED_PRECISIONS}")
 
 
 def _check_embeddings(embeddings) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -159,8 +159,20 @@ def _row_stats(row: dict[str, Any]) -> PartialStats:
                         np.frombuffer(row["max"], np.float32), values)
 
 
+@dataclass(frozen=True)
+class Written:
+    """How the main pass came by its shards: reused from an earlier run of the job (`reused`
+    shards), or written from embeddings the encoders made (`encoded_rows`) or from a shard's
+    float16 column (`requantized_rows`); rows count every row of a unit, rejects included."""
+
+    reused: int = 0
+    encoded_rows: int = 0
+    requantized_rows: int = 0
+
+
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path: str, ranges_id: str,
-                     total_rows: int) -> tuple[list[ShardRecord], int]:
+                     total_rows: int, requantize: Mapping[str, ShardRecord] | None = None
+                     ) -> tuple[list[ShardRecord], Written]:
     """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
 
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
@@ -168,19 +180,23 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     rows are the typed records' row forms: `WorkUnit.to_json`, then `UnitRows.to_row` (plus the
     encoder's embeddings), then the written `ShardRecord`.
     Memory is bounded by the units in flight, which Ray Data's backpressure limits.
-    Returns the shard records and how many of them an earlier run had written (and the read
-    step verified); a unit that fails for good raises UnitFailed naming it.
+    A unit named in `requantize` (shard id -> a shard of the same unit that kept float16
+    embeddings) is requantized from that shard rather than read and encoded.
+    Returns the shard records and how they came about (`Written`: how many an earlier run had
+    written, and the read step verified); a unit that fails for good raises UnitFailed naming it.
     """
     import ray.data
     from tqdm import tqdm
 
-    items = [{"unit": u.to_json()} for u in units]
+    requantize = requantize or {}
+    items = [{"unit": u.to_json(), "requantize": json.dumps(requantize[u.shard_id].to_json())
+              if u.shard_id in requantize else ""} for u in units]
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
           .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
           .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
           .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
                num_cpus=0.5))
-    records, reused = [], 0
+    records, reused, encoded, requantized = [], 0, 0, 0
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:
         try:
@@ -188,13 +204,17 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
                 rec = ShardRecord.from_json(json.loads(row["record"]))
                 records.append(rec)
                 reused += bool(row["reused"])
+                if row["requantized"]:
+                    requantized += rec.rows_read
+                elif not row["reused"]:
+                    encoded += rec.rows_read
                 bar.update(rec.rows_read)
         except Exception as exc:
             failed = _unit_failure(exc)
             if failed is None:
                 raise
             raise UnitFailed(f"{failed.message}; nothing was committed") from exc
-    return sorted(records, key=lambda r: (r.source.file, r.source.row_start)), reused
+    return sorted(records, key=lambda r: (r.source.file, r.source.row_start)), Written(reused, encoded, requantized)
 
 
 def _unit_failure(exc: BaseException | None) -> UnitFailed | None:

@@ -1,11 +1,13 @@
 """Work-unit planning without I/O: cut files into row ranges and name the shard each becomes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ranges.encoding import canonical_json, sha256_hex
 from workers.ingest.config import IngestConfig
-from workers.lake.records import Duplicate, SourceFile, WorkUnit
+from workers.lake.records import Duplicate, ShardRecord, SourceFile, VersionManifest, WorkUnit
+from workers.vocab import FLOAT16
 
 
 def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Sequence[int],
@@ -74,3 +76,39 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         # duplicates were part of the key, so reruns over existing datasets still reuse it.
         key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
     return sha256_hex(canonical_json(key))[:32]
+
+
+@dataclass(frozen=True)
+class Float16Source:
+    """Shards that kept their float16 embeddings, all quantized with ranges `ranges_id`: a job
+    with other ranges requantizes a unit from the shard of the same unit among them instead of
+    encoding it (`quantlake reindex --recalibrate`)."""
+
+    ranges_id: str
+    shards: tuple[ShardRecord, ...]
+
+    @classmethod
+    def of(cls, version: VersionManifest) -> "Float16Source | None":
+        """A version's shards, when the version keeps float16 (every shard of it then has the column)."""
+        return cls(version.ranges.id, tuple(version.shards)) if FLOAT16 in version.precisions else None
+
+
+def requantize_map(units: Sequence[WorkUnit], same_units: Sequence[WorkUnit],
+                   source: Float16Source | None) -> dict[str, ShardRecord]:
+    """Shard id -> the shard to requantize it from, for the units that have one.
+
+    Args:
+        units: the job's units (named with its ranges).
+        same_units: the same units, in the same order, named with `source.ranges_id` (what
+            `plan_units` gives with that ranges id): a shard id covers everything that decides
+            a unit's rows and embeddings besides the ranges (file identity, rows, model,
+            precisions, columns, normalisation, duplicates), so a source shard of that name
+            holds exactly this unit's rows, encoded exactly as this job would encode them.
+        source: the shards to requantize from (None: none).
+    """
+    if source is None:
+        return {}
+    if len(units) != len(same_units):
+        raise ValueError(f"{len(units)} units against {len(same_units)} to match: plan both from the same scan")
+    have = {s.id: s for s in source.shards}
+    return {u.shard_id: have[o.shard_id] for u, o in zip(units, same_units) if o.shard_id in have}

@@ -1,7 +1,8 @@
 """Shard writing: quantized vectors as Parquet, a FAISS binary index, rejects; all by content id.
 
 A shard is complete once its sidecar `shards/<id>.json` (its manifest record) exists: the
-sidecar is written after the data files, so a rerun can reuse a shard it can verify.
+sidecar is written after the data files, so a rerun can reuse a shard it can verify. A shard
+that keeps float16 embeddings can be read back (`float16_rows`) and written under other ranges.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.embedding.quantizer import quantize_all, sign_scales
+from workers.embedding.quantizer import quantize_all, sign_scales, to_float16
 from ranges.encoding import pretty_json, sha256_hex
 from workers.lake.dataset import SCALE_COLUMN
 from workers.lake.records import SIDECAR_FORMAT, RejectsRef, ShardRecord, ShardSource, sidecar_json, sidecar_path
 from workers.lake.storage import join, put_bytes
-from workers.vocab import INDEX_TYPES
+from workers.vocab import FLOAT16, INDEX_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _vectors(a: np.ndarray, precision: str) -> pa.Array:
     n, width = a.shape
     if precision == "ubinary":
         return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(a.tobytes())])
-    values = pa.array(a.reshape(-1), type=pa.int8() if a.dtype == np.int8 else pa.uint8())
+    values = pa.array(a.reshape(-1), type=pa.from_numpy_dtype(a.dtype))  # int8, uint8 or float16
     return pa.FixedSizeListArray.from_arrays(values, width)
 
 
@@ -99,6 +100,8 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
         embeddings: float32 (n, dim).
         ranges: (2, dim) float32 calibration ranges.
         precisions: precisions to store; `ubinary` is always stored (the index is built on it).
+            With `float16`, the embeddings are kept rounded to float16, and every other column
+            (codes, scales, clip counts) is made from those rounded values.
         rejects: rejected rows (`REJECT_SCHEMA` fields).
         index_type: the FAISS binary index class (`workers.vocab.INDEX_TYPES`).
         scales: store the `ubinary_scale` column; False writes a shard as before it existed
@@ -106,17 +109,26 @@ def write_shard(fs, root: str, shard_id: str, source: ShardSource, ids: list[str
     """
     dim = int(ranges.shape[1])
     t0 = time.perf_counter()
-    wanted = tuple(dict.fromkeys(tuple(precisions) + ("ubinary",)))
-    quantized, clipped = quantize_all(embeddings.reshape(-1, dim), ranges, wanted)
+    embeddings = embeddings.reshape(-1, dim)
+    half = None
+    if FLOAT16 in precisions:
+        half = to_float16(embeddings)
+        # Everything else comes from the float16 values, not the float32 ones: a later
+        # requantization has only those, and must write the bytes this write gives.
+        embeddings = half.astype(np.float32)
+    wanted = tuple(dict.fromkeys(tuple(p for p in precisions if p != FLOAT16) + ("ubinary",)))
+    quantized, clipped = quantize_all(embeddings, ranges, wanted)
     t1 = time.perf_counter()
     columns = {"id": pa.array(ids, pa.string()), "source_row": pa.array(rows, pa.int64())}
     for p in ("int8", "uint8", "binary", "ubinary"):
         if p in quantized:
             columns[p] = _vectors(quantized[p], p)
+    if half is not None:
+        columns[FLOAT16] = _vectors(half, FLOAT16)
     # Search ranks Hamming candidates by the float query against their sign bits; this factor
     # per vector makes that score an estimate of the inner product (docs/formats.md).
     if scales:
-        columns[SCALE_COLUMN] = pa.array(sign_scales(embeddings.reshape(-1, dim)), pa.float32())
+        columns[SCALE_COLUMN] = pa.array(sign_scales(embeddings), pa.float32())
     data = _parquet_bytes(pa.table(columns))
     index = build_index(quantized["ubinary"], dim, index_type)
     path, index_path = f"shards/{shard_id}.parquet", f"shards/{shard_id}.faiss"
@@ -205,3 +217,43 @@ def completed_shard(fs, root: str, shard_id: str, source: ShardSource) -> ShardR
                         "rewriting the shard", shard_id, f.path, len(data), got, f.bytes, f.sha256)
             return None
     return record
+
+
+def float16_rows(fs, root: str, record: ShardRecord, source: ShardSource
+                 ) -> tuple[list[str], np.ndarray, np.ndarray, list[dict[str, Any]]] | str:
+    """What a shard kept of its unit, for requantizing it under other ranges, or why it cannot serve.
+
+    Reads the shard's Parquet file and rejects (each checked against the record's size and
+    sha256 before it is parsed) and returns `(ids, source rows, float16 embeddings (n, dim),
+    rejects)`: with the float16 values as float32 these are exactly the arguments `write_shard`
+    had, so writing them under new ranges gives the bytes a fresh ingest with those ranges gives.
+    A shard that cannot serve (another unit's, a file missing or altered, no float16 column)
+    returns the reason: the caller encodes the unit instead.
+    """
+    if record.source != source:
+        return f"holds rows {record.source}, not {source}"
+    files = {f.path: f for f in record.files()}
+    data = {}
+    for path, ref in files.items():
+        try:
+            blob = fs.cat_file(join(root, path))
+        except FileNotFoundError:
+            return f"{path} is missing"
+        if (ref.bytes is not None and len(blob) != ref.bytes) or sha256_hex(blob) != ref.sha256:
+            return f"{path} differs from its record (size or sha256)"
+        data[path] = blob
+    try:
+        table = pq.read_table(pa.BufferReader(data[record.path]), columns=["id", "source_row", FLOAT16])
+        column = table[FLOAT16].combine_chunks()
+        if not (pa.types.is_fixed_size_list(column.type) and column.type.value_type == pa.float16()):
+            return f"{record.path} has a {FLOAT16} column of type {column.type}"
+        if table.num_rows != record.rows or column.null_count:
+            return f"{record.path} has {table.num_rows} rows (nulls among them?), its record says {record.rows}"
+        half = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float16)
+        half = half.reshape(table.num_rows, column.type.list_size)
+        rejects = []
+        if record.rejects is not None:
+            rejects = pq.read_table(pa.BufferReader(data[record.rejects.path])).to_pylist()
+    except (pa.ArrowException, KeyError) as exc:
+        return f"{record.path} cannot be read for requantizing ({type(exc).__name__}: {exc})"
+    return (table["id"].to_pylist(), table["source_row"].to_numpy().astype(np.int64), half, rejects)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,12 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
 from workers.ingest.scan import FileScan, scan_rows
-from workers.ingest.shard_builder import completed_shard, write_shard, write_sidecar
+from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import join
+
+log = logging.getLogger(__name__)
 
 
 class UnitFailed(RuntimeError):
@@ -45,9 +48,12 @@ def unit_step(unit: WorkUnit, step: str):
 class UnitRows:
     """What the read step hands on for one work unit.
 
-    Either the rows to encode (`texts`, with their `ids` and source `rows`) and the rejected
-    ones, or, when an earlier run wrote the unit's shard and it still verifies, that shard's
-    record as `reused` and nothing to encode (the encoder passes the unit through).
+    One of three: the rows to encode (`texts`, with their `ids` and source `rows`) and the
+    rejected ones; or, when an earlier run wrote the unit's shard and it still verifies, that
+    shard's record as `reused`; or, when a shard of the same unit under other ranges kept its
+    float16 embeddings, those (`half`, float16 bytes, with `ids`, `rows` and `rejects`) to be
+    requantized (`requantized`). The last two have nothing to encode (the encoder passes the
+    unit through).
     """
 
     unit: WorkUnit
@@ -56,13 +62,16 @@ class UnitRows:
     texts: tuple[str, ...] = ()
     rejects: tuple[dict[str, Any], ...] = ()
     reused: ShardRecord | None = None
+    half: bytes = b""
+    requantized: bool = False
 
     def to_row(self) -> dict[str, Any]:
         """The Ray Data row: one column per field, each of one stable Arrow type (JSON strings and bytes)."""
         return {"unit": self.unit.to_json(), "ids": json.dumps(self.ids),
                 "rows": np.asarray(self.rows, np.int64).tobytes(), "texts": json.dumps(self.texts),
                 "rejects": json.dumps(self.rejects),
-                "reused": json.dumps(None if self.reused is None else self.reused.to_json())}
+                "reused": json.dumps(None if self.reused is None else self.reused.to_json()),
+                "half": self.half, "requantized": self.requantized}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "UnitRows":
@@ -72,7 +81,8 @@ class UnitRows:
                    tuple(np.frombuffer(row["rows"], np.int64).tolist()),
                    tuple(json.loads(row["texts"])) if "texts" in row else (),
                    tuple(json.loads(row["rejects"])),
-                   None if reused is None else ShardRecord.from_json(reused))
+                   None if reused is None else ShardRecord.from_json(reused),
+                   bytes(row.get("half") or b""), bool(row.get("requantized", False)))
 
 
 def _columns(cfg: IngestConfig) -> list[str]:
@@ -94,11 +104,14 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
 
 
 def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
-    """Read a work unit (a row of `WorkUnit.to_json`): a `UnitRows` row.
+    """Read a work unit (`{"unit": WorkUnit.to_json(), "requantize": ...}`): a `UnitRows` row.
 
     A unit whose shard an earlier run wrote and that still verifies is not read again: its
     record travels on as `reused`, and its sidecar is written again to mark the shard as in
-    use for vacuum.
+    use for vacuum. A unit with a `requantize` shard (the JSON record of the same unit's shard
+    under other ranges, with a float16 column) gets that shard's float16 embeddings instead of
+    its texts; when that shard cannot serve (a file missing or altered), the unit is read and
+    encoded as usual.
     """
     unit = WorkUnit.from_json(item["unit"])
     with unit_step(unit, "read"):
@@ -110,6 +123,15 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
             # (or that listed the files earlier and checks again before deleting) off it.
             write_sidecar(fs, root, done)
             return UnitRows(unit, reused=done).to_row()
+        if item.get("requantize"):
+            old = ShardRecord.from_json(json.loads(item["requantize"]))
+            kept = float16_rows(fs, root, old, unit.source)
+            if not isinstance(kept, str):
+                ids, rows, half, rejects = kept
+                return UnitRows(unit, tuple(ids), tuple(rows.tolist()), rejects=tuple(rejects),
+                                half=np.ascontiguousarray(half).tobytes(), requantized=True).to_row()
+            log.warning("%s: shard %s %s; encoding the unit instead of requantizing it",
+                        unit.describe(), old.id, kept)
         return _read(unit, cfg).to_row()
 
 
@@ -152,13 +174,15 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
 
 
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
-    """Quantize an encoded unit's embeddings, write its shard, then its sidecar (the mark of a
-    complete shard); return the shard record as JSON and whether an earlier run had written it."""
+    """Quantize an encoded (or requantized) unit's embeddings, write its shard, then its sidecar
+    (the mark of a complete shard); return the shard record as JSON, whether an earlier run had
+    written it, and whether it came from float16 embeddings rather than the encoder."""
     unit = UnitRows.from_row(row)
     if unit.reused is not None:
-        return {"record": json.dumps(unit.reused.to_json()), "reused": True}
+        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "requantized": False}
     with unit_step(unit.unit, "write"):
-        return {"record": json.dumps(_write(unit, row, cfg, ranges_path, ranges_id).to_json()), "reused": False}
+        return {"record": json.dumps(_write(unit, row, cfg, ranges_path, ranges_id).to_json()), "reused": False,
+                "requantized": unit.requantized}
 
 
 def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
@@ -167,7 +191,10 @@ def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: 
     if dim != manifest.dim:
         raise ValueError(f"the model gives {dim}-dimensional embeddings but the ranges are for {manifest.dim}")
     fs, root = cfg.url_to_fs(cfg.dest)
-    emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(-1, dim)
+    if unit.requantized:  # float16 values, exact in float32: write_shard rounds them to themselves
+        emb = np.frombuffer(unit.half, dtype=np.float16).reshape(-1, dim).astype(np.float32)
+    else:
+        emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(-1, dim)
     record = write_shard(fs, root, unit.unit.shard_id, unit.unit.source, list(unit.ids),
                          np.asarray(unit.rows, np.int64), emb, manifest.ranges, cfg.precisions,
                          list(unit.rejects), cfg.index_type)

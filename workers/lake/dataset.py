@@ -31,11 +31,12 @@ def shard_schema(dim: int, precisions: list[str] | tuple[str, ...]) -> dict[str,
     """Column name -> Arrow type of a shard's Parquet table, as the manifest implies it.
 
     `id` and `source_row`, then one vector column per stored precision (docs/formats.md,
-    "Shard Parquet"): int8/uint8 hold `dim` values, binary/ubinary `ceil(dim / 8)` bytes.
+    "Shard Parquet"): int8/uint8/float16 hold `dim` values, binary/ubinary `ceil(dim / 8)` bytes.
     """
     width = -(-dim // 8)
     types = {"int8": pa.list_(pa.int8(), dim), "uint8": pa.list_(pa.uint8(), dim),
-             "binary": pa.list_(pa.int8(), width), "ubinary": pa.binary(width)}
+             "binary": pa.list_(pa.int8(), width), "ubinary": pa.binary(width),
+             "float16": pa.list_(pa.float16(), dim)}
     return {"id": pa.string(), "source_row": pa.int64(), **{p: types[p] for p in precisions}}
 
 

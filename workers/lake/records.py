@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from workers.lake.storage import check_relpath
-from workers.vocab import INDEX_TYPES, PRECISIONS, RANGE_METHODS
+from workers.vocab import FLOAT16, INDEX_TYPES, PRECISIONS, RANGE_METHODS
 
 VERSION_FORMAT = "quantlake.version/1"
 SIDECAR_FORMAT = "quantlake.shard/1"
@@ -422,8 +422,8 @@ class VersionManifest:
 
     Args:
         counts: `{rows_read, documents, rejects}`.
-        bytes: `{float32, int8, ubinary, stored}`: what the vectors take at each precision, and
-            what the shards take on storage.
+        bytes: `{float32, int8, ubinary, stored}` (and `float16` when kept): what the vectors take
+            at each precision, and what the shards take on storage.
         clipped_per_dim: values the ranges clipped, per dimension, over every shard.
         parent: the version this one was built on (None: the first).
         extra: fields of later formats, kept as read.
@@ -461,6 +461,7 @@ class VersionManifest:
             shards=tuple(replace(s, clipped_per_dim=None) for s in shards),
             counts={"rows_read": docs + rejects, "documents": docs, "rejects": rejects},
             bytes={"float32": docs * dim * 4, "int8": docs * dim, "ubinary": docs * dim // 8,
+                   **({FLOAT16: docs * dim * 2} if FLOAT16 in precisions else {}),
                    "stored": sum(s.bytes + s.index_bytes for s in shards)},
             clipped_per_dim=per_dim, parent=parent)
 
