@@ -20,6 +20,7 @@ from workers.ingest.shard_builder import completed_shard, write_shard, write_sid
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import join
+from workers.ray_session import node_id
 
 
 class UnitFailed(RuntimeError):
@@ -98,8 +99,12 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
 
     A unit whose shard an earlier run wrote and that still verifies is not read again: its
     record travels on as `reused`, and its sidecar is written again to mark the shard as in
-    use for vacuum.
+    use for vacuum. `read_node` says where it ran.
     """
+    return {**_read_unit(item, cfg), "read_node": node_id()}
+
+
+def _read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     unit = WorkUnit.from_json(item["unit"])
     with unit_step(unit, "read"):
         fs, root = cfg.url_to_fs(cfg.dest)
@@ -153,12 +158,15 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
 
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
     """Quantize an encoded unit's embeddings, write its shard, then its sidecar (the mark of a
-    complete shard); return the shard record as JSON and whether an earlier run had written it."""
+    complete shard); return the shard record as JSON, whether an earlier run had written it, and
+    the nodes each step ran on (`nodes`: read, encode, write; JSON)."""
     unit = UnitRows.from_row(row)
+    nodes = json.dumps({"read": row.get("read_node"), "encode": row.get("encode_node"), "write": node_id()})
     if unit.reused is not None:
-        return {"record": json.dumps(unit.reused.to_json()), "reused": True}
+        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "nodes": nodes}
     with unit_step(unit.unit, "write"):
-        return {"record": json.dumps(_write(unit, row, cfg, ranges_path, ranges_id).to_json()), "reused": False}
+        record = _write(unit, row, cfg, ranges_path, ranges_id)
+        return {"record": json.dumps(record.to_json()), "reused": False, "nodes": nodes}
 
 
 def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
