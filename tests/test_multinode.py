@@ -4,22 +4,18 @@ only on the others, and a worker node removed mid-job still leaves a complete ve
 every document once, equal byte for byte to a single-node run's.
 
 The cluster cannot share a process with the session's Ray, so it runs in a job of its own
-(`isolated.Job`); the single-node reference runs on the session's Ray. The GPU node advertises
-`GPU: 1` without a CUDA device, so its encoder falls back to the CPU (device auto): placement is
-Ray's, the bits are the CPU's. Real parts throughout: Ray, the bundled model, Parquet, FAISS.
+(`isolated.Job`). The single-node run is the session's `small_dataset` (its lake, options and
+ranges; 5 work units, 2 rows rejected). The GPU node advertises `GPU: 1` without a CUDA device,
+so its encoder falls back to the CPU (device auto): placement is Ray's, the bits are the CPU's.
+Real parts throughout: Ray, the bundled model, Parquet, JSON Lines, FAISS.
 """
 import json
 import os
 
-from conftest import write_parquet_lake
 from isolated import Job
-from jobs.ingest import run
 from lakes import committed_ids
-from workers.embedding.encoder import EncoderConfig
-from workers.ingest.config import IngestConfig
 
-N_DOCS = 60  # 2 files of 30 rows, 10-row groups: 6 units
-UNIT_ROWS = 10
+UNITS = 5  # small_dataset's: 2 Parquet files of 45 rows in units of 40 and 5 rows, 1 JSON Lines file
 
 # The job: one cluster, one ingest with the reference's ranges (calibration is the same Ray Data
 # wiring as the main pass, and would cost another actor), which loses the CPU worker node while
@@ -47,9 +43,9 @@ report = {"head": cluster.head_node.node_id, "cpu": cpu.node_id, "gpu": gpu.node
           "seconds": {"cluster": time.perf_counter() - t0}}
 
 def cfg(dest):
-    # fp32: the GPU node has no CUDA, and `auto` would mean fp16 for a GPU pool
-    return IngestConfig(lake, os.path.join(out, dest), id_column="id", calibration_samples=30, ranges=ranges,
-                        unit_rows=10, encoder=EncoderConfig(batch_size=16, precision="fp32"), progress=False)
+    # small_dataset's options; fp32 since the GPU node has no CUDA (`auto` means fp16 for a GPU pool)
+    return IngestConfig(lake, os.path.join(out, dest), id_column="id", calibration_samples=50, ranges=ranges,
+                        unit_rows=40, encoder=EncoderConfig(batch_size=32, precision="fp32"), progress=False)
 
 read_unit = pipeline.read_unit
 def slow_read(item, cfg):  # defined in __main__: pickled by value into the Ray tasks
@@ -96,41 +92,39 @@ def _same_files(a, b, manifest: dict) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_cluster_places_stages_by_node_kind_and_survives_a_lost_node_with_the_single_node_bytes(ray_session, docs, tmp_path):
-    lake = tmp_path / "lake"
-    write_parquet_lake(lake, docs[:N_DOCS], files=2, row_group_size=UNIT_ROWS)
-    # The reference: one node (the session's Ray, 2 CPUs), everything default.
-    single = run(IngestConfig(str(lake), str(tmp_path / "single"), id_column="id", calibration_samples=30,
-                              unit_rows=UNIT_ROWS, encoder=EncoderConfig(batch_size=16), progress=False))
-    assert single.summary["nodes"]["encode"] == {ray_session.get_runtime_context().get_node_id(): 6}
-
+def test_cluster_places_stages_by_node_kind_and_survives_a_lost_node_with_the_single_node_bytes(
+        small_dataset, tmp_path):
+    single, result = small_dataset
+    assert result.version == 1
+    ranges = single / "ranges" / f"{result.summary['ranges_id']}.json"
     markers = tmp_path / "markers"
     markers.mkdir()
-    ranges = tmp_path / "single" / "ranges" / f"{single.summary['ranges_id']}.json"
-    with Job(["-c", CLUSTER_JOB, str(lake), str(tmp_path), str(markers), str(ranges)], tmp_path) as job:
+    with Job(["-c", CLUSTER_JOB, str(single.parent / "lake"), str(tmp_path), str(markers), str(ranges)],
+             tmp_path) as job:
         rc, out, err = job.run(timeout_s=480)
     assert rc == 0, err[-4000:]
     report = json.loads(out.strip().splitlines()[-1])
-    print("cluster job seconds:", report["seconds"])
     head, cpu, gpu = report["head"], report["cpu"], report["gpu"]
     assert len({head, cpu, gpu}) == 3
 
     # Placement: every unit encoded on the GPU node, read and written only on the CPU nodes; a
     # read started on the CPU worker (its marker), which was then removed mid-job.
     got = report["removed_run"]
-    assert got["nodes"]["encode"] == {gpu: 6}
+    assert got["nodes"]["encode"] == {gpu: UNITS}, report["seconds"]
     for step in ("read", "write"):
-        assert sum(got["nodes"][step].values()) == 6 and set(got["nodes"][step]) <= {head, cpu}, got["nodes"]
+        assert sum(got["nodes"][step].values()) == UNITS and set(got["nodes"][step]) <= {head, cpu}, got["nodes"]
     assert any(m.startswith(cpu) for m in os.listdir(markers))
     assert not any(m.startswith(gpu) for m in os.listdir(markers))
     assert report["removed"] == cpu and cpu not in report["alive_after"]
-    assert report["sidecars_at_removal"] < 6, "the node was removed after the job's work was done"
+    assert report["sidecars_at_removal"] < UNITS, "the node was removed after the job's work was done"
 
     # The job finished on the nodes left, with every document exactly once and the same bytes
     # as the single-node run.
-    assert got["documents"] == N_DOCS and got["shards"] == 6 and got["shards_reused"] == 0
-    assert committed_ids(str(tmp_path / "removed"), {}) == sorted(i for i, _ in docs[:N_DOCS])
-    want = _manifest(tmp_path / "single")
-    assert _manifest(tmp_path / "removed") == want
-    _same_files(tmp_path / "single", tmp_path / "removed", want)
-    assert not [p for p in os.listdir(tmp_path / "removed" / "shards") if p.startswith(".tmp-")]
+    dest = tmp_path / "removed"
+    assert (got["documents"], got["rejects"], got["shards"], got["shards_reused"]) == (91, 2, UNITS, 0)
+    ids = committed_ids(str(dest), {})
+    assert ids == committed_ids(str(single), {}) and len(set(ids)) == len(ids) == 91
+    want = _manifest(single)
+    assert _manifest(dest) == want
+    _same_files(single, dest, want)
+    assert not [p for p in os.listdir(dest / "shards") if p.startswith(".tmp-")]
