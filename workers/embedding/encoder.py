@@ -297,7 +297,7 @@ class Encoder:
                 raise BatchTooLarge(
                     f"the {self.device} device ran out of memory encoding a single text of "
                     f"{len(batch[0])} characters (batch size {self.cfg.batch_size} was halved down to 1): "
-                    f"free the GPU of other work, or use a smaller model or --precision fp16: {exc}") from exc
+                    f"free the GPU of other work, or encode with a smaller model: {exc}") from exc
             self.batch_size = max(1, len(batch) // 2)
             log.warning("%s ran out of memory on a batch of %d texts: batch size now %d for this actor",
                         self.device, len(batch), self.batch_size)
