@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
@@ -15,11 +16,12 @@ import numpy as np
 from jobs.common import add_storage_options, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
-from workers.vocab import DEVICES, INDEX_FLAGS, RANGE_METHODS
+from workers.vocab import DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
-from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
+from workers.ingest.pipeline import (calibrate, data_context, encode_and_write, encoder_cfg, encoder_pool, ray_init,
+                                     scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
@@ -107,11 +109,14 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     try:
         data_context(cfg)
         pool = encoder_pool(cfg)
+        # `auto` precision becomes the pool's (fp16 on GPU actors) before planning: the float
+        # type is part of every shard's name and of the version's options.
+        cfg = replace(cfg, encoder=encoder_cfg(cfg, pool))
         # Tasks get a copy of the config without storage options; they fetch them through
         # `access` (workers/lake/credentials.py says why), which must live until the tasks are done.
         access = StorageAccess.put(cfg.storage_options)
         wcfg = cfg.for_workers(access)
-        rows_per_file, duplicates, sample = scan(wcfg, files)
+        rows_per_file, duplicates, sample = scan(wcfg, files, pool)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
         manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
@@ -125,8 +130,9 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
+        nodes: dict[str, Counter] = {}
         records, written = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
-                                            sum(u.rows for u in plan.todo), plan.requantize)
+                                            sum(u.rows for u in plan.todo), plan.requantize, nodes=nodes)
     finally:
         if started:
             import ray
@@ -158,6 +164,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     summary = _summary(version_doc, records, written.reused, time.perf_counter() - t0, t_cal, url, n)
     summary.update(rows_encoded=written.encoded_rows, rows_requantized=written.requantized_rows,
                    calibration_rows=0 if saved_ranges else manifest.sample_size)
+    summary["nodes"] = {step: dict(sorted(count.items())) for step, count in sorted(nodes.items())}
     return IngestResult(n, url, {**summary, **summary_extra})
 
 
@@ -247,9 +254,10 @@ def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path:
 
 def ingest_options(cfg: IngestConfig) -> dict[str, Any]:
     """The options a version records besides model, columns and precisions: what a reindex needs
-    to plan and encode the same shards (unit size, batch size: padding changes the float bits),
-    and to calibrate the same way."""
-    return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "index_type": cfg.index_type,
+    to plan and encode the same shards (unit size, batch size: padding changes the float bits;
+    the model's float type, resolved from `auto`), and to calibrate the same way."""
+    return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "precision": cfg.encoder.precision,
+            "index_type": cfg.index_type,
             "calibration_samples": cfg.calibration_samples, "range_method": cfg.range_method,
             "quantiles": list(cfg.quantiles), "seed": cfg.seed}
 
@@ -313,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=FLOAT_PRECISIONS, default="auto",
+                   help="the model's float type: auto (fp16 on GPU encoders, fp32 on CPU), fp32, fp16, bf16")
     p.add_argument("--encoder-actors", type=int, default=None)
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
@@ -327,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
         return IngestConfig(
             source=a.source, dest=a.dest, text_column=a.text_column, id_column=a.id_column,
             encoder=EncoderConfig(model=a.model, batch_size=a.batch_size, normalize=not a.no_normalize,
-                                  device=a.device),
+                                  device=a.device, precision=a.precision),
             precisions=tuple(p.strip() for p in a.precisions.split(",") if p.strip()),
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,

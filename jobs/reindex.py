@@ -97,7 +97,7 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
     return IngestConfig(
         source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
         encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
-                              normalize=latest.model.normalize),
+                              normalize=latest.model.normalize, precision=o.get("precision", "auto")),
         precisions=latest.precisions, calibration_samples=int(o.get("calibration_samples", 10_000)),
         range_method=o.get("range_method", latest.ranges.method or "minmax"),
         quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),

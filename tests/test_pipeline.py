@@ -4,7 +4,7 @@ from ray.data import ActorPoolStrategy
 
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
-from workers.ingest.pipeline import encoder_cfg, encoder_pool
+from workers.ingest.pipeline import UNITS_IN_FLIGHT_PER_ACTOR, encoder_cfg, encoder_pool
 
 
 def _pool(monkeypatch, resources, **kw):
@@ -19,15 +19,21 @@ def test_one_encoder_actor_per_gpu(monkeypatch):
     cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0})
     assert pool["num_gpus"] == 1 and isinstance(pool["compute"], ActorPoolStrategy)
     assert pool["compute"].min_size == pool["compute"].max_size == 4
-    assert encoder_cfg(cfg, pool).threads is None  # GPU actors keep torch's own threading
-    cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0}, encoder_actors=2)
-    assert pool["compute"].max_size == 2
+    # more than one unit queued per actor: the next one is read and moved while one encodes
+    assert pool["compute"].max_tasks_in_flight_per_actor == UNITS_IN_FLIGHT_PER_ACTOR >= 2
+    assert encoder_cfg(cfg, pool).precision == "fp16"  # auto: fp16 on GPU actors
+    assert encoder_cfg(cfg, pool).threads is None  # no thread count from the cluster's shape
+    cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0}, encoder_actors=2,
+                      encoder=EncoderConfig(precision="bf16"))
+    assert pool["compute"].max_size == 2 and encoder_cfg(cfg, pool).precision == "bf16"
 
 
 def test_cpu_actors_without_gpus_or_when_asked(monkeypatch):
     cfg, pool = _pool(monkeypatch, {"CPU": 8.0})
     assert "num_gpus" not in pool and pool["compute"].max_size == 1 and pool["num_cpus"] == 1
-    # the same thread count whatever the pool size, so results do not depend on it
-    assert encoder_cfg(cfg, pool).threads == 8
+    assert pool["compute"].max_tasks_in_flight_per_actor == UNITS_IN_FLIGHT_PER_ACTOR
+    # auto is fp32 on the CPU; the thread count is the Encoder's own rule, not the cluster's CPUs
+    assert encoder_cfg(cfg, pool) == EncoderConfig(precision="fp32")
     cfg, pool = _pool(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, encoder=EncoderConfig(device="cpu"), encoder_actors=3)
-    assert "num_gpus" not in pool and pool["compute"].max_size == 3 and encoder_cfg(cfg, pool).threads == 8
+    assert "num_gpus" not in pool and pool["compute"].max_size == 3
+    assert encoder_cfg(cfg, pool).precision == "fp32"

@@ -146,6 +146,13 @@ def worker_env(environ=None) -> dict[str, str]:
     return {k: v for k, v in WORKER_ENV.items() if k not in theirs}
 
 
+def node_id() -> str:
+    """The id of the Ray node this process runs on (a task or actor records where it ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def init_ray(address: str | None = None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance; its workers
     run with `WORKER_ENV`.

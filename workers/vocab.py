@@ -22,6 +22,8 @@ CandidateMode = Literal["asymmetric", "hamming"]
 SearchIndex = Literal["binary", "int8"]
 SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
+# The encoder model's float type; `auto` is fp16 on CUDA, fp32 on the CPU.
+FloatPrecision = Literal["auto", "fp32", "fp16", "bf16"]
 
 QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -31,6 +33,7 @@ CANDIDATE_MODES: tuple[str, ...] = get_args(CandidateMode)
 SEARCH_INDEXES: tuple[str, ...] = get_args(SearchIndex)
 SEARCH_BACKENDS: tuple[str, ...] = get_args(SearchBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
+FLOAT_PRECISIONS: tuple[str, ...] = get_args(FloatPrecision)
 
 # The one mapping between the CLI's index names and the manifest's.
 INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}

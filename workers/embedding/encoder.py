@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 import threading
 import time
@@ -12,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.ray_session import apply_worker_env
-from workers.vocab import DEVICES, Device, check
+from workers.ray_session import apply_worker_env, node_id
+from workers.vocab import DEVICES, FLOAT_PRECISIONS, Device, FloatPrecision, check
+
+log = logging.getLogger(__name__)
 
 
 BUNDLED = "all-MiniLM-L6-v2"
@@ -32,7 +36,10 @@ class EncoderConfig:
         batch_size: texts per forward pass.
         normalize: L2-normalise embeddings (cosine similarity becomes a dot product).
         device: `auto` uses CUDA when the actor was given a GPU, else the CPU.
-        threads: torch intra-op threads per actor on CPU (None: what Ray allots).
+        threads: torch intra-op threads per actor on CPU (None: the cores of the machine the
+            actor runs on, never what Ray allots it, so the bits do not depend on the cluster).
+        precision: the model's float type: `fp32`, `fp16`, `bf16`, or `auto` (fp16 on CUDA,
+            fp32 on the CPU). The embeddings are float32 either way; their bits differ.
     """
 
     model: str | None = None
@@ -40,11 +47,21 @@ class EncoderConfig:
     normalize: bool = True
     device: Device = "auto"
     threads: int | None = None
+    precision: FloatPrecision = "auto"
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check(self.device, DEVICES, "device")
+        check(self.precision, FLOAT_PRECISIONS, "precision")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def resolved_precision(self, device: str) -> str:
+        """The float type on `device` (`cuda` or `cpu`): `auto` is fp16 on CUDA, fp32 on the CPU."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if device == "cuda" else "fp32"
 
     @property
     def model_name(self) -> str:
@@ -153,21 +170,22 @@ def model_fingerprint(path: Path) -> str:
     return fingerprint
 
 
-# Loaded models by (folder, device): the files' state they were loaded from, the model, and
-# the lock every encode through it takes.
-_MODELS: dict[tuple[str, str], tuple[tuple, Any, threading.Lock]] = {}
+# Loaded models by (folder, device, precision): the files' state they were loaded from, the
+# model, and the lock every encode through it takes.
+_MODELS: dict[tuple[str, str, str], tuple[tuple, Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _load_model(path: Path, device: str) -> tuple[Any, threading.Lock]:
-    """The model at `path` on `device`, loaded once per process, and the lock its users share.
+def _load_model(path: Path, device: str, precision: str = "fp32") -> tuple[Any, threading.Lock]:
+    """The model at `path` on `device` in `precision` (fp32, fp16, bf16), loaded once per
+    process, and the lock its users share.
 
     Searches opened one after another in one process (a notebook, the test suite) reuse it
     instead of loading the weights again; a model folder whose files changed is loaded anew.
     A fast tokenizer refuses to be called from two threads at once ("Already borrowed"), hence
     the lock.
     """
-    key = (str(path), device)
+    key = (str(path), device, precision)
     state = _file_states(path, _model_files(path))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
@@ -175,10 +193,49 @@ def _load_model(path: Path, device: str) -> tuple[Any, threading.Lock]:
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(path), device=device)
-            if device == "cuda":
-                model.half()  # fp16 halves memory and doubles tensor-core throughput
+            # fp16/bf16 halve memory and double tensor-core throughput on a GPU.
+            if precision == "fp16":
+                model.half()
+            elif precision == "bf16":
+                import torch
+
+                model.to(torch.bfloat16)
             cached = _MODELS[key] = (state, model, threading.Lock())
     return cached[1], cached[2]
+
+
+def machine_threads() -> int:
+    """The cores this process may run on: the CPU encoder's torch threads unless configured.
+
+    Not Ray's CPU count for the actor or the cluster: those change with the cluster's shape
+    (nodes, pool size), and the float bits of a matrix product may change with the thread count.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def length_order(texts: list[str], interleave: bool = False) -> np.ndarray:
+    """sentence-transformers' encode order: longest text first (by characters), so a batch's
+    texts pad to similar lengths; with `interleave` (a model that skips padding), longest and
+    shortest alternate, as sentence-transformers does then.
+
+    Batches cut from this order are the batches `SentenceTransformer.encode` would form itself,
+    so encoding them one by one gives the same bytes as one `encode` of the whole list.
+    """
+    order = np.argsort([-len(t) for t in texts])  # the same call as sentence-transformers'
+    if interleave:
+        n = len(order)
+        mixed = np.empty(n, dtype=order.dtype)
+        mixed[0::2] = order[: (n + 1) // 2]
+        mixed[1::2] = order[n - 1: (n - 1) // 2: -1]
+        order = mixed
+    return order
+
+
+class BatchTooLarge(RuntimeError):
+    """The device ran out of memory even for one text at a time."""
 
 
 class Encoder:
@@ -191,28 +248,71 @@ class Encoder:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if device == "cpu":
+            # Ray sets a CPU actor's torch threads to its CPU allotment (OMP_NUM_THREADS), which
+            # depends on the cluster's shape; a fixed rule keeps the bits equal on any cluster.
+            torch.set_num_threads(cfg.threads or machine_threads())
         self.cfg = cfg
         self.device = device
-        self.model, self._lock = _load_model(resolve_model(cfg.model), device)
+        self.precision = cfg.resolved_precision(device)
+        # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
+        # halved (`encode`) and kept for this actor's later units.
+        self.batch_size = cfg.batch_size
+        self.model, self._lock = _load_model(resolve_model(cfg.model), device, self.precision)
         self.dim = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """float32 embeddings of `texts`, in their order.
+
+        The texts are sorted by length and cut into batches exactly as one
+        `SentenceTransformer.encode` call would (`length_order`): the same bytes, but each batch
+        is a call of its own, so one that runs out of GPU memory is retried at half the size.
+        """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        texts = list(texts)
+        flatten = getattr(self.model, "_can_flatten_inputs", None)
+        order = length_order(texts, interleave=bool(flatten and flatten()))
+        out = np.empty((len(texts), self.dim), np.float32)
         with self._lock:
-            emb = self.model.encode(list(texts), batch_size=self.cfg.batch_size,
-                                    normalize_embeddings=self.cfg.normalize,
+            start = 0
+            while start < len(texts):
+                idx = order[start:start + self.batch_size]
+                emb = self._encode_batch([texts[i] for i in idx])
+                if emb is None:
+                    continue  # out of memory: the same texts again, at the halved batch size
+                out[idx] = emb
+                start += len(idx)
+        return out
+
+    def _encode_batch(self, batch: list[str]) -> np.ndarray | None:
+        """One forward pass; None after a CUDA out-of-memory error, with the batch size halved."""
+        import torch
+
+        try:
+            emb = self.model.encode(batch, batch_size=len(batch), normalize_embeddings=self.cfg.normalize,
                                     convert_to_numpy=True, show_progress_bar=False)
-        return np.ascontiguousarray(emb, dtype=np.float32)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(batch) == 1:
+                raise BatchTooLarge(
+                    f"the {self.device} device ran out of memory encoding a single text of "
+                    f"{len(batch[0])} characters (batch size {self.cfg.batch_size} was halved down to 1): "
+                    f"free the GPU of other work, or encode with a smaller model: {exc}") from exc
+            self.batch_size = max(1, len(batch) // 2)
+            log.warning("%s ran out of memory on a batch of %d texts: batch size now %d for this actor",
+                        self.device, len(batch), self.batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed batch's blocks, before the smaller retry
+            return None
+        return np.asarray(emb, dtype=np.float32)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         """Encode a Ray Data row's `texts` (a JSON list: one stable Arrow type); the embeddings
-        travel on as float32 bytes in `embeddings`, with `dim` and `encode_s`."""
+        travel on as float32 bytes in `embeddings`, with `dim`, `encode_s` and the node it ran on."""
         t0 = time.perf_counter()
         emb = self.encode(json.loads(row.pop("texts")))
         row["embeddings"] = emb.tobytes()
         row["dim"] = self.dim
+        row["encode_node"] = node_id()
         row["encode_s"] = time.perf_counter() - t0
         return row

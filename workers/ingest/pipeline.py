@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -28,7 +29,11 @@ from workers.lake.records import Duplicate, ShardRecord, WorkUnit
 # so each sampled text is always encoded beside the same neighbours (padding changes the
 # float bits) whatever the number of actors.
 CALIBRATION_CHUNK_BATCHES = 4
-
+# Units queued at each encoder actor beside the one it encodes: their rows are already read and
+# moved to the actor's node when it finishes a unit, so the GPU does not wait on the next read.
+UNITS_IN_FLIGHT_PER_ACTOR = 2
+# The label every Ray node carries with its id; CPU tasks select nodes by it (`cpu_task_args`).
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 def ray_init(cfg: IngestConfig) -> bool:
@@ -51,8 +56,34 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     # it, so the ingest command's console drops that line (`jobs/console.py`).
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu":
-        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
-    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1), "num_cpus": 1}
+        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus,
+                                             max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR),
+                "num_gpus": 1, "num_cpus": 1}
+    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1,
+                                         max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR),
+            "num_cpus": 1}
+
+
+def cpu_task_args(pool: dict[str, Any]) -> dict[str, Any]:
+    """Ray arguments for the CPU tasks (scan, read, quantize+write, statistics): where they may run.
+
+    When the encoders hold GPUs and the cluster has nodes without one, the tasks run only on
+    those: a GPU node's CPUs are for feeding its GPU (its encoder actor's tokenizing and the
+    transfer of queued units), and a read there would compete with it. On one machine, or a
+    cluster whose every node has a GPU, they run anywhere. The rule names the GPU nodes alive
+    when the job starts (a label selector on the node id, which every Ray node carries), so a
+    CPU node that joins later takes tasks too; with every CPU node gone, the tasks wait for one.
+    """
+    if "num_gpus" not in pool:
+        return {}
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = sorted(n["NodeID"] for n in alive if n["Resources"].get("GPU", 0) > 0)
+    cpu_nodes = [n for n in alive if n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get("GPU", 0)]
+    if not gpu_nodes or not cpu_nodes:
+        return {}
+    return {"label_selector": {NODE_ID_LABEL: f"!in({','.join(gpu_nodes)})"}}
 
 
 def data_context(cfg: IngestConfig):
@@ -80,17 +111,17 @@ def _not_bars_disabled(record: logging.LogRecord) -> bool:
 
 
 def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
-    if cfg.encoder.threads is None and "num_gpus" not in pool:
-        import ray
-
-        # Same thread count whatever the pool size: kernels may block differently per count.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        return replace(cfg.encoder, threads=max(1, cpus))
-    return cfg.encoder
+    """The encoder config with `auto` precision resolved for the pool: fp16 on GPU actors, fp32
+    on CPU actors. The job resolves it before planning, since the float type is part of every
+    shard's name and of the version's options; the actors then all use the same one."""
+    device = "cuda" if "num_gpus" in pool else "cpu"
+    return replace(cfg.encoder, precision=cfg.encoder.resolved_precision(device))
 
 
-def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list[Duplicate]], Sample]:
-    """Scan every file (Ray tasks): row counts, cross-file duplicate ids, calibration sample.
+def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
+         ) -> tuple[list[int], dict[int, list[Duplicate]], Sample]:
+    """Scan every file (Ray tasks, placed by `cpu_task_args(pool)`): row counts, cross-file
+    duplicate ids, calibration sample.
 
     Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
     separate return values of the scan tasks; each reducer sees one partition of every file,
@@ -99,9 +130,10 @@ def scan(cfg: IngestConfig, files) -> tuple[list[int], dict[int, list[Duplicate]
     import ray
 
     n_parts = max(1, min(64, len(files)))
-    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, max_retries=3)
+    where = cpu_task_args(pool or {})
+    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, max_retries=3, **where)
     refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
-    dup_task = ray.remote(find_duplicates).options(max_retries=3)
+    dup_task = ray.remote(find_duplicates).options(max_retries=3, **where)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     try:
         summaries = ray.get([r[0] for r in refs])
@@ -134,7 +166,7 @@ def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[st
     keep = cfg.range_method == "quantile"
     ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
           .map(Encoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
-          .map(_stats_row, fn_kwargs={"keep": keep}))
+          .map(_stats_row, fn_kwargs={"keep": keep}, **cpu_task_args(pool)))
     parts = [_row_stats(r) for r in ds.iter_rows()]
     stats = merge_all(parts)
     ranges = ranges_from(stats, cfg.range_method, cfg.quantiles)
@@ -171,8 +203,8 @@ class Written:
 
 
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path: str, ranges_id: str,
-                     total_rows: int, requantize: Mapping[str, ShardRecord] | None = None
-                     ) -> tuple[list[ShardRecord], Written]:
+                     total_rows: int, requantize: Mapping[str, ShardRecord] | None = None,
+                     nodes: dict[str, Counter] | None = None) -> tuple[list[ShardRecord], Written]:
     """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
 
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
@@ -184,6 +216,8 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     embeddings) is requantized from that shard rather than read and encoded.
     Returns the shard records and how they came about (`Written`: how many an earlier run had
     written, and the read step verified); a unit that fails for good raises UnitFailed naming it.
+    `nodes`, when given, is filled with the units each step (`read`, `encode`, `write`) ran per
+    Ray node id.
     """
     import ray.data
     from tqdm import tqdm
@@ -191,11 +225,12 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     requantize = requantize or {}
     items = [{"unit": u.to_json(), "requantize": json.dumps(requantize[u.shard_id].to_json())
               if u.shard_id in requantize else ""} for u in units]
+    where = cpu_task_args(pool)
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5)
+          .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5, **where)
           .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
           .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
-               num_cpus=0.5))
+               num_cpus=0.5, **where))
     records, reused, encoded, requantized = [], 0, 0, 0
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:
@@ -208,6 +243,10 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
                     requantized += rec.rows_read
                 elif not row["reused"]:
                     encoded += rec.rows_read
+                if nodes is not None:
+                    for step, node in json.loads(row["nodes"]).items():
+                        if node is not None:
+                            nodes.setdefault(step, Counter())[node] += 1
                 bar.update(rec.rows_read)
         except Exception as exc:
             failed = _unit_failure(exc)

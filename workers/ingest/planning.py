@@ -32,7 +32,7 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
             # changed cannot reuse a shard whose duplicates differ.
             sid = shard_id(f.relpath, f.identity(), a, b, fingerprint, ranges_id, cfg.precisions,
                            cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
-                           [(d.row, d.first_file, d.first_row) for d in dups])
+                           [(d.row, d.first_file, d.first_row) for d in dups], cfg.encoder.precision)
             units.append(WorkUnit(sid, f, a, b, dups))
     return units
 
@@ -58,7 +58,7 @@ def row_bounds(rows: int, unit_rows: int, row_groups: Sequence[int] | None = Non
 def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,
              model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
              text_column: str, id_column: str | None, normalize: bool, index_type: str,
-             duplicates: Sequence[tuple[int, str, int]] = ()) -> str:
+             duplicates: Sequence[tuple[int, str, int]] = (), float_precision: str = "fp32") -> str:
     """Deterministic name: a retry or rerun of the same work writes the same name and bytes.
 
     Args:
@@ -66,6 +66,8 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
             file, its row)`. They depend on other files (a file added before this one can
             take an id over), so they are part of what decides the shard's rows and rejects,
             hence of its name.
+        float_precision: the encoder's float type (the job resolves `auto` before planning);
+            fp16 and bf16 give other float bits than fp32, hence other shards.
     """
     key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
            "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
@@ -75,6 +77,9 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         # Only when there are some: a unit without duplicates keeps the name it had before
         # duplicates were part of the key, so reruns over existing datasets still reuse it.
         key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
+    if float_precision in ("fp16", "bf16"):
+        # Likewise only then: fp32 shards keep the names they had before the field existed.
+        key["float"] = float_precision
     return sha256_hex(canonical_json(key))[:32]
 
 

@@ -21,6 +21,7 @@ from workers.ingest.shard_builder import completed_shard, float16_rows, write_sh
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import join
+from workers.ray_session import node_id
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,12 @@ def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     under other ranges, with a float16 column) gets that shard's float16 embeddings instead of
     its texts; when that shard cannot serve (a file missing or altered), the unit is read and
     encoded as usual.
+    `read_node` says where it ran.
     """
+    return {**_read_unit(item, cfg), "read_node": node_id()}
+
+
+def _read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     unit = WorkUnit.from_json(item["unit"])
     with unit_step(unit, "read"):
         fs, root = cfg.url_to_fs(cfg.dest)
@@ -176,13 +182,16 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
 def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
     """Quantize an encoded (or requantized) unit's embeddings, write its shard, then its sidecar
     (the mark of a complete shard); return the shard record as JSON, whether an earlier run had
-    written it, and whether it came from float16 embeddings rather than the encoder."""
+    written it, whether it came from float16 embeddings rather than the encoder, and the nodes
+    each step ran on (`nodes`: read, encode, write; JSON)."""
     unit = UnitRows.from_row(row)
+    nodes = json.dumps({"read": row.get("read_node"), "encode": row.get("encode_node"), "write": node_id()})
     if unit.reused is not None:
-        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "requantized": False}
+        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "requantized": False, "nodes": nodes}
     with unit_step(unit.unit, "write"):
-        return {"record": json.dumps(_write(unit, row, cfg, ranges_path, ranges_id).to_json()), "reused": False,
-                "requantized": unit.requantized}
+        record = _write(unit, row, cfg, ranges_path, ranges_id)
+        return {"record": json.dumps(record.to_json()), "reused": False, "requantized": unit.requantized,
+                "nodes": nodes}
 
 
 def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
