@@ -135,10 +135,12 @@ def build_lakes(work: str, sizes: list[int]) -> dict[int, str]:
 
     top = max(sizes)
     lakes = {top: os.path.join(work, f"lake-{top}")}
-    build_demo(DemoConfig(dest=lakes[top], docs=top, files=8))
+    if not os.path.isdir(lakes[top]):  # a --work folder keeps its lakes for the next run
+        build_demo(DemoConfig(dest=lakes[top], docs=top, files=8))
     table = pads.dataset(lakes[top], format="parquet").to_table()
     for n in sizes:
-        if n == top:
+        if n == top or os.path.isdir(os.path.join(work, f"lake-{n}")):
+            lakes[n] = os.path.join(work, f"lake-{n}")
             continue
         sub = table.take(list(range(0, top, top // n))[:n])
         lakes[n] = os.path.join(work, f"lake-{n}")
@@ -163,7 +165,9 @@ def main() -> None:
         runs = {}
         for n in sizes:
             t0 = time.perf_counter()
-            summary, roles = measure(lakes[n], os.path.join(work, f"emb-{n}"), a.unit_rows)
+            dest = os.path.join(work, f"emb-{n}")
+            shutil.rmtree(dest, ignore_errors=True)  # a fresh dataset: no shard reused from a run before
+            summary, roles = measure(lakes[n], dest, a.unit_rows)
             runs[n] = {"wall_s": round(time.perf_counter() - t0, 1), "shards": summary["shards"],
                        "documents": summary["documents"], "roles": roles}
             print(f"{n} docs: {summary['documents']} documents, {summary['shards']} shards, "
