@@ -169,3 +169,29 @@ def test_pretty_json_leaves_what_it_does_not_know_to_json():
         pretty_json({"a": [float("nan")]})
     with pytest.raises(TypeError, match="not JSON serializable"):
         pretty_json({"a": object()})
+
+
+def test_the_scan_fetches_one_files_sample_at_a_time(tmp_path, docs, ray_session, monkeypatch):
+    """Each file's scan summary carries up to a whole calibration sample of texts: the driver
+    merges them one by one, so it never holds files x samples texts (1,000 files: ~5 GB)."""
+    import ray
+
+    from conftest import write_parquet_lake
+    from jobs.ingest import check_source
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.pipeline import scan
+
+    write_parquet_lake(tmp_path / "lake", docs[:60], files=6, row_group_size=10)
+    cfg = IngestConfig(str(tmp_path / "lake"), "unused", id_column="id", calibration_samples=8, progress=False)
+    held = []
+    real_get = ray.get
+
+    def get(refs, *a, **kw):
+        out = real_get(refs, *a, **kw)
+        values = out if isinstance(out, list) else [out]
+        held.append(sum(isinstance(v, dict) and "sample" in v for v in values))
+        return out
+    monkeypatch.setattr(ray, "get", get)
+    rows, duplicates, sample = scan(cfg, check_source(cfg)[0])
+    assert rows == [10] * 6 and duplicates == {} and len(sample.ids) == 8
+    assert max(held) == 1 and sum(held) == 6
