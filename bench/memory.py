@@ -169,7 +169,8 @@ def main() -> None:
             shutil.rmtree(dest, ignore_errors=True)  # a fresh dataset: no shard reused from a run before
             summary, roles = measure(lakes[n], dest, a.unit_rows)
             runs[n] = {"wall_s": round(time.perf_counter() - t0, 1), "shards": summary["shards"],
-                       "documents": summary["documents"], "roles": roles}
+                       "documents": summary["documents"], "roles": roles,
+                       **{k: summary[k] for k in ("calibrate_s", "encode_s", "quantize_s", "write_s")}}
             print(f"{n} docs: {summary['documents']} documents, {summary['shards']} shards, "
                   f"{runs[n]['wall_s']} s", flush=True)
             for name, r in sorted(roles.items()):

@@ -2,7 +2,8 @@
 
 docs/scaling.md gives the measured times (bench/scale.py); these tests hold the behaviour those
 times rest on, without timing anything: counts, bytes, how often the manifest is read and
-checked, how many storage calls each step makes.
+checked, how many storage calls each step makes; and that the scan's driver holds one file's
+calibration sample at a time, whatever the number of files.
 """
 import json
 import math
