@@ -134,20 +134,22 @@ def build_lakes(work: str, sizes: list[int]) -> dict[int, str]:
     from jobs.demo import run as build_demo
 
     top = max(sizes)
-    lakes = {top: os.path.join(work, f"lake-{top}")}
-    if not os.path.isdir(lakes[top]):  # a --work folder keeps its lakes for the next run
-        build_demo(DemoConfig(dest=lakes[top], docs=top, files=8))
-    table = pads.dataset(lakes[top], format="parquet").to_table()
+    demo = os.path.join(work, f"demo-{top}")
+    if not os.path.isdir(demo):  # a --work folder keeps its lakes for the next run
+        build_demo(DemoConfig(dest=demo, docs=top, files=8))
+    table = pads.dataset(demo, format="parquet").to_table()
+    lakes = {}
     for n in sizes:
-        if n == top or os.path.isdir(os.path.join(work, f"lake-{n}")):
-            lakes[n] = os.path.join(work, f"lake-{n}")
+        lakes[n] = os.path.join(work, f"lake-{n}")
+        if os.path.isdir(lakes[n]):
             continue
         sub = table.take(list(range(0, top, top // n))[:n])
-        lakes[n] = os.path.join(work, f"lake-{n}")
         os.makedirs(lakes[n])
         per = -(-n // 8)
         for i in range(8):
-            pq.write_table(sub.slice(i * per, per), os.path.join(lakes[n], f"part-{i:05d}.parquet"))
+            # Small row groups: a unit never splits one, so this lets --unit-rows cap every unit.
+            pq.write_table(sub.slice(i * per, per), os.path.join(lakes[n], f"part-{i:05d}.parquet"),
+                           row_group_size=50)
     return lakes
 
 
