@@ -196,3 +196,16 @@ def test_the_scan_fetches_one_files_sample_at_a_time(tmp_path, docs, ray_session
     rows, duplicates, sample = scan(cfg, check_source(cfg)[0])
     assert rows == [10] * 6 and duplicates == {} and len(sample.ids) == 8
     assert max(held) == 1 and sum(held) == 6
+
+
+def test_one_shard_without_scales_turns_them_off_for_every_group(lake, ranges):
+    url, fs, root = lake
+    draft = synthetic_version(fs, root, 3, ranges, rows=ROWS)
+    shards = list(draft.shards)
+    shards[1] = replace(shards[1], ubinary_scale=False)  # as a shard written before the column
+    commit(fs, root, replace(draft, shards=tuple(shards)))
+    groups = ThreadShardGroups.open(open_version(url), ranges.ranges, "binary", threads=1)
+    try:
+        assert [g.scaled for g in groups] == [False, False, False]
+    finally:
+        groups.close()
