@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf lake out

@@ -1,6 +1,7 @@
 """Commit embeddings computed elsewhere as a dataset version (benchmarks, tests), by the ingest's shard writer."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -46,3 +47,36 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
         ranges=RangesRef(ranges.id, ranges_path, ranges.method), precisions=precisions,
         source=SourceSnapshot("vectors:", "text", None, {}), shards=shards,
         parent=(list_versions(fs, root) or [None])[-1]))
+
+
+def synthetic_version(fs, root: str, shards: int, ranges: RangeManifest, rows: int = 2,
+                      files_per_shard: int = 1) -> VersionManifest:
+    """A draft version of `shards` shards that are copies of one real shard (scale benchmarks, tests).
+
+    One shard of `rows` random unit vectors is written for real (Parquet, FAISS index, checksums);
+    every other shard is its files' bytes under another id, so the records are all distinct and all
+    verifiable while the lake costs `shards` small writes. `files_per_shard` source files are named
+    per shard in the snapshot (what a lake of that many files records). Nothing is committed.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, ranges.dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    put_bytes(fs, join(root, f"ranges/{ranges.id}.json"), ranges.to_json())
+    first = write_shard(fs, root, "synthetic-0", ShardSource("part-0.parquet", 0, rows),
+                        [f"doc-0-{i}" for i in range(rows)], np.arange(rows), x, ranges.ranges,
+                        ("int8", "ubinary"), [])
+    data = fs.cat_file(join(root, first.path)), fs.cat_file(join(root, first.index))
+    records, copies = [first], {}
+    for i in range(1, shards):
+        sid = f"synthetic-{i}"
+        rec = replace(first, id=sid, path=f"shards/{sid}.parquet", index=f"shards/{sid}.faiss",
+                      source=ShardSource(f"part-{i}.parquet", 0, rows))
+        copies[join(root, rec.path)], copies[join(root, rec.index)] = data
+        records.append(rec)
+    fs.pipe(copies)  # plain writes: these files stand in for shards, nothing relies on their fsync
+    files = [f"part-{i}-{j}.parquet" for i in range(shards) for j in range(files_per_shard)]
+    return VersionManifest.build(
+        model=ModelInfo(ranges.model_name, ranges.model_fingerprint, ranges.dim, ranges.normalize),
+        ranges=RangesRef(ranges.id, f"ranges/{ranges.id}.json", ranges.method), precisions=("int8", "ubinary"),
+        source=SourceSnapshot("synthetic:", "text", None, {f: {"size": 1000, "version": "1"} for f in files}),
+        shards=records)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 import numpy as np
@@ -141,6 +142,12 @@ class DatasetVersion:
     @property
     def shards(self) -> tuple[ShardRecord, ...]:
         return self.manifest.shards
+
+    @cached_property
+    def scaled(self) -> bool:
+        """Whether every shard stores `ubinary_scale`: then (only) search ranks candidates by the
+        scaled sign-bit score, so that every row of the version is ranked alike."""
+        return all(s.ubinary_scale for s in self.shards)
 
     @property
     def dim(self) -> int:

@@ -275,9 +275,13 @@ class ShardRecord:
 
     @classmethod
     def from_json(cls, doc: Any, at: str = "shard record", where: str | None = None,
-                  name: str = "record") -> "ShardRecord":
-        """Check and parse one record; `at` names it in messages, `where`/`name` in path errors."""
-        _check_shard(doc, at, where or at, name)
+                  name: str = "record", checked: bool = False) -> "ShardRecord":
+        """Check and parse one record; `at` names it in messages, `where`/`name` in path errors.
+
+        `checked`: `validate` has just checked it as part of its manifest (not checked twice).
+        """
+        if not checked:
+            _check_shard(doc, at, where or at, name)
         rej = doc.get("rejects")
         return cls(
             id=doc["id"], path=doc["path"], index=doc["index"], rows=doc["rows"], sha256=doc["sha256"],
@@ -515,8 +519,7 @@ class VersionManifest:
             precisions=tuple(doc["precisions"]),
             source=SourceSnapshot(source["url"], source["text_column"], source.get("id_column"),
                                   source.get("files"), source.get("format_counts")),
-            shards=tuple(ShardRecord.from_json(s, f"{where}, shard {i}", where, f"shards[{i}]")
-                         for i, s in enumerate(doc["shards"])),
+            shards=tuple(ShardRecord.from_json(s, checked=True) for s in doc["shards"]),
             counts=doc.get("counts"), bytes=doc.get("bytes"), clipped_per_dim=_counts(doc.get("clipped_per_dim")),
             parent=doc.get("parent"), version=doc.get("version"), writer=doc.get("writer"),
             created_at=doc.get("created_at"), extra={k: v for k, v in doc.items() if k not in _VERSION_KEYS})

@@ -76,7 +76,9 @@ class ShardGroup:
         self._spills: dict[int, dict[str, Any]] = {}
         # The estimate must rank every row of the version alike (a scaled score is ~1.26x a plain
         # one for unit vectors): scales only when every shard has them, else bits alone, as before.
-        self.scaled = all(s.ubinary_scale for s in ds.shards)
+        # Read from the version (worked out once per version): a group per shard asking every
+        # shard would make opening 10,000 shards cost 10,000 x 10,000 checks.
+        self.scaled = ds.scaled
         self._lock = threading.Lock()
         self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
 

@@ -1,0 +1,258 @@
+"""Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
+
+    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--json]
+
+Measured here, each stage alone:
+  read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
+  encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
+  quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
+  write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
+             server on 127.0.0.1 (Parquet + FAISS index, 10,000 rows);
+  commit     commit and read of a version of 100 / 1,000 / 10,000 synthetic shards (copies of
+             one real 2-row shard: `synthetic_version`), and the manifest's size;
+  open       `Searcher.open` of those versions (real tiny shard files: each index read, checked
+             against its sha256 and loaded);
+  listing    `list_source` of 1,000 / 10,000 empty Parquet-named files on local disk;
+  overlap    with --ingest-docs N: an ingest of N demo documents, the sum of the per-shard stage
+             seconds against the main pass's wall time.
+docs/scaling.md projects these to 100M documents. Figures depend on the machine's load: the
+script prints the load average it ran under.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from ranges.manifest import RangeManifest  # noqa: E402
+from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model  # noqa: E402
+from workers.lake.records import ShardSource  # noqa: E402
+
+DIM = 384
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of `repeat` calls (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def texts(n: int) -> list[str]:
+    """`n` real docstrings (the demo corpus's kind of text), repeated when the modules run out."""
+    import collections, email, http.client, json as js, logging, pathlib, re, statistics  # noqa: E401
+    out = []
+    for mod in (collections, email, http.client, js, logging, pathlib, re, statistics, os, inspect, time):
+        for name in sorted(dir(mod)):
+            doc = inspect.getdoc(getattr(mod, name, None)) or ""
+            if len(doc) >= 40:
+                out.append(doc)
+    return (out * (n // len(out) + 1))[:n]
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ranges_manifest() -> RangeManifest:
+    x = unit_vectors(2000)
+    return RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                         "minmax", None, len(x), 0)
+
+
+def bench_read(work: str, rows: int = 200_000) -> dict:
+    from workers.ingest.source import iter_batches, list_source
+
+    lake = os.path.join(work, "read")
+    os.makedirs(lake)
+    body = texts(2000)
+    table = pa.table({"id": [f"d{i}" for i in range(rows)], "text": [f"{body[i % len(body)]} ({i})" for i in range(rows)]})
+    # Every text distinct (a repeated one would shrink to a dictionary entry); read from the page
+    # cache: the CPU cost of decoding, not the disk's or the network's.
+    pq.write_table(table, os.path.join(lake, "part-0.parquet"), row_group_size=10_000)
+    mb = sum(len(t.encode()) for t in table["text"].to_pylist()) / 1e6
+    fs, root, files = list_source(lake)
+
+    def read():
+        n = sum(b.num_rows for _, b in iter_batches(fs, root, files[0], ["id", "text"]))
+        assert n == rows
+    s = timed(read, 3)
+    return {"rows": rows, "text_mb": round(mb, 1), "s": round(s, 3), "rows_per_s": round(rows / s),
+            "mb_per_s": round(mb / s, 1)}
+
+
+def bench_encode(n: int = 256) -> dict:
+    from workers.embedding.encoder import Encoder, EncoderConfig
+
+    enc = Encoder(EncoderConfig(batch_size=64, threads=os.cpu_count()))
+    docs = texts(n)
+    enc.encode(docs[:64])  # warm up
+    s = timed(lambda: enc.encode(docs), 1)
+    return {"docs": n, "s": round(s, 2), "docs_per_s": round(n / s, 1), "ms_per_doc": round(1000 * s / n, 1),
+            "mean_chars": round(float(np.mean([len(d) for d in docs])))}
+
+
+def bench_quantize(rm: RangeManifest, n: int = 200_000) -> dict:
+    from workers.embedding.quantizer import quantize_all
+
+    x = unit_vectors(n, 1)
+    s = timed(lambda: quantize_all(x, rm.ranges, ("int8", "ubinary")), 3)
+    return {"vectors": n, "s": round(s, 3), "vectors_per_s": round(n / s)}
+
+
+def bench_write(work: str, rm: RangeManifest, s3_url: str | None, options: dict, rows: int = 10_000) -> dict:
+    from workers.ingest.shard_builder import write_shard
+    from workers.lake.storage import url_to_fs
+
+    x = unit_vectors(rows, 2)
+    ids = [f"doc-{i:08d}" for i in range(rows)]
+    out = {}
+    targets = [("local", os.path.join(work, "write"), {})] + ([("s3", s3_url, options)] if s3_url else [])
+    for name, url, opts in targets:
+        fs, root = url_to_fs(url, opts)
+        k = [0]
+
+        def one():
+            k[0] += 1
+            return write_shard(fs, root, f"bench-{k[0]}", ShardSource("f", 0, rows), ids, np.arange(rows), x,
+                               rm.ranges, ("int8", "ubinary"), [])
+        rec = one()
+        s = timed(one, 3)
+        mb = (rec.bytes + rec.index_bytes) / 1e6
+        write_s = rec.stat("write_s")
+        out[name] = {"rows": rows, "mb": round(mb, 2), "s": round(s, 3), "s_per_mb": round(s / mb, 4),
+                     "files_s_per_mb": round(write_s / mb, 4)}
+    return out
+
+
+def bench_versions(work: str, rm: RangeManifest, counts: list[int]) -> dict:
+    from workers.ingest.from_vectors import synthetic_version
+    from workers.lake.storage import url_to_fs
+    from workers.lake.versions import commit, read_version
+    from workers.search.searcher import Searcher
+
+    out = {}
+    for n in counts:
+        url = os.path.join(work, f"versions-{n}")
+        fs, root = url_to_fs(url)
+        draft = synthetic_version(fs, root, n, rm)
+        commit_s = timed(lambda: commit(fs, root, draft))  # version 1
+        again_s = timed(lambda: commit(fs, root, replace(draft, parent=1)))  # version 2, on top of 1
+        size = os.path.getsize(os.path.join(url, "versions", "00000002.json"))
+        read_s = timed(lambda: read_version(fs, root, 2), 3)
+        open_s = timed(lambda: Searcher.open(url).close(), 1)
+        out[n] = {"commit_s": round(commit_s, 3), "commit_on_top_s": round(again_s, 3),
+                  "manifest_mb": round(size / 1e6, 2), "read_s": round(read_s, 3), "open_s": round(open_s, 3),
+                  "open_ms_per_shard": round(1000 * open_s / n, 3)}
+        shutil.rmtree(url, ignore_errors=True)
+    return out
+
+
+def bench_listing(work: str, counts: list[int]) -> dict:
+    from workers.ingest.source import list_source
+
+    out = {}
+    for n in counts:
+        lake = os.path.join(work, f"list-{n}")
+        for i in range(n):
+            sub = os.path.join(lake, f"d={i // 1000:04d}")
+            os.makedirs(sub, exist_ok=True)
+            open(os.path.join(sub, f"part-{i:07d}.parquet"), "wb").close()
+        s = timed(lambda: list_source(lake), 3)
+        out[n] = {"s": round(s, 3), "us_per_file": round(1e6 * s / n, 1)}
+        shutil.rmtree(lake, ignore_errors=True)
+    return out
+
+
+def bench_overlap(work: str, docs: int) -> dict:
+    from jobs.demo import DemoConfig
+    from jobs.demo import run as build_demo
+    from jobs.ingest import run as ingest
+    from workers.ingest.config import IngestConfig
+
+    lake = os.path.join(work, "overlap-lake")
+    build_demo(DemoConfig(dest=lake, docs=docs, files=8))
+    r = ingest(IngestConfig(lake, os.path.join(work, "overlap-emb"), id_column="id", progress=False,
+                            calibration_samples=min(500, docs), unit_rows=max(1, docs // 16))).summary
+    main = r["wall_s"] - r["calibrate_s"]
+    stages = r["encode_s"] + r["quantize_s"] + r["write_s"]
+    return {"docs": docs, "shards": r["shards"], "wall_s": r["wall_s"], "calibrate_s": r["calibrate_s"],
+            "main_pass_s": round(main, 2), "encode_s": r["encode_s"], "quantize_s": r["quantize_s"],
+            "write_s": r["write_s"], "stage_sum_over_main_pass": round(stages / main, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", default="100,1000,10000")
+    p.add_argument("--files", default="1000,10000")
+    p.add_argument("--skip-encode", action="store_true")
+    p.add_argument("--skip-s3", action="store_true")
+    p.add_argument("--ingest-docs", type=int, default=0, help="measure the overlap on an ingest of N demo docs")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    work = tempfile.mkdtemp(prefix="quantlake-scale-")
+    rm = ranges_manifest()
+    res: dict = {"cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    server = None
+    try:
+        res["read"] = bench_read(work)
+        print("read", res["read"], flush=True)
+        if not a.skip_encode:
+            res["encode"] = bench_encode()
+            print("encode", res["encode"], flush=True)
+        res["quantize"] = bench_quantize(rm)
+        print("quantize", res["quantize"], flush=True)
+        s3_url, options = None, {}
+        if not a.skip_s3:
+            from moto.server import ThreadedMotoServer
+
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+            server.start()
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
+                                                                            "region_name": "us-east-1"}}
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                         aws_secret_access_key="bench").create_bucket(Bucket="bench")
+            s3_url = "s3://bench/ds"
+        res["write"] = bench_write(work, rm, s3_url, options)
+        print("write", res["write"], flush=True)
+        res["versions"] = bench_versions(work, rm, [int(x) for x in a.shards.split(",")])
+        print("versions", res["versions"], flush=True)
+        res["listing"] = bench_listing(work, [int(x) for x in a.files.split(",")])
+        print("listing", res["listing"], flush=True)
+        if a.ingest_docs:
+            res["overlap"] = bench_overlap(work, a.ingest_docs)
+            print("overlap", res["overlap"], flush=True)
+        res["load_after"] = os.getloadavg()[0]
+        print(f"load average {res['load_before']:.1f} before, {res['load_after']:.1f} after, on {res['cpus']} CPUs")
+        if a.json:
+            print(json.dumps(res, indent=1))
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
