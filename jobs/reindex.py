@@ -83,8 +83,9 @@ class ReindexConfig:
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
-    """The ingest a reindex repeats: the latest version's model, columns, precisions and options;
-    its ranges unless `fresh` (calibrate anew, with the same calibration options)."""
+    """The ingest a reindex repeats: the latest version's model and encoder backend, columns,
+    precisions and options; its ranges unless `fresh` (calibrate anew, with the same calibration
+    options)."""
     o = latest.extra.get("options") or {}
     if not isinstance(o, dict):
         raise ValueError(f"version {latest.number}: options is {o!r}, expected an object")
@@ -95,7 +96,7 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
     return IngestConfig(
         source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
         encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
-                              normalize=latest.model.normalize),
+                              normalize=latest.model.normalize, backend=latest.model.backend),
         precisions=latest.precisions, calibration_samples=int(o.get("calibration_samples", 10_000)),
         range_method=o.get("range_method", latest.ranges.method or "minmax"),
         quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),

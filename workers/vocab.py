@@ -17,6 +17,8 @@ CandidateMode = Literal["asymmetric", "hamming"]
 SearchIndex = Literal["binary", "int8"]
 SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
+# What runs the model's transformer: torch, or onnxruntime on CPUs (workers/embedding/onnx_backend.py).
+Backend = Literal["torch", "onnx"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
@@ -25,9 +27,19 @@ CANDIDATE_MODES: tuple[str, ...] = get_args(CandidateMode)
 SEARCH_INDEXES: tuple[str, ...] = get_args(SearchIndex)
 SEARCH_BACKENDS: tuple[str, ...] = get_args(SearchBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # The one mapping between the CLI's index names and the manifest's.
 INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}
+# The one mapping between a backend and the suffix it adds to the model fingerprint a dataset
+# records (`workers/embedding/encoder.encoder_fingerprint`). torch adds none, so every dataset
+# written before backends existed keeps its fingerprint, and its shards their ids.
+FINGERPRINT_SUFFIX: dict[str, str] = {"torch": "", "onnx": "+onnx"}
+
+
+def backend_of(fingerprint: str) -> str:
+    """The backend a recorded model fingerprint names (`FINGERPRINT_SUFFIX`)."""
+    return "onnx" if fingerprint.endswith(FINGERPRINT_SUFFIX["onnx"]) else "torch"
 
 
 def check(value: object, allowed: tuple[str, ...], what: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from workers.ray_session import apply_worker_env
-from workers.vocab import DEVICES, Device, check
+from workers.vocab import BACKENDS, DEVICES, FINGERPRINT_SUFFIX, Backend, Device, check
 
 
 BUNDLED = "all-MiniLM-L6-v2"
@@ -32,7 +32,9 @@ class EncoderConfig:
         batch_size: texts per forward pass.
         normalize: L2-normalise embeddings (cosine similarity becomes a dot product).
         device: `auto` uses CUDA when the actor was given a GPU, else the CPU.
-        threads: torch intra-op threads per actor on CPU (None: what Ray allots).
+        threads: torch (or onnxruntime) intra-op threads per actor on CPU (None: what Ray allots).
+        backend: what runs the transformer: `torch`, or `onnx` (onnxruntime, CPU only: for CPU
+            clusters; its int8 codes agree with torch's, see README "Encoder backends").
     """
 
     model: str | None = None
@@ -40,11 +42,16 @@ class EncoderConfig:
     normalize: bool = True
     device: Device = "auto"
     threads: int | None = None
+    backend: Backend = "torch"
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check(self.device, DEVICES, "device")
+        check(self.backend, BACKENDS, "backend")
+        if self.backend == "onnx" and self.device == "cuda":
+            raise ValueError("backend onnx runs on the CPU (onnxruntime's CPU provider), not on device cuda: "
+                             "use --backend torch for GPUs, or --device cpu")
 
     @property
     def model_name(self) -> str:
@@ -153,21 +160,31 @@ def model_fingerprint(path: Path) -> str:
     return fingerprint
 
 
-# Loaded models by (folder, device): the files' state they were loaded from, the model, and
+def encoder_fingerprint(path: Path, backend: str = "torch") -> str:
+    """The fingerprint a dataset records for its model: `model_fingerprint(path)`, plus `+onnx` for
+    the onnx backend. The two backends' float bits differ slightly, so everything keyed by the
+    fingerprint (shard ids, range manifests, the search and reindex checks) tells them apart."""
+    check(backend, BACKENDS, "backend")
+    return model_fingerprint(path) + FINGERPRINT_SUFFIX[backend]
+
+
+# Loaded models by (folder, device, backend): the files' state they were loaded from, the model, and
 # the lock every encode through it takes.
 _MODELS: dict[tuple[str, str], tuple[tuple, Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _load_model(path: Path, device: str) -> tuple[Any, threading.Lock]:
-    """The model at `path` on `device`, loaded once per process, and the lock its users share.
+def _load_model(path: Path, device: str, backend: str = "torch",
+                threads: int | None = None) -> tuple[Any, threading.Lock]:
+    """The model at `path` on `device` with `backend`, loaded once per process, and the lock its
+    users share.
 
     Searches opened one after another in one process (a notebook, the test suite) reuse it
     instead of loading the weights again; a model folder whose files changed is loaded anew.
     A fast tokenizer refuses to be called from two threads at once ("Already borrowed"), hence
     the lock.
     """
-    key = (str(path), device)
+    key = (str(path), device, backend)
     state = _file_states(path, _model_files(path))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
@@ -175,7 +192,12 @@ def _load_model(path: Path, device: str) -> tuple[Any, threading.Lock]:
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(path), device=device)
-            if device == "cuda":
+            if backend == "onnx":
+                # Imported here only: nothing but an onnx encoder needs onnxruntime.
+                from workers.embedding.onnx_backend import attach, export_onnx
+
+                attach(model, export_onnx(model, model_fingerprint(path)), threads)
+            elif device == "cuda":
                 model.half()  # fp16 halves memory and doubles tensor-core throughput
             cached = _MODELS[key] = (state, model, threading.Lock())
     return cached[1], cached[2]
@@ -189,13 +211,15 @@ class Encoder:
         import torch
 
         device = cfg.device
-        if device == "auto":
+        if cfg.backend == "onnx":
+            device = "cpu"  # onnxruntime's CPU provider runs the transformer; the rest is light
+        elif device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.device = device
-        self.model, self._lock = _load_model(resolve_model(cfg.model), device)
+        self.model, self._lock = _load_model(resolve_model(cfg.model), device, cfg.backend, cfg.threads)
         self.dim = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:

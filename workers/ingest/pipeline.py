@@ -38,7 +38,8 @@ def ray_init(cfg: IngestConfig) -> bool:
 
 
 def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
-    """Ray Data arguments for the encoder actor pool: one actor per GPU, else CPU actors."""
+    """Ray Data arguments for the encoder actor pool: one actor per GPU, else (or for the onnx
+    backend) CPU actors."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -50,7 +51,7 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     # arguments in the object store: Ray Data's own, kept alive by the pool); no option stops
     # it, so the ingest command's console drops that line (`jobs/console.py`).
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus and cfg.encoder.device != "cpu":
+    if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
         return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus), "num_gpus": 1, "num_cpus": 1}
     return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1), "num_cpus": 1}
 
