@@ -1,6 +1,6 @@
 """Ingest throughput against bare `SentenceTransformer.encode`, measured in the same run.
 
-    python bench/ingest.py [--docs 20000] [--work DIR]
+    python bench/ingest.py [--docs 20000] [--work DIR] [--sources stdlib,numpy] [--no-onnx-ingest]
 
 Builds N demo documents (docstrings of installed Python modules), then:
   1. bare:     one process, `SentenceTransformer.encode` of all N texts (all cores);
@@ -60,11 +60,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calibration-samples", type=int, default=10_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--sources", default=None,
+                   help="comma list of packages (or stdlib) to take docstrings from (default: the demo's)")
     p.add_argument("--no-onnx-ingest", action="store_true", help="skip step 5 (the onnx backend's ingest)")
     a = p.parse_args()
     work = a.work or tempfile.mkdtemp(prefix="quantlake-bench-")
     lake = os.path.join(work, "lake")
-    build_demo(DemoConfig(dest=lake, docs=a.docs, files=8))
+    sources = {"sources": tuple(a.sources.split(","))} if a.sources else {}
+    build_demo(DemoConfig(dest=lake, docs=a.docs, files=8, **sources))
     texts = pads.dataset(lake, format="parquet").to_table(columns=["text"])["text"].to_pylist()
     n = len(texts)
     print(f"{n} documents, {os.cpu_count()} CPU cores, batch size {a.batch_size}", flush=True)

@@ -169,8 +169,9 @@ def encoder_fingerprint(path: Path, backend: str = "torch") -> str:
 
 
 # Loaded models by (folder, device, backend): the files' state they were loaded from, the model, and
-# the lock every encode through it takes.
-_MODELS: dict[tuple[str, str], tuple[tuple, Any, threading.Lock]] = {}
+# the lock every encode through it takes. An onnx model keeps the thread count of its first load
+# (one per process in practice: an actor's, or a search's).
+_MODELS: dict[tuple[str, str, str], tuple[tuple, Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
