@@ -42,10 +42,13 @@ def cache_root() -> Path:
 
 def export_key(fingerprint: str) -> str:
     """The cache folder's name for a model: its fingerprint plus what decides the exported bytes
-    (torch's version, the opset, this module's recipe)."""
+    (torch's and transformers' versions: the exporter and the traced modelling code; the opset;
+    this module's recipe)."""
     import torch
+    import transformers
 
-    recipe = json.dumps({"torch": torch.__version__, "opset": OPSET, "recipe": EXPORT_RECIPE}, sort_keys=True)
+    recipe = json.dumps({"torch": torch.__version__, "transformers": transformers.__version__, "opset": OPSET,
+                         "recipe": EXPORT_RECIPE}, sort_keys=True)
     return f"{fingerprint.removeprefix('sha256:')[:32]}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
