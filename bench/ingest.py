@@ -1,11 +1,14 @@
 """Ingest throughput against bare `SentenceTransformer.encode`, measured in the same run.
 
-    python bench/ingest.py [--docs 20000] [--work DIR]
+    python bench/ingest.py [--docs 20000] [--work DIR] [--sources stdlib,numpy] [--no-onnx-ingest]
 
 Builds N demo documents (docstrings of installed Python modules), then:
   1. bare:     one process, `SentenceTransformer.encode` of all N texts (all cores);
-  2. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does);
-  3. ingest again with the saved ranges (the main pass alone: read, encode, quantize, write).
+  2. bare onnx: the same texts through the onnx backend (onnxruntime, all cores; the export
+     to the cache, on first use, is not timed), and the share of int8 codes equal to torch's;
+  3. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does);
+  4. ingest again with the saved ranges (the main pass alone: read, encode, quantize, write);
+  5. calibrate + ingest end to end with `--backend onnx` (skipped with --no-onnx-ingest).
 Prints docs/s for each and the ratios against bare encoding.
 """
 from __future__ import annotations
@@ -21,24 +24,34 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import numpy as np  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 
 from jobs.demo import DemoConfig  # noqa: E402
 from jobs.demo import run as build_demo  # noqa: E402
 from jobs.ingest import run as ingest  # noqa: E402
 from workers.ingest.config import IngestConfig  # noqa: E402
-from workers.embedding.encoder import EncoderConfig, resolve_model  # noqa: E402
+from workers.embedding.encoder import Encoder, EncoderConfig, resolve_model  # noqa: E402
+from workers.embedding.quantizer import quantize  # noqa: E402
 
 
-def bare_encode(texts: list[str], batch_size: int) -> float:
+def bare_encode(texts: list[str], batch_size: int) -> tuple[float, np.ndarray]:
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = SentenceTransformer(str(resolve_model(None)), device="cpu")
     t0 = time.perf_counter()
-    model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
-    return time.perf_counter() - t0
+    emb = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    return time.perf_counter() - t0, emb
+
+
+def bare_onnx_encode(texts: list[str], batch_size: int) -> tuple[float, np.ndarray]:
+    """The onnx backend's encoder in this process (the same tokenizer, batching and pooling)."""
+    encoder = Encoder(EncoderConfig(batch_size=batch_size, backend="onnx", threads=os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    emb = encoder.encode(texts)
+    return time.perf_counter() - t0, emb
 
 
 def main() -> None:
@@ -47,16 +60,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--calibration-samples", type=int, default=10_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--sources", default=None,
+                   help="comma list of packages (or stdlib) to take docstrings from (default: the demo's)")
+    p.add_argument("--no-onnx-ingest", action="store_true", help="skip step 5 (the onnx backend's ingest)")
     a = p.parse_args()
     work = a.work or tempfile.mkdtemp(prefix="quantlake-bench-")
     lake = os.path.join(work, "lake")
-    build_demo(DemoConfig(dest=lake, docs=a.docs, files=8))
+    sources = {"sources": tuple(a.sources.split(","))} if a.sources else {}
+    build_demo(DemoConfig(dest=lake, docs=a.docs, files=8, **sources))
     texts = pads.dataset(lake, format="parquet").to_table(columns=["text"])["text"].to_pylist()
     n = len(texts)
     print(f"{n} documents, {os.cpu_count()} CPU cores, batch size {a.batch_size}", flush=True)
 
-    bare_s = bare_encode(texts, a.batch_size)
+    bare_s, emb = bare_encode(texts, a.batch_size)
     print(f"bare encode:         {n / bare_s:8.1f} docs/s  ({bare_s:.1f} s)", flush=True)
+    onnx_s, onnx_emb = bare_onnx_encode(texts, a.batch_size)
+    ranges_mm = np.stack([emb.min(0), emb.max(0)])
+    agree = float((quantize(onnx_emb, ranges_mm, "int8") == quantize(emb, ranges_mm, "int8")).mean())
+    print(f"bare encode, onnx:   {n / onnx_s:8.1f} docs/s  ({onnx_s:.1f} s); ratio onnx / torch "
+          f"{bare_s / onnx_s:.3f}; int8 codes equal to torch's (min-max ranges): {agree:.4%}", flush=True)
 
     enc = EncoderConfig(batch_size=a.batch_size)
     dest = os.path.join(work, "emb")
@@ -76,6 +98,14 @@ def main() -> None:
     print(f"ratio main pass / bare encode:   {bare_s / main_s:.3f}  (target >= 0.85)")
     print(f"ratio end to end / bare encode:  {bare_s / full_s:.3f}  "
           f"(calibration encodes {min(a.calibration_samples, n)} extra documents)")
+    if not a.no_onnx_ingest:
+        t0 = time.perf_counter()
+        ingest(IngestConfig(lake, os.path.join(work, "emb-onnx"), id_column="id", progress=False,
+                            encoder=EncoderConfig(batch_size=a.batch_size, backend="onnx"),
+                            calibration_samples=a.calibration_samples))
+        onnx_full_s = time.perf_counter() - t0
+        print(f"ingest end to end, onnx: {n / onnx_full_s:8.1f} docs/s  ({onnx_full_s:.1f} s); "
+              f"ratio onnx / torch end to end {full_s / onnx_full_s:.3f}")
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
 

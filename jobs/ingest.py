@@ -16,10 +16,10 @@ import numpy as np
 from jobs.common import add_storage_options, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
-from workers.vocab import DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
+from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
-from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
 from workers.ingest.pipeline import (calibrate, data_context, encode_and_write, encoder_cfg, encoder_pool, ray_init,
                                      scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
@@ -99,7 +99,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if parent is not None:
             read_version(dest_fs, dest_root, parent)
     model_path = resolve_model(cfg.encoder.model)
-    fingerprint = model_fingerprint(model_path)
+    fingerprint = encoder_fingerprint(model_path, cfg.encoder.backend)
     saved_ranges = None
     if cfg.ranges:
         saved_ranges = load_ranges(cfg.ranges, cfg.storage_options)
@@ -323,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=FLOAT_PRECISIONS, default="auto",
                    help="the model's float type: auto (fp16 on GPU encoders, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="what runs the model: torch, or onnx (onnxruntime on CPUs; needs quantlake[onnx])")
     p.add_argument("--encoder-actors", type=int, default=None)
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
@@ -337,7 +339,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
         return IngestConfig(
             source=a.source, dest=a.dest, text_column=a.text_column, id_column=a.id_column,
             encoder=EncoderConfig(model=a.model, batch_size=a.batch_size, normalize=not a.no_normalize,
-                                  device=a.device, precision=a.precision),
+                                  device=a.device, precision=a.precision, backend=a.backend),
             precisions=tuple(p.strip() for p in a.precisions.split(",") if p.strip()),
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,

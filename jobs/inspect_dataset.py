@@ -69,7 +69,8 @@ def report(dest: str, history: list[tuple[int, VersionManifest | str]], doc: Ver
     lines += [
         f"version {doc.number}{' (latest)' if doc.number == latest else ''}, "
         f"committed {doc.created_at} by writer {doc.writer}",
-        f"  model      {model.name} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}",
+        f"  model      {model.name} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}, "
+        f"backend {model.backend}",
         f"  ranges     {ranges.id} ({ranges.method}), {ranges.path}",
         f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)",
         f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "

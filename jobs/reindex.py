@@ -27,7 +27,7 @@ from typing import Any, Callable
 from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
-from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
+from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model, resolve_model_name
 from workers.ingest.config import IngestConfig
 from workers.ingest.planning import Float16Source
 from workers.ingest.steps import UnitFailed
@@ -85,8 +85,9 @@ class ReindexConfig:
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
-    """The ingest a reindex repeats: the latest version's model, columns, precisions and options;
-    its ranges unless `fresh` (calibrate anew, with the same calibration options)."""
+    """The ingest a reindex repeats: the latest version's model and encoder backend, columns,
+    precisions and options; its ranges unless `fresh` (calibrate anew, with the same calibration
+    options)."""
     o = latest.extra.get("options") or {}
     if not isinstance(o, dict):
         raise ValueError(f"version {latest.number}: options is {o!r}, expected an object")
@@ -97,7 +98,8 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
     return IngestConfig(
         source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
         encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
-                              normalize=latest.model.normalize, precision=o.get("precision", "auto")),
+                              normalize=latest.model.normalize, precision=o.get("precision", "auto"),
+                              backend=latest.model.backend),
         precisions=latest.precisions, calibration_samples=int(o.get("calibration_samples", 10_000)),
         range_method=o.get("range_method", latest.ranges.method or "minmax"),
         quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),
@@ -108,7 +110,7 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
 
 def same_model(model: str, latest: VersionManifest) -> bool:
     """Whether `model` (a folder or cached name) is the latest version's model, by fingerprint."""
-    return model_fingerprint(resolve_model(model)) == latest.model.fingerprint
+    return encoder_fingerprint(resolve_model(model), latest.model.backend) == latest.model.fingerprint
 
 
 def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:

@@ -24,6 +24,8 @@ SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 # The encoder model's float type; `auto` is fp16 on CUDA, fp32 on the CPU.
 FloatPrecision = Literal["auto", "fp32", "fp16", "bf16"]
+# What runs the model's transformer: torch, or onnxruntime on CPUs (workers/embedding/onnx_backend.py).
+Backend = Literal["torch", "onnx"]
 
 QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -34,9 +36,19 @@ SEARCH_INDEXES: tuple[str, ...] = get_args(SearchIndex)
 SEARCH_BACKENDS: tuple[str, ...] = get_args(SearchBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
 FLOAT_PRECISIONS: tuple[str, ...] = get_args(FloatPrecision)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # The one mapping between the CLI's index names and the manifest's.
 INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}
+# The one mapping between a backend and the suffix it adds to the model fingerprint a dataset
+# records (`workers/embedding/encoder.encoder_fingerprint`). torch adds none, so every dataset
+# written before backends existed keeps its fingerprint, and its shards their ids.
+FINGERPRINT_SUFFIX: dict[str, str] = {"torch": "", "onnx": "+onnx"}
+
+
+def backend_of(fingerprint: str) -> str:
+    """The backend a recorded model fingerprint names (`FINGERPRINT_SUFFIX`)."""
+    return "onnx" if fingerprint.endswith(FINGERPRINT_SUFFIX["onnx"]) else "torch"
 
 
 def check(value: object, allowed: tuple[str, ...], what: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from workers.ray_session import apply_worker_env, node_id
-from workers.vocab import DEVICES, FLOAT_PRECISIONS, Device, FloatPrecision, check
+from workers.vocab import BACKENDS, DEVICES, FINGERPRINT_SUFFIX, FLOAT_PRECISIONS, Backend, Device, FloatPrecision, check
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class EncoderConfig:
             actor runs on, never what Ray allots it, so the bits do not depend on the cluster).
         precision: the model's float type: `fp32`, `fp16`, `bf16`, or `auto` (fp16 on CUDA,
             fp32 on the CPU). The embeddings are float32 either way; their bits differ.
+        backend: what runs the transformer: `torch`, or `onnx` (onnxruntime, CPU only: for CPU
+            clusters; its int8 codes agree with torch's, see README "Encoder backends").
     """
 
     model: str | None = None
@@ -48,6 +50,7 @@ class EncoderConfig:
     device: Device = "auto"
     threads: int | None = None
     precision: FloatPrecision = "auto"
+    backend: Backend = "torch"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -56,6 +59,13 @@ class EncoderConfig:
         check(self.precision, FLOAT_PRECISIONS, "precision")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check(self.backend, BACKENDS, "backend")
+        if self.backend == "onnx" and self.device == "cuda":
+            raise ValueError("backend onnx runs on the CPU (onnxruntime's CPU provider), not on device cuda: "
+                             "use --backend torch for GPUs, or --device cpu")
+        if self.backend == "onnx" and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"backend onnx runs the model in fp32, not {self.precision}: use --precision fp32 "
+                             "(or auto) with --backend onnx")
 
     def resolved_precision(self, device: str) -> str:
         """The float type on `device` (`cuda` or `cpu`): `auto` is fp16 on CUDA, fp32 on the CPU."""
@@ -170,22 +180,32 @@ def model_fingerprint(path: Path) -> str:
     return fingerprint
 
 
-# Loaded models by (folder, device, precision): the files' state they were loaded from, the
-# model, and the lock every encode through it takes.
+def encoder_fingerprint(path: Path, backend: str = "torch") -> str:
+    """The fingerprint a dataset records for its model: `model_fingerprint(path)`, plus `+onnx` for
+    the onnx backend. The two backends' float bits differ slightly, so everything keyed by the
+    fingerprint (shard ids, range manifests, the search and reindex checks) tells them apart."""
+    check(backend, BACKENDS, "backend")
+    return model_fingerprint(path) + FINGERPRINT_SUFFIX[backend]
+
+
+# Loaded models by (folder, device, precision, backend): the files' state they were loaded from,
+# the model, and the lock every encode through it takes. An onnx model keeps the thread count of
+# its first load (one per process in practice: an actor's, or a search's).
 _MODELS: dict[tuple[str, str, str], tuple[tuple, Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _load_model(path: Path, device: str, precision: str = "fp32") -> tuple[Any, threading.Lock]:
-    """The model at `path` on `device` in `precision` (fp32, fp16, bf16), loaded once per
-    process, and the lock its users share.
+def _load_model(path: Path, device: str, precision: str = "fp32", backend: str = "torch",
+                threads: int | None = None) -> tuple[Any, threading.Lock]:
+    """The model at `path` on `device` in `precision` (fp32, fp16, bf16) with `backend`, loaded
+    once per process, and the lock its users share.
 
     Searches opened one after another in one process (a notebook, the test suite) reuse it
     instead of loading the weights again; a model folder whose files changed is loaded anew.
     A fast tokenizer refuses to be called from two threads at once ("Already borrowed"), hence
     the lock.
     """
-    key = (str(path), device, precision)
+    key = (str(path), device, precision, backend)
     state = _file_states(path, _model_files(path))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
@@ -193,8 +213,13 @@ def _load_model(path: Path, device: str, precision: str = "fp32") -> tuple[Any, 
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(path), device=device)
+            if backend == "onnx":
+                # Imported here only: nothing but an onnx encoder needs onnxruntime.
+                from workers.embedding.onnx_backend import attach, export_onnx
+
+                attach(model, export_onnx(model, model_fingerprint(path)), threads)
             # fp16/bf16 halve memory and double tensor-core throughput on a GPU.
-            if precision == "fp16":
+            elif precision == "fp16":
                 model.half()
             elif precision == "bf16":
                 import torch
@@ -246,7 +271,9 @@ class Encoder:
         import torch
 
         device = cfg.device
-        if device == "auto":
+        if cfg.backend == "onnx":
+            device = "cpu"  # onnxruntime's CPU provider runs the transformer; the rest is light
+        elif device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             # Ray sets a CPU actor's torch threads to its CPU allotment (OMP_NUM_THREADS), which
@@ -258,7 +285,8 @@ class Encoder:
         # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
         # halved (`encode`) and kept for this actor's later units.
         self.batch_size = cfg.batch_size
-        self.model, self._lock = _load_model(resolve_model(cfg.model), device, self.precision)
+        self.model, self._lock = _load_model(resolve_model(cfg.model), device, self.precision, cfg.backend,
+                                             cfg.threads or machine_threads())
         self.dim = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:

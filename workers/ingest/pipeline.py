@@ -43,7 +43,8 @@ def ray_init(cfg: IngestConfig) -> bool:
 
 
 def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
-    """Ray Data arguments for the encoder actor pool: one actor per GPU, else CPU actors."""
+    """Ray Data arguments for the encoder actor pool: one actor per GPU, else (or for the onnx
+    backend) CPU actors."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -55,7 +56,7 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     # arguments in the object store: Ray Data's own, kept alive by the pool); no option stops
     # it, so the ingest command's console drops that line (`jobs/console.py`).
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus and cfg.encoder.device != "cpu":
+    if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
         return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus,
                                              max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR),
                 "num_gpus": 1, "num_cpus": 1}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from workers.lake.storage import check_relpath
-from workers.vocab import FLOAT16, INDEX_TYPES, PRECISIONS, RANGE_METHODS
+from workers.vocab import BACKENDS, FLOAT16, INDEX_TYPES, PRECISIONS, RANGE_METHODS, backend_of
 
 VERSION_FORMAT = "quantlake.version/1"
 SIDECAR_FORMAT = "quantlake.shard/1"
@@ -350,15 +350,23 @@ def sidecar_json(record: ShardRecord) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model a version was encoded with."""
+    """The model a version was encoded with. `fingerprint` is the encoder's: the model files'
+    hash, plus `+onnx` when onnxruntime ran it (`backend`)."""
 
     name: str
     fingerprint: str
     dim: int
     normalize: bool
 
+    @property
+    def backend(self) -> str:
+        return backend_of(self.fingerprint)
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "fingerprint": self.fingerprint, "dim": self.dim, "normalize": self.normalize}
+        out = {"name": self.name, "fingerprint": self.fingerprint, "dim": self.dim, "normalize": self.normalize}
+        if self.backend != "torch":  # absent means torch: what every version written before it holds
+            out["backend"] = self.backend
+        return out
 
 
 @dataclass(frozen=True)
@@ -553,6 +561,10 @@ def validate(doc: Any, where: str, draft: bool = False) -> None:
     _need(_is_name(model.get("name")), where, f"model.name is {model.get('name')!r}, expected a model name")
     _need(_is_name(model.get("fingerprint")), where,
           f"model.fingerprint is {model.get('fingerprint')!r}, expected 'sha256:<hex>'")
+    backend = model.get("backend", "torch")
+    _need(backend in BACKENDS and backend == backend_of(model["fingerprint"]), where,
+          f"model.backend is {backend!r} for fingerprint {model['fingerprint']!r}, expected "
+          f"{backend_of(model['fingerprint'])!r} (the fingerprint ends in +onnx exactly for onnx)")
     dim = model.get("dim")
     _need(_is_count(dim) and dim > 0, where, f"model.dim is {dim!r}, expected a positive integer")
     _need(isinstance(model.get("normalize"), bool), where,

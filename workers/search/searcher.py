@@ -14,7 +14,7 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from workers.lake.dataset import open_version
 from workers.lake.records import VersionManifest
-from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model, resolve_model_name
+from workers.embedding.encoder import Encoder, EncoderConfig, encoder_fingerprint, resolve_model, resolve_model_name
 from workers.embedding.quantizer import quantize
 from workers.search.backends import RayShardGroups, ShardGroups, ThreadShardGroups
 from workers.search.rescore import hamming_scores, narrow_candidates, pool_sizes, top_by_score
@@ -103,7 +103,9 @@ def open_checked(url: str, version: int | None, storage_options, model: str | No
     else:
         name = ds.manifest.model.name
         path = resolve_model_name(name, f"version {ds.version} of {ds.url}")
-    check_dataset(ds.manifest, ranges, model_fingerprint(path), name)
+    # Queries are encoded exactly like the version's documents: with its backend too (the
+    # fingerprint records it), so the comparison is of the model's files alone.
+    check_dataset(ds.manifest, ranges, encoder_fingerprint(path, ds.manifest.model.backend), name)
     return ds, ranges, str(path)
 
 
@@ -199,9 +201,10 @@ class Searcher:
                    index=index, groups=groups)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Float32 query embeddings, by the version's model (loaded on first use)."""
+        """Float32 query embeddings, by the version's model and encoder backend (loaded on first use)."""
         if self._encoder is None:
-            self._encoder = Encoder(EncoderConfig(model=self.model, normalize=self._normalize))
+            self._encoder = Encoder(EncoderConfig(model=self.model, normalize=self._normalize,
+                                                  backend=self.manifest.model.backend))
         return self._encoder.encode(list(texts))
 
     def search(self, queries: str | Sequence[str], k: int = 10, **options) -> list[Hit] | list[list[Hit]]:
