@@ -12,6 +12,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Models exported for the onnx backend go to a cache of the test session's own, never the
+# user's (Ray workers and job subprocesses inherit it); removed at the end (`pytest_unconfigure`).
+_CACHE = None
+if "QUANTLAKE_CACHE" not in os.environ:
+    import tempfile
+
+    _CACHE = os.environ["QUANTLAKE_CACHE"] = tempfile.mkdtemp(prefix="quantlake-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if _CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 _MODULES = ["json", "collections", "os", "pathlib", "re", "string", "textwrap", "itertools",
             "functools", "datetime", "decimal", "fractions", "statistics", "random", "shutil",
