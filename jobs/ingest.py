@@ -12,14 +12,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
 from workers.vocab import DEVICES, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
-from workers.ingest.pipeline import calibrate, data_context, encode_and_write, encoder_pool, ray_init, scan
+from workers.ingest.pipeline import data_context, encode_and_write, encode_sample, encoder_pool, ranges_of, ray_init, scan
 from workers.ingest.planning import plan_units
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
@@ -28,6 +28,7 @@ from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
+from workers.search.fidelity import fidelity
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
                              read_version)
 
@@ -107,7 +108,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         rows_per_file, duplicates, sample = scan(wcfg, files)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
-        manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
+        manifest = saved_ranges or calibrated(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
@@ -115,8 +116,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        records, reused_shards = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
-                                                  sum(u.rows for u in plan.todo))
+        # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
+        records, reused_shards, probed = encode_and_write(
+            wcfg, plan.todo, pool, ranges_path, manifest.id, sum(u.rows for u in plan.todo),
+            probe=FIDELITY_PROBE_ROWS if base is not None else 0)
     finally:
         if started:
             import ray
@@ -133,6 +136,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     summary_extra: dict[str, Any] = {}
     if base is not None:
         drift = drift_of(new, manifest)
+        drift["fidelity"] = fidelity(probed, manifest.ranges, cfg.seed) if probed is not None and len(probed) >= 2 \
+            else None
         version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift})
         summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
     check_referenced_files(dest_fs, dest_root, version_doc)
@@ -141,7 +146,19 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     n = commit(dest_fs, dest_root, version_doc)
     url = manifest_url(cfg.dest, n)
     summary = _summary(version_doc, records, reused_shards, time.perf_counter() - t0, t_cal, url, n)
+    summary["fidelity"] = manifest.fidelity
     return IngestResult(n, url, {**summary, **summary_extra})
+
+
+# Rows of the newly encoded data a reindex re-measures the fidelity estimate on.
+FIDELITY_PROBE_ROWS = 1_000
+
+
+def calibrated(cfg: IngestConfig, sample, fingerprint: str, pool) -> RangeManifest:
+    """Calibrate on the scan's sample: the ranges, with the fidelity estimate measured on the sample."""
+    emb = encode_sample(cfg, sample, pool)
+    manifest = ranges_of(cfg, emb, fingerprint)
+    return replace(manifest, fidelity=fidelity(emb, manifest.ranges, cfg.seed))
 
 
 @dataclass(frozen=True)
@@ -263,9 +280,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s "
         f"(calibration {s['calibrate_s']} s; encode {s['encode_s']} s, quantize {s['quantize_s']} s, "
         f"write {s['write_s']} s summed over shards); {s['clipped_values']} values clipped",
-        f"ranges {s['ranges_id']}",
+        f"ranges {s['ranges_id']}" + (f"; {format_fidelity(s['fidelity'])}" if s.get("fidelity") else ""),
         f"manifest: {s['manifest']}",
     ])
+
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
@@ -277,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--id-column", default=None, help="default: <file>:<row>")
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary")
-    p.add_argument("--calibration-samples", type=int, default=10_000)
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="rows to calibrate on (default: a 20th of the lake's rows, 1,000 to 10,000)")
     p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax")
     p.add_argument("--quantiles", default="0.001,0.999", help="low,high for --range-method quantile")
     p.add_argument("--seed", type=int, default=0)
