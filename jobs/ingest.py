@@ -285,7 +285,6 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     """The config, and whether to print the summary as JSON."""
     p = argparse.ArgumentParser(prog="quantlake ingest", description=__doc__)

@@ -132,7 +132,7 @@ def test_reindex_measures_the_new_rows(small_dataset, docs, tmp_path):
     shutil.copytree(dest, tmp_path / "dest")
     out = reindex(ReindexConfig(str(tmp_path / "dest"), source=str(lake), progress=False))
     drift = out.summary["drift"]
-    assert out.summary["shards_added"] == 3 and drift["rows"] == 100
+    assert out.summary["rows_encoded"] == 100 and drift["rows"] == 100
     # All 100 new rows are probed (fewer than 1,000): 10 held out against the other 90.
     assert drift["fidelity"]["queries"] == 10 and drift["fidelity"]["k"] == 10
     assert out.summary["fidelity"] == result.summary["fidelity"]  # the ranges' own, unchanged
