@@ -105,3 +105,9 @@ def recorded_source(dataset_url: str, manifest: VersionManifest, without_lake: s
                          "never chooses what this job's credentials read: pass --source with the "
                          "source lake's URL")
     return url
+
+
+def format_fidelity(f: dict[str, Any]) -> str:
+    """One line of a fidelity estimate (`workers/search/fidelity.py`)."""
+    return (f"fidelity on {f['queries']} held-out sample queries: recall of float32's top {f['k']} "
+            f"{f['recall_int8']:.4f} int8, {f['recall_ubinary_int8']:.4f} ubinary + int8 rescoring (default search)")

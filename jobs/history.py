@@ -6,10 +6,11 @@ import json
 import sys
 from typing import Any
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
+from ranges.manifest import RangeManifest
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
-from workers.lake.storage import url_to_fs
+from workers.lake.storage import join, url_to_fs
 from workers.lake.versions import list_versions, read_version
 
 
@@ -30,9 +31,18 @@ def changes(before: VersionManifest | None, after: VersionManifest) -> dict[str,
     }
 
 
+def ranges_fidelity(fs, root: str, path: str) -> dict[str, Any] | None:
+    """The fidelity estimate stored with the range manifest at `path` (None: not measured, or the
+    manifest cannot be read: the history shows the versions anyway, and search says what is wrong)."""
+    try:
+        return RangeManifest.from_json(fs.cat_file(join(root, path)), where=path).fidelity
+    except (OSError, ValueError):
+        return None
+
+
 def history(fs, root: str) -> list[dict[str, Any]]:
     """One entry per committed version, ascending; an unreadable one says why."""
-    out, read = [], {}
+    out, read, fidelities = [], {}, {}
     for n in list_versions(fs, root):
         try:
             m = read[n] = read_version(fs, root, n)
@@ -44,6 +54,9 @@ def history(fs, root: str) -> list[dict[str, Any]]:
                  "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
                  "ranges": m.ranges.id, "model": m.model.name,
                  "rollback_of": m.extra.get("rollback_of"), "drift": m.extra.get("drift")}
+        if m.ranges.path not in fidelities:  # versions mostly share their ranges: read each once
+            fidelities[m.ranges.path] = ranges_fidelity(fs, root, m.ranges.path)
+        entry["fidelity"] = fidelities[m.ranges.path]
         if m.parent is None or parent is not None:
             entry["changes"] = changes(parent, m)
         out.append(entry)
@@ -66,10 +79,14 @@ def report(dest: str, entries: list[dict[str, Any]]) -> str:
             lines.append(f"    files +{len(c['files_added'])} ~{len(c['files_changed'])} -{len(c['files_removed'])}; "
                          f"shards +{c['shards_added']} -{c['shards_dropped']}"
                          + ("; new ranges" if c["ranges_changed"] else "") + ("; new model" if c["model_changed"] else ""))
+        if e.get("fidelity"):
+            lines.append(f"    ranges' {format_fidelity(e['fidelity'])}")
         d = e.get("drift")
         if d and d.get("rows"):
             lines.append(f"    drift: {d['clipped_share']:.4%} of the new data's values clipped "
                          f"(calibration sample {d['baseline_share']:.4%}) over {d['rows']} new rows")
+            if d.get("fidelity"):
+                lines.append(f"    new rows' {format_fidelity(d['fidelity'])}")
     return "\n".join(lines)
 
 

@@ -13,15 +13,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
 from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (calibrate, data_context, encode_and_write, encoder_cfg, encoder_pool, ray_init,
-                                     scan)
+from workers.ingest.pipeline import (data_context, encode_and_write, encode_sample, encoder_cfg, encoder_pool, ranges_of,
+                                     ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
@@ -30,6 +30,7 @@ from workers.lake.redact import redact_url
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
+from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
                                    list_versions, read_version, rebase_snapshot, rebase_unless_same)
 
@@ -119,7 +120,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         rows_per_file, duplicates, sample = scan(wcfg, files, pool)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
-        manifest = saved_ranges or calibrate(cfg, sample, fingerprint, pool)
+        manifest = saved_ranges or calibrated(cfg, sample, fingerprint, pool)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
@@ -131,8 +132,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         nodes: dict[str, Counter] = {}
-        records, written = encode_and_write(wcfg, plan.todo, pool, ranges_path, manifest.id,
-                                            sum(u.rows for u in plan.todo), plan.requantize, nodes=nodes)
+        # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
+        records, written, probed = encode_and_write(
+            wcfg, plan.todo, pool, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
+            nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0)
     finally:
         if started:
             import ray
@@ -149,6 +152,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     summary_extra: dict[str, Any] = {}
     if base is not None:
         drift = drift_of(new, manifest)
+        drift["fidelity"] = fidelity(probed, manifest.ranges, cfg.seed) if probed is not None and len(probed) >= 2 \
+            else None
         version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift})
         summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
     check_referenced_files(dest_fs, dest_root, version_doc)
@@ -165,7 +170,19 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     summary.update(rows_encoded=written.encoded_rows, rows_requantized=written.requantized_rows,
                    calibration_rows=0 if saved_ranges else manifest.sample_size)
     summary["nodes"] = {step: dict(sorted(count.items())) for step, count in sorted(nodes.items())}
+    summary["fidelity"] = manifest.fidelity
     return IngestResult(n, url, {**summary, **summary_extra})
+
+
+# Rows of the newly encoded data a reindex re-measures the fidelity estimate on.
+FIDELITY_PROBE_ROWS = 1_000
+
+
+def calibrated(cfg: IngestConfig, sample, fingerprint: str, pool) -> RangeManifest:
+    """Calibrate on the scan's sample: the ranges, with the fidelity estimate measured on the sample."""
+    emb = encode_sample(cfg, sample, pool)
+    manifest = ranges_of(cfg, emb, fingerprint)
+    return replace(manifest, fidelity=fidelity(emb, manifest.ranges, cfg.seed))
 
 
 @dataclass(frozen=True)
@@ -295,7 +312,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s "
         f"(calibration {s['calibrate_s']} s; encode {s['encode_s']} s, quantize {s['quantize_s']} s, "
         f"write {s['write_s']} s summed over shards); {s['clipped_values']} values clipped",
-        f"ranges {s['ranges_id']}",
+        f"ranges {s['ranges_id']}" + (f"; {format_fidelity(s['fidelity'])}" if s.get("fidelity") else ""),
         f"manifest: {s['manifest']}",
     ] + ([f"requantized {s['rows_requantized']} rows from their shards' float16 embeddings without the model; "
           f"encoded {s['rows_encoded']} (and {s['calibration_rows']} to calibrate)"]
@@ -312,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary,float16 (float16: keep the embeddings "
                         "at half width, so a recalibration requantizes shards without the model)")
-    p.add_argument("--calibration-samples", type=int, default=10_000)
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="rows to calibrate on (default: a 20th of the lake's rows, 1,000 to 10,000)")
     p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax")
     p.add_argument("--quantiles", default="0.001,0.999", help="low,high for --range-method quantile")
     p.add_argument("--seed", type=int, default=0)

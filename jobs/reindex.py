@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
+from jobs.common import add_storage_options, format_fidelity, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
 from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model, resolve_model_name
@@ -100,7 +100,7 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
         encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
                               normalize=latest.model.normalize, precision=o.get("precision", "auto"),
                               backend=latest.model.backend),
-        precisions=latest.precisions, calibration_samples=int(o.get("calibration_samples", 10_000)),
+        precisions=latest.precisions, calibration_samples=_samples(o.get("calibration_samples", 10_000)),
         range_method=o.get("range_method", latest.ranges.method or "minmax"),
         quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),
         ranges=None if fresh else join(cfg.dest, latest.ranges.path), ray_address=cfg.ray_address,
@@ -111,6 +111,11 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
 def same_model(model: str, latest: VersionManifest) -> bool:
     """Whether `model` (a folder or cached name) is the latest version's model, by fingerprint."""
     return encoder_fingerprint(resolve_model(model), latest.model.backend) == latest.model.fingerprint
+
+
+def _samples(recorded: Any) -> int | None:
+    """A version's recorded `calibration_samples`: a count, or null for the size chosen by the lake's."""
+    return None if recorded is None else int(recorded)
 
 
 def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:
@@ -260,6 +265,8 @@ def format_result(r: IngestResult) -> str:
     if drift.get("rows"):
         lines.append(f"drift: the ranges clip {drift['clipped_share']:.4%} of the new data's values "
                      f"(calibration sample: {drift['baseline_share']:.4%})")
+        if drift.get("fidelity"):
+            lines.append(f"new data's {format_fidelity(drift['fidelity'])}")
     return "\n".join(lines)
 
 

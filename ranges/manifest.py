@@ -33,6 +33,10 @@ class RangeManifest:
     sample_size: int
     seed: int
     created_at: str = field(default_factory=_now)
+    # The fidelity estimate measured at calibration (`workers/search/fidelity.py`), or None (not
+    # measured, or a manifest written before it existed). A report about the ranges, not part of
+    # what they are: like `created_at`, outside the id, so equal ranges keep one id either way.
+    fidelity: dict[str, Any] | None = None
 
     def __post_init__(self):
         r = self.ranges
@@ -54,6 +58,8 @@ class RangeManifest:
                              "embedding value ranges; recalibrate")
         if self.method not in RANGE_METHODS:
             raise ValueError(f"unknown range method {self.method!r}")
+        if self.fidelity is not None:
+            check_fidelity(self.fidelity)
 
     @property
     def dim(self) -> int:
@@ -102,7 +108,8 @@ class RangeManifest:
         return sha256_hex(canonical_json(self._content()))
 
     def to_json(self) -> bytes:
-        return pretty_json({**self._content(), "id": self.id, "created_at": self.created_at})
+        extra = {"fidelity": self.fidelity} if self.fidelity is not None else {}
+        return pretty_json({**self._content(), "id": self.id, "created_at": self.created_at, **extra})
 
     @classmethod
     def from_json(cls, data: bytes | str, where: str = "range manifest") -> "RangeManifest":
@@ -126,6 +133,7 @@ class RangeManifest:
                 sample_size=int(doc["sample_size"]),
                 seed=int(doc["seed"]),
                 created_at=doc.get("created_at", ""),
+                fidelity=doc.get("fidelity"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"invalid {where}: {exc}") from exc
@@ -134,3 +142,17 @@ class RangeManifest:
                              f"content ({manifest.id}); the file was altered or corrupted")
         return manifest
 
+
+
+FIDELITY_FIELDS = ("queries", "k", "recall_int8", "recall_ubinary_int8")
+
+
+def check_fidelity(f: Any) -> None:
+    """Raise ValueError unless `f` is a fidelity estimate: positive `queries` and `k`, recalls in [0, 1]."""
+    if not isinstance(f, dict) or set(f) != set(FIDELITY_FIELDS):
+        raise ValueError(f"fidelity must be an object with fields {', '.join(FIDELITY_FIELDS)}, got {f!r}")
+    counts_ok = all(isinstance(f[n], int) and not isinstance(f[n], bool) and f[n] >= 1 for n in ("queries", "k"))
+    recalls_ok = all(isinstance(f[n], (int, float)) and not isinstance(f[n], bool) and 0.0 <= f[n] <= 1.0
+                     for n in ("recall_int8", "recall_ubinary_int8"))
+    if not counts_ok or not recalls_ok:
+        raise ValueError(f"fidelity {f!r} holds a count below 1 or a recall outside [0, 1]")

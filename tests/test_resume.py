@@ -58,10 +58,10 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
     lost = []
 
     def lose_one_index(*args, **kwargs):  # after every shard is written, before the commit
-        records, reused = real(*args, **kwargs)
+        records, *rest = real(*args, **kwargs)
         lost.append(records[3].index)
         fs.rm_file(f"{root}/{lost[0]}")
-        return records, reused
+        return records, *rest
 
     monkeypatch.setattr(ingest, "encode_and_write", lose_one_index)
     with pytest.raises(IncompleteVersion, match="Nothing was committed") as failed:

@@ -20,7 +20,8 @@ class IngestConfig:
         text_column, id_column: source columns; without an id column, `<file>:<row>` is the id.
         encoder: model, batch size, normalisation, device.
         precisions: stored precisions; `ubinary` is always added (the index is built on it).
-        calibration_samples: rows sampled (by seed, from row ids) to calibrate the ranges.
+        calibration_samples: rows sampled (by seed, from row ids) to calibrate the ranges; None:
+            sized to the lake (`workers.ingest.scan.sample_size`).
         range_method, quantiles: how the sample becomes ranges.
         seed: sampling seed.
         ranges: URL of an existing range manifest to reuse instead of calibrating.
@@ -43,7 +44,7 @@ class IngestConfig:
     id_column: str | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     precisions: tuple[Precision, ...] = ("int8", "ubinary")
-    calibration_samples: int = 10_000
+    calibration_samples: int | None = None
     range_method: RangeMethod = "minmax"
     quantiles: tuple[float, float] = (0.001, 0.999)
     seed: int = 0
@@ -83,7 +84,7 @@ class IngestConfig:
         low, high = self.quantiles
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {self.quantiles}")
-        if self.ranges is None and self.calibration_samples < 2:
+        if self.ranges is None and self.calibration_samples is not None and self.calibration_samples < 2:
             raise ValueError("calibration needs at least 2 samples (--calibration-samples)")
         if self.unit_rows < 1:
             raise ValueError(f"unit_rows must be >= 1, got {self.unit_rows}")

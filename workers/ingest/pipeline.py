@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from ranges.manifest import RangeManifest
-from ranges.stats import PartialStats, merge_all, partial_stats, ranges_from
+from ranges.stats import partial_stats, ranges_from
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import Encoder, EncoderConfig
 from workers.ray_session import init_ray
-from workers.ingest.scan import Sample, find_duplicates
+from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size
 from workers.ingest.source import SourceError
 from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
 from workers.lake.records import Duplicate, ShardRecord, WorkUnit
@@ -138,8 +138,9 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     summary_refs = [r[0] for r in refs]
     del refs  # the partitions live on through dup_refs' tasks; the summaries are fetched below
-    sample = Sample(0 if cfg.ranges else cfg.calibration_samples)
+    sample = Sample(0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP)
     rows: list[int] = []
+    valid = 0
     try:
         # One file's summary at a time, merged and dropped: each holds up to a whole calibration
         # sample of texts, so fetching them all at once would hold files x samples texts in the
@@ -148,12 +149,16 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
             s = ray.get(summary_refs[i])
             summary_refs[i] = None  # frees the object once merged
             rows.append(s["rows"])
+            valid += s["valid"]
             sample = sample.merge(s["sample"])
     except ray.exceptions.RayTaskError as exc:
         # A file that cannot be read is bad input: its own SourceError (file and line), not Ray's wrapper.
         if isinstance(getattr(exc, "cause", None), SourceError):
             raise exc.cause from None
         raise
+    # The default size follows the lake's valid rows, known only now: scanned at the cap, then cut
+    # (the bottom-k of the bottom-cap is the bottom-k).
+    sample = sample.first(sample_size(cfg.calibration_samples, valid))
     duplicates: dict[int, list[Duplicate]] = {}
     for d in ray.get(dup_refs):
         for e in d:
@@ -164,6 +169,23 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
 
 def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[str, Any]) -> RangeManifest:
     """Encode the sample with the encoder actor pool and reduce its statistics to ranges."""
+    return ranges_of(cfg, encode_sample(cfg, sample, pool), fingerprint)
+
+
+def encode_sample(cfg: IngestConfig, sample: Sample, pool: dict[str, Any]) -> np.ndarray:
+    """The sample's float32 embeddings, in sample-key order, encoded by the encoder actor pool.
+
+    The texts are cut into chunks of `CALIBRATION_CHUNK_BATCHES` batches in key order, so each
+    is encoded beside the same neighbours whatever the number of actors. They come back to the
+    driver (10,000 x 384 float32 is 15 MB): the ranges and the fidelity estimate both need them.
+
+    The main pass encodes these texts again rather than reusing them: a text's float bits depend
+    on its batch neighbours (sentence-transformers sorts a call's texts by length, so the padding
+    differs between a calibration chunk and the text's work unit). Measured on 200 real documents
+    sampled from 400: 5 rows' float32 differed (by up to 1.4e-7) and 1 int8 value of 1 row, so a
+    shard built from reused embeddings would not be byte-identical to one from a run with saved
+    ranges (README, Benchmarks).
+    """
     import ray.data
 
     if len(sample.ids) < 2:
@@ -171,33 +193,23 @@ def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[st
                           "calibration needs at least 2 (or pass --ranges)")
     texts = sample.texts  # ordered by sample key: a fixed order independent of the cluster
     size = CALIBRATION_CHUNK_BATCHES * cfg.encoder.batch_size
-    chunks = [{"texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
-    keep = cfg.range_method == "quantile"
+    chunks = [{"chunk": i, "texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
     ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
-          .map(Encoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
-          .map(_stats_row, fn_kwargs={"keep": keep}, **cpu_task_args(pool)))
-    parts = [_row_stats(r) for r in ds.iter_rows()]
-    stats = merge_all(parts)
+          .map(Encoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool))
+    rows = sorted(ds.iter_rows(), key=lambda r: int(r["chunk"]))  # Ray Data may reorder rows
+    return np.concatenate([np.frombuffer(r["embeddings"], np.float32).reshape(-1, int(r["dim"])) for r in rows])
+
+
+def ranges_of(cfg: IngestConfig, embeddings: np.ndarray, fingerprint: str) -> RangeManifest:
+    """The range manifest of the sample's embeddings (the reducer's merge of one part: exact, so
+    equal to merging the chunks' statistics in any order)."""
+    keep = cfg.range_method == "quantile"
+    stats = partial_stats(embeddings, keep_values=keep)
     ranges = ranges_from(stats, cfg.range_method, cfg.quantiles)
     return RangeManifest(ranges=ranges, model_name=cfg.encoder.model_name, model_fingerprint=fingerprint,
                          normalize=cfg.encoder.normalize, method=cfg.range_method,
                          quantiles=tuple(cfg.quantiles) if keep else None,
                          sample_size=stats.count, seed=cfg.seed)
-
-
-def _stats_row(row: dict[str, Any], keep: bool) -> dict[str, Any]:
-    emb = np.frombuffer(row["embeddings"], np.float32).reshape(-1, int(row["dim"]))
-    s = partial_stats(emb, keep_values=keep)
-    out = {"count": s.count, "min": s.minimum.tobytes(), "max": s.maximum.tobytes(), "dim": s.dim}
-    out["values"] = s.values.tobytes() if keep else b""
-    return out
-
-
-def _row_stats(row: dict[str, Any]) -> PartialStats:
-    dim = int(row["dim"])
-    values = np.frombuffer(row["values"], np.float32).reshape(-1, dim) if row["values"] else None
-    return PartialStats(int(row["count"]), np.frombuffer(row["min"], np.float32),
-                        np.frombuffer(row["max"], np.float32), values)
 
 
 @dataclass(frozen=True)
@@ -213,7 +225,8 @@ class Written:
 
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path: str, ranges_id: str,
                      total_rows: int, requantize: Mapping[str, ShardRecord] | None = None,
-                     nodes: dict[str, Counter] | None = None) -> tuple[list[ShardRecord], Written]:
+                     nodes: dict[str, Counter] | None = None, probe: int = 0
+                     ) -> tuple[list[ShardRecord], Written, np.ndarray | None]:
     """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
 
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
@@ -227,6 +240,9 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     written, and the read step verified); a unit that fails for good raises UnitFailed naming it.
     `nodes`, when given, is filled with the units each step (`read`, `encode`, `write`) ran per
     Ray node id.
+    With `probe`, also the float32 embeddings of about `probe` of the encoded rows (None
+    without): the rows of smallest sample key, in key order, as the main pass encoded them
+    (`probe_threshold`).
     """
     import ray.data
     from tqdm import tqdm
@@ -238,9 +254,10 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
           .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5, **where)
           .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
-          .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id},
+          .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id,
+                                      "probe_below": probe_threshold(probe, total_rows)},
                num_cpus=0.5, **where))
-    records, reused, encoded, requantized = [], 0, 0, 0
+    records, reused, encoded, requantized, probed = [], 0, 0, 0, []
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:
         try:
@@ -256,13 +273,31 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
                     for step, node in json.loads(row["nodes"]).items():
                         if node is not None:
                             nodes.setdefault(step, Counter())[node] += 1
+                if row["probe"]:
+                    ids = json.loads(row["probe_ids"])
+                    emb = np.frombuffer(row["probe"], np.float32).reshape(len(ids), -1)
+                    probed += zip(np.frombuffer(row["probe_keys"], np.uint64).tolist(), ids, emb)
                 bar.update(rec.rows_read)
         except Exception as exc:
             failed = _unit_failure(exc)
             if failed is None:
                 raise
             raise UnitFailed(f"{failed.message}; nothing was committed") from exc
-    return sorted(records, key=lambda r: (r.source.file, r.source.row_start)), Written(reused, encoded, requantized)
+    probed = sorted(probed, key=lambda p: (p[0], p[1]))[:probe]  # the bottom-`probe`, as `Sample` orders it
+    sample = np.stack([p[2] for p in probed]) if probed else None
+    return (sorted(records, key=lambda r: (r.source.file, r.source.row_start)), Written(reused, encoded, requantized),
+            sample)
+
+
+def probe_threshold(rows: int, total_rows: int) -> int:
+    """The sample key below which about 1.25 x `rows` of `total_rows` rows fall (0: no probe).
+
+    Keys are uniform 64-bit hashes, so the share of rows below `t` is about `t / 2**64`; the
+    margin makes fewer than `rows` unlikely, and the driver keeps the `rows` smallest.
+    """
+    if rows <= 0 or total_rows <= 0:
+        return 0
+    return min(2 ** 64 - 1, int(2 ** 64 * min(1.0, 1.25 * rows / total_rows)))
 
 
 def _unit_failure(exc: BaseException | None) -> UnitFailed | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
-from workers.ingest.scan import FileScan, scan_rows
+from workers.ingest.scan import SAMPLE_CAP, FileScan, id_digests, sample_keys, scan_rows
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ShardRecord, SourceFile, WorkUnit
@@ -99,7 +99,7 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -
     root = source_root(fs, root, f)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
                for first, b in iter_batches(fs, root, f, _columns(cfg)))
-    k = 0 if cfg.ranges else cfg.calibration_samples
+    k = 0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP
     s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
     return ({"rows": s.rows, "valid": s.valid, "sample": s.sample}, *s.parts)
 
@@ -179,19 +179,34 @@ def _ranges(cfg: IngestConfig, path: str, ranges_id: str) -> RangeManifest:
     return _RANGES[key]
 
 
-def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> dict[str, Any]:
+def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str,
+               probe_below: int = 0) -> dict[str, Any]:
     """Quantize an encoded (or requantized) unit's embeddings, write its shard, then its sidecar
     (the mark of a complete shard); return the shard record as JSON, whether an earlier run had
     written it, whether it came from float16 embeddings rather than the encoder, and the nodes
-    each step ran on (`nodes`: read, encode, write; JSON)."""
+    each step ran on (`nodes`: read, encode, write; JSON).
+
+    With `probe_below`, also the float32 embeddings of the encoded rows whose sample key
+    (`sample_keys` of the id with `cfg.seed`) lies below it, with their keys and ids (`probe`,
+    `probe_keys`, `probe_ids`): the driver's sample of the newly encoded rows for the fidelity
+    re-measure. A function of the ids alone, so the same rows whatever the units; a reused or
+    requantized shard gives none.
+    """
     unit = UnitRows.from_row(row)
     nodes = json.dumps({"read": row.get("read_node"), "encode": row.get("encode_node"), "write": node_id()})
+    none = {"probe": b"", "probe_keys": b"", "probe_ids": "[]", "nodes": nodes}
     if unit.reused is not None:
-        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "requantized": False, "nodes": nodes}
+        return {"record": json.dumps(unit.reused.to_json()), "reused": True, "requantized": False, **none}
     with unit_step(unit.unit, "write"):
         record = _write(unit, row, cfg, ranges_path, ranges_id)
-        return {"record": json.dumps(record.to_json()), "reused": False, "requantized": unit.requantized,
-                "nodes": nodes}
+    out = {"record": json.dumps(record.to_json()), "reused": False, "requantized": unit.requantized, **none}
+    if probe_below and unit.ids and not unit.requantized:
+        keys = sample_keys(id_digests(list(unit.ids)), cfg.seed)
+        at = np.flatnonzero(keys < np.uint64(probe_below))
+        emb = np.frombuffer(row["embeddings"], dtype=np.float32).reshape(len(unit.ids), -1)
+        out.update(probe=emb[at].tobytes(), probe_keys=keys[at].tobytes(),
+                   probe_ids=json.dumps([unit.ids[i] for i in at]))
+    return out
 
 
 def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
