@@ -100,7 +100,7 @@ def replace_ranges(dest: Path, doc: dict, low: float, high: float) -> None:
     dim = r["ranges"]["shape"][1]
     bounds = np.stack([np.full(dim, low, "<f4"), np.full(dim, high, "<f4")])
     r["ranges"]["base64"] = base64.b64encode(bounds.tobytes()).decode()
-    r["id"] = sha256_hex(canonical_json({k: v for k, v in r.items() if k not in ("id", "created_at")}))
+    r["id"] = sha256_hex(canonical_json({k: v for k, v in r.items() if k not in ("id", "created_at", "fidelity")}))
     (dest / "ranges" / f"{r['id']}.json").write_bytes(pretty_json(r))
     doc["ranges"].update(id=r["id"], path=f"ranges/{r['id']}.json")
 

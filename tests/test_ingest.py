@@ -41,13 +41,13 @@ def _spy_calibration(mp) -> list[int]:
     """Record, per calibration the job runs, how many sampled texts it hands the encoders."""
     import jobs.ingest
 
-    calls, real = [], jobs.ingest.calibrate
+    calls, real = [], jobs.ingest.calibrated
 
     def spy(cfg, sample, fingerprint, pool):
         calls.append(len(sample.texts))
         return real(cfg, sample, fingerprint, pool)
 
-    mp.setattr(jobs.ingest, "calibrate", spy)
+    mp.setattr(jobs.ingest, "calibrated", spy)
     return calls
 
 

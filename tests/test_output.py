@@ -8,6 +8,7 @@ import pytest
 
 import jobs.ingest
 from jobs.cli import main as cli
+from jobs.common import format_fidelity
 
 from conftest import write_parquet_lake
 
@@ -84,7 +85,8 @@ def test_summary_figures_are_those_of_the_run(human, lake):
     assert tuple(map(float, m.groups()[:6])) == tuple(s[k] for k in ("docs_per_s", "wall_s", "calibrate_s",
                                                                       "encode_s", "quantize_s", "write_s"))
     assert int(m.group(7)) == s["clipped_values"]
-    assert lines[3] == f"ranges {s['ranges_id']}"
+    assert set(s["fidelity"]) == {"queries", "k", "recall_int8", "recall_ubinary_int8"}
+    assert lines[3] == f"ranges {s['ranges_id']}; {format_fidelity(s['fidelity'])}"
     assert lines[4] == f"manifest: {s['manifest']}" and s["manifest"] == str(lake / "dest" / "versions" / "00000001.json")
 
 

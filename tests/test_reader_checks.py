@@ -268,7 +268,7 @@ def test_inspect_shows_a_version_beside_unreadable_ones(copy_dataset, capsys):
     assert cli(["inspect", str(copy_dataset)]) == 2  # the version asked for (the latest) must be sound
     err = capsys.readouterr().err.splitlines()
     assert err == [f"quantlake inspect: error: version 4 (versions/00000004.json): precisions is None, "
-                   "expected distinct names of int8, uint8, binary, ubinary including ubinary (the shard "
+                   "expected distinct names of int8, uint8, binary, ubinary, float16 including ubinary (the shard "
                    "indexes are built on it)"]
 
 

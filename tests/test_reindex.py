@@ -73,7 +73,7 @@ def lake(tmp_path_factory, docs, ray_session):
     return base, raw, dest
 
 
-def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs):
+def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs, caplog):
     base, raw, dest = lake
     # A new file sorting between part-1 and part-2 that holds part-3's row 4 id (so that row
     # becomes a duplicate and part-3's shard changes), a rewritten part-2, a deleted part-4.
@@ -81,8 +81,10 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs)
     _write(raw, "part-2.parquet", docs[210:210 + ROWS])
     (raw / "part-4.parquet").unlink()
 
-    result = reindex(ReindexConfig(str(dest), progress=False))
+    # Drift past the threshold without --recalibrate-on-drift: a warning, and the saved ranges stay.
+    result = reindex(ReindexConfig(str(dest), drift_threshold=0.0, progress=False))
     assert result.version == 2
+    assert "drift: the saved ranges clip" in caplog.text and "rerun with --recalibrate" in caplog.text
     s = result.summary
     assert (s["mode"], s["rows_scanned"], s["rows_encoded"]) == ("incremental", 4 * ROWS + 6, 6 + 2 * ROWS)
     assert (s["shards_carried"], s["shards_added"], s["shards_dropped"]) == (2, 3, 3)

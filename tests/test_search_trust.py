@@ -13,7 +13,7 @@ import workers.search.searcher as searcher_module
 import jobs.search as search_job
 import workers.ingest.source as source_module
 from jobs.cli import main as cli
-from workers.embedding.encoder import model_fingerprint, resolve_model
+from workers.embedding.encoder import encoder_fingerprint, resolve_model
 from workers.embedding.quantizer import quantize
 from workers.search.rescore import int8_query, int8_scores
 from jobs.common import on_dataset_storage
@@ -34,11 +34,11 @@ def hashed(monkeypatch):
     """Every folder search fingerprints (an observation: the real function still runs)."""
     seen = []
 
-    def spy(path):
+    def spy(path, backend="torch"):
         seen.append(str(path))
-        return model_fingerprint(path)
+        return encoder_fingerprint(path, backend)
 
-    monkeypatch.setattr(searcher_module, "model_fingerprint", spy)
+    monkeypatch.setattr(searcher_module, "encoder_fingerprint", spy)
     return seen
 
 
