@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from isolated import Job
-from jobs.ingest import run as ingest
+from jobs.ingest import IngestResult, run as ingest
+from jobs.reindex import format_result
 from lakes import ingest_cfg, s3_lake
 from test_rerun import _content
 from workers.lake.storage import url_to_fs
@@ -41,6 +42,9 @@ def test_two_overlapping_reindex_processes_commit_the_change_once(docs, tmp_path
     won, lost = results
     assert (won["version"], won["shards_added"], won["rows_encoded"]) == (2, 1, 20)
     assert (lost["version"], lost["committed"], lost["committed_meanwhile"]) == (None, False, 2)
+    shown = format_result(IngestResult(None, None, {**lost, "mode": "incremental"}))
+    assert shown == ("version 2, committed meanwhile by another run, already holds this change: nothing committed "
+                     "(20 rows to encode of 60 scanned; shards: 2 carried over, 1 added, 0 dropped)")
 
     fs, root = url_to_fs(dest, options)
     assert list_versions(fs, root) == [1, 2]

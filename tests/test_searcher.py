@@ -26,10 +26,11 @@ def datasets(tmp_path_factory, docs, ray_session):
     """The same 150 documents as 3 shards and as 1; batch size 1 makes vectors batch-independent."""
     root = tmp_path_factory.mktemp("search")
     write_parquet_lake(root / "lake", docs[:150], files=1, row_group_size=25)
-    out = {}
-    for name, unit in (("multi", 50), ("one", 1000)):
-        run(IngestConfig(str(root / "lake"), str(root / name), id_column="id", calibration_samples=150,
-                         unit_rows=unit, encoder=EncoderConfig(batch_size=1), progress=False))
+    out, ranges = {}, None
+    for name, unit in (("multi", 50), ("one", 1000)):  # the second with the first's ranges: no second calibration
+        result = run(IngestConfig(str(root / "lake"), str(root / name), id_column="id", calibration_samples=150,
+                                  unit_rows=unit, encoder=EncoderConfig(batch_size=1), progress=False, ranges=ranges))
+        ranges = str(root / name / "ranges" / f"{result.summary['ranges_id']}.json")
         out[name] = root / name
     with Searcher.open(str(out["multi"])) as s:
         out["q"] = s.encode([t for _, t in docs[:150]])
