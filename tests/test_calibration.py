@@ -26,7 +26,9 @@ def sampled(tmp_path_factory, docs, ray_session):
     return cfg, sample, model_fingerprint(resolve_model(None))
 
 
-@pytest.mark.parametrize("method", ["minmax", "quantile"])
+# One method: the actors only encode (the sample's embeddings come back to the driver, which
+# reduces them to ranges by either method), so what depends on the actor count is the same.
+@pytest.mark.parametrize("method", ["quantile"])
 def test_same_ranges_with_one_or_two_encoder_actors(sampled, method, monkeypatch, tmp_path):
     cfg, sample, fp = sampled
     log = tmp_path / "encoded.log"
