@@ -1,6 +1,6 @@
 """Ingest throughput against bare `SentenceTransformer.encode`, measured in the same run.
 
-    python bench/ingest.py [--docs 20000] [--work DIR] [--sources stdlib,numpy] [--no-onnx-ingest]
+    python bench/ingest.py [--docs 20000] [--work DIR] [--sources stdlib,numpy] [--no-onnx-ingest | --no-onnx]
 
 Builds N demo documents (docstrings of installed Python modules), then:
   1. bare:     one process, `SentenceTransformer.encode` of all N texts (all cores);
@@ -8,7 +8,8 @@ Builds N demo documents (docstrings of installed Python modules), then:
      to the cache, on first use, is not timed), and the share of int8 codes equal to torch's;
   3. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does);
   4. ingest again with the saved ranges (the main pass alone: read, encode, quantize, write);
-  5. calibrate + ingest end to end with `--backend onnx` (skipped with --no-onnx-ingest).
+  5. calibrate + ingest end to end with `--backend onnx` (skipped with --no-onnx-ingest;
+     --no-onnx skips steps 2 and 5).
 Prints docs/s for each and three ratios: main pass / bare, end to end / bare, and calibration's
 share of the end-to-end time (with the calibration sample's size and fidelity estimate).
 """
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--sources", default=None,
                    help="comma list of packages (or stdlib) to take docstrings from (default: the demo's)")
     p.add_argument("--no-onnx-ingest", action="store_true", help="skip step 5 (the onnx backend's ingest)")
+    p.add_argument("--no-onnx", action="store_true", help="skip steps 2 and 5 (the onnx backend altogether)")
     a = p.parse_args()
     work = a.work or tempfile.mkdtemp(prefix="quantlake-bench-")
     lake = os.path.join(work, "lake")
@@ -77,11 +79,12 @@ def main() -> None:
 
     bare_s, emb = bare_encode(texts, a.batch_size)
     print(f"bare encode:         {n / bare_s:8.1f} docs/s  ({bare_s:.1f} s)", flush=True)
-    onnx_s, onnx_emb = bare_onnx_encode(texts, a.batch_size)
-    ranges_mm = np.stack([emb.min(0), emb.max(0)])
-    agree = float((quantize(onnx_emb, ranges_mm, "int8") == quantize(emb, ranges_mm, "int8")).mean())
-    print(f"bare encode, onnx:   {n / onnx_s:8.1f} docs/s  ({onnx_s:.1f} s); ratio onnx / torch "
-          f"{bare_s / onnx_s:.3f}; int8 codes equal to torch's (min-max ranges): {agree:.4%}", flush=True)
+    if not a.no_onnx:
+        onnx_s, onnx_emb = bare_onnx_encode(texts, a.batch_size)
+        ranges_mm = np.stack([emb.min(0), emb.max(0)])
+        agree = float((quantize(onnx_emb, ranges_mm, "int8") == quantize(emb, ranges_mm, "int8")).mean())
+        print(f"bare encode, onnx:   {n / onnx_s:8.1f} docs/s  ({onnx_s:.1f} s); ratio onnx / torch "
+              f"{bare_s / onnx_s:.3f}; int8 codes equal to torch's (min-max ranges): {agree:.4%}", flush=True)
 
     enc = EncoderConfig(batch_size=a.batch_size)
     dest = os.path.join(work, "emb")
@@ -107,7 +110,7 @@ def main() -> None:
     if fid:
         print(f"fidelity on {fid['queries']} held-out sample queries: recall@{fid['k']} int8 "
               f"{fid['recall_int8']:.4f}, ubinary + int8 rescoring {fid['recall_ubinary_int8']:.4f}")
-    if not a.no_onnx_ingest:
+    if not (a.no_onnx_ingest or a.no_onnx):
         t0 = time.perf_counter()
         ingest(IngestConfig(lake, os.path.join(work, "emb-onnx"), id_column="id", progress=False,
                             encoder=EncoderConfig(batch_size=a.batch_size, backend="onnx"),

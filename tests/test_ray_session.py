@@ -156,3 +156,34 @@ def test_a_submitted_jobs_own_env_vars_are_not_set_twice():
     assert "HF_HUB_OFFLINE" not in mine and set(mine) == set(WORKER_ENV) - {"HF_HUB_OFFLINE"}
     assert _merge_runtime_env(job["runtime_env"], {"env_vars": mine})["env_vars"] == {**mine, **job["runtime_env"]["env_vars"]}
     assert worker_env({}) == WORKER_ENV == worker_env({"RAY_JOB_CONFIG_JSON_ENV_VAR": "not json"})
+
+
+_PROBE = """
+import json, os, ray
+from workers.ray_session import WORKER_ENV, init_ray
+before = {k: os.environ.get(k) for k in WORKER_ENV}
+assert init_ray(None)
+seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).remote())
+node = ray._private.worker.global_worker.node
+print(json.dumps({"before": before, "after": {k: os.environ.get(k) for k in WORKER_ENV}, "worker": seen,
+                  "webui": node.address_info.get("webui_url"), "job_env": ray.get_runtime_context().runtime_env}))
+ray.shutdown()
+"""
+
+
+def test_a_local_instance_gives_its_workers_the_env_and_starts_no_dashboard(tmp_path, monkeypatch):
+    from workers.ray_session import WORKER_ENV, local_dashboard
+
+    monkeypatch.delenv("QUANTLAKE_RAY_DASHBOARD", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own value wins
+    for k in set(WORKER_ENV) - {"TRANSFORMERS_VERBOSITY"}:
+        monkeypatch.delenv(k, raising=False)
+    with Job(["-c", _PROBE], tmp_path) as job:
+        rc, out, err = job.run(timeout_s=240)
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["worker"] == {**WORKER_ENV, "TRANSFORMERS_VERBOSITY": "info"}
+    assert got["before"] == got["after"] == {**{k: None for k in WORKER_ENV}, "TRANSFORMERS_VERBOSITY": "info"}
+    assert not got["webui"] and not got["job_env"].get("env_vars")  # no dashboard; no runtime env to set up
+    assert [local_dashboard(e) for e in ({}, {"QUANTLAKE_RAY_DASHBOARD": "0"}, {"QUANTLAKE_RAY_DASHBOARD": "1"})] == \
+        [False, False, True]
