@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/quantlake search lake/emb --neighbours-of 3
 
 test: setup
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(BIN)/python bench/quantize.py
