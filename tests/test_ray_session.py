@@ -172,9 +172,9 @@ ray.shutdown()
 
 
 def test_a_local_instance_gives_its_workers_the_env_and_starts_no_dashboard(tmp_path, monkeypatch):
-    from workers.ray_session import WORKER_ENV, local_dashboard
+    from workers.ray_session import DASHBOARD_ENV, WORKER_ENV, local_dashboard
 
-    monkeypatch.delenv("QUANTLAKE_RAY_DASHBOARD", raising=False)
+    monkeypatch.delenv(DASHBOARD_ENV, raising=False)
     for k in WORKER_ENV:
         monkeypatch.delenv(k, raising=False)
     with Job(["-c", _PROBE], tmp_path) as job:
@@ -184,5 +184,4 @@ def test_a_local_instance_gives_its_workers_the_env_and_starts_no_dashboard(tmp_
     assert got["worker"] == WORKER_ENV  # through the job's runtime env
     assert got["before"] == got["after"] == {k: None for k in WORKER_ENV}  # the driver's own is left alone
     assert not got["webui"]  # no dashboard
-    assert [local_dashboard(e) for e in ({}, {"QUANTLAKE_RAY_DASHBOARD": "0"}, {"QUANTLAKE_RAY_DASHBOARD": "1"})] == \
-        [False, False, True]
+    assert [local_dashboard(e) for e in ({}, {DASHBOARD_ENV: "0"}, {DASHBOARD_ENV: "1"})] == [False, False, True]
