@@ -38,8 +38,12 @@ class EncoderConfig:
         device: `auto` uses CUDA when the actor was given a GPU, else the CPU.
         threads: torch intra-op threads per actor on CPU (None: the cores of the machine the
             actor runs on, never what Ray allots it, so the bits do not depend on the cluster).
-        precision: the model's float type: `fp32`, `fp16`, `bf16`, or `auto` (fp16 on CUDA,
-            fp32 on the CPU). The embeddings are float32 either way; their bits differ.
+        precision: the float type of the model's matrix products: `fp32`, `fp16`, `bf16`, or
+            `auto` (fp16 on CUDA, fp32 on the CPU). fp16 and bf16 run the fp32 model under
+            `torch.autocast` (half-precision matrix products on tensor cores, fp32 layer norms,
+            softmax and pooling), which keeps more int8 codes equal to fp32's than casting the
+            weights (`model.half()`; figures in README, `--precision`).
+            The embeddings are float32 either way; their bits differ.
         backend: what runs the transformer: `torch`, or `onnx` (onnxruntime, CPU only: for CPU
             clusters; its int8 codes agree with torch's, see README "Encoder backends").
     """
@@ -188,24 +192,24 @@ def encoder_fingerprint(path: Path, backend: str = "torch") -> str:
     return model_fingerprint(path) + FINGERPRINT_SUFFIX[backend]
 
 
-# Loaded models by (folder, device, precision, backend): the files' state they were loaded from,
+# Loaded models by (folder, device, backend): the files' state they were loaded from,
 # the model, and the lock every encode through it takes. An onnx model keeps the thread count of
 # its first load (one per process in practice: an actor's, or a search's).
 _MODELS: dict[tuple[str, str, str], tuple[tuple, Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _load_model(path: Path, device: str, precision: str = "fp32", backend: str = "torch",
+def _load_model(path: Path, device: str, backend: str = "torch",
                 threads: int | None = None) -> tuple[Any, threading.Lock]:
-    """The model at `path` on `device` in `precision` (fp32, fp16, bf16) with `backend`, loaded
-    once per process, and the lock its users share.
+    """The model at `path` on `device` with `backend`, its weights in fp32 (fp16 and bf16 are
+    autocast per call), loaded once per process, and the lock its users share.
 
     Searches opened one after another in one process (a notebook, the test suite) reuse it
     instead of loading the weights again; a model folder whose files changed is loaded anew.
     A fast tokenizer refuses to be called from two threads at once ("Already borrowed"), hence
     the lock.
     """
-    key = (str(path), device, precision, backend)
+    key = (str(path), device, backend)
     state = _file_states(path, _model_files(path))
     with _MODELS_LOCK:
         cached = _MODELS.get(key)
@@ -218,13 +222,6 @@ def _load_model(path: Path, device: str, precision: str = "fp32", backend: str =
                 from workers.embedding.onnx_backend import attach, export_onnx
 
                 attach(model, export_onnx(model, model_fingerprint(path)), threads)
-            # fp16/bf16 halve memory and double tensor-core throughput on a GPU.
-            elif precision == "fp16":
-                model.half()
-            elif precision == "bf16":
-                import torch
-
-                model.to(torch.bfloat16)
             cached = _MODELS[key] = (state, model, threading.Lock())
     return cached[1], cached[2]
 
@@ -285,7 +282,7 @@ class Encoder:
         # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
         # halved (`encode`) and kept for this actor's later units.
         self.batch_size = cfg.batch_size
-        self.model, self._lock = _load_model(resolve_model(cfg.model), device, self.precision, cfg.backend,
+        self.model, self._lock = _load_model(resolve_model(cfg.model), device, cfg.backend,
                                              cfg.threads or machine_threads())
         self.dim = self.model.get_embedding_dimension()
 
@@ -313,13 +310,25 @@ class Encoder:
                 start += len(idx)
         return out
 
+    def _autocast(self):
+        """fp16/bf16: torch.autocast on the encoder's device; fp32: nothing."""
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32" or self.cfg.backend != "torch":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device,
+                              dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
+
     def _encode_batch(self, batch: list[str]) -> np.ndarray | None:
         """One forward pass; None after a CUDA out-of-memory error, with the batch size halved."""
         import torch
 
         try:
-            emb = self.model.encode(batch, batch_size=len(batch), normalize_embeddings=self.cfg.normalize,
-                                    convert_to_numpy=True, show_progress_bar=False)
+            with self._autocast():
+                emb = self.model.encode(batch, batch_size=len(batch), normalize_embeddings=self.cfg.normalize,
+                                        convert_to_numpy=True, show_progress_bar=False)
         except torch.cuda.OutOfMemoryError as exc:
             if len(batch) == 1:
                 raise BatchTooLarge(

@@ -79,7 +79,9 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
     if float_precision in ("fp16", "bf16"):
         # Likewise only then: fp32 shards keep the names they had before the field existed.
-        key["float"] = float_precision
+        # "autocast": how the encoder computes in that type (the model's weights cast to it
+        # gave other bits, so shards from that time are never reused as these).
+        key["float"] = f"{float_precision}/autocast"
     return sha256_hex(canonical_json(key))[:32]
 
 
