@@ -20,8 +20,8 @@ from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANG
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (data_context, encode_and_write, encode_sample, encoder_cfg, encoder_pool, ranges_of,
-                                     ray_init, scan)
+from workers.ingest.pipeline import (Encoders, data_context, encode_and_write, encode_sample, encoder_cfg, encoder_pool,
+                                     ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
@@ -107,6 +107,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         saved_ranges.check_for(fingerprint, model_name=cfg.encoder.model_name, normalize=cfg.encoder.normalize,
                          where=f"range manifest {cfg.ranges}")
     started = ray_init(cfg)
+    encoders = None
     try:
         data_context(cfg)
         pool = encoder_pool(cfg)
@@ -120,7 +121,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         rows_per_file, duplicates, sample = scan(wcfg, files, pool)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
-        manifest = saved_ranges or calibrated(cfg, sample, fingerprint, pool)
+        if saved_ranges is None:
+            # One set of encoder actors for the calibration and the main pass: each loads the model once.
+            encoders = Encoders(cfg, pool)
+        manifest = saved_ranges or calibrated(cfg, sample, fingerprint, encoders)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
         units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
@@ -131,12 +135,15 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
+        encoders = encoders or Encoders(cfg, pool)
         nodes: dict[str, Counter] = {}
         # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
         records, written, probed = encode_and_write(
-            wcfg, plan.todo, pool, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
+            wcfg, plan.todo, pool, encoders, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
             nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0)
     finally:
+        if encoders is not None:
+            encoders.stop()
         if started:
             import ray
 
@@ -178,9 +185,9 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
 FIDELITY_PROBE_ROWS = 1_000
 
 
-def calibrated(cfg: IngestConfig, sample, fingerprint: str, pool) -> RangeManifest:
+def calibrated(cfg: IngestConfig, sample, fingerprint: str, encoders: Encoders) -> RangeManifest:
     """Calibrate on the scan's sample: the ranges, with the fidelity estimate measured on the sample."""
-    emb = encode_sample(cfg, sample, pool)
+    emb = encode_sample(cfg, sample, encoders)
     manifest = ranges_of(cfg, emb, fingerprint)
     return replace(manifest, fidelity=fidelity(emb, manifest.ranges, cfg.seed))
 

@@ -23,7 +23,7 @@ N_DOCS = 160  # 2 files of 80 rows: 8 units
 
 
 def _encoder_actor() -> dict | None:
-    """The live actor of the main pass's encoder pool (Ray Data names its process after the UDF)."""
+    """The live encoder actor of the running job (Ray names its process after the class)."""
     # The state API (ray.util.state) needs the dashboard, which the test session's Ray does not run.
     from ray._private.state import actors
 
@@ -32,7 +32,7 @@ def _encoder_actor() -> dict | None:
             continue
         try:
             with open(f"/proc/{a['Pid']}/cmdline", "rb") as f:
-                if b"_UnitEncoder" in f.read():
+                if b"EncoderActor" in f.read():
                     return a
         except OSError:
             continue

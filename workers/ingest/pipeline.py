@@ -1,8 +1,10 @@
 """The ingest job on Ray: scan, calibrate, and the streaming read -> encode -> write pass.
 
-Ray Data wires the main pass and the calibration (streaming executor, actor pool,
-backpressure, retries); the scan's dedupe shuffle uses Ray Core tasks (see `scan`). The
-steps themselves are plain functions in `workers/ingest/steps.py`.
+The encoder actors (`Encoders`, Ray Core) are started once per job and serve both the
+calibration and the main pass, so each loads the model once. Ray Data wires the main pass
+(streaming executor, backpressure, task retries): its tasks read a unit, hand its texts to an
+encoder actor and write the shard; the scan's dedupe shuffle uses Ray Core tasks (see `scan`).
+The steps themselves are plain functions in `workers/ingest/steps.py`.
 """
 from __future__ import annotations
 
@@ -29,9 +31,6 @@ from workers.lake.records import Duplicate, ShardRecord, WorkUnit
 # so each sampled text is always encoded beside the same neighbours (padding changes the
 # float bits) whatever the number of actors.
 CALIBRATION_CHUNK_BATCHES = 4
-# Units queued at each encoder actor beside the one it encodes: their rows are already read and
-# moved to the actor's node when it finishes a unit, so the GPU does not wait on the next read.
-UNITS_IN_FLIGHT_PER_ACTOR = 2
 # The label every Ray node carries with its id; CPU tasks select nodes by it (`cpu_task_args`).
 NODE_ID_LABEL = "ray.io/node-id"
 
@@ -43,26 +42,73 @@ def ray_init(cfg: IngestConfig) -> bool:
 
 
 def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
-    """Ray Data arguments for the encoder actor pool: one actor per GPU, else (or for the onnx
-    backend) CPU actors."""
+    """The encoder actors' number (`actors`) and what each holds: one actor per GPU with one
+    GPU and one CPU, else (or for the onnx backend) CPU actors of one CPU."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    # Ray Data restarts a dead actor and retries its unit (its actor pools default to
-    # max_restarts=-1, max_task_retries=-1; tests/test_faults.py kills one to hold it to that).
-    # Not passed explicitly: extra remote args to map() are deprecated from Ray 2.60.
-    # Encoding is a pure function of the unit, so the retry gives the same bytes.
-    # Ray Core logs an ERROR on the driver's stderr for such an actor (restarts, and constructor
-    # arguments in the object store: Ray Data's own, kept alive by the pool); no option stops
-    # it, so the ingest command's console drops that line (`jobs/console.py`).
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
-        return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or gpus,
-                                             max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR),
-                "num_gpus": 1, "num_cpus": 1}
-    return {"compute": ActorPoolStrategy(size=cfg.encoder_actors or 1,
-                                         max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT_PER_ACTOR),
-            "num_cpus": 1}
+        return {"actors": cfg.encoder_actors or gpus, "num_gpus": 1, "num_cpus": 1}
+    return {"actors": cfg.encoder_actors or 1, "num_cpus": 1}
+
+
+class EncoderActor(Encoder):
+    """An encoder actor of the job: `Encoder` with a method per kind of work."""
+
+    def dimension(self) -> int:
+        return self.dim
+
+    def encode_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A calibration chunk (`texts`) with its embeddings (`Encoder.__call__`)."""
+        return self(row)
+
+    def encode_unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A work unit's row with its embeddings; a failure names the unit."""
+        with unit_step(WorkUnit.from_json(row["unit"]), "encode"):
+            return self(row)
+
+
+class Encoders:
+    """The job's encoder actors, started once and used by the calibration and the main pass.
+
+    Ray Core actors, not a Ray Data actor pool: a Ray Data pool lives for one dataset, so the
+    calibration's and the main pass's would each start processes and load the model (about 4 s
+    of a CPU per actor here, importing torch and sentence-transformers). Each is restarted by Ray
+    if its process dies, and the calls it had are run again on the new one (`max_restarts=-1`,
+    `max_task_retries=-1`; tests/test_faults.py kills one): encoding is a pure function of the
+    texts, so a retry gives the same bytes. `stop` (or leaving the `with` block) kills them.
+    """
+
+    def __init__(self, cfg: IngestConfig, pool: dict[str, Any]):
+        import ray
+
+        remote = ray.remote(EncoderActor).options(
+            num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0), max_restarts=-1, max_task_retries=-1)
+        ecfg = encoder_cfg(cfg, pool)
+        self.actors = [remote.remote(ecfg) for _ in range(pool["actors"])]
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        """The model's embedding dimension (waits for the first actor to have loaded it)."""
+        import ray
+
+        if self._dim is None:
+            self._dim = int(ray.get(self.actors[0].dimension.remote()))
+        return self._dim
+
+    def stop(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> "Encoders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def cpu_task_args(pool: dict[str, Any]) -> dict[str, Any]:
@@ -168,12 +214,13 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
 
 
 def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[str, Any]) -> RangeManifest:
-    """Encode the sample with the encoder actor pool and reduce its statistics to ranges."""
-    return ranges_of(cfg, encode_sample(cfg, sample, pool), fingerprint)
+    """Encode the sample with encoder actors of their own and reduce its statistics to ranges."""
+    with Encoders(cfg, pool) as encoders:
+        return ranges_of(cfg, encode_sample(cfg, sample, encoders), fingerprint)
 
 
-def encode_sample(cfg: IngestConfig, sample: Sample, pool: dict[str, Any]) -> np.ndarray:
-    """The sample's float32 embeddings, in sample-key order, encoded by the encoder actor pool.
+def encode_sample(cfg: IngestConfig, sample: Sample, encoders: Encoders) -> np.ndarray:
+    """The sample's float32 embeddings, in sample-key order, encoded by the job's encoder actors.
 
     The texts are cut into chunks of `CALIBRATION_CHUNK_BATCHES` batches in key order, so each
     is encoded beside the same neighbours whatever the number of actors. They come back to the
@@ -186,17 +233,19 @@ def encode_sample(cfg: IngestConfig, sample: Sample, pool: dict[str, Any]) -> np
     shard built from reused embeddings would not be byte-identical to one from a run with saved
     ranges (README, Benchmarks).
     """
-    import ray.data
+    import ray
 
     if len(sample.ids) < 2:
         raise SourceError(f"only {len(sample.ids)} valid document(s) in {cfg.source}: "
                           "calibration needs at least 2 (or pass --ranges)")
     texts = sample.texts  # ordered by sample key: a fixed order independent of the cluster
     size = CALIBRATION_CHUNK_BATCHES * cfg.encoder.batch_size
-    chunks = [{"chunk": i, "texts": json.dumps(texts[i:i + size])} for i in range(0, len(texts), size)]
-    ds = (ray.data.from_items(chunks, override_num_blocks=len(chunks))
-          .map(Encoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool))
-    rows = sorted(ds.iter_rows(), key=lambda r: int(r["chunk"]))  # Ray Data may reorder rows
+    actors = encoders.actors
+    # Every chunk is queued at once, in turn over the actors (a chunk is a few batches: the
+    # sample is at most SAMPLE_CAP texts), and the results come back in chunk order.
+    refs = [actors[n % len(actors)].encode_row.remote({"chunk": n, "texts": json.dumps(texts[i:i + size])})
+            for n, i in enumerate(range(0, len(texts), size))]
+    rows = ray.get(refs)
     return np.concatenate([np.frombuffer(r["embeddings"], np.float32).reshape(-1, int(r["dim"])) for r in rows])
 
 
@@ -223,11 +272,12 @@ class Written:
     requantized_rows: int = 0
 
 
-def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path: str, ranges_id: str,
+def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: Encoders, ranges_path: str,
+                     ranges_id: str,
                      total_rows: int, requantize: Mapping[str, ShardRecord] | None = None,
                      nodes: dict[str, Counter] | None = None, probe: int = 0
                      ) -> tuple[list[ShardRecord], Written, np.ndarray | None]:
-    """The streaming main pass: read (tasks) -> encode (actor pool) -> quantize+write (tasks).
+    """The streaming main pass: read (tasks) -> encode (the job's encoder actors) -> quantize+write (tasks).
 
     Each Ray Data row is a whole work unit, so a unit is encoded as one fixed list of texts
     (its embeddings do not depend on how Ray groups rows) and becomes exactly one shard. The
@@ -253,7 +303,7 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, ranges_path
     where = cpu_task_args(pool)
     ds = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
           .map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=0.5, **where)
-          .map(_UnitEncoder, fn_constructor_args=(encoder_cfg(cfg, pool),), **pool)
+          .map(encode_unit, fn_kwargs={"actors": encoders.actors, "dim": encoders.dim}, num_cpus=0.5, **where)
           .map(write_unit, fn_kwargs={"cfg": cfg, "ranges_path": ranges_path, "ranges_id": ranges_id,
                                       "probe_below": probe_threshold(probe, total_rows)},
                num_cpus=0.5, **where))
@@ -312,9 +362,21 @@ def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
     return None
 
 
-class _UnitEncoder(Encoder):
-    """The encoder of the main pass: a failure names the work unit."""
+def encode_unit(row: dict[str, Any], actors: list, dim: int) -> dict[str, Any]:
+    """The main pass's encode step, in the unit's task: its texts to one of the job's encoder
+    actors, the row back with the embeddings (`Encoder.__call__`).
 
-    def __call__(self, row):
-        with unit_step(WorkUnit.from_json(row["unit"]), "encode"):
-            return super().__call__(row)
+    A unit is sent to the actor its shard id picks (ids are uniform hashes, so the units spread
+    evenly, and a retried task goes to the same actor). Every task waiting here is a unit queued
+    at an actor: Ray Data runs as many tasks as the CPUs allow, so while an actor encodes one
+    unit, the next ones are already read and queued, and the GPU does not wait on a read. A
+    unit with nothing to encode (reused, requantized, or every row rejected) skips the actor.
+    """
+    import ray
+
+    if row["texts"] == "[]":
+        row.pop("texts")
+        row.update(embeddings=b"", dim=dim, encode_node=None, encode_s=0.0)
+        return row
+    shard = WorkUnit.from_json(row["unit"]).shard_id
+    return ray.get(actors[int(shard[:8], 16) % len(actors)].encode_unit.remote(row))
