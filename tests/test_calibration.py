@@ -1,17 +1,16 @@
-"""Calibration on the encoder actor pool: the ranges do not depend on the number of actors."""
+"""Calibration on the job's encoder actors: the ranges do not depend on the number of actors."""
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
-from ray.data import DataContext
 from sentence_transformers import SentenceTransformer
 
 import workers.ingest.pipeline
 from jobs.ingest import check_source
-from workers.ingest.pipeline import calibrate, encoder_pool, scan
+from workers.ingest.pipeline import EncoderActor, calibrate, encoder_pool, scan
 from workers.ingest.config import IngestConfig
-from workers.embedding.encoder import Encoder, EncoderConfig, model_fingerprint, resolve_model
+from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
 
 from conftest import write_parquet_lake
 
@@ -33,17 +32,14 @@ def test_same_ranges_with_one_or_two_encoder_actors(sampled, method, monkeypatch
     cfg, sample, fp = sampled
     log = tmp_path / "encoded.log"
 
-    class Logged(Encoder):  # defined here so that Ray ships it by value: tests/ is not on workers' path
-        def __call__(self, row):
-            out = super().__call__(row)
+    class Logged(EncoderActor):  # defined here so that Ray ships it by value: tests/ is not on workers' path
+        def encode_row(self, row):
+            out = super().encode_row(row)
             with open(log, "a") as f:  # one short line per call: an atomic append
                 f.write(f"{os.getpid()} {len(out['embeddings']) // (4 * out['dim'])}\n")
             return out
 
-    monkeypatch.setattr(workers.ingest.pipeline, "Encoder", Logged)
-    # Hand out work only once every actor of the pool is up: otherwise the first actor to load
-    # the model may take every chunk, and "two actors" would be one.
-    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 600)
+    monkeypatch.setattr(workers.ingest.pipeline, "EncoderActor", Logged)
     out, encoded = [], []
     for actors in (1, 2):
         c = IngestConfig(cfg.source, cfg.dest, id_column="id", calibration_samples=120, seed=7,
@@ -56,8 +52,9 @@ def test_same_ranges_with_one_or_two_encoder_actors(sampled, method, monkeypatch
             per_actor[pid] += n
         encoded.append(sorted(per_actor.values()))
         log.unlink()
-    # 120 texts in chunks of 4 batches of 8: one actor encodes all four, or each of two some.
-    assert encoded[0] == [120] and len(encoded[1]) == 2 and sum(encoded[1]) == 120, encoded
+    # 120 texts in chunks of 4 batches of 8 (32, 32, 32, 24): one actor encodes all four, or
+    # each of two every other one.
+    assert encoded == [[120], [56, 64]], encoded
     assert out[0].ranges.tobytes() == out[1].ranges.tobytes()
     assert out[0].id == out[1].id and out[0].sample_size == 120 and out[0].method == method
 

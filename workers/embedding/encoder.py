@@ -261,7 +261,8 @@ class BatchTooLarge(RuntimeError):
 
 
 class Encoder:
-    """Callable class for Ray Data's actor pool: texts in, float32 embeddings out."""
+    """The model of an encoder actor (`workers/ingest/pipeline.py`, `EncoderActor`) or a search: texts in,
+    float32 embeddings out."""
 
     def __init__(self, cfg: EncoderConfig):
         apply_worker_env()  # before the model libraries read it

@@ -76,7 +76,7 @@ class Encoders:
     of a CPU per actor here, importing torch and sentence-transformers). Each is restarted by Ray
     if its process dies, and the calls it had are run again on the new one (`max_restarts=-1`,
     `max_task_retries=-1`; tests/test_faults.py kills one): encoding is a pure function of the
-    texts, so a retry gives the same bytes. `stop` (or leaving the `with` block) kills them.
+    texts, so a retry gives the same bytes. `stop` (or leaving the `with` block) ends them.
     """
 
     def __init__(self, cfg: IngestConfig, pool: dict[str, Any]):
@@ -98,11 +98,15 @@ class Encoders:
         return self._dim
 
     def stop(self) -> None:
-        import ray
+        """Drop the handles: Ray ends an actor whose handles are all gone once the calls queued
+        at it are done (as Ray Data ends its pools' actors), with a process exit. `ray.kill`
+        would stop the process mid-flight (torch's threads then abort it, and a driver that
+        stays up, `reindex --watch`, shows "Fatal Python error: Aborted"); an actor's own
+        `__ray_terminate__` counts as a failure to restart from, given `max_restarts`."""
+        import gc
 
-        for a in self.actors:
-            ray.kill(a)
         self.actors = []
+        gc.collect()  # handles a finished Ray Data plan still holds in reference cycles
 
     def __enter__(self) -> "Encoders":
         return self
