@@ -141,6 +141,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         records, written, probed = encode_and_write(
             wcfg, plan.todo, pool, encoders, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
             nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0)
+    except BaseException:
+        if encoders is not None:
+            encoders.stop(kill=True)  # the job failed: now, whatever still holds their handles
+        raise
     finally:
         if encoders is not None:
             encoders.stop()

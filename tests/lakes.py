@@ -84,3 +84,17 @@ def verify_version(url: str, options: dict | None = None, version: int | None = 
         v.read_rejects(s)
     v.read_ranges()
     return v
+
+
+def encoder_actors_left(timeout_s: float = 60) -> list[str]:
+    """The ids of the session's encoder actors still alive once `timeout_s` has passed (or none
+    is left): a finished or failed job must leave none holding a CPU or GPU."""
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [a["ActorID"] for a in actors().values()
+                if a["ActorClassName"] == "EncoderActor" and a["State"] != "DEAD"]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)

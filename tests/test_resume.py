@@ -11,7 +11,8 @@ import pytest
 import jobs.ingest as ingest
 from jobs.ingest import IncompleteVersion, run
 from isolated import Job
-from lakes import UNIT_ROWS, committed_ids, ingest_args, ingest_cfg, s3_lake, sidecars, wait_for_sidecars
+from lakes import (UNIT_ROWS, committed_ids, encoder_actors_left, ingest_args, ingest_cfg, s3_lake, sidecars,
+                   wait_for_sidecars)
 from workers.lake.storage import url_to_fs
 
 N_DOCS = 200  # 2 files of 100 rows: 10 units
@@ -68,11 +69,13 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
         run(ingest_cfg(source, dest, options))
     assert f"{lost[0]} is missing" in str(failed.value)
     assert not fs.exists(f"{root}/versions")
+    assert encoder_actors_left() == []  # the failed job's encoder actors are gone: no CPU held
 
     monkeypatch.setattr(ingest, "encode_and_write", real)
     result = run(ingest_cfg(source, dest, options))
     assert result.version == 1 and result.summary["shards_reused"] == N_DOCS // UNIT_ROWS - 1
     assert committed_ids(dest, options) == sorted(i for i, _ in corpus)
+    assert encoder_actors_left() == []  # and so are a finished job's
 
 
 # The CLI, with one fault injected in the driver: a source file breaks after it was checked,

@@ -97,22 +97,32 @@ class Encoders:
             self._dim = int(ray.get(self.actors[0].dimension.remote()))
         return self._dim
 
-    def stop(self) -> None:
-        """Drop the handles: Ray ends an actor whose handles are all gone once the calls queued
-        at it are done (as Ray Data ends its pools' actors), with a process exit. `ray.kill`
-        would stop the process mid-flight (torch's threads then abort it, and a driver that
-        stays up, `reindex --watch`, shows "Fatal Python error: Aborted"); an actor's own
-        `__ray_terminate__` counts as a failure to restart from, given `max_restarts`."""
+    def stop(self, kill: bool = False) -> None:
+        """End the actors. By default drop the handles: Ray ends an actor whose handles are all
+        gone once the calls queued at it are done (as Ray Data ends its pools' actors), with a
+        process exit. With `kill` (the job failed), `ray.kill` them now instead: a failed Ray
+        Data run may keep handles alive in its plan, referenced from the exception's traceback,
+        and an actor left running would hold its CPU or GPU for as long. (`ray.kill` stops the
+        process mid-flight, where torch's threads may abort it: a driver that stays up, `reindex
+        --watch`, would show "Fatal Python error: Aborted" after every cycle. An actor's own
+        `__ray_terminate__` counts as a failure to restart from, given `max_restarts`.)
+        """
         import gc
 
-        self.actors = []
+        import ray
+
+        actors, self.actors = self.actors, []
+        if kill:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+        del actors
         gc.collect()  # handles a finished Ray Data plan still holds in reference cycles
 
     def __enter__(self) -> "Encoders":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.stop(kill=exc_type is not None)
 
 
 def cpu_task_args(pool: dict[str, Any]) -> dict[str, Any]:
