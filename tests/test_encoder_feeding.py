@@ -15,6 +15,7 @@ from sentence_transformers.base.model import BaseModel
 from jobs.ingest import ingest_options, parse_args
 from workers.embedding.encoder import BatchTooLarge, Encoder, EncoderConfig, length_order, resolve_model
 from workers.embedding.quantizer import quantize
+from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import NODE_ID_LABEL, cpu_task_args
 from workers.ingest.planning import shard_id
 
@@ -165,3 +166,60 @@ def test_cpu_tasks_avoid_gpu_nodes_only_when_there_are_cpu_nodes(monkeypatch):
     assert cpu_task_args(cpu_pool) == {}  # encoders on CPUs: GPU nodes are CPU capacity like any
     monkeypatch.setattr(ray, "nodes", lambda: [node(1, CPU=8.0, GPU=1.0), {**node(0, CPU=8.0), "Alive": False}])
     assert cpu_task_args(gpu_pool) == {}  # only GPU nodes (or one machine with a GPU): anywhere
+
+
+def test_the_next_unit_waits_at_the_encoder_while_one_is_encoded(ray_session, docs, tmp_path, monkeypatch):
+    """One encoder actor, eight units: units are read and queued at the actor before the unit
+    ahead of them is done, so the actor does not wait on a read; and the job's encoder actor is
+    the one the calibration used (one model load)."""
+    import workers.ingest.pipeline as pipeline
+    from conftest import write_parquet_lake
+    from jobs.ingest import run
+    from lakes import encoder_actors_left
+
+    log = tmp_path / "calls.log"
+    forward = pipeline.encode_unit
+
+    def stamped(row, actors, dim):  # defined here so that Ray ships it by value
+        import time as t
+
+        row["queued_at"] = t.time()
+        return forward(row, actors, dim)
+
+    class Logged(pipeline.EncoderActor):
+        def encode_row(self, row):
+            import os
+
+            with open(log, "a") as f:
+                f.write(f"calibration {os.getpid()}\n")
+            return super().encode_row(row)
+
+        def encode_unit(self, row):
+            import os
+            import time as t
+
+            start = t.time()
+            out = super().encode_unit(row)
+            with open(log, "a") as f:  # one short line per call: an atomic append
+                f.write(f"unit {os.getpid()} {row['queued_at']} {start} {t.time()}\n")
+            out.pop("queued_at", None)
+            return out
+
+    monkeypatch.setattr(pipeline, "encode_unit", stamped)
+    monkeypatch.setattr(pipeline, "EncoderActor", Logged)
+    write_parquet_lake(tmp_path / "lake", docs[:160], files=2, row_group_size=20)
+    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=40,
+                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
+    assert run(cfg).summary["shards"] == 8
+    lines = [line.split() for line in log.read_text().splitlines()]
+    pids = {line[1] for line in lines}
+    assert len(pids) == 1 and {line[0] for line in lines} == {"calibration", "unit"}  # one actor for both
+    # (queued, started, ended) per unit, in the order the actor ran them
+    calls = sorted(((float(q), float(s), float(e)) for _, _, q, s, e in (x for x in lines if x[0] == "unit")),
+                   key=lambda c: c[1])
+    assert len(calls) == 8
+    waiting = [later[0] < earlier[2] for earlier, later in zip(calls, calls[1:])]
+    # Queued while the one ahead was encoded: most (Ray Data starts its tasks a few at a time, so
+    # the first units may arrive one by one); with one unit in flight, none would be.
+    assert sum(waiting) >= 4, calls
+    assert encoder_actors_left() == []
