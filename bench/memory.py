@@ -89,7 +89,7 @@ def role(pid: int, driver: int, titles: set[str]) -> str:
     if work:  # a Ray worker, named by what it ran (an actor keeps its class in its title)
         if any("Encoder" in t for t in work):
             return "ray worker: encoder actor"
-        if any("MapWorker" in t or "Map(" in t for t in work):
+        if any("MapWorker" in t for t in work):
             return "ray worker: Ray Data map actor"
         return "ray worker: tasks"
     if any(t.startswith("ray::") for t in titles):
