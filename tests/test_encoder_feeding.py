@@ -199,6 +199,10 @@ def test_the_next_unit_waits_at_the_encoder_while_one_is_encoded(ray_session, do
             import time as t
 
             start = t.time()
+            # A unit of 20 short texts encodes in ~0.2 s, as fast as a task reads one under load:
+            # a slower encoder (as a GPU's actor is slow beside its share of reads) makes the
+            # queue the thing observed, not a race between the two.
+            t.sleep(1.0)
             out = super().encode_unit(row)
             with open(log, "a") as f:  # one short line per call: an atomic append
                 f.write(f"unit {os.getpid()} {row['queued_at']} {start} {t.time()}\n")
