@@ -1,5 +1,6 @@
 """Encoder pool sizing: one actor per GPU when the cluster has GPUs, CPU actors otherwise."""
 import ray
+
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
 from workers.ingest.pipeline import encoder_cfg, encoder_pool

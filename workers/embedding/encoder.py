@@ -1,6 +1,7 @@
 """The encoder: a sentence-transformers model loaded once per Ray actor, one batch per call."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -313,8 +314,6 @@ class Encoder:
 
     def _autocast(self):
         """fp16/bf16: torch.autocast on the encoder's device; fp32: nothing."""
-        import contextlib
-
         import torch
 
         if self.precision == "fp32" or self.cfg.backend != "torch":
@@ -348,9 +347,14 @@ class Encoder:
         """Encode a Ray Data row's `texts` (a JSON list: one stable Arrow type); the embeddings
         travel on as float32 bytes in `embeddings`, with `dim`, `encode_s` and the node it ran on."""
         t0 = time.perf_counter()
-        emb = self.encode(json.loads(row.pop("texts")))
-        row["embeddings"] = emb.tobytes()
-        row["dim"] = self.dim
-        row["encode_node"] = node_id()
-        row["encode_s"] = time.perf_counter() - t0
-        return row
+        emb = self.encode(json.loads(row["texts"]))
+        return encoded_row(row, emb.tobytes(), self.dim, node_id(), time.perf_counter() - t0)
+
+
+def encoded_row(row: dict[str, Any], embeddings: bytes, dim: int, node: str | None,
+                seconds: float) -> dict[str, Any]:
+    """A row after the encode step: `texts` replaced by the float32 `embeddings` bytes, their
+    `dim`, the node that encoded them and the seconds it took (None and 0.0 when nothing was)."""
+    row.pop("texts")
+    row.update(embeddings=embeddings, dim=dim, encode_node=node, encode_s=seconds)
+    return row

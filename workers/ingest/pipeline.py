@@ -20,7 +20,7 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from ranges.stats import partial_stats, ranges_from
 from workers.ingest.config import IngestConfig
-from workers.embedding.encoder import Encoder, EncoderConfig
+from workers.embedding.encoder import Encoder, EncoderConfig, encoded_row
 from workers.ray_session import init_ray
 from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size
 from workers.ingest.source import SourceError
@@ -389,8 +389,6 @@ def encode_unit(row: dict[str, Any], actors: list, dim: int) -> dict[str, Any]:
     import ray
 
     if row["texts"] == "[]":
-        row.pop("texts")
-        row.update(embeddings=b"", dim=dim, encode_node=None, encode_s=0.0)
-        return row
+        return encoded_row(row, b"", dim, None, 0.0)
     shard = WorkUnit.from_json(row["unit"]).shard_id
     return ray.get(actors[int(shard[:8], 16) % len(actors)].encode_unit.remote(row))
