@@ -81,6 +81,10 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+# The main pass's task functions (`stream_units`); a worker's title names the one it runs.
+MAIN_PASS_TASKS = {"read_task", "write_unit"}
+
+
 def role(pid: int, driver: int, titles: set[str]) -> str:
     """A stable name for a process across runs: driver, a Ray daemon, or what a Ray worker ran."""
     if pid == driver:
@@ -89,9 +93,10 @@ def role(pid: int, driver: int, titles: set[str]) -> str:
     if work:  # a Ray worker, named by what it ran (an actor keeps its class in its title)
         if any("Encoder" in t for t in work):
             return "ray worker: encoder actor"
-        if any("MapWorker" in t for t in work):
-            return "ray worker: Ray Data map actor"
-        return "ray worker: tasks"
+        main = any(t.split("::")[-1] in MAIN_PASS_TASKS for t in work)
+        other = any(t.split("::")[-1] not in MAIN_PASS_TASKS for t in work)
+        return {(True, False): "ray worker: main-pass tasks (read, write)", (False, True): "ray worker: scan tasks",
+                (True, True): "ray worker: scan and main-pass tasks"}[(main, other)]
     if any(t.startswith("ray::") for t in titles):
         return "ray worker: idle"
     first = next(iter(titles), "?").split()[0]

@@ -20,7 +20,7 @@ from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANG
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (Encoders, data_context, encode_and_write, encode_sample, encoder_cfg, encoder_pool,
+from workers.ingest.pipeline import (Encoders, encode_and_write, encode_sample, encoder_cfg, encoder_pool,
                                      ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
@@ -109,7 +109,6 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     started = ray_init(cfg)
     encoders = None
     try:
-        data_context(cfg)
         pool = encoder_pool(cfg)
         # `auto` precision becomes the pool's (fp16 on GPU actors) before planning: the float
         # type is part of every shard's name and of the version's options.

@@ -344,7 +344,7 @@ class Encoder:
         return np.asarray(emb, dtype=np.float32)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Encode a Ray Data row's `texts` (a JSON list: one stable Arrow type); the embeddings
+        """Encode a row's `texts` (a JSON list: a unit's or a calibration chunk's); the embeddings
         travel on as float32 bytes in `embeddings`, with `dim`, `encode_s` and the node it ran on."""
         t0 = time.perf_counter()
         emb = self.encode(json.loads(row["texts"]))

@@ -31,7 +31,7 @@ class UnitFailed(RuntimeError):
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.message = message  # as raised: Ray Data appends its retry advice to `args`
+        self.message = message  # as raised, whatever a wrapper adds to `args`
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ class UnitRows:
     requantized: bool = False
 
     def to_row(self) -> dict[str, Any]:
-        """The Ray Data row: one column per field, each of one stable Arrow type (JSON strings and bytes)."""
+        """The row the read step hands on: one field per attribute, JSON strings and bytes."""
         return {"unit": self.unit.to_json(), "ids": json.dumps(self.ids),
                 "rows": np.asarray(self.rows, np.int64).tobytes(), "texts": json.dumps(self.texts),
                 "rejects": json.dumps(self.rejects),

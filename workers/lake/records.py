@@ -1,7 +1,7 @@
 """The typed records that flow between stages and into the lake: source files, work units, shard
 records, version manifests (with their source snapshot).
 
-Each record has one serialisation, `to_json` (a JSON-ready dict, or a string for a Ray Data
+Each record has one serialisation, `to_json` (a JSON-ready dict, or a string for a step's
 row) and `from_json`, and validation lives in `from_json`: a manifest or a sidecar is input
 like any other file, so a reader gets a well-formed record or a ValueError naming the field,
 never a KeyError deep in search. Optional fields of the formats (docs/formats.md) stay
@@ -152,7 +152,7 @@ class WorkUnit:
         return f"work unit {self.file.relpath} rows [{self.row_start}, {self.row_stop}) (shard {self.shard_id})"
 
     def to_json(self) -> str:
-        """One string: a Ray Data row carries the unit in one column of a stable Arrow type."""
+        """One string: a step's row carries the unit in one field."""
         return json.dumps({"shard_id": self.shard_id, "file": self.file.to_json(), "row_start": self.row_start,
                            "row_stop": self.row_stop,
                            "duplicates": [[d.row, d.first_file, d.first_row] for d in self.duplicates]})
