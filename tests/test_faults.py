@@ -82,6 +82,42 @@ def test_killed_encoder_actor_is_replaced_and_the_result_is_unchanged(ray_sessio
             assert fs.cat_file(f"{root}/killed/{name}") == fs.cat_file(f"{root}/calm/{name}")
 
 
+def test_a_reader_that_dies_every_time_fails_the_job_naming_its_unit(ray_session, docs, tmp_path, monkeypatch):
+    """A unit whose read task's process dies is run again, a bounded number of times: a file
+    that crashes its reader fails the job with an error naming the unit, commits nothing, and
+    leaves no encoder actor behind."""
+    import workers.ingest.pipeline as pipeline
+    from conftest import write_parquet_lake
+    from lakes import encoder_actors_left
+    from workers.ingest.config import IngestConfig
+    from workers.embedding.encoder import EncoderConfig
+    from workers.ingest.steps import UnitFailed
+
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    read_unit = pipeline.read_unit
+
+    def dies_on_one_file(item, cfg):  # defined here so that Ray ships it by value
+        import os
+        import uuid
+
+        if '"part-00001.parquet"' in item["unit"]:
+            open(os.path.join(str(tries), uuid.uuid4().hex), "w").close()
+            os._exit(1)  # the process dies (a crash in a reader's native code, say)
+        return read_unit(item, cfg)
+
+    monkeypatch.setattr(pipeline, "read_unit", dies_on_one_file)
+    write_parquet_lake(tmp_path / "lake", docs[:40], files=2, row_group_size=20)
+    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=20,
+                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
+    with pytest.raises(UnitFailed, match=r"(?s)^work unit part-00001\.parquet rows \[0, 20\) \(shard [0-9a-f]{32}\): "
+                                         r"WorkerCrashedError: .*; nothing was committed$"):
+        run(cfg)
+    assert len(os.listdir(tries)) == 1 + pipeline.UNIT_TASK_RETRIES
+    assert not (tmp_path / "emb" / "versions").exists()
+    assert encoder_actors_left() == []
+
+
 class RestartableMoto:
     """moto's S3 server on a fixed port of 127.0.0.1 that can go away and come back.
 
