@@ -17,9 +17,9 @@ from lakes import committed_ids
 
 UNITS = 5  # small_dataset's: 2 Parquet files of 45 rows in units of 40 and 5 rows, 1 JSON Lines file
 
-# The job: one cluster, one ingest with the reference's ranges (calibration is the same Ray Data
-# wiring as the main pass, and would cost another actor), which loses the CPU worker node while
-# that node reads a unit (each read is slowed down, here only). One run keeps the test cheap:
+# The job: one cluster, one ingest with the reference's ranges (calibration would only add the
+# sample's encoding, on the same encoder actor), which loses the CPU worker node while that node
+# reads a unit (each read is slowed down, here only). One run keeps the test cheap:
 # placement and bytes are checked on the run that lost a node.
 CLUSTER_JOB = r"""
 import json, os, sys, threading, time, uuid

@@ -32,3 +32,11 @@ def test_cpu_actors_without_gpus_or_when_asked(monkeypatch):
     cfg, pool = _pool(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, encoder=EncoderConfig(device="cpu"), encoder_actors=3)
     assert pool == {"actors": 3, "num_cpus": 1}
     assert encoder_cfg(cfg, pool).precision == "fp32"
+
+
+def test_units_in_flight_cover_the_actors_and_the_cpus():
+    from workers.ingest.pipeline import units_in_flight
+
+    assert units_in_flight(1, 2) == 4  # a laptop: one encoder, two CPUs
+    assert units_in_flight(4, 1) == 12  # three per actor: one encoded, one queued, one read or written
+    assert units_in_flight(8, 64.0) == 128  # GPU encoders, many CPU nodes: two reads per CPU

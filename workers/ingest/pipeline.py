@@ -31,9 +31,12 @@ from workers.lake.records import Duplicate, ShardRecord, WorkUnit
 # so each sampled text is always encoded beside the same neighbours (padding changes the
 # float bits) whatever the number of actors.
 CALIBRATION_CHUNK_BATCHES = 4
-# Work units in flight per encoder actor in the main pass: one encoded, one queued at the actor,
-# one read or written; memory is bounded by them, whatever the lake's size.
+# Work units in flight in the main pass: per encoder actor, one encoded, one queued at the actor,
+# one read or written; or, when the cluster has more CPUs, two per CPU, so that reads (of an
+# object store, say) keep fast GPU encoders fed. Memory is bounded by them, whatever the lake's
+# size: a unit is at most --unit-rows rows.
 UNITS_IN_FLIGHT_PER_ACTOR = 3
+UNITS_IN_FLIGHT_PER_CPU = 2
 # Tries of a unit's read or write task after its process or node died (an exception the step
 # raises is not retried: it fails the unit). Finite: a file that crashes its reader every time
 # fails the job naming the unit rather than being retried for ever.
@@ -325,6 +328,8 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
             if failed is None:
                 raise
             raise UnitFailed(f"{failed.message}; nothing was committed") from exc
+        finally:
+            rows.close()  # on an error here too: its calls queued at the actors are cancelled now
     probed = sorted(probed, key=lambda p: (p[0], p[1]))[:probe]  # the bottom-`probe`, as `Sample` orders it
     sample = np.stack([p[2] for p in probed]) if probed else None
     return (sorted(records, key=lambda r: (r.source.file, r.source.row_start)), Written(reused, encoded, requantized),
@@ -369,13 +374,13 @@ def read_task(read: Callable, item: dict[str, Any], cfg: IngestConfig, dim: int)
 def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encoders, where: dict[str, Any],
                  read: Callable, write: Callable, write_args: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The main pass's scheduler: per work unit, a read task (`read_task` around `read`), then,
-    if it has texts, a call to the encoder actor its shard id picks, then a write task (`write`
+    if it has texts, a call to the least busy encoder actor, then a write task (`write`
     with `write_args`); yields each unit's written row as it completes.
 
-    At most `UNITS_IN_FLIGHT_PER_ACTOR` units per actor are in flight, so memory is bounded and
-    an actor has the next unit queued while it encodes one: units are read on CPU tasks (placed
-    by `where`), and a call waits at its actor, not in a process. Ids are uniform hashes, so
-    the units spread evenly over the actors. Each arrow is an object reference: Ray hands a
+    At most `units_in_flight` units are in flight, so memory is bounded, and an actor has the
+    next unit queued while it encodes one: units are read on CPU tasks (placed by `where`),
+    and a call waits at its actor, not in a process. A unit goes to the actor with the fewest
+    units in hand. Each arrow is an object reference: Ray hands a
     read's row to its actor and the actor's embeddings to the write task directly; the driver
     sees only the small "has texts" flag and the written record. A task whose process or node
     died runs again (`UNIT_TASK_RETRIES`; an actor's calls are retried by its restarts), as
@@ -395,12 +400,14 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
     write_remote = ray.remote(write).options(num_cpus=0.5, max_retries=UNIT_TASK_RETRIES, **where)
     actors = encoders.actors
     todo = deque(items)
+    limit = units_in_flight(len(actors), ray.cluster_resources().get("CPU", 0))
     reading: dict[Any, tuple[Any, dict[str, Any]]] = {}  # "has texts" flag -> (row, item)
     writing: dict[Any, dict[str, Any]] = {}  # written record -> item
-    encoding: dict[Any, Any] = {}  # written record -> the actor's call it waits on
+    encoding: dict[Any, tuple[Any, int]] = {}  # written record -> (the actor's call it waits on, actor)
+    load = [0] * len(actors)  # units each actor has queued or is encoding
     try:
         while todo or reading or writing:
-            while todo and len(reading) + len(writing) < UNITS_IN_FLIGHT_PER_ACTOR * len(actors):
+            while todo and len(reading) + len(writing) < limit:
                 item = todo.popleft()
                 flag, row = read_remote.remote(read, item, cfg, encoders.dim)
                 reading[flag] = (row, item)
@@ -409,14 +416,16 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
                 row, item = reading.pop(ready)
                 call = None
                 if _unit_result(ready, item):
-                    shard = WorkUnit.from_json(item["unit"]).shard_id
-                    row = call = actors[int(shard[:8], 16) % len(actors)].encode_unit.remote(row)
+                    i = load.index(min(load))
+                    load[i] += 1
+                    row = call = actors[i].encode_unit.remote(row)
                 written = write_remote.remote(row, cfg, **write_args)
                 writing[written] = item
                 if call is not None:
-                    encoding[written] = call
+                    encoding[written] = (call, i)
             else:
-                encoding.pop(ready, None)
+                if ready in encoding:
+                    load[encoding.pop(ready)[1]] -= 1
                 yield _unit_result(ready, writing.pop(ready))
     finally:
         # A failed (or abandoned) pass cancels its calls queued at the actors: the job then kills
@@ -424,8 +433,14 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
         # flight are left to end (a write whose call was cancelled fails at once): cancelling
         # a task that waits on an actor call's result trips a reference-count check in Ray's
         # core worker ("submitted_task_ref_count > 0"), which aborts the driver.
-        for call in encoding.values():
+        for call, _ in encoding.values():
             ray.cancel(call)
+
+
+def units_in_flight(actors: int, cpus: float) -> int:
+    """How many work units the main pass keeps in flight (`UNITS_IN_FLIGHT_PER_ACTOR`,
+    `UNITS_IN_FLIGHT_PER_CPU`)."""
+    return max(UNITS_IN_FLIGHT_PER_ACTOR * actors, int(UNITS_IN_FLIGHT_PER_CPU * cpus))
 
 
 def _unit_result(ref, item: dict[str, Any]) -> Any:
