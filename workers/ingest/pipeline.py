@@ -112,10 +112,10 @@ class Encoders:
         gone once the calls queued at it are done, with a process exit. With `kill` (the job
         failed), `ray.kill` them now instead: the exception's traceback may keep handles alive
         in the frames it references, and an actor left running would hold its CPU or GPU for
-        as long. (`ray.kill` stops the
-        process mid-flight, where torch's threads may abort it: a driver that stays up, `reindex
-        --watch`, would show "Fatal Python error: Aborted" after every cycle. An actor's own
-        `__ray_terminate__` counts as a failure to restart from, given `max_restarts`.)
+        as long. (`ray.kill` stops the process mid-flight, where torch's threads may abort it: a
+        driver that stays up, `reindex --watch`, would show "Fatal Python error: Aborted" after
+        every cycle. An actor's own `__ray_terminate__` counts as a failure to restart from,
+        given `max_restarts`.)
         """
         import gc
 
@@ -380,9 +380,9 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
     At most `units_in_flight` units are in flight, so memory is bounded, and an actor has the
     next unit queued while it encodes one: units are read on CPU tasks (placed by `where`),
     and a call waits at its actor, not in a process. A unit goes to the actor with the fewest
-    units in hand. Each arrow is an object reference: Ray hands a
-    read's row to its actor and the actor's embeddings to the write task directly; the driver
-    sees only the small "has texts" flag and the written record. A task whose process or node
+    units in hand. Each arrow is an object reference: Ray hands a read's row to its actor and
+    the actor's embeddings to the write task directly; the driver sees only the small "has
+    texts" flag and the written record. A task whose process or node
     died runs again (`UNIT_TASK_RETRIES`; an actor's calls are retried by its restarts), as
     does one whose lost result a later step needs. A failure raises UnitFailed naming the
     unit, and the calls queued at the actors are cancelled.
@@ -402,8 +402,8 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
     todo = deque(items)
     limit = units_in_flight(len(actors), ray.cluster_resources().get("CPU", 0))
     reading: dict[Any, tuple[Any, dict[str, Any]]] = {}  # "has texts" flag -> (row, item)
-    writing: dict[Any, dict[str, Any]] = {}  # written record -> item
-    encoding: dict[Any, tuple[Any, int]] = {}  # written record -> (the actor's call it waits on, actor)
+    # written record -> (item, the actor's call it waits on and that actor's index, or None)
+    writing: dict[Any, tuple[dict[str, Any], tuple[Any, int] | None]] = {}
     load = [0] * len(actors)  # units each actor has queued or is encoding
     try:
         while todo or reading or writing:
@@ -418,23 +418,23 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
                 if _unit_result(ready, item):
                     i = load.index(min(load))
                     load[i] += 1
-                    row = call = actors[i].encode_unit.remote(row)
-                written = write_remote.remote(row, cfg, **write_args)
-                writing[written] = item
-                if call is not None:
-                    encoding[written] = (call, i)
+                    row = actors[i].encode_unit.remote(row)
+                    call = (row, i)
+                writing[write_remote.remote(row, cfg, **write_args)] = (item, call)
             else:
-                if ready in encoding:
-                    load[encoding.pop(ready)[1]] -= 1
-                yield _unit_result(ready, writing.pop(ready))
+                item, call = writing.pop(ready)
+                if call is not None:
+                    load[call[1]] -= 1
+                yield _unit_result(ready, item)
     finally:
         # A failed (or abandoned) pass cancels its calls queued at the actors: the job then kills
         # the actors, and Ray would retry each call, with a warning. The reads and writes in
         # flight are left to end (a write whose call was cancelled fails at once): cancelling
         # a task that waits on an actor call's result trips a reference-count check in Ray's
         # core worker ("submitted_task_ref_count > 0"), which aborts the driver.
-        for call, _ in encoding.values():
-            ray.cancel(call)
+        for _, call in writing.values():
+            if call is not None:
+                ray.cancel(call[0])
 
 
 def units_in_flight(actors: int, cpus: float) -> int:
