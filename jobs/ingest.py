@@ -117,12 +117,16 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         # `access` (workers/lake/credentials.py says why), which must live until the tasks are done.
         access = StorageAccess.put(cfg.storage_options)
         wcfg = cfg.for_workers(access)
+        if base is None and not dry_run:
+            # One set of encoder actors for the calibration and the main pass, started now: each
+            # loads the model (seconds) while the source is scanned. A reindex starts them only
+            # once it knows something changed.
+            encoders = Encoders(cfg, pool)
         rows_per_file, duplicates, sample = scan(wcfg, files, pool)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
         if saved_ranges is None:
-            # One set of encoder actors for the calibration and the main pass: each loads the model once.
-            encoders = Encoders(cfg, pool)
+            encoders = encoders or Encoders(cfg, pool)
         manifest = saved_ranges or calibrated(cfg, sample, fingerprint, encoders)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"

@@ -351,10 +351,11 @@ class Encoder:
         return encoded_row(row, emb.tobytes(), self.dim, node_id(), time.perf_counter() - t0)
 
 
-def encoded_row(row: dict[str, Any], embeddings: bytes, dim: int, node: str | None,
+def encoded_row(row: dict[str, Any], embeddings: bytes, dim: int | None, node: str | None,
                 seconds: float) -> dict[str, Any]:
     """A row after the encode step: `texts` replaced by the float32 `embeddings` bytes, their
-    `dim`, the node that encoded them and the seconds it took (None and 0.0 when nothing was)."""
+    `dim`, the node that encoded them and the seconds it took (None, None and 0.0 when nothing
+    was)."""
     row.pop("texts")
     row.update(embeddings=embeddings, dim=dim, encode_node=node, encode_s=seconds)
     return row

@@ -65,9 +65,6 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
 class EncoderActor(Encoder):
     """An encoder actor of the job: `Encoder` with a method per kind of work."""
 
-    def dimension(self) -> int:
-        return self.dim
-
     def encode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """A calibration chunk (`texts`) with its embeddings (`Encoder.__call__`)."""
         return self(row)
@@ -96,16 +93,6 @@ class Encoders:
             num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0), max_restarts=-1, max_task_retries=-1)
         ecfg = encoder_cfg(cfg, pool)
         self.actors = [remote.remote(ecfg) for _ in range(pool["actors"])]
-        self._dim: int | None = None
-
-    @property
-    def dim(self) -> int:
-        """The model's embedding dimension (waits for the first actor to have loaded it)."""
-        import ray
-
-        if self._dim is None:
-            self._dim = int(ray.get(self.actors[0].dimension.remote()))
-        return self._dim
 
     def stop(self, kill: bool = False) -> None:
         """End the actors. By default drop the handles: Ray ends an actor whose handles are all
@@ -359,15 +346,17 @@ def _unit_failure(exc: BaseException | None) -> UnitFailed | None:
     return None
 
 
-def read_task(read: Callable, item: dict[str, Any], cfg: IngestConfig, dim: int) -> tuple[bool, dict[str, Any]]:
+def read_task(read: Callable, item: dict[str, Any], cfg: IngestConfig) -> tuple[bool, dict[str, Any]]:
     """The main pass's read task: whether the unit has texts for an encoder, and its row.
 
     A unit with nothing to encode (reused, requantized, or every row rejected) gets the encode
-    step's fields here (`encoded_row`, no embeddings) and goes straight to its write.
+    step's fields here (`encoded_row`, no embeddings, `dim` None: the write takes the ranges')
+    and goes straight to its write. It needs nothing of the encoders, so the first units are
+    read while the actors still load the model.
     """
     row = read(item, cfg)
     if row["texts"] == "[]":
-        return False, encoded_row(row, b"", dim, None, 0.0)
+        return False, encoded_row(row, b"", None, None, 0.0)
     return True, row
 
 
@@ -409,7 +398,7 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
         while todo or reading or writing:
             while todo and len(reading) + len(writing) < limit:
                 item = todo.popleft()
-                flag, row = read_remote.remote(read, item, cfg, encoders.dim)
+                flag, row = read_remote.remote(read, item, cfg)
                 reading[flag] = (row, item)
             [ready], _ = ray.wait([*reading, *writing], num_returns=1)
             if ready in reading:

@@ -211,7 +211,7 @@ def write_unit(row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_
 
 def _write(unit: UnitRows, row: dict[str, Any], cfg: IngestConfig, ranges_path: str, ranges_id: str) -> ShardRecord:
     manifest = _ranges(cfg, ranges_path, ranges_id)
-    dim = int(row["dim"])
+    dim = manifest.dim if row["dim"] is None else int(row["dim"])  # None: nothing was encoded
     if dim != manifest.dim:
         raise ValueError(f"the model gives {dim}-dimensional embeddings but the ranges are for {manifest.dim}")
     fs, root = cfg.url_to_fs(cfg.dest)
