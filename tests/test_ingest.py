@@ -129,3 +129,23 @@ def test_rerun_with_saved_ranges_writes_identical_shards(ingested, tmp_path, mon
     assert v2["ranges"]["id"] == version["ranges"]["id"]
     assert [(s["id"], s["sha256"], s["index_sha256"]) for s in v2["shards"]] == \
            [(s["id"], s["sha256"], s["index_sha256"]) for s in version["shards"]]
+
+
+def test_a_unit_with_every_row_rejected_is_written_with_the_ranges_dimension(tmp_path, docs, ray_session):
+    """Such a unit skips the encoders (the read task gives it no `dim`; the write takes the ranges'),
+    and its empty shard and index still have the model's 384 dimensions."""
+    lake, dest = tmp_path / "lake", tmp_path / "dest"
+    write_parquet_lake(lake, docs[:12], files=1)
+    bad = [{"id": "null-text", "text": None}, {"id": "blank", "text": " "}]
+    (lake / "z-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    run(IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=12,
+                     encoder=EncoderConfig(batch_size=32), progress=False))
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    [empty] = [s for s in version["shards"] if s["source"]["file"] == "z-bad.jsonl"]
+    assert empty["rows"] == 0 and version["counts"] == {"rows_read": 14, "documents": 12, "rejects": 2}
+    rejects = pq.read_table(dest / empty["rejects"]["path"]).to_pylist()
+    assert [(r["id"], r["reason"]) for r in rejects] == [("null-text", "null_text"), ("blank", "empty_text")]
+    table = pq.read_table(dest / empty["path"])
+    assert table.num_rows == 0 and table.schema.field("int8").type.list_size == 384
+    index = faiss.read_index_binary(str(dest / empty["index"]))
+    assert (index.d, index.ntotal) == (384, 0)
