@@ -110,7 +110,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     encoders = None
     try:
         pool = encoder_pool(cfg)
-        # `auto` precision becomes the pool's (fp16 on GPU actors) before planning: the float
+        # `auto` precision becomes the pool's (fp16x3 on GPU actors) before planning: the float
         # type is part of every shard's name and of the version's options.
         cfg = replace(cfg, encoder=encoder_cfg(cfg, pool))
         # Tasks get a copy of the config without storage options; they fetch them through
@@ -355,7 +355,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=FLOAT_PRECISIONS, default="auto",
-                   help="the model's float type: auto (fp16 on GPU encoders, fp32 on CPU), fp32, fp16, bf16")
+                   help="the model's float type: auto (fp16x3 on GPU encoders, fp32 on CPU), fp32, fp16x3, "
+                        "fp16, bf16")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what runs the model: torch, or onnx (onnxruntime on CPUs; needs quantlake[onnx])")
     p.add_argument("--encoder-actors", type=int, default=None)

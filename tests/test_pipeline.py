@@ -17,7 +17,7 @@ def _pool(monkeypatch, resources, **kw):
 def test_one_encoder_actor_per_gpu(monkeypatch):
     cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0})
     assert pool == {"actors": 4, "num_gpus": 1, "num_cpus": 1}
-    assert encoder_cfg(cfg, pool).precision == "fp16"  # auto: fp16 on GPU actors
+    assert encoder_cfg(cfg, pool).precision == "fp16x3"  # auto: fp16x3 on GPU actors
     assert encoder_cfg(cfg, pool).threads is None  # no thread count from the cluster's shape
     cfg, pool = _pool(monkeypatch, {"CPU": 16.0, "GPU": 4.0}, encoder_actors=2,
                       encoder=EncoderConfig(precision="bf16"))

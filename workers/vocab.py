@@ -22,8 +22,8 @@ CandidateMode = Literal["asymmetric", "hamming"]
 SearchIndex = Literal["binary", "int8"]
 SearchBackend = Literal["threads", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
-# The encoder model's float type; `auto` is fp16 on CUDA, fp32 on the CPU.
-FloatPrecision = Literal["auto", "fp32", "fp16", "bf16"]
+# The encoder model's float type; `auto` is fp16x3 on CUDA, fp32 on the CPU.
+FloatPrecision = Literal["auto", "fp32", "fp16x3", "fp16", "bf16"]
 # What runs the model's transformer: torch, or onnxruntime on CPUs (workers/embedding/onnx_backend.py).
 Backend = Literal["torch", "onnx"]
 

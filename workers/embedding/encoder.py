@@ -39,12 +39,14 @@ class EncoderConfig:
         device: `auto` uses CUDA when the actor was given a GPU, else the CPU.
         threads: torch intra-op threads per actor on CPU (None: the cores of the machine the
             actor runs on, never what Ray allots it, so the bits do not depend on the cluster).
-        precision: the float type of the model's matrix products: `fp32`, `fp16`, `bf16`, or
-            `auto` (fp16 on CUDA, fp32 on the CPU). fp16 and bf16 run the fp32 model under
-            `torch.autocast` (half-precision matrix products on tensor cores, fp32 layer norms,
-            softmax and pooling), which keeps more int8 codes equal to fp32's than casting the
-            weights (`model.half()`; figures in README, `--precision`).
-            The embeddings are float32 either way; their bits differ.
+        precision: the float type of the model's matrix products: `fp32`, `fp16x3`, `fp16`,
+            `bf16`, or `auto` (fp16x3 on CUDA, fp32 on the CPU). fp16x3 computes each linear
+            layer as three fp16 products that together keep ~22 bits (`compensated.py`; the
+            rest of the model in fp32): >= 99.8% of the int8 codes equal fp32's. fp16 and bf16
+            run the fp32 model under `torch.autocast` (half-precision matrix products on tensor
+            cores, fp32 layer norms, softmax and pooling): fewer equal codes (~97%), one product
+            per layer. Both keep more codes than casting the weights (`model.half()`; figures
+            in README, `--precision`). The embeddings are float32 either way; their bits differ.
         backend: what runs the transformer: `torch`, or `onnx` (onnxruntime, CPU only: for CPU
             clusters; its int8 codes agree with torch's, see README "Encoder backends").
     """
@@ -73,10 +75,10 @@ class EncoderConfig:
                              "(or auto) with --backend onnx")
 
     def resolved_precision(self, device: str) -> str:
-        """The float type on `device` (`cuda` or `cpu`): `auto` is fp16 on CUDA, fp32 on the CPU."""
+        """The float type on `device` (`cuda` or `cpu`): `auto` is fp16x3 on CUDA, fp32 on the CPU."""
         if self.precision != "auto":
             return self.precision
-        return "fp16" if device == "cuda" else "fp32"
+        return "fp16x3" if device == "cuda" else "fp32"
 
     @property
     def model_name(self) -> str:
@@ -284,6 +286,7 @@ class Encoder:
         # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
         # halved (`encode`) and kept for this actor's later units.
         self.batch_size = cfg.batch_size
+        self._compensated = None  # fp16x3's function mode, made on first use (`_autocast`)
         self.model, self._lock = _load_model(resolve_model(cfg.model), device, cfg.backend,
                                              cfg.threads or machine_threads())
         self.dim = self.model.get_embedding_dimension()
@@ -313,11 +316,19 @@ class Encoder:
         return out
 
     def _autocast(self):
-        """fp16/bf16: torch.autocast on the encoder's device; fp32: nothing."""
+        """fp16/bf16: torch.autocast on the encoder's device; fp16x3: the linear layers as three
+        fp16 products each (`CompensatedFp16`, one per encoder: it keeps the weights' parts);
+        fp32: nothing."""
         import torch
 
         if self.precision == "fp32" or self.cfg.backend != "torch":
             return contextlib.nullcontext()
+        if self.precision == "fp16x3":
+            if self._compensated is None:
+                from workers.embedding.compensated import CompensatedFp16
+
+                self._compensated = CompensatedFp16()
+            return self._compensated
         return torch.autocast(device_type=self.device,
                               dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
 

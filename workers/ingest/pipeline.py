@@ -145,7 +145,7 @@ def cpu_task_args(pool: dict[str, Any]) -> dict[str, Any]:
 
 
 def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
-    """The encoder config with `auto` precision resolved for the pool: fp16 on GPU actors, fp32
+    """The encoder config with `auto` precision resolved for the pool: fp16x3 on GPU actors, fp32
     on CPU actors. The job resolves it before planning, since the float type is part of every
     shard's name and of the version's options; the actors then all use the same one."""
     device = "cuda" if "num_gpus" in pool else "cpu"

@@ -67,7 +67,7 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
             take an id over), so they are part of what decides the shard's rows and rejects,
             hence of its name.
         float_precision: the encoder's float type (the job resolves `auto` before planning);
-            fp16 and bf16 give other float bits than fp32, hence other shards.
+            fp16x3, fp16 and bf16 give other float bits than fp32, hence other shards.
     """
     key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
            "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
@@ -77,11 +77,11 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         # Only when there are some: a unit without duplicates keeps the name it had before
         # duplicates were part of the key, so reruns over existing datasets still reuse it.
         key["duplicates"] = sorted([int(r), str(f), int(fr)] for r, f, fr in duplicates)
-    if float_precision in ("fp16", "bf16"):
+    if float_precision != "fp32":
         # Likewise only then: fp32 shards keep the names they had before the field existed.
-        # "autocast": how the encoder computes in that type (the model's weights cast to it
+        # "autocast": how the encoder computes fp16 and bf16 (the model's weights cast to it
         # gave other bits, so shards from that time are never reused as these).
-        key["float"] = f"{float_precision}/autocast"
+        key["float"] = f"{float_precision}/autocast" if float_precision in ("fp16", "bf16") else float_precision
     return sha256_hex(canonical_json(key))[:32]
 
 
