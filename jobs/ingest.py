@@ -20,13 +20,14 @@ from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANG
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (Encoders, encode_and_write, encode_sample, encoder_cfg, encoder_pool,
-                                     ranges_of, ray_init, scan)
+from workers.ingest.pipeline import (Encoders, check_room, encode_and_write, encode_sample, encoder_cfg,
+                                     encoder_pool, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
                                   sidecar_path)
 from workers.lake.redact import redact_url
+from workers.ray_session import choose_address
 from workers.ingest.source import check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
@@ -110,6 +111,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     encoders = None
     try:
         pool = encoder_pool(cfg)
+        check_room(pool, own_instance=started and choose_address(cfg.ray_address)[0] == "local")
         # `auto` precision becomes the pool's (fp16x3 on GPU actors) before planning: the float
         # type is part of every shard's name and of the version's options.
         cfg = replace(cfg, encoder=encoder_cfg(cfg, pool))

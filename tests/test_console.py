@@ -179,3 +179,17 @@ def test_a_unit_failing_inside_ray_prints_one_error_naming_it(docs, tmp_path):
     assert len(lines) == 1 and re.fullmatch(
         r"quantlake ingest: error: work unit part-00001\.parquet rows \[0, 25\) \(shard [0-9a-f]{32}\): "
         r"read failed: ArrowInvalid: .*; nothing was committed", lines[0]), err
+
+
+def test_encoder_actors_that_leave_no_cpu_for_the_tasks_are_an_error_not_a_wait(lake, tmp_path):
+    """On its own local instance, encoder actors (one CPU each) that take every CPU would leave
+    the scan, read and write tasks waiting for ever: the job says so before it starts them."""
+    n = os.cpu_count()
+    with Job(["-m", "jobs.ingest", str(lake / "lake"), str(tmp_path / "dest"), *ARGS, "--encoder-actors", str(n)],
+             tmp_path) as job:
+        rc, out, err = job.run()
+    assert (rc, out) == (2, ""), err
+    assert re.fullmatch(rf"quantlake ingest: error: {n} encoder actor\(s\) of 1 CPU each leave 0 of the cluster's "
+                        r"(\d+) CPUs for the scan, read and write tasks, which need 1: the job would wait for ever "
+                        r"\(at most (\d+) encoder actor\(s\) fit, --encoder-actors\)\n", err), err
+    assert not (tmp_path / "dest" / "versions").exists()

@@ -1,9 +1,13 @@
-"""Encoder pool sizing: one actor per GPU when the cluster has GPUs, CPU actors otherwise."""
+"""Encoder pool sizing: one actor per GPU when the cluster has GPUs, CPU actors otherwise; room
+for the tasks beside them."""
+import logging
+
+import pytest
 import ray
 
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
-from workers.ingest.pipeline import encoder_cfg, encoder_pool
+from workers.ingest.pipeline import check_room, encoder_cfg, encoder_pool, room_problem
 
 
 def _pool(monkeypatch, resources, **kw):
@@ -40,3 +44,27 @@ def test_units_in_flight_cover_the_actors_and_the_cpus():
     assert units_in_flight(1, 2) == 4  # a laptop: one encoder, two CPUs
     assert units_in_flight(4, 1) == 12  # three per actor: one encoded, one queued, one read or written
     assert units_in_flight(8, 64.0) == 128  # GPU encoders, many CPU nodes: two reads per CPU
+
+
+def test_room_for_the_tasks_beside_the_encoder_actors():
+    cpu = {"actors": 1, "num_cpus": 1}
+    assert room_problem(cpu, 2) is None and room_problem({**cpu, "actors": 3}, 4) is None
+    assert room_problem({"actors": 8, "num_gpus": 1, "num_cpus": 1}, 8 * 4) is None  # GPU nodes of 4 CPUs
+    assert room_problem({**cpu, "actors": 2}, 2) == (
+        "2 encoder actor(s) of 1 CPU each leave 0 of the cluster's 2 CPUs for the scan, read and write tasks, "
+        "which need 1: the job would wait for ever (at most 1 encoder actor(s) fit, --encoder-actors)")
+    assert "leave 0.5 of the cluster's 4.5 CPUs" in room_problem({**cpu, "actors": 4}, 4.5)
+    assert "leave 0 of the cluster's 2 CPUs" in room_problem({**cpu, "actors": 5}, 2)  # never negative
+    assert "(at most 0 encoder actor(s) fit" in room_problem(cpu, 1)  # a one-CPU machine
+
+
+def test_no_room_is_an_error_on_the_jobs_own_instance_and_a_warning_on_a_cluster(monkeypatch, caplog):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    pool = {"actors": 2, "num_cpus": 1}
+    with pytest.raises(ValueError, match=r"^2 encoder actor\(s\) of 1 CPU each leave 0 .* fit, --encoder-actors\)$"):
+        check_room(pool, own_instance=True)
+    with caplog.at_level(logging.WARNING, logger="workers.ingest.pipeline"):
+        check_room(pool, own_instance=False)  # an autoscaler may add CPU nodes: the job waits, saying why
+        check_room({"actors": 1, "num_cpus": 1}, own_instance=True)  # fits: nothing said
+    assert [r.getMessage() for r in caplog.records] == [
+        room_problem(pool, 2) + ", unless the cluster adds CPU nodes: the job waits for them"]

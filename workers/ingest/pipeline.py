@@ -10,6 +10,7 @@ say in their docstrings why not Ray Data. The steps themselves are plain functio
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size
 from workers.ingest.source import SourceError
 from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
 from workers.lake.records import Duplicate, ShardRecord, WorkUnit
+
+log = logging.getLogger(__name__)
 
 # Encoder batches per calibration work item. The items are cut from the sample in key order,
 # so each sampled text is always encoded beside the same neighbours (padding changes the
@@ -60,6 +63,34 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
         return {"actors": cfg.encoder_actors or gpus, "num_gpus": 1, "num_cpus": 1}
     return {"actors": cfg.encoder_actors or 1, "num_cpus": 1}
+
+
+# What a scan task asks of a CPU (Ray's default, one); a unit's read or write task asks half.
+SCAN_TASK_CPUS = 1.0
+
+
+def room_problem(pool: dict[str, Any], cpus: float) -> str | None:
+    """Why the job's tasks could never start beside the encoder actors of `pool` on a cluster
+    of `cpus` CPUs (the actors keep theirs for the whole job), or None when a scan task fits."""
+    left = cpus - pool["actors"] * pool["num_cpus"]
+    if left >= SCAN_TASK_CPUS:
+        return None
+    fits = max(0, int((cpus - SCAN_TASK_CPUS) // pool["num_cpus"]))
+    return (f"{pool['actors']} encoder actor(s) of {pool['num_cpus']:g} CPU each leave {max(left, 0):g} of the "
+            f"cluster's {cpus:g} CPUs for the scan, read and write tasks, which need {SCAN_TASK_CPUS:g}: the job "
+            f"would wait for ever (at most {fits} encoder actor(s) fit, --encoder-actors)")
+
+
+def check_room(pool: dict[str, Any], own_instance: bool) -> None:
+    """`room_problem` on the cluster as it is: an error on the job's own local instance, which
+    nothing can add CPUs to; a warning on a cluster, whose autoscaler may add nodes."""
+    import ray
+
+    problem = room_problem(pool, ray.cluster_resources().get("CPU", 0))
+    if problem and own_instance:
+        raise ValueError(problem)
+    if problem:
+        log.warning("%s, unless the cluster adds CPU nodes: the job waits for them", problem)
 
 
 class EncoderActor(Encoder):
