@@ -166,7 +166,7 @@ assert init_ray(None)
 seen = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).remote())
 node = ray._private.worker.global_worker.node
 print(json.dumps({"before": before, "after": {k: os.environ.get(k) for k in WORKER_ENV}, "worker": seen,
-                  "webui": node.address_info.get("webui_url")}))
+                  "webui": node.address_info.get("webui_url"), "cpus": ray.cluster_resources()["CPU"]}))
 ray.shutdown()
 """
 
@@ -184,4 +184,19 @@ def test_a_local_instance_gives_its_workers_the_env_and_starts_no_dashboard(tmp_
     assert got["worker"] == WORKER_ENV  # through the job's runtime env
     assert got["before"] == got["after"] == {k: None for k in WORKER_ENV}  # the driver's own is left alone
     assert not got["webui"]  # no dashboard
+    from ray._private.utils import get_num_cpus
+
+    assert got["cpus"] == max(2, get_num_cpus())  # Ray's count, and never under 2 (`local_cpus`)
     assert [local_dashboard(e) for e in ({}, {DASHBOARD_ENV: "0"}, {DASHBOARD_ENV: "1"})] == [False, False, True]
+
+
+def test_a_local_instance_advertises_at_least_two_cpus():
+    """One for the encoder actor, one for the tasks beside it: on a one-CPU machine a local
+    instance of one CPU would leave the scan waiting for ever (they share the core instead)."""
+    from ray._private.utils import get_num_cpus
+
+    from workers.ray_session import MIN_LOCAL_CPUS, local_cpus
+
+    assert MIN_LOCAL_CPUS == 2
+    assert [local_cpus(n) for n in (1, 2, 3, 64)] == [2, None, None, None]  # None: Ray's own count
+    assert local_cpus() == (2 if get_num_cpus() < 2 else None)  # this machine, as Ray counts it

@@ -27,6 +27,9 @@ ADDRESS_ENV = "RAY_ADDRESS"
 # driver's console. `init_ray` gives it to the workers; `apply_worker_env` to this process.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# A local instance advertises at least this many CPUs: the encoder actor keeps one for the whole
+# job, and a scan task needs another (on a one-CPU machine they then share it).
+MIN_LOCAL_CPUS = 2
 # How long the GCS (or Ray Client server) gets to accept a TCP connection before the job gives up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -171,9 +174,22 @@ def init_ray(address: str | None = None) -> bool:
     address = check_address(address)
     # A local instance is this job's alone, and runs without Ray's dashboard unless asked
     # (`local_dashboard`); a cluster keeps the dashboard it was started with.
-    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()},
-             **({"include_dashboard": local_dashboard()} if address == "local" else {}))
+    local = {"include_dashboard": local_dashboard(), "num_cpus": local_cpus()} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()}, **local)
     return True
+
+
+def local_cpus(detected: int | None = None) -> int | None:
+    """The CPUs a local instance advertises: None (Ray counts them, cgroup limits included)
+    unless Ray would count fewer than MIN_LOCAL_CPUS; then MIN_LOCAL_CPUS, logical ones, so that
+    the job's tasks fit beside its encoder actor rather than wait for ever."""
+    if detected is None:
+        try:
+            from ray._private.utils import get_num_cpus  # what Ray itself would advertise
+            detected = get_num_cpus()
+        except (ImportError, AttributeError):
+            detected = os.cpu_count() or 1
+    return MIN_LOCAL_CPUS if detected < MIN_LOCAL_CPUS else None
 
 
 # Set to 1 to start a local instance with Ray's dashboard (http://127.0.0.1:8265).
