@@ -1,11 +1,13 @@
 """fp16x3 (workers/embedding/compensated.py): a linear layer from three fp16 products, against
 float64, fp32 and a single fp16 product, on the CPU (which computes the same exact products)."""
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.embedding.compensated import CompensatedFp16, linear, split
+from workers.embedding.compensated import CompensatedFp16, linear, product, split, weight_operand
 
 
 def _operands(seed: int, scale: float = 1.0):
@@ -72,3 +74,23 @@ def test_the_mode_changes_linear_layers_only_and_splits_each_weight_once():
         assert not torch.equal(y1, layer(x))  # outside the mode: plain fp32
     assert len(mode._weights) == 1
     np.testing.assert_allclose(y1.numpy(), F.linear(x, w, b).numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_device_refusing_an_fp32_result_of_fp16_matrices_gets_the_same_values(caplog, monkeypatch):
+    """This CPU's torch has no fp16 x fp16 -> fp32 `mm` (it raises NotImplementedError, as a
+    GPU's torch without it would): asked to use it, `product` warns once, remembers the device
+    and gives the emulation's values."""
+    import workers.embedding.compensated as compensated
+
+    monkeypatch.setattr(compensated, "_NO_FP32_RESULT", set())
+    x, w, _ = _operands(4)
+    xh, xl, _ = split(x)
+    a, wo = torch.cat([xh, xh, xl], dim=-1).reshape(-1, 3 * 384), weight_operand(w)[0]  # as `linear` has them
+    with caplog.at_level(logging.WARNING, logger="workers.embedding.compensated"):
+        first = product(a, wo, fp16_units=True)
+        again = product(a, wo, fp16_units=True)
+    assert torch.equal(first, a.float() @ wo.float().t()) and torch.equal(again, first)
+    assert first.dtype == torch.float32 and compensated._NO_FP32_RESULT == {"cpu"}
+    [record] = caplog.records  # once per device
+    assert record.getMessage().startswith(f"torch {torch.__version__} gives no fp32 result of fp16 matrices on cpu "
+                                          "(NotImplementedError: Could not run 'aten::mm.dtype'")

@@ -18,10 +18,12 @@ linear layer (attention's products, layer norms, softmax, pooling) runs in fp32.
 
 On CUDA the product is `torch.mm(..., out_dtype=torch.float32)` (fp16 inputs, fp32
 accumulation and result). On the CPU it is emulated with the parts cast to fp32, which computes
-the same exact products: slower than fp32, there to test the numbers without a GPU.
+the same exact products: slower than fp32, there to test the numbers without a GPU. A device
+whose torch refuses the fp32 result gets the same emulation, with a warning (`product`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -31,6 +33,10 @@ from torch.overrides import TorchFunctionMode
 # The largest value of a scaled operand is below 2**TOP: far from fp16's 65504, and its
 # low part (2**-11 of it) still far above fp16's smallest normal, 2**-14.
 TOP = 12
+# Devices whose `torch.mm` refused an fp32 result of fp16 inputs: they get the emulation.
+_NO_FP32_RESULT: set[str] = set()
+
+log = logging.getLogger(__name__)
 
 
 def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,12 +59,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     w, w_scale = weight_parts if weight_parts is not None else weight_operand(weight)
     xh, xl, x_scale = split(x)
     a = torch.cat([xh, xh, xl], dim=-1).reshape(-1, w.shape[1])
-    if a.is_cuda:
-        y = torch.mm(a, w.t(), out_dtype=torch.float32)
-    else:
-        y = a.float() @ w.float().t()  # the same exact fp16 products, summed in fp32
+    y = product(a, w, a.device.type != "cpu")
     y = (y / (x_scale * w_scale)).reshape(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias.float()
+
+
+def product(a: torch.Tensor, w: torch.Tensor, fp16_units: bool) -> torch.Tensor:
+    """`a @ w.T` of fp16 matrices, summed and returned in fp32: on the device's fp16 units
+    (`fp16_units`, a GPU's tensor cores) unless its torch has refused that before; else with
+    the parts cast to fp32, which gives the same exact products."""
+    where = str(a.device)
+    if fp16_units and where not in _NO_FP32_RESULT:
+        try:
+            return torch.mm(a, w.t(), out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the encoder halves its batch
+        except (RuntimeError, TypeError) as exc:
+            _NO_FP32_RESULT.add(where)
+            log.warning("torch %s gives no fp32 result of fp16 matrices on %s (%s: %s): fp16x3 computes its "
+                        "products in fp32 there, with the same values, more slowly", torch.__version__, where,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return a.float() @ w.float().t()
 
 
 def weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
