@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xh, xl, x_scale = split(x)
     a = torch.cat([xh, xh, xl], dim=-1).reshape(-1, w.shape[1])
     y = product(a, w, a.device.type != "cpu")
-    y = (y / (x_scale * w_scale)).reshape(*x.shape[:-1], w.shape[0])
+    y = (y / x_scale / w_scale).reshape(*x.shape[:-1], w.shape[0])  # powers of two: exact, one at a time
     return y if bias is None else y + bias.float()
 
 
