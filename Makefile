@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/float_types.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/scale.py
 
