@@ -110,7 +110,7 @@ def calibration_ranges(docs):
     return np.stack([emb.min(0), emb.max(0)])
 
 
-def test_float_types_int8_codes_against_fp32(texts, at16, calibration_ranges):
+def test_float_types_int8_codes_against_fp32(texts, at16, calibration_ranges, caplog):
     """Each float type against fp32 (run on the CPU here), quantized with the same ranges.
 
     fp16x3 (three fp16 products per linear layer, fp32 elsewhere) is fp32 to ~2e-7: measured,
@@ -143,7 +143,12 @@ def test_float_types_int8_codes_against_fp32(texts, at16, calibration_ranges):
     assert next(_encoder(16).model.parameters()).dtype == torch.float32  # fp32 encoders unaffected
     assert _encoder(16).encode(texts).tobytes() == fp32.tobytes()
     # The same encoder again: the same bytes (the weights' parts are kept, not recomputed).
-    enc = Encoder(EncoderConfig(batch_size=16, device="cpu", precision="fp16x3"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workers.embedding.encoder"):
+        enc = Encoder(EncoderConfig(batch_size=16, device="cpu", precision="fp16x3"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "fp16x3 on a CPU is emulated with fp32 products, about 4x slower than fp32 and with nearly its codes: "
+        "use --precision fp32 on CPU encoders"]
     first = enc.encode(texts)
     assert enc.encode(texts).tobytes() == first.tobytes()
     assert len(enc._compensated._weights) == 37  # 6 linear layers in each of 6 blocks, and BERT's pooler

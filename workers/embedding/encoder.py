@@ -283,6 +283,9 @@ class Encoder:
         self.cfg = cfg
         self.device = device
         self.precision = cfg.resolved_precision(device)
+        if self.precision == "fp16x3" and device == "cpu":
+            log.warning("fp16x3 on a CPU is emulated with fp32 products, about 4x slower than fp32 and with "
+                        "nearly its codes: use --precision fp32 on CPU encoders")
         # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
         # halved (`encode`) and kept for this actor's later units.
         self.batch_size = cfg.batch_size
