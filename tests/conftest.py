@@ -1,9 +1,11 @@
 """Shared fixtures: one local Ray instance per session, real documents, small real lakes."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
+import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -210,3 +212,14 @@ def copy_dataset(small_dataset, tmp_path):
     shutil.copytree(small_dataset[0], dest)
     return dest
 
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1, for a `ray start` given every port: each socket stays
+    bound until all are chosen (a port released at once can be handed out again, and two Ray
+    components given one port refuse to start)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]

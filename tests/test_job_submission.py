@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import write_parquet_lake
+from conftest import free_ports, write_parquet_lake
 from isolated import REPO, Job
 from lakes import committed_ids
 from workers.lake.storage import url_to_fs
@@ -36,12 +35,6 @@ EXCLUDES = [".git", ".venv", "**/__pycache__", "/lake/", "/out/", "/build/", ".p
 ROWS = 20  # documents per lake file; --unit-rows 20 makes one shard per file
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli_env() -> dict[str, str]:
     # The CLI reads the cluster from --address only; RAY_AUTH_MODE=disabled (conftest) is kept.
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -54,10 +47,10 @@ def _ray(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
 @pytest.fixture
 def head(tmp_path, monkeypatch):
     """A `ray start --head` cluster with its dashboard, every port free and on 127.0.0.1."""
-    ports = {flag: _free_port() for flag in (
-        "--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port")}
+    flags = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+             "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port", "--metrics-export-port")
+    ports = dict(zip(flags, free_ports(len(flags))))
     args = ["-c", "from ray.scripts.scripts import main; main()", "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             "--num-cpus=2", "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items())]

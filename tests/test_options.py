@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from isolated import Job
 from jobs.cli import main as cli
 from ranges.manifest import RangeManifest
 
-from conftest import write_parquet_lake
+from conftest import free_ports, write_parquet_lake
 
 QUANTILE_ARGS = ["--precisions", "int8,uint8,binary,ubinary", "--index-type", "hnsw", "--range-method", "quantile",
                  "--quantiles", "0.01,0.99", "--calibration-samples", "60", "--unit-rows", "20", "--batch-size", "16",
@@ -92,22 +91,11 @@ def test_quantile_ranges_are_recorded_and_clip(quantile):
     assert summary["clipped_values"] >= 2 * 384 and (np.array(version["clipped_per_dim"]) >= 2).all()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head` in a private temp dir on free ports; yields (address, its temp dir), and
     kills every process of it afterwards (never `ray stop`: that stops every Ray on the machine)."""
-    gcs, client, agent, agent_grpc, env_agent, metrics, node, objects = _free_ports(8)
+    gcs, client, agent, agent_grpc, env_agent, metrics, node, objects = free_ports(8)
     (tmp_path / "head").mkdir()
     with Job([], tmp_path / "head") as head:
         head.args = ["-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={head.ray_tmp}",

@@ -5,32 +5,25 @@ leaves its address recorded where a bare `ray.init()` would find and retry it fo
 """
 import json
 import os
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import write_parquet_lake
+from conftest import free_ports, write_parquet_lake
 from isolated import Job
 from workers.ray_session import RayUnreachable, check_address, choose_address
 
 RECORD = os.path.join("ray", "ray_current_cluster")  # under RAY_TMPDIR, where `ray start` writes it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dead_cluster(tmp_path_factory):
     """A head started by `ray start` in a private RAY_TMPDIR, then killed: its record stays."""
-    ports = {flag: _free_port() for flag in (
-        "--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port")}
+    flags = ("--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")
+    ports = dict(zip(flags, free_ports(len(flags))))
     args = ["-c", "from ray.scripts.scripts import main; main()", "start", "--head", "--block",
             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
             *(f"{flag}={port}" for flag, port in ports.items())]
