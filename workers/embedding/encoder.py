@@ -283,13 +283,17 @@ class Encoder:
         self.cfg = cfg
         self.device = device
         self.precision = cfg.resolved_precision(device)
-        if self.precision == "fp16x3" and device == "cpu":
-            log.warning("fp16x3 on a CPU is emulated with fp32 products, about 4x slower than fp32 and with "
-                        "nearly its codes: use --precision fp32 on CPU encoders")
+        self._compensated = None  # fp16x3's function mode: it keeps the weights' parts (`_autocast`)
+        if self.precision == "fp16x3":
+            from workers.embedding.compensated import CompensatedFp16
+
+            self._compensated = CompensatedFp16()
+            if device == "cpu":
+                log.warning("fp16x3 on a CPU is emulated with fp32 products, about 4x slower than fp32 and with "
+                            "nearly its codes: use --precision fp32 on CPU encoders")
         # Texts per forward pass: `cfg.batch_size` until the device runs out of memory, then
         # halved (`encode`) and kept for this actor's later units.
         self.batch_size = cfg.batch_size
-        self._compensated = None  # fp16x3's function mode, made on first use (`_autocast`)
         self.model, self._lock = _load_model(resolve_model(cfg.model), device, cfg.backend,
                                              cfg.threads or machine_threads())
         self.dim = self.model.get_embedding_dimension()
@@ -326,11 +330,7 @@ class Encoder:
 
         if self.precision == "fp32" or self.cfg.backend != "torch":
             return contextlib.nullcontext()
-        if self.precision == "fp16x3":
-            if self._compensated is None:
-                from workers.embedding.compensated import CompensatedFp16
-
-                self._compensated = CompensatedFp16()
+        if self._compensated is not None:
             return self._compensated
         return torch.autocast(device_type=self.device,
                               dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
