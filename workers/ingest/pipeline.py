@@ -44,6 +44,10 @@ UNITS_IN_FLIGHT_PER_CPU = 2
 # raises is not retried: it fails the unit). Finite: a file that crashes its reader every time
 # fails the job naming the unit rather than being retried for ever.
 UNIT_TASK_RETRIES = 4
+# What a scan task asks of a CPU, and a unit's read or write task: the encoder actors must leave
+# a scan task's (`room_problem`).
+SCAN_TASK_CPUS = 1.0
+UNIT_TASK_CPUS = 0.5
 # The label every Ray node carries with its id; CPU tasks select nodes by it (`cpu_task_args`).
 NODE_ID_LABEL = "ray.io/node-id"
 
@@ -63,10 +67,6 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
         return {"actors": cfg.encoder_actors or gpus, "num_gpus": 1, "num_cpus": 1}
     return {"actors": cfg.encoder_actors or 1, "num_cpus": 1}
-
-
-# What a scan task asks of a CPU (Ray's default, one); a unit's read or write task asks half.
-SCAN_TASK_CPUS = 1.0
 
 
 def room_problem(pool: dict[str, Any], cpus: float) -> str | None:
@@ -196,9 +196,10 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
 
     n_parts = max(1, min(64, len(files)))
     where = cpu_task_args(pool or {})
-    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, max_retries=3, **where)
+    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, num_cpus=SCAN_TASK_CPUS, max_retries=3,
+                                                **where)
     refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
-    dup_task = ray.remote(find_duplicates).options(max_retries=3, **where)
+    dup_task = ray.remote(find_duplicates).options(num_cpus=SCAN_TASK_CPUS, max_retries=3, **where)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     summary_refs = [r[0] for r in refs]
     del refs  # the partitions live on through dup_refs' tasks; the summaries are fetched below
@@ -415,9 +416,9 @@ def stream_units(items: list[dict[str, Any]], cfg: IngestConfig, encoders: Encod
     """
     import ray
 
-    read_remote = ray.remote(read_task).options(num_returns=2, num_cpus=0.5, max_retries=UNIT_TASK_RETRIES,
+    read_remote = ray.remote(read_task).options(num_returns=2, num_cpus=UNIT_TASK_CPUS, max_retries=UNIT_TASK_RETRIES,
                                                 **where)
-    write_remote = ray.remote(write).options(num_cpus=0.5, max_retries=UNIT_TASK_RETRIES, **where)
+    write_remote = ray.remote(write).options(num_cpus=UNIT_TASK_CPUS, max_retries=UNIT_TASK_RETRIES, **where)
     actors = encoders.actors
     todo = deque(items)
     limit = units_in_flight(len(actors), ray.cluster_resources().get("CPU", 0))
