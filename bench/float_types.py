@@ -12,6 +12,11 @@ machine), times:
 Each is timed after one untimed warm-up batch. Then the int8 codes of each against fp32's, with
 minmax ranges of the other half of the documents (as a calibration sample gives them).
 
+Also the tokenizer alone (`preprocess` of the same length-sorted batches) on one thread and on
+every core: how fast a device may encode before tokenizing, not the model, sets the pace. On
+CUDA the encoder tokenizes the next batch while the device runs one (`prepare_ahead`); the run
+"encoder fp16x3, inline" is the same encoder tokenizing between batches instead.
+
 On the CPU, fp16x3 computes the same exact fp16 products as a GPU in fp32, so its codes are
 the GPU's but its speed says nothing of a GPU's.
 """
@@ -33,7 +38,7 @@ import pyarrow.dataset as pads  # noqa: E402
 
 from jobs.demo import DemoConfig  # noqa: E402
 from jobs.demo import run as build_demo  # noqa: E402
-from workers.embedding.encoder import Encoder, EncoderConfig, resolve_model  # noqa: E402
+from workers.embedding.encoder import Encoder, EncoderConfig, length_order, resolve_model  # noqa: E402
 from workers.embedding.quantizer import quantize  # noqa: E402
 
 
@@ -53,6 +58,27 @@ def timed(encode, texts: list[str], batch_size: int) -> tuple[float, np.ndarray]
     t0 = time.perf_counter()
     emb = np.asarray(encode(texts), dtype=np.float32)
     return time.perf_counter() - t0, emb
+
+
+def tokenizer_parallelism(on: bool | None) -> None:
+    """TOKENIZERS_PARALLELISM for the next run: unset (None: a plain process, whose tokenizer
+    splits a batch over every core), or as a Ray worker has it (`false`; an encoder that
+    prepares ahead turns it on itself)."""
+    if on is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
+
+
+def tokenize_rate(model, texts: list[str], batch_size: int) -> float:
+    """Documents/s of the model's `preprocess` over `encode`'s length-sorted batches."""
+    order = length_order(texts)
+    batches = [[texts[i] for i in order[s:s + batch_size]] for s in range(0, len(texts), batch_size)]
+    model.preprocess(batches[0])
+    t0 = time.perf_counter()
+    for b in batches:
+        model.preprocess(b)
+    return len(texts) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -82,10 +108,24 @@ def main() -> None:
     def bare(m):
         return lambda t: m.encode(t, batch_size=bs, normalize_embeddings=True, show_progress_bar=False)
 
+    tokenizer_parallelism(False)
+    one = tokenize_rate(model, texts, bs)
+    tokenizer_parallelism(True)
+    every = tokenize_rate(model, texts, bs)
+    print(f"tokenize: {one:.0f} docs/s on one thread, {every:.0f} on {os.cpu_count()} cores", flush=True)
+
+    tokenizer_parallelism(None)
     runs["bare fp32"] = timed(bare(model), texts, bs)
     for precision in a.types.split(","):
+        tokenizer_parallelism(False)
         enc = Encoder(EncoderConfig(model=a.model, batch_size=bs, device=device, precision=precision))
         runs[f"encoder {precision}"] = timed(enc.encode, texts, bs)
+        if enc.prepare_ahead and precision == "fp16x3":
+            tokenizer_parallelism(False)
+            inline = Encoder(EncoderConfig(model=a.model, batch_size=bs, device=device, precision=precision,
+                                           prepare_ahead=False))
+            runs[f"encoder {precision}, inline"] = timed(inline.encode, texts, bs)
+    tokenizer_parallelism(None)
     runs["bare fp16 (half)"] = timed(bare(model.half()), texts, bs)  # last: it casts the shared weights
 
     fp32 = runs["bare fp32"][1]
@@ -93,7 +133,8 @@ def main() -> None:
     ranges = np.stack([fp32[half:].min(0), fp32[half:].max(0)])
     ref = quantize(fp32[:half], ranges, "int8").astype(np.int16)
     base = runs["bare fp16 (half)"][0]
-    out = {"documents": n, "batch_size": bs, "device": device, "hardware": hardware(device), "runs": {}}
+    out = {"documents": n, "batch_size": bs, "device": device, "hardware": hardware(device),
+           "tokenize_docs_per_s": {"one_thread": round(one, 1), "every_core": round(every, 1)}, "runs": {}}
     print(f"{'':24}{'docs/s':>10}{'vs bare fp16':>14}{'int8 = fp32':>13}{'within 1':>10}{'max change':>12}")
     for name, (seconds, emb) in runs.items():
         codes = quantize(emb[:half], ranges, "int8").astype(np.int16)

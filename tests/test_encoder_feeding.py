@@ -5,6 +5,8 @@ No GPU here: the out-of-memory tests wrap the real model in a stand-in that rais
 own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
 """
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ import torch
 from sentence_transformers.base.model import BaseModel
 
 from jobs.ingest import ingest_options, parse_args
-from workers.embedding.encoder import BatchTooLarge, Encoder, EncoderConfig, length_order, resolve_model
+from workers.embedding.encoder import (BatchTooLarge, Encoder, EncoderConfig, length_order, parallel_tokenizer,
+                                      prepare_threads, resolve_model)
 from workers.embedding.quantizer import quantize
 from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import NODE_ID_LABEL, cpu_task_args
@@ -35,23 +38,38 @@ def at16(texts):
 
 class OutOfMemoryAbove:
     """The real model, except that a batch of more than `limit` texts (or the calls numbered in
-    `fail_calls`) raises what torch raises when a GPU runs out of memory."""
+    `fail_calls`) raises what torch raises when a GPU runs out of memory: from `encode` (how an
+    encoder runs a batch inline) and from the forward pass (how one that prepares ahead does)."""
 
     def __init__(self, model, limit: int, fail_calls=()):
         self.model, self.limit, self.fail_calls, self.sizes = model, limit, set(fail_calls), []
 
-    def get_embedding_dimension(self):
-        return self.model.get_embedding_dimension()
+    def __getattr__(self, name):  # preprocess, prompts, truncate_dim...: the real model's
+        return getattr(self.model, name)
+
+    def _run(self, n: int) -> None:
+        self.sizes.append(n)
+        if n > self.limit or len(self.sizes) in self.fail_calls:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({n} texts)")
 
     def encode(self, batch, **kwargs):
-        self.sizes.append(len(batch))
-        if len(batch) > self.limit or len(self.sizes) in self.fail_calls:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({len(batch)} texts)")
+        self._run(len(batch))
         return self.model.encode(batch, **kwargs)
 
+    def __call__(self, features):
+        self._run(len(features["input_ids"]))
+        return self.model(features)
 
-def _encoder(batch_size: int, **stand_in) -> Encoder:
-    enc = Encoder(EncoderConfig(batch_size=batch_size, device="cpu"))
+
+@pytest.fixture
+def tokenizer_env(monkeypatch):
+    """An encoder that prepares ahead sets the process's tokenizer parallelism: put it back after."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")
+
+
+def _encoder(batch_size: int, ahead: bool = False, **stand_in) -> Encoder:
+    enc = Encoder(EncoderConfig(batch_size=batch_size, device="cpu", prepare_ahead=ahead))
     if stand_in:
         enc.model = OutOfMemoryAbove(enc.model, **stand_in)
     return enc
@@ -69,8 +87,56 @@ def test_length_sorted_batches_are_sentence_transformers_own(texts, at16):
     assert at16.tobytes() == want.astype(np.float32).tobytes()
 
 
-def test_out_of_memory_halves_the_batch_retries_it_and_keeps_the_size(texts, at16, caplog):
-    enc = _encoder(64, limit=16)
+def test_tokenizing_ahead_gives_the_bytes_of_sentence_transformers_encode(texts, at16, tokenizer_env):
+    enc = _encoder(16, ahead=True)
+    assert enc.prepare_ahead and not _encoder(16).prepare_ahead  # on a CPU only when asked
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # the tokenizer splits a batch over threads
+    assert enc.encode(texts).tobytes() == at16.tobytes()
+    assert enc.encode(texts[:5]).tobytes() == _encoder(16).encode(texts[:5]).tobytes()  # one batch, cut short
+
+
+def test_a_failure_mid_call_ends_the_tokenizing_ahead_before_it_returns(texts, at16, tokenizer_env):
+    enc = _encoder(16, ahead=True)
+    real, busy = enc.model, []
+
+    class DeviceLost(OutOfMemoryAbove):
+        def preprocess(self, batch, **kwargs):  # slow enough that the failure comes mid-tokenizing
+            busy.append(len(batch))
+            time.sleep(0.3)
+            features = real.preprocess(batch, **kwargs)
+            busy.pop()
+            return features
+
+        def __call__(self, features):
+            raise RuntimeError("device lost")
+
+    enc.model = DeviceLost(real, limit=64)
+    with pytest.raises(RuntimeError, match="device lost"):
+        enc.encode(texts)
+    # The second batch was being tokenized when the first failed: the call waited for it, so no
+    # later call finds the shared tokenizer busy ("Already borrowed").
+    assert busy == []
+    enc.model = OutOfMemoryAbove(real, limit=64)
+    enc.model.preprocess = lambda batch, **kwargs: (_ for _ in ()).throw(ValueError("not text"))
+    with pytest.raises(ValueError, match="not text"):  # a failure while tokenizing is the call's
+        enc.encode(texts)
+    enc.model = real
+    assert enc.encode(texts).tobytes() == at16.tobytes()
+
+
+def test_prepare_threads_share_the_node_cores_among_its_gpus():
+    assert [prepare_threads(8, 1), prepare_threads(96, 8), prepare_threads(2, 4), prepare_threads(4, 0)] == [8, 12, 1, 4]
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    parallel_tokenizer(env, 6)
+    assert env == {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": "6"}
+    env = {"RAYON_NUM_THREADS": "3"}  # the user's choice stays
+    parallel_tokenizer(env, 6)
+    assert env["RAYON_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["inline", "ahead"])
+def test_out_of_memory_halves_the_batch_retries_it_and_keeps_the_size(texts, at16, caplog, ahead, tokenizer_env):
+    enc = _encoder(64, ahead, limit=16)
     with caplog.at_level(logging.WARNING, logger="workers.embedding.encoder"):
         got = enc.encode(texts)
     assert enc.model.sizes == [N_TEXTS, 16, 16]  # 64 holds all 32 texts: halved to 16, which fits
@@ -82,8 +148,9 @@ def test_out_of_memory_halves_the_batch_retries_it_and_keeps_the_size(texts, at1
     assert enc.model.sizes == [16, 4]
 
 
-def test_a_passing_out_of_memory_mid_unit_keeps_every_row_in_place(texts, at16):
-    enc = _encoder(16, limit=16, fail_calls={2})  # the second batch fails once
+@pytest.mark.parametrize("ahead", [False, True], ids=["inline", "ahead"])
+def test_a_passing_out_of_memory_mid_unit_keeps_every_row_in_place(texts, at16, ahead, tokenizer_env):
+    enc = _encoder(16, ahead, limit=16, fail_calls={2})  # the second batch fails once
     got = enc.encode(texts)
     assert enc.model.sizes == [16, 16, 8, 8] and enc.batch_size == 8
     want = at16
@@ -92,8 +159,9 @@ def test_a_passing_out_of_memory_mid_unit_keeps_every_row_in_place(texts, at16):
     assert np.einsum("ij,ij->i", got, want).min() > 0.99999
 
 
-def test_out_of_memory_at_one_text_fails_naming_the_cause(texts):
-    enc = _encoder(4, limit=0)
+@pytest.mark.parametrize("ahead", [False, True], ids=["inline", "ahead"])
+def test_out_of_memory_at_one_text_fails_naming_the_cause(texts, ahead, tokenizer_env):
+    enc = _encoder(4, ahead, limit=0)
     with pytest.raises(BatchTooLarge, match=r"ran out of memory encoding a single text of \d+ characters "
                                             r"\(batch size 4 was halved down to 1\)") as failed:
         enc.encode(texts[:4])

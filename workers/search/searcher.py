@@ -203,8 +203,10 @@ class Searcher:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Float32 query embeddings, by the version's model and encoder backend (loaded on first use)."""
         if self._encoder is None:
+            # Queries come a few at a time: no tokenizing ahead, and so no tokenizer threads in a
+            # process that a server may fork.
             self._encoder = Encoder(EncoderConfig(model=self.model, normalize=self._normalize,
-                                                  backend=self.manifest.model.backend))
+                                                  backend=self.manifest.model.backend, prepare_ahead=False))
         return self._encoder.encode(list(texts))
 
     def search(self, queries: str | Sequence[str], k: int = 10, **options) -> list[Hit] | list[list[Hit]]:
