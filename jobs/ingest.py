@@ -19,7 +19,7 @@ from ranges.manifest import RangeManifest
 from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
-from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model
+from workers.embedding.encoder import DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model
 from workers.ingest.pipeline import (Encoders, check_room, encode_and_write, encode_sample, encoder_cfg,
                                      encoder_pool, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
@@ -353,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranges", default=None, help="reuse this range manifest instead of calibrating")
     p.add_argument("--ray-address", default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=FLOAT_PRECISIONS, default="auto",

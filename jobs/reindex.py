@@ -27,7 +27,8 @@ from typing import Any, Callable
 from jobs.common import add_storage_options, format_fidelity, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, format_summary, run as ingest
-from workers.embedding.encoder import EncoderConfig, encoder_fingerprint, resolve_model, resolve_model_name
+from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
+                                      resolve_model_name)
 from workers.ingest.config import IngestConfig
 from workers.ingest.planning import Float16Source
 from workers.ingest.steps import UnitFailed
@@ -97,7 +98,7 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
     index_type = o.get("index_type") or (latest.shards[0].index_class if latest.shards else "IndexBinaryFlat")
     return IngestConfig(
         source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
-        encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", 64)),
+        encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", DEFAULT_BATCH_SIZE)),
                               normalize=latest.model.normalize, precision=o.get("precision", "auto"),
                               backend=latest.model.backend),
         precisions=latest.precisions, calibration_samples=_samples(o.get("calibration_samples", 10_000)),

@@ -240,6 +240,21 @@ def test_precision_option_resolves_and_names_the_shards(monkeypatch):
     assert len({before, *(shard_id(*args, p) for p in ("fp16x3", "fp16", "bf16"))}) == 4
 
 
+def test_the_batch_size_names_the_shards_unless_it_is_the_default():
+    """Padding moves the last bits, so a rerun at another batch size encodes again; at 64 a shard
+    keeps the name it had before the batch size was part of it (the literals were computed by
+    the code before that)."""
+    args = ("a.parquet", {"size": 1}, 0, 10, "sha256:m", "r", ("int8", "ubinary"), "text", None, True,
+            "IndexBinaryFlat", ())
+    assert shard_id(*args) == shard_id(*args, "fp32", 64) == "4cdeeeb492c6143d161ae70c82b01cbe"
+    assert shard_id(*args, "fp16x3", 64) == "c8e2a94766886f198dcd39abd46a1fb9"
+    assert len({shard_id(*args, "fp32", b) for b in (16, 64, 256)}) == 3
+    assert shard_id(*args, "fp32", 256) != shard_id(*args, "fp16x3", 256)
+    cfg, _ = parse_args(["src", "dst", "--batch-size", "256"])
+    assert cfg.encoder.batch_size == 256 and ingest_options(cfg)["batch_size"] == 256
+    assert parse_args(["src", "dst"])[0].encoder.batch_size == 64
+
+
 def test_cpu_tasks_avoid_gpu_nodes_only_when_there_are_cpu_nodes(monkeypatch):
     def node(i, **res):
         return {"NodeID": f"n{i}", "Alive": True, "Resources": res}

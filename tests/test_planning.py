@@ -1,7 +1,10 @@
 """Work-unit planning (pure): every row in exactly one unit, Parquet cut on row-group bounds."""
+from dataclasses import replace
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from workers.embedding.encoder import EncoderConfig
 from workers.ingest.config import IngestConfig
 from workers.ingest.planning import plan_units, row_bounds, shard_id
 from workers.lake.records import Duplicate, SourceFile, WorkUnit
@@ -63,5 +66,9 @@ def test_shard_ids_are_deterministic_and_cover_what_decides_the_rows():
     assert with_dup[0].duplicates == (dup,) and with_dup[1].duplicates == ()
     # Only the unit holding row 3 changes name.
     assert with_dup[0].shard_id != first[0].shard_id and with_dup[1].shard_id == first[1].shard_id
+    # The encoder's batch size and float type decide the float bits: other names.
+    for encoder in (EncoderConfig(batch_size=16), EncoderConfig(precision="fp16x3")):
+        other = plan_units(replace(cfg, encoder=encoder), [f], [20], [[10, 10]], {}, "sha256:m", "r" * 64)
+        assert not {u.shard_id for u in other} & {u.shard_id for u in first}
     assert shard_id("a", {"size": 1}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat") != \
         shard_id("a", {"size": 2}, 0, 1, "m", "r", ("int8",), "text", None, True, "IndexBinaryFlat")

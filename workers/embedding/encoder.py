@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 
 BUNDLED = "all-MiniLM-L6-v2"
+# Texts per forward pass unless told: part of the float bits (padding), hence of a shard's name
+# when it is another (`workers/ingest/planning.py`, `shard_id`).
+DEFAULT_BATCH_SIZE = 64
 BUNDLED_NAMES = (BUNDLED, f"sentence-transformers/{BUNDLED}")
 # A Hugging Face repo id, `name` or `org/name`: what a model name read from a manifest may be.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -57,7 +60,7 @@ class EncoderConfig:
     """
 
     model: str | None = None
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     normalize: bool = True
     device: Device = "auto"
     threads: int | None = None

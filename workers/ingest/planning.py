@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ranges.encoding import canonical_json, sha256_hex
+from workers.embedding.encoder import DEFAULT_BATCH_SIZE
 from workers.ingest.config import IngestConfig
 from workers.lake.records import Duplicate, ShardRecord, SourceFile, VersionManifest, WorkUnit
 from workers.vocab import FLOAT16
@@ -32,7 +33,8 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
             # changed cannot reuse a shard whose duplicates differ.
             sid = shard_id(f.relpath, f.identity(), a, b, fingerprint, ranges_id, cfg.precisions,
                            cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
-                           [(d.row, d.first_file, d.first_row) for d in dups], cfg.encoder.precision)
+                           [(d.row, d.first_file, d.first_row) for d in dups], cfg.encoder.precision,
+                           cfg.encoder.batch_size)
             units.append(WorkUnit(sid, f, a, b, dups))
     return units
 
@@ -58,7 +60,8 @@ def row_bounds(rows: int, unit_rows: int, row_groups: Sequence[int] | None = Non
 def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_stop: int,
              model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
              text_column: str, id_column: str | None, normalize: bool, index_type: str,
-             duplicates: Sequence[tuple[int, str, int]] = (), float_precision: str = "fp32") -> str:
+             duplicates: Sequence[tuple[int, str, int]] = (), float_precision: str = "fp32",
+             batch_size: int = DEFAULT_BATCH_SIZE) -> str:
     """Deterministic name: a retry or rerun of the same work writes the same name and bytes.
 
     Args:
@@ -68,6 +71,9 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
             hence of its name.
         float_precision: the encoder's float type (the job resolves `auto` before planning);
             fp16x3, fp16 and bf16 give other float bits than fp32, hence other shards.
+        batch_size: the encoder's texts per forward pass: a text is padded to its batch's
+            longest, and the padding changes the last bits of its floats (and now and then an
+            int8 code), so a rerun at another batch size encodes again rather than reusing.
     """
     key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
            "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
@@ -82,6 +88,9 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         # "autocast": how the encoder computes fp16 and bf16 (the model's weights cast to it
         # gave other bits, so shards from that time are never reused as these).
         key["float"] = f"{float_precision}/autocast" if float_precision in ("fp16", "bf16") else float_precision
+    if batch_size != DEFAULT_BATCH_SIZE:
+        # Likewise only then: shards at the default keep the names they had before.
+        key["batch"] = int(batch_size)
     return sha256_hex(canonical_json(key))[:32]
 
 
