@@ -360,6 +360,8 @@ class Encoder:
         The texts are sorted by length and cut into batches exactly as one
         `SentenceTransformer.encode` call would (`length_order`): the same bytes, but each batch
         is a call of its own, so one that runs out of GPU memory is retried at half the size.
+        With `prepare_ahead`, each batch is tokenized while the one before it runs
+        (`_encode_ahead`); otherwise between them.
         """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
