@@ -40,12 +40,12 @@ def _content(url: str, options: dict):
     return sorted(docs), sorted(rejects), sorted(shards)
 
 
-@pytest.fixture(params=["file", "s3"])
-def where(request, tmp_path):
-    """`(base URL, storage options)` the lake and both datasets live under."""
-    if request.param == "file":
-        return str(tmp_path / "data"), {}
-    bucket, options = request.getfixturevalue("s3")
+@pytest.fixture
+def where(s3):
+    """`(base URL, storage options)` the lake and both datasets live under: the S3 endpoint.
+    Only there (it ran on local disk too): a rerun's planning and reuse are the same code on
+    any storage, and tests/test_ingest.py and tests/test_reindex.py rerun on local disk."""
+    bucket, options = s3
     return bucket, options
 
 
