@@ -6,6 +6,7 @@ own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
 """
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -38,8 +39,7 @@ def at16(texts):
 
 class OutOfMemoryAbove:
     """The real model, except that a batch of more than `limit` texts (or the calls numbered in
-    `fail_calls`) raises what torch raises when a GPU runs out of memory: from `encode` (how an
-    encoder runs a batch inline) and from the forward pass (how one that prepares ahead does)."""
+    `fail_calls`) raises what torch raises when a GPU runs out of memory, from its forward pass."""
 
     def __init__(self, model, limit: int, fail_calls=()):
         self.model, self.limit, self.fail_calls, self.sizes = model, limit, set(fail_calls), []
@@ -47,17 +47,11 @@ class OutOfMemoryAbove:
     def __getattr__(self, name):  # preprocess, prompts, truncate_dim...: the real model's
         return getattr(self.model, name)
 
-    def _run(self, n: int) -> None:
+    def __call__(self, features):
+        n = len(features["input_ids"])
         self.sizes.append(n)
         if n > self.limit or len(self.sizes) in self.fail_calls:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({n} texts)")
-
-    def encode(self, batch, **kwargs):
-        self._run(len(batch))
-        return self.model.encode(batch, **kwargs)
-
-    def __call__(self, features):
-        self._run(len(features["input_ids"]))
         return self.model(features)
 
 
@@ -97,17 +91,20 @@ def test_tokenizing_ahead_gives_the_bytes_of_sentence_transformers_encode(texts,
 
 def test_a_failure_mid_call_ends_the_tokenizing_ahead_before_it_returns(texts, at16, tokenizer_env):
     enc = _encoder(16, ahead=True)
-    real, busy = enc.model, []
+    real, busy, started = enc.model, [], threading.Event()
 
     class DeviceLost(OutOfMemoryAbove):
         def preprocess(self, batch, **kwargs):  # slow enough that the failure comes mid-tokenizing
             busy.append(len(batch))
+            started.set()
             time.sleep(0.3)
             features = real.preprocess(batch, **kwargs)
             busy.pop()
             return features
 
         def __call__(self, features):
+            started.clear()
+            assert started.wait(5)  # the next batch's tokenizing has begun
             raise RuntimeError("device lost")
 
     enc.model = DeviceLost(real, limit=64)

@@ -298,12 +298,26 @@ def length_order(texts: list[str], interleave: bool = False) -> np.ndarray:
 
 
 def _drop(pending) -> None:
-    """Cancel a preparer's future, or wait for it if it is running: no later call may find the
-    tokenizer busy ("Already borrowed") once the encoder's lock is released."""
+    """Cancel a batch's preparation (a preparer's future, or `_Inline`), or wait for it if it is
+    running: no later call may find the tokenizer busy ("Already borrowed") once the encoder's lock is released."""
     if pending is not None and not pending.cancel():
         from concurrent.futures import wait
 
         wait([pending])
+
+
+class _Inline:
+    """A batch's preparation run when its result is asked for, in the caller's thread: an
+    encoder that does not prepare ahead tokenizes each batch just before running it."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self) -> bool:
+        return True
 
 
 class BatchTooLarge(RuntimeError):
@@ -344,7 +358,7 @@ class Encoder:
         self.model, self._lock = _load_model(resolve_model(cfg.model), device, cfg.backend,
                                              cfg.threads or machine_threads())
         self.dim = self.model.get_embedding_dimension()
-        # Tokenizing ahead (`_encode_ahead`): one thread, since a fast tokenizer refuses two
+        # Tokenizing ahead (`encode`): one thread, since a fast tokenizer refuses two
         # callers at once; it runs the tokenizer's own parallelism over the node's cores.
         self.prepare_ahead = cfg.prepare_ahead if cfg.prepare_ahead is not None else device == "cuda"
         self._preparer = None
@@ -360,8 +374,9 @@ class Encoder:
         The texts are sorted by length and cut into batches exactly as one
         `SentenceTransformer.encode` call would (`length_order`): the same bytes, but each batch
         is a call of its own, so one that runs out of GPU memory is retried at half the size.
-        With `prepare_ahead`, each batch is tokenized while the one before it runs
-        (`_encode_ahead`); otherwise between them.
+        With `prepare_ahead`, each batch is tokenized while the one before it runs; otherwise
+        between them. Either way the calls are those `SentenceTransformer.encode` makes for a
+        batch (`preprocess`, the model, normalisation), so the bytes are its own.
         """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
@@ -369,47 +384,32 @@ class Encoder:
         flatten = getattr(self.model, "_can_flatten_inputs", None)
         order = length_order(texts, interleave=bool(flatten and flatten()))
         out = np.empty((len(texts), self.dim), np.float32)
-        with self._lock:
-            if self._preparer is not None:
-                self._encode_ahead(texts, order, out)
-                return out
-            start = 0
-            while start < len(texts):
-                idx = order[start:start + self.batch_size]
-                emb = self._encode_batch([texts[i] for i in idx])
-                if emb is None:
-                    continue  # out of memory: the same texts again, at the halved batch size
-                out[idx] = emb
-                start += len(idx)
-        return out
-
-    def _encode_ahead(self, texts: list[str], order: np.ndarray, out: np.ndarray) -> None:
-        """`encode`'s batches, each tokenized by the preparer thread while the one before it runs
-        on the device. The same calls as `SentenceTransformer.encode` makes for a batch
-        (`preprocess`, the model, normalisation), so the same bytes; the caller holds the lock."""
         prompt = self.model.prompts.get(self.model.default_prompt_name) if self.model.default_prompt_name else None
 
         def prepare(start: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
             idx = order[start:start + size]
             return idx, self.model.preprocess([texts[i] for i in idx], prompt=prompt)
 
-        self.model.eval()
-        start = 0
-        pending = self._preparer.submit(prepare, 0, self.batch_size)
-        try:
-            while pending is not None:
-                idx, features = pending.result()
-                end = start + len(idx)
-                pending = self._preparer.submit(prepare, end, self.batch_size) if end < len(texts) else None
-                emb = self._forward(features, idx, texts)
-                if emb is None:  # out of memory: the same texts again, at the halved batch size
-                    _drop(pending)
-                    pending = self._preparer.submit(prepare, start, self.batch_size)
-                    continue
-                out[idx] = emb
-                start = end
-        finally:
-            _drop(pending)
+        submit = self._preparer.submit if self._preparer is not None else _Inline
+        with self._lock:
+            self.model.eval()
+            start = 0
+            pending = submit(prepare, 0, self.batch_size)
+            try:
+                while pending is not None:
+                    idx, features = pending.result()
+                    end = start + len(idx)
+                    pending = submit(prepare, end, self.batch_size) if end < len(texts) else None
+                    emb = self._forward(features, idx, texts)
+                    if emb is None:  # out of memory: the same texts again, at the halved batch size
+                        _drop(pending)
+                        pending = submit(prepare, start, self.batch_size)
+                        continue
+                    out[idx] = emb
+                    start = end
+            finally:
+                _drop(pending)
+        return out
 
     def _forward(self, features: dict[str, Any], idx: np.ndarray, texts: list[str]) -> np.ndarray | None:
         """One tokenized batch through the model, as `SentenceTransformer.encode` runs it; None
@@ -458,19 +458,6 @@ class Encoder:
             return self._compensated
         return torch.autocast(device_type=self.device,
                               dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
-
-    def _encode_batch(self, batch: list[str]) -> np.ndarray | None:
-        """One forward pass; None after a CUDA out-of-memory error, with the batch size halved."""
-        import torch
-
-        try:
-            with self._autocast():
-                emb = self.model.encode(batch, batch_size=len(batch), normalize_embeddings=self.cfg.normalize,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        except torch.cuda.OutOfMemoryError as exc:
-            self._out_of_memory(batch, exc)
-            return None
-        return np.asarray(emb, dtype=np.float32)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         """Encode a row's `texts` (a JSON list: a unit's or a calibration chunk's); the embeddings
