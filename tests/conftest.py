@@ -86,6 +86,53 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def shared_encoders(ray_session):
+    """The in-process jobs of a test module share their encoder actors (one model per session's
+    Ray, as far as a module allows): a job asking for the same actors as the one before gets
+    them warm instead of starting processes that import torch and load the model (~5 s of a CPU
+    each). Real actors all the same; what a job does with them is unchanged.
+
+    The kept actors reserve no CPU (a job's would keep one of the session's two): an idle one
+    must not keep a test's other Ray work waiting, a searcher's actors say. They use the cores
+    as before (torch's threads are the machine's); so these modules do not test where Ray
+    places what, nor room for the tasks beside the encoders. One set at a time: a job asking
+    for another set (another encoder config or pool, or a test's own `EncoderActor` class) ends
+    the kept one first. A failed job's actors are killed, as the ingest asks, and not kept. At
+    the end of the module the kept set ends. A module uses it with
+    `pytestmark = pytest.mark.usefixtures("shared_encoders")`; one that checks its jobs leave no
+    encoder actor behind, kills one, or tests placement, does not.
+    """
+    import jobs.ingest
+    import workers.ingest.pipeline as pipeline
+
+    real = pipeline.Encoders
+    kept: dict[str, object] = {}
+
+    class Shared(real):
+        def __init__(self, cfg, pool):
+            self.key = repr((pipeline.encoder_cfg(cfg, pool), sorted(pool.items()), pipeline.EncoderActor))
+            if self.key not in kept:
+                for warm in kept.values():
+                    warm.stop()
+                kept.clear()
+                kept[self.key] = real(cfg, {**pool, "num_cpus": 0})
+            self.actors = list(kept[self.key].actors)
+
+        def stop(self, kill: bool = False) -> None:
+            if kill and self.key in kept:
+                kept.pop(self.key).stop(kill=True)
+            self.actors = []
+
+    pipeline.Encoders = jobs.ingest.Encoders = Shared
+    try:
+        yield
+    finally:
+        pipeline.Encoders = jobs.ingest.Encoders = real
+        for warm in kept.values():
+            warm.stop()
+
+
 def write_parquet_lake(root, docs, files: int = 3, row_group_size: int = 50, extra=None) -> list[str]:
     """Split `docs` over `files` Parquet files under `root` (a local folder)."""
     os.makedirs(root, exist_ok=True)

@@ -19,6 +19,8 @@ from workers.lake.versions import EmptyVersion, commit, list_versions, read_vers
 
 from test_storage import _race
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 class NoCreateFS(MemoryFileSystem):
     """Stands for a backend we cannot run here whose create is fsspec's `exists()`, then write.

@@ -16,6 +16,8 @@ from workers.search.fidelity import fidelity, split
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 @pytest.fixture(scope="module")
 def sample_embeddings(docs):

@@ -16,9 +16,11 @@ from ranges.encoding import sha256_hex
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory, docs, ray_session):
+def ingested(tmp_path_factory, docs, ray_session, shared_encoders):
     """300 real documents in 3 Parquet files plus a JSON Lines file with bad rows."""
     root = tmp_path_factory.mktemp("e2e")
     lake, dest = root / "lake", root / "dest"

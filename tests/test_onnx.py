@@ -20,6 +20,8 @@ from workers.search.searcher import Searcher, check_dataset
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 AGREEMENT_DOCS = 200
 
 
@@ -65,7 +67,7 @@ def test_the_export_is_cached_by_fingerprint_reused_and_deterministic(both, tmp_
 
 
 @pytest.fixture(scope="module")
-def onnx_dataset(tmp_path_factory, docs, ray_session):
+def onnx_dataset(tmp_path_factory, docs, ray_session, shared_encoders):
     root = tmp_path_factory.mktemp("onnx")
     write_parquet_lake(root / "lake", docs[:60], files=2, row_group_size=20)
     cfg = IngestConfig(str(root / "lake"), str(root / "dest"), id_column="id", calibration_samples=40,

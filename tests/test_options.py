@@ -20,13 +20,15 @@ from ranges.manifest import RangeManifest
 
 from conftest import free_ports, write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 QUANTILE_ARGS = ["--precisions", "int8,uint8,binary,ubinary", "--index-type", "hnsw", "--range-method", "quantile",
                  "--quantiles", "0.01,0.99", "--calibration-samples", "60", "--unit-rows", "20", "--batch-size", "16",
                  "--no-progress", "--json"]
 
 
 @pytest.fixture(scope="module")
-def quantile(tmp_path_factory, docs, ray_session):
+def quantile(tmp_path_factory, docs, ray_session, shared_encoders):
     """60 documents in 2 files, no id column: every precision, HNSW indexes, 1%/99% quantile ranges."""
     root = tmp_path_factory.mktemp("options")
     write_parquet_lake(root / "lake", docs[:60], files=2, row_group_size=20)

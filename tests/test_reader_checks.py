@@ -26,6 +26,8 @@ from test_hostile_manifests import (MODEL, QUERIES, TARGET, codes_of, hnsw_index
                                     manifest_of, replace_index, replace_table, save_manifest)
 from test_version import manifest
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 # ---------------------------------------------------------------------------------------------
 # Item 6: an index is checked for its class and labels on load

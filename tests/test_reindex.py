@@ -33,6 +33,8 @@ from workers.lake.storage import url_to_fs
 from workers.lake.versions import CommitConflict, list_versions, read_version
 from workers.search.searcher import Searcher
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 ROWS = 12  # documents per file; one unit (and shard) per file
 
 
@@ -63,7 +65,7 @@ def _files(dest) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory, docs, ray_session):
+def lake(tmp_path_factory, docs, ray_session, shared_encoders):
     base = tmp_path_factory.mktemp("reindex")
     raw, dest = base / "raw", base / "emb"
     for i in range(5):

@@ -11,6 +11,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from isolated import Job
 from jobs.ingest import IngestResult, run as ingest
@@ -19,6 +20,8 @@ from lakes import ingest_cfg, s3_lake
 from test_rerun import _content
 from workers.lake.storage import url_to_fs
 from workers.lake.versions import list_versions, read_version
+
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
 
 
 def test_two_overlapping_reindex_processes_commit_the_change_once(docs, tmp_path, ray_session, s3):

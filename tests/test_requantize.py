@@ -30,6 +30,8 @@ from workers.lake.records import ShardSource
 from workers.lake.storage import url_to_fs
 from workers.search.searcher import Searcher
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 ROWS = 12  # documents per file; one unit (and shard) per file
 F16 = ("int8", "ubinary", "float16")
 
@@ -123,7 +125,7 @@ def _float16_and_int8(url: str):
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory, docs, ray_session):
+def lake(tmp_path_factory, docs, ray_session, shared_encoders):
     base = tmp_path_factory.mktemp("requantize")
     raw, dest = base / "raw", base / "emb"
     for i in range(3):

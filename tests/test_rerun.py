@@ -14,6 +14,8 @@ from lakes import UNIT_ROWS, ingest_cfg
 from workers.lake.dataset import open_version
 from workers.lake.storage import url_to_fs
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 def _write(base: str, options: dict, local_dir, name: str, rows) -> None:
     """Write `rows` as the Parquet file `name` of the lake at `base` (through a local copy)."""

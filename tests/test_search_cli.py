@@ -11,9 +11,11 @@ from workers.embedding.encoder import EncoderConfig
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, docs, ray_session):
+def dataset(tmp_path_factory, docs, ray_session, shared_encoders):
     root = tmp_path_factory.mktemp("search-cli")
     write_parquet_lake(root / "lake", docs[150:270], files=2, row_group_size=30)
     run(IngestConfig(str(root / "lake"), str(root / "dest"), id_column="id", calibration_samples=120,

@@ -12,11 +12,13 @@ from workers.embedding.encoder import BUNDLED, EncoderConfig, resolve_model
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 K, MULT = 4, 2
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory, docs, ray_session):
+def versions(tmp_path_factory, docs, ray_session, shared_encoders):
     """Version 1: 80 documents in 2 files; version 2: a third file added, the ranges reused."""
     root = tmp_path_factory.mktemp("search-options")
     lake, dest = root / "lake", root / "dest"

@@ -17,6 +17,8 @@ from workers.search.searcher import Searcher
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 KEY, SECRET = "AKIAQLSEARCHKEY01", "ql-search-secret-7Yq"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
             "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
@@ -24,7 +26,7 @@ N_DOCS = 80
 
 
 @pytest.fixture(scope="module")
-def dataset(s3_server, docs, ray_session, tmp_path_factory):
+def dataset(s3_server, docs, ray_session, shared_encoders, tmp_path_factory):
     """80 documents ingested from S3 to S3 in 4 shards, credentials given as storage options only."""
     options = {"key": KEY, "secret": SECRET,
                "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}

@@ -18,11 +18,13 @@ from workers.search.searcher import Searcher
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 K, MULT = 3, 2  # 24 asymmetric pool candidates out of 150 documents
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory, docs, ray_session):
+def datasets(tmp_path_factory, docs, ray_session, shared_encoders):
     """The same 150 documents as 3 shards and as 1; batch size 1 makes vectors batch-independent."""
     root = tmp_path_factory.mktemp("search")
     write_parquet_lake(root / "lake", docs[:150], files=1, row_group_size=25)

@@ -22,6 +22,8 @@ from workers.ingest.steps import UnitRows, read_unit
 from workers.lake.versions import commit, read_version
 from lakes import verify_version
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 HOUR = 3600
 TMP = "5" * 32  # the uuid4 hex of a temporary's name
 
