@@ -6,7 +6,6 @@ own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
 """
 import logging
 import os
-import threading
 import time
 
 import numpy as np
@@ -91,20 +90,24 @@ def test_tokenizing_ahead_gives_the_bytes_of_sentence_transformers_encode(texts,
 
 def test_a_failure_mid_call_ends_the_tokenizing_ahead_before_it_returns(texts, at16, tokenizer_env):
     enc = _encoder(16, ahead=True)
-    real, busy, started = enc.model, [], threading.Event()
+    real, busy, begun = enc.model, [], []
 
     class DeviceLost(OutOfMemoryAbove):
         def preprocess(self, batch, **kwargs):  # slow enough that the failure comes mid-tokenizing
+            begun.append(len(batch))
             busy.append(len(batch))
-            started.set()
             time.sleep(0.3)
             features = real.preprocess(batch, **kwargs)
             busy.pop()
             return features
 
         def __call__(self, features):
-            started.clear()
-            assert started.wait(5)  # the next batch's tokenizing has begun
+            # The first batch's forward: wait until the second batch's tokenizing has begun
+            # (it may have begun already), then fail.
+            deadline = time.monotonic() + 5
+            while len(begun) < 2:
+                assert time.monotonic() < deadline, "the next batch was never tokenized ahead"
+                time.sleep(0.01)
             raise RuntimeError("device lost")
 
     enc.model = DeviceLost(real, limit=64)
