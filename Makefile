@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/float_types.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/watch.py
 
 clean:
 	rm -rf lake out

@@ -20,8 +20,8 @@ from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANG
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (Encoders, check_room, encode_and_write, encode_sample, encoder_cfg,
-                                     encoder_pool, ranges_of, ray_init, scan)
+from workers.ingest.pipeline import (Encoders, WarmEncoders, check_room, encode_and_write, encode_sample,
+                                     encoder_cfg, encoder_pool, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
@@ -66,7 +66,7 @@ def check_source(cfg: IngestConfig):
 
 def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool = False,
         accept: Callable[[VersionManifest], bool] | None = None,
-        requantize: Float16Source | None = None) -> IngestResult:
+        requantize: Float16Source | None = None, warm: WarmEncoders | None = None) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version.
 
     Args:
@@ -83,6 +83,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             the latest version's): a unit whose shard under their ranges is among them is
             requantized from that shard's float16 column instead of read and encoded, which
             gives the bytes encoding it would (docs/formats.md, "Shard Parquet").
+        warm: encoder actors kept by the caller between its jobs (`reindex --watch
+            --keep-encoders`): this job uses the kept set if it asks for the same actors and
+            leaves its own set there when it succeeds. Only while the caller holds Ray up: a
+            job that starts its own Ray instance ignores it.
     """
     cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
                   ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
@@ -108,7 +112,13 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         saved_ranges.check_for(fingerprint, model_name=cfg.encoder.model_name, normalize=cfg.encoder.normalize,
                          where=f"range manifest {cfg.ranges}")
     started = ray_init(cfg)
+    if started:
+        warm = None  # this job's Ray ends with it, and so would any actor kept for the next job
     encoders = None
+
+    def start() -> Encoders:
+        return warm.get(cfg, pool, fingerprint) if warm is not None else Encoders(cfg, pool)
+
     try:
         pool = encoder_pool(cfg)
         check_room(pool, own_instance=started and choose_address(cfg.ray_address)[0] == "local")
@@ -123,12 +133,12 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             # One set of encoder actors for the calibration and the main pass, started now: each
             # loads the model (seconds) while the source is scanned. A reindex starts them only
             # once it knows something changed.
-            encoders = Encoders(cfg, pool)
+            encoders = start()
         rows_per_file, duplicates, sample = scan(wcfg, files, pool)
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
         if saved_ranges is None:
-            encoders = encoders or Encoders(cfg, pool)
+            encoders = encoders or start()
         manifest = saved_ranges or calibrated(cfg, sample, fingerprint, encoders)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
@@ -140,7 +150,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        encoders = encoders or Encoders(cfg, pool)
+        encoders = encoders or start()
         nodes: dict[str, Counter] = {}
         # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
         records, written, probed = encode_and_write(
@@ -148,10 +158,12 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0)
     except BaseException:
         if encoders is not None:
-            encoders.stop(kill=True)  # the job failed: now, whatever still holds their handles
+            # The job failed: end its actors now, whatever still holds their handles (a kept set
+            # included: a failed job's actors are not kept).
+            (warm or encoders).stop(kill=True)
         raise
     finally:
-        if encoders is not None:
+        if encoders is not None and warm is None:
             encoders.stop()
         if started:
             import ray

@@ -30,6 +30,7 @@ from jobs.ingest import IngestResult, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
 from workers.ingest.config import IngestConfig
+from workers.ingest.pipeline import WarmEncoders
 from workers.ingest.planning import Float16Source
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
@@ -130,8 +131,12 @@ def source_of(latest: VersionManifest, cfg: ReindexConfig) -> str:
     return url
 
 
-def run(cfg: ReindexConfig) -> IngestResult:
-    """Reindex `cfg.dest`; the result's version is None when nothing was committed."""
+def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
+    """Reindex `cfg.dest`; the result's version is None when nothing was committed.
+
+    `warm`: encoder actors kept between runs by a caller that holds Ray up (`watch`); a
+    recalibration after drift uses the same ones as the run that found it.
+    """
     cfg = replace(cfg, dest=absolute_url(cfg.dest), source=absolute_url(cfg.source) if cfg.source else None)
     fs, root = url_to_fs(cfg.dest, cfg.storage_options)
     latest = read_version(fs, root)
@@ -148,12 +153,13 @@ def run(cfg: ReindexConfig) -> IngestResult:
     float16 = Float16Source.of(latest)
     if cfg.dry_run and cfg.recalibrate:  # plan every shard as a first ingest would, with the saved ranges
         icfg = ingest_config(latest, cfg, source, fresh=False)
-        result = ingest(icfg, dry_run=True, requantize=float16)
+        result = ingest(icfg, dry_run=True, requantize=float16, warm=warm)
         return replace(result, summary={**result.summary, "mode": "dry-run", "recalibrate": True,
                                         "float16": float16 is not None,
                                         "calibration_samples": icfg.calibration_samples})
     if cfg.recalibrate or cfg.model:
-        result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16)
+        result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16,
+                        warm=warm)
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
     icfg = ingest_config(latest, cfg, source, fresh=False)
     drifted: list[dict[str, Any]] = []
@@ -172,12 +178,13 @@ def run(cfg: ReindexConfig) -> IngestResult:
             return not cfg.recalibrate_on_drift
         return True
 
-    result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept)
+    result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept, warm=warm)
     if drifted and cfg.recalibrate_on_drift:
         # The draft's shards (the latest version's, and those just written for the new data,
         # all under the saved ranges) are complete on storage though not committed: a version
         # keeping float16 has its new rows requantized too, so each is encoded once.
-        again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]))
+        again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]),
+                       warm=warm)
         return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 
@@ -198,7 +205,8 @@ def parse_interval(text: str) -> float:
 
 
 def watch(cfg: ReindexConfig, interval_s: float, stop: threading.Event,
-          report: Callable[[IngestResult], None] = lambda r: print(format_result(r))) -> int:
+          report: Callable[[IngestResult], None] = lambda r: print(format_result(r)),
+          keep_encoders: bool | WarmEncoders = False) -> int:
     """Reindex every `interval_s` until `stop` is set; a commit per change set.
 
     A run in progress when `stop` is set (SIGTERM) finishes, commit included, before the loop
@@ -206,20 +214,29 @@ def watch(cfg: ReindexConfig, interval_s: float, stop: threading.Event,
     cycle ends the watch (the configuration is wrong); a later one (storage unreachable, a
     concurrent commit that cannot be rebased) is logged and retried at the next cycle.
     Ray is started once, for every cycle. In the main thread, SIGTERM and SIGINT set `stop`.
+
+    Each cycle with changes starts encoder actors (each imports torch and loads the model:
+    seconds on a CPU, more with a GPU's start) and ends them when it is done. With
+    `keep_encoders` (True, or a `WarmEncoders` to keep them in) a cycle leaves its actors for
+    the next, which uses them if it needs the same ones: short intervals skip the start, and
+    the actors hold their CPUs or GPUs while the watch waits.
     """
     from workers.ray_session import init_ray
 
+    warm = keep_encoders if isinstance(keep_encoders, WarmEncoders) else WarmEncoders() if keep_encoders else None
     started = init_ray(cfg.ray_address)
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
         # After Ray's start: its core worker installs a handler that aborts the process on SIGTERM.
+        # Put back when the watch ends (a caller that goes on, a test, keeps its own).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     cycle = 0
     try:
         while not stop.is_set():
             cycle += 1
             try:
-                report(run(cfg))
+                report(run(cfg, warm))
             except Exception as exc:  # noqa: BLE001 - retried next cycle, or fatal in the first
                 if cycle == 1:
                     raise
@@ -228,6 +245,10 @@ def watch(cfg: ReindexConfig, interval_s: float, stop: threading.Event,
             sys.stdout.flush()
             stop.wait(interval_s)
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+        if warm is not None:
+            warm.stop()
         if started:
             import ray
 
@@ -271,8 +292,9 @@ def format_result(r: IngestResult) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, float | None]:
-    """The config, whether to print JSON, and the watch interval in seconds (None: one run)."""
+def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, float | None, bool]:
+    """The config, whether to print JSON, the watch interval in seconds (None: one run) and
+    whether the watch keeps its encoder actors between cycles."""
     p = argparse.ArgumentParser(prog="quantlake reindex", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dest", help="dataset URL or path (holds at least one committed version)")
@@ -288,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     p.add_argument("--model", default=None, help="re-encode everything with this model (folder or cached name)")
     p.add_argument("--watch", action="store_true", help="keep reindexing every --interval until SIGTERM")
     p.add_argument("--interval", default="10m", help="time between --watch cycles: 30s, 10m, 2h (default 10m)")
+    p.add_argument("--keep-encoders", action="store_true",
+                   help="keep the encoder actors (and their GPUs) between --watch cycles rather than load the "
+                        "model in every cycle with changes: for short intervals")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--encoder-actors", type=int, default=None)
     add_storage_options(p)
@@ -299,18 +324,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
         interval = parse_interval(a.interval) if a.watch else None
         if a.watch and (a.dry_run or a.recalibrate):
             raise ValueError("--watch repeats incremental reindexes: not with --dry-run or --recalibrate")
+        if a.keep_encoders and not a.watch:
+            raise ValueError("--keep-encoders keeps encoder actors between --watch cycles: it needs --watch")
         return ReindexConfig(a.dest, a.source, dry_run=a.dry_run, recalibrate=a.recalibrate,
                              recalibrate_on_drift=a.recalibrate_on_drift, drift_threshold=a.drift_threshold,
                              model=a.model, storage_options=options, ray_address=a.ray_address,
                              encoder_actors=a.encoder_actors, progress=not a.no_progress and not a.watch), \
-            a.json, interval
+            a.json, interval, a.keep_encoders
     except ValueError as exc:
         p.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg, as_json, interval = parse_args(argv)
+    cfg, as_json, interval, keep_encoders = parse_args(argv)
 
     def show(result: IngestResult) -> str:
         return json.dumps({"version": result.version, **result.summary}, indent=1) if as_json \
@@ -319,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if interval is not None:
         stop = threading.Event()  # set by SIGTERM or SIGINT (`watch`)
         with filtered_stderr():
-            status, _ = run_reporting("reindex", lambda: watch(cfg, interval, stop, lambda r: print(show(r))),
+            status, _ = run_reporting("reindex",
+                                      lambda: watch(cfg, interval, stop, lambda r: print(show(r)), keep_encoders),
                                       cfg.storage_options, [cfg.source, cfg.dest],
                                       failures=(UnitFailed, IncompleteVersion, CommitConflict))
         return status

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import replace
 
@@ -22,12 +23,13 @@ import pytest
 from jobs.cli import main as cli
 from jobs.history import history
 from jobs.ingest import run as ingest
-from jobs.reindex import ReindexConfig, ingest_config, run as reindex, source_of
+from jobs.reindex import ReindexConfig, ingest_config, run as reindex, source_of, watch
 from jobs.rollback import run as rollback
 from isolated import Job
 from lakes import ingest_cfg
 from test_rerun import _content
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
+from workers.ingest.pipeline import WarmEncoders
 from workers.lake.dataset import open_version
 from workers.lake.storage import url_to_fs
 from workers.lake.versions import CommitConflict, list_versions, read_version
@@ -196,6 +198,49 @@ def test_watch_commits_each_change_set_and_stops_cleanly_on_sigterm(lake, docs, 
     assert _content(str(dest), {}) == _content(str(fresh), {})
 
 
+def test_watch_with_keep_encoders_starts_its_encoder_actors_once(lake, docs, capsys):
+    base, raw, dest = lake
+    fs, root = url_to_fs(str(dest))
+    start = len(list_versions(fs, root))
+    warm, stop, cycles = WarmEncoders(), threading.Event(), []
+
+    def report(result):
+        # Between cycles the set is kept, alive, for the next one.
+        cycles.append((result.version, warm.starts, warm.encoders is not None))
+        if len(cycles) == 1:
+            _write(raw, "part-w2.parquet", docs[112:124])
+        elif len(cycles) == 3:
+            stop.set()
+
+    _write(raw, "part-w1.parquet", docs[100:112])
+    assert watch(ReindexConfig(str(dest), progress=False), 0.1, stop, report, keep_encoders=warm) == 0
+    # Two cycles with changes, one without: one set of actors for all, ended with the watch.
+    assert cycles == [(start + 1, 1, True), (start + 2, 1, True), (None, 1, True)]
+    assert warm.encoders is None and warm.starts == 1
+    fresh = _fresh(base, raw, "fresh-warm", ranges_of=dest)
+    assert _content(str(dest), {}) == _content(str(fresh), {})
+
+    # A job asking for other actors (another model fingerprint: the model's files changed) ends
+    # the kept set and starts its own; the same ask again gets it warm.
+    import ray
+
+    latest = read_version(fs, root)
+    icfg = ingest_config(latest, ReindexConfig(str(dest)), str(raw), fresh=False)
+    pool = {"actors": 1, "num_cpus": 1}
+    first = warm.get(icfg, pool, latest.model.fingerprint)
+    assert warm.get(icfg, pool, latest.model.fingerprint) is first and warm.starts == 2
+    other = warm.get(icfg, pool, "0" * 16)
+    assert other is not first and first.actors == [] and warm.starts == 3
+    assert ray.get(other.actors[0].encode_row.remote({"texts": json.dumps(["a queue of items"])}))["dim"] == 384
+    warm.stop()
+    assert warm.encoders is None and other.actors == []
+
+    with pytest.raises(SystemExit) as exit_:  # only between --watch cycles
+        cli(["reindex", str(dest), "--keep-encoders"])
+    assert exit_.value.code == 2
+    assert "--keep-encoders keeps encoder actors between --watch cycles: it needs --watch" in capsys.readouterr().err
+
+
 def _racing(dest, meanwhile):
     """A reindex of `dest` that runs `meanwhile` (another run's commit) between its plan and its commit."""
     fs, root = url_to_fs(str(dest))
@@ -245,7 +290,7 @@ def test_overlapping_runs_rebase_or_stop_with_a_clear_message(lake, docs):
 def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, capsys):
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
-    for name in ("part-5", "part-6", "part-8", "part-x", "part-y", "part-z"):
+    for name in ("part-5", "part-6", "part-8", "part-w1", "part-w2", "part-x", "part-y", "part-z"):
         (raw / f"{name}.parquet").unlink(missing_ok=True)  # a smaller lake to re-encode
     old = list_versions(fs, root)[-1]
     # Another model: a copy of the bundled one with one file changed (the same weights, another fingerprint).

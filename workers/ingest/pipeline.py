@@ -153,6 +153,40 @@ class Encoders:
         self.stop(kill=exc_type is not None)
 
 
+class WarmEncoders:
+    """Encoder actors kept between the jobs of one driver that holds Ray up (`quantlake reindex
+    --watch --keep-encoders`): a job asking for the same actors as the one before (same encoder
+    config, pool and model fingerprint) gets them warm instead of starting processes that import
+    torch and load the model; one asking for others (the model files changed, a GPU node joined)
+    ends the kept set and starts its own. One set at a time. The kept actors hold their CPUs or
+    GPUs while the driver waits between jobs: that is the price. A failed job's set is killed,
+    not kept. `stop` ends the kept set (the driver calls it before `ray.shutdown()`).
+    """
+
+    def __init__(self):
+        self.key: str | None = None
+        self.encoders: Encoders | None = None
+        self.starts = 0  # sets started so far (a set kept for the next job counts once)
+
+    def get(self, cfg: IngestConfig, pool: dict[str, Any], fingerprint: str) -> Encoders:
+        """The kept set if it is the one `cfg`, `pool` and `fingerprint` ask for, else a new one."""
+        key = repr((encoder_cfg(cfg, pool), sorted(pool.items()), fingerprint))
+        if self.encoders is not None and key != self.key:
+            log.info("the kept encoder actors are not this job's (its encoder, pool or model differs): "
+                     "starting new ones")
+            self.stop()
+        if self.encoders is None:
+            self.encoders, self.key = Encoders(cfg, pool), key
+            self.starts += 1
+        return self.encoders
+
+    def stop(self, kill: bool = False) -> None:
+        """End the kept set, if any (`Encoders.stop`)."""
+        encoders, self.encoders, self.key = self.encoders, None, None
+        if encoders is not None:
+            encoders.stop(kill=kill)
+
+
 def cpu_task_args(pool: dict[str, Any]) -> dict[str, Any]:
     """Ray arguments for the CPU tasks (scan, read, quantize+write, statistics): where they may run.
 
