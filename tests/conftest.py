@@ -103,15 +103,22 @@ def shared_encoders(ray_session):
     `pytestmark = pytest.mark.usefixtures("shared_encoders")`; one that checks its jobs leave no
     encoder actor behind, kills one, or tests placement, does not.
     """
+    from dataclasses import replace
+
     import jobs.ingest
     import workers.ingest.pipeline as pipeline
+    from workers.embedding.encoder import resolve_model
 
     real = pipeline.Encoders
     kept: dict[str, object] = {}
 
     class Shared(real):
         def __init__(self, cfg, pool):
-            self.key = repr((pipeline.encoder_cfg(cfg, pool), sorted(pool.items()), pipeline.EncoderActor))
+            # The model as the actors load it: a reindex names the bundled model `all-MiniLM-L6-v2`
+            # where a test's own ingest leaves it None; the same folder either way.
+            ecfg = pipeline.encoder_cfg(cfg, pool)
+            ecfg = replace(ecfg, model=str(resolve_model(ecfg.model)))
+            self.key = repr((ecfg, sorted(pool.items()), pipeline.EncoderActor))
             if self.key not in kept:
                 for warm in kept.values():
                     warm.stop()

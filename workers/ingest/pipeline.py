@@ -170,7 +170,8 @@ class WarmEncoders:
 
     def get(self, cfg: IngestConfig, pool: dict[str, Any], fingerprint: str) -> Encoders:
         """The kept set if it is the one `cfg`, `pool` and `fingerprint` ask for, else a new one."""
-        key = repr((encoder_cfg(cfg, pool), sorted(pool.items()), fingerprint))
+        # The model by its fingerprint, not its name: `all-MiniLM-L6-v2` and None load the same folder.
+        key = repr((replace(encoder_cfg(cfg, pool), model=None), sorted(pool.items()), fingerprint))
         if self.encoders is not None and key != self.key:
             log.info("the kept encoder actors are not this job's (its encoder, pool or model differs): "
                      "starting new ones")
