@@ -12,6 +12,8 @@ from jobs.common import format_fidelity
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 MIB = 1 << 20
 ARGS = ["--id-column", "id", "--calibration-samples", "60", "--unit-rows", "25", "--batch-size", "16"]
 
@@ -40,7 +42,7 @@ class _Captured:
 
 
 @pytest.fixture(scope="module")
-def human(lake, ray_session):
+def human(lake, ray_session, shared_encoders):
     """`quantlake ingest` without --json: (stdout, stderr, the summary that run returned)."""
     runs = []
 

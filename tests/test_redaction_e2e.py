@@ -13,6 +13,8 @@ from jobs.cli import main as cli
 
 from conftest import write_parquet_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 USER, PASSWORD = "ql-reader", "ql-pass-W7c2rT"
 SIGNATURE = "5d41402abc4b2a76b9719d911017c592ae1c"
 

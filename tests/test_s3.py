@@ -3,11 +3,14 @@ with credentials from the environment or from --storage-options, and never shown
 import json
 import logging
 
+import pytest
 import s3fs
 
 from jobs.cli import main as cli
 from workers.lake.dataset import open_version
 from lakes import upload_lake
+
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
 
 INGEST = ["--id-column", "id", "--calibration-samples", "50", "--unit-rows", "20", "--batch-size", "32",
           "--no-progress", "--json"]

@@ -18,6 +18,8 @@ from workers.ingest.config import IngestConfig
 from workers.lake.redact import MASK, describe_error, redact, redact_text, redact_url, secret_values
 from lakes import upload_lake
 
+pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encoder actors across the module's jobs
+
 AZURE_KEY = "YWNjb3VudC1rZXktdmFsdWU9PQ=="
 OPTIONS = {
     "connection_string": f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={AZURE_KEY};"
