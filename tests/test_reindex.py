@@ -23,7 +23,7 @@ import pytest
 from jobs.cli import main as cli
 from jobs.history import history
 from jobs.ingest import run as ingest
-from jobs.reindex import ReindexConfig, ingest_config, run as reindex, source_of, watch
+from jobs.reindex import ReindexConfig, ingest_config, parse_args, run as reindex, source_of, watch
 from jobs.rollback import run as rollback
 from isolated import Job
 from lakes import ingest_cfg
@@ -198,39 +198,57 @@ def test_watch_commits_each_change_set_and_stops_cleanly_on_sigterm(lake, docs, 
     assert _content(str(dest), {}) == _content(str(fresh), {})
 
 
-def test_watch_with_keep_encoders_starts_its_encoder_actors_once(lake, docs, capsys):
+def test_watch_with_keep_encoders_starts_its_encoder_actors_once(lake, docs, capsys, caplog, monkeypatch):
+    import ray
+
+    import jobs.ingest
+
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
     start = len(list_versions(fs, root))
-    warm, stop, cycles = WarmEncoders(), threading.Event(), []
+    warm, stop, cycles, kept = WarmEncoders(), threading.Event(), [], []
+    real, fail = jobs.ingest.encode_and_write, []
+
+    def fails_once(*args, **kwargs):  # the storage goes away mid-job, once
+        if fail:
+            raise OSError(fail.pop())
+        return real(*args, **kwargs)
 
     def report(result):
         # Between cycles the set is kept, alive, for the next one.
         cycles.append((result.version, warm.starts, warm.encoders is not None))
         if len(cycles) == 1:
+            kept.extend(warm.encoders.actors)
             _write(raw, "part-w2.parquet", docs[112:124])
-        elif len(cycles) == 3:
+        elif len(cycles) == 2:
+            _write(raw, "part-w3.parquet", docs[124:136])
+            fail.append("storage went away")
+        elif len(cycles) == 4:
             stop.set()
 
+    monkeypatch.setattr(jobs.ingest, "encode_and_write", fails_once)
     _write(raw, "part-w1.parquet", docs[100:112])
     assert watch(ReindexConfig(str(dest), progress=False), 0.1, stop, report, keep_encoders=warm) == 0
-    # Two cycles with changes, one without: one set of actors for all, ended with the watch.
-    assert cycles == [(start + 1, 1, True), (start + 2, 1, True), (None, 1, True)]
-    assert warm.encoders is None and warm.starts == 1
+    # Two cycles with changes on one set of actors; the third failed after it took the set,
+    # which was killed, not kept; the fourth started a new one; the fifth had nothing to do.
+    assert cycles == [(start + 1, 1, True), (start + 2, 1, True), (start + 3, 2, True), (None, 2, True)]
+    assert "reindex cycle 3 failed (OSError: storage went away)" in caplog.text
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(kept[0].encode_row.remote({"texts": json.dumps(["a queue of items"])}))
+    assert warm.encoders is None and warm.starts == 2  # ended with the watch
     fresh = _fresh(base, raw, "fresh-warm", ranges_of=dest)
     assert _content(str(dest), {}) == _content(str(fresh), {})
+    assert parse_args([str(dest), "--watch", "--keep-encoders"])[2:] == (600.0, True)
 
     # A job asking for other actors (another model fingerprint: the model's files changed) ends
     # the kept set and starts its own; the same ask again gets it warm.
-    import ray
-
     latest = read_version(fs, root)
     icfg = ingest_config(latest, ReindexConfig(str(dest)), str(raw), fresh=False)
     pool = {"actors": 1, "num_cpus": 1}
     first = warm.get(icfg, pool, latest.model.fingerprint)
-    assert warm.get(icfg, pool, latest.model.fingerprint) is first and warm.starts == 2
+    assert warm.get(icfg, pool, latest.model.fingerprint) is first and warm.starts == 3
     other = warm.get(icfg, pool, "0" * 16)
-    assert other is not first and first.actors == [] and warm.starts == 3
+    assert other is not first and first.actors == [] and warm.starts == 4
     assert ray.get(other.actors[0].encode_row.remote({"texts": json.dumps(["a queue of items"])}))["dim"] == 384
     warm.stop()
     assert warm.encoders is None and other.actors == []
@@ -290,7 +308,7 @@ def test_overlapping_runs_rebase_or_stop_with_a_clear_message(lake, docs):
 def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, capsys):
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
-    for name in ("part-5", "part-6", "part-8", "part-w1", "part-w2", "part-x", "part-y", "part-z"):
+    for name in ("part-5", "part-6", "part-8", "part-w1", "part-w2", "part-w3", "part-x", "part-y", "part-z"):
         (raw / f"{name}.parquet").unlink(missing_ok=True)  # a smaller lake to re-encode
     old = list_versions(fs, root)[-1]
     # Another model: a copy of the bundled one with one file changed (the same weights, another fingerprint).
