@@ -6,9 +6,10 @@ Builds a demo lake of N documents (docstrings of installed Python modules) and i
 then, once per mode, ingests it again with the saved ranges as a dataset of its own and
 watches it for C cycles, a new Parquet file of M other documents arriving before each cycle:
   1. plain: each cycle starts its encoder actor and ends it (the default);
-  2. keep:  `--keep-encoders`, the first cycle's actor serves the rest.
-Each watch starts and stops its own local Ray. Prints each cycle's seconds, the mean of cycles 2
-to C (the first starts an actor in both modes) and the ratio plain / keep of that mean.
+  2. keep:  `--keep-encoders`, the first cycle's actor serves the rest;
+then one more cycle with nothing new (known from the listing: no scan). Each watch starts and
+stops its own local Ray. Prints each cycle's seconds, the mean of cycles 2 to C (the first
+starts an actor in both modes) and the ratio plain / keep of that mean.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from workers.ingest.config import IngestConfig  # noqa: E402
 
 
 def watched(lake: str, dest: str, arrivals: list, keep: bool) -> list[float]:
-    """Seconds of each watch cycle over `dest`, one of `arrivals` (tables) written before each."""
+    """Seconds of each watch cycle over `dest`, one of `arrivals` (tables) written before each,
+    then of one more cycle with nothing new (last)."""
     stop, ends = threading.Event(), []
 
     def arrive(i: int) -> None:
@@ -43,12 +45,14 @@ def watched(lake: str, dest: str, arrivals: list, keep: bool) -> list[float]:
 
     def report(result) -> None:
         ends.append(time.perf_counter())
-        assert result.version is not None, "a cycle with a new file committed nothing"
-        if len(ends) == len(arrivals):
+        if len(ends) > len(arrivals):  # the idle cycle after the last arrival
+            assert result.version is None and result.summary.get("scan_skipped"), result.summary
             stop.set()
-        else:
+            return
+        assert result.version is not None, "a cycle with a new file committed nothing"
+        if len(ends) < len(arrivals):
             arrive(len(ends))
-            starts.append(time.perf_counter())
+        starts.append(time.perf_counter())
 
     arrive(0)
     starts = [time.perf_counter()]
@@ -79,9 +83,9 @@ def main() -> None:
         if first is None:
             first, first_ranges = dest, r.summary["ranges_id"]
         arrivals = [rest.slice((m * a.cycles + i) * a.per_cycle, a.per_cycle) for i in range(a.cycles)]
-        times[mode] = watched(lake, dest, arrivals, keep=mode == "keep")
+        *times[mode], idle = watched(lake, dest, arrivals, keep=mode == "keep")
         print(f"{mode:5s}: cycles of {a.per_cycle} new documents: "
-              + ", ".join(f"{t:.1f}" for t in times[mode]) + " s", flush=True)
+              + ", ".join(f"{t:.1f}" for t in times[mode]) + f" s; then an idle cycle: {idle:.2f} s", flush=True)
     steady = {mode: sum(t[1:]) / max(1, len(t) - 1) for mode, t in times.items()}
     print(f"{a.docs} documents in the lake, {os.cpu_count()} CPU cores; mean of cycles 2-{a.cycles}: "
           f"plain {steady['plain']:.1f} s, keep {steady['keep']:.1f} s; ratio plain / keep "

@@ -23,7 +23,8 @@ import pytest
 from jobs.cli import main as cli
 from jobs.history import history
 from jobs.ingest import run as ingest
-from jobs.reindex import ReindexConfig, ingest_config, parse_args, run as reindex, source_of, watch
+from jobs.reindex import (ReindexConfig, ingest_config, parse_args, run as reindex, source_of, source_unchanged,
+                          watch)
 from jobs.rollback import run as rollback
 from isolated import Job
 from lakes import ingest_cfg
@@ -103,11 +104,25 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert len(carried) == 2 and v2.extra["drift"]["rows"] == 6 + 2 * ROWS - 1
 
 
-def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, capsys):
+def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, capsys, monkeypatch):
+    import jobs.reindex
+
     base, raw, dest = lake
     before = _files(dest)
-    assert cli(["reindex", str(dest), "--no-progress"]) == 0
-    assert capsys.readouterr().out.startswith("no source change since the latest version: nothing committed")
+    # Every file as the latest version recorded it: the plan is known from the listing, without
+    # the scan (which reads every file), and is the one the scan would give.
+    fs, root = url_to_fs(str(dest))
+    latest = read_version(fs, root)
+    full = ingest(ingest_config(latest, ReindexConfig(str(dest)), str(raw), fresh=False), base=latest)
+    with monkeypatch.context() as m:
+        m.setattr(jobs.reindex, "ingest", lambda *a, **k: pytest.fail("the unchanged source was scanned"))
+        fast = reindex(ReindexConfig(str(dest), progress=False))
+        assert cli(["reindex", str(dest), "--no-progress"]) == 0
+    assert full.version is None and fast.version is None
+    assert fast.summary == {**full.summary, "mode": "incremental", "scan_skipped": True}
+    assert (fast.summary["rows_scanned"], fast.summary["shards_carried"]) == (4 * ROWS + 6, 5)
+    assert capsys.readouterr().out.startswith("no source change since the latest version: nothing committed "
+                                              f"(0 rows to encode of {4 * ROWS + 6} scanned; shards: 5 carried over")
     _write(raw, "part-9.parquet", docs[300:300 + ROWS])
     assert cli(["reindex", str(dest), "--dry-run", "--json", "--no-progress"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -321,6 +336,10 @@ def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, 
     v_old, v_new = read_version(fs, root, old), read_version(fs, root, old + 1)
     assert v_new.model.fingerprint == model_fingerprint(model) != v_old.model.fingerprint
     assert v_new.ranges.id != v_old.ranges.id and not {s.id for s in v_old.shards} & {s.id for s in v_new.shards}
+    # Unchanged files are no change only for the model the version was encoded with.
+    icfg = ingest_config(v_new, ReindexConfig(str(dest), model_path=str(model)), str(raw), fresh=False)
+    assert source_unchanged(v_new, icfg)
+    assert not source_unchanged(v_new, replace(icfg, encoder=replace(icfg.encoder, model=None)))
     fresh = base / "fresh-model"
     ingest(replace(_cfg(raw, fresh), encoder=EncoderConfig(model=str(model), batch_size=16)))
     assert _content(str(dest), {}) == _content(str(fresh), {})
