@@ -15,7 +15,7 @@ import pytest
 
 from isolated import Job
 from jobs.ingest import IngestResult, run as ingest
-from jobs.reindex import format_result
+from jobs.reindex import ReindexConfig, format_result, run as reindex
 from lakes import ingest_cfg, s3_lake
 from test_rerun import _content
 from workers.lake.storage import url_to_fs
@@ -57,3 +57,6 @@ def test_two_overlapping_reindex_processes_commit_the_change_once(docs, tmp_path
     ranges = f"{dest}/{v2.ranges.path}"
     assert ingest(ingest_cfg(source, f"{bucket}/fresh", options, ranges=ranges)).version == 1
     assert _content(dest, options) == _content(f"{bucket}/fresh", options)
+    # Nothing new on the store since: known from the listing (sizes and ETags as recorded), no scan.
+    again = reindex(ReindexConfig(dest, storage_options=options, progress=False))
+    assert (again.version, again.summary["scan_skipped"], again.summary["rows_scanned"]) == (None, True, 60)
