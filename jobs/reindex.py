@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from jobs.common import add_storage_options, format_fidelity, recorded_source, run_reporting, storage_options
 from jobs.console import filtered_stderr
-from jobs.ingest import IngestResult, format_summary, run as ingest
+from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
 from workers.ingest.config import IngestConfig
@@ -211,15 +211,14 @@ def source_unchanged(latest: VersionManifest, icfg: IngestConfig) -> bool:
     _, _, files = list_source(icfg.source, icfg.storage_options)
     if {f.relpath: dict(f.identity()) for f in files} != {k: dict(v) for k, v in recorded.items()}:
         return False
-    return encoder_fingerprint(resolve_model(icfg.encoder.model), icfg.encoder.backend) == latest.model.fingerprint
+    return same_model(icfg.encoder.model, latest)  # icfg has the latest version's backend
 
 
 def unchanged_summary(latest: VersionManifest) -> dict[str, Any]:
     """The summary of an incremental plan that carries every shard of `latest`: what the scan
     would have counted (every row read into the version) and nothing to write."""
-    return {"committed": False, "rows_scanned": sum(s.rows_read for s in latest.shards), "rows_encoded": 0,
-            "rows_requantized": 0, "shards_carried": len(latest.shards), "shards_added": 0, "shards_dropped": 0,
-            "files_to_encode": [], "scan_skipped": True}
+    plan = Plan(todo=[], carried=list(latest.shards), dropped=[])
+    return {**plan.summary(sum(s.rows_read for s in latest.shards), committed=False), "scan_skipped": True}
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
