@@ -4,6 +4,8 @@
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
+  scan       rows/s of one file's scan read from the file (id and text columns, classified,
+             digested) against read from its kept scan (`scans/<id>.npy`), and the bytes of each;
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
   write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
@@ -97,6 +99,26 @@ def bench_read(work: str, rows: int = 200_000) -> dict:
     s = timed(read, 3)
     return {"rows": rows, "text_mb": round(mb, 1), "s": round(s, 3), "rows_per_s": round(rows / s),
             "mb_per_s": round(mb / s, 1)}
+
+
+def bench_scan(work: str) -> dict:
+    """The scan of `bench_read`'s file: from the file, and from its kept scan."""
+    from workers.ingest.scan import from_kept, kept_bytes, scan_rows
+    from workers.ingest.source import classify, iter_batches, list_source
+
+    fs, root, files = list_source(os.path.join(work, "read"))
+    f = files[0]
+
+    def from_file():
+        batches = (classify(f, first, b, "text", "id") for first, b in iter_batches(fs, root, f, ["text", "id"]))
+        return scan_rows(batches, 0, 64, 0, 0)
+    s_file = timed(from_file, 3)
+    found = from_file()
+    data = kept_bytes(found)
+    s_kept = timed(lambda: from_kept(data, found.rows, found.valid, 0, 64), 3)
+    return {"rows": found.rows, "file_mb": round(f.size / 1e6, 1), "kept_mb": round(len(data) / 1e6, 1),
+            "file_s": round(s_file, 3), "kept_s": round(s_kept, 3), "file_rows_per_s": round(found.rows / s_file),
+            "kept_rows_per_s": round(found.rows / s_kept), "speedup": round(s_file / s_kept, 1)}
 
 
 def bench_encode(n: int = 256) -> dict:
@@ -215,6 +237,8 @@ def main() -> None:
     try:
         res["read"] = bench_read(work)
         print("read", res["read"], flush=True)
+        res["scan"] = bench_scan(work)
+        print("scan", res["scan"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
             print("encode", res["encode"], flush=True)

@@ -24,8 +24,8 @@ from workers.ingest.pipeline import (Encoders, WarmEncoders, check_room, encode_
                                      encoder_cfg, encoder_pool, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
-from workers.lake.records import (ModelInfo, RangesRef, ShardRecord, SourceSnapshot, VersionManifest, WorkUnit,
-                                  sidecar_path)
+from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, SourceSnapshot, VersionManifest,
+                                  WorkUnit, sidecar_path)
 from workers.lake.redact import redact_url
 from workers.ray_session import choose_address
 from workers.ingest.source import check_file, list_source
@@ -98,12 +98,13 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
     files, row_groups = check_source(cfg)
+    latest = base
     if base is not None:
         parent = base.number  # read (and so checked) by the caller
     else:
         parent = (list_versions(dest_fs, dest_root) or [None])[-1]
         if parent is not None:
-            read_version(dest_fs, dest_root, parent)
+            latest = read_version(dest_fs, dest_root, parent)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = encoder_fingerprint(model_path, cfg.encoder.backend)
     saved_ranges = None
@@ -134,7 +135,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             # loads the model (seconds) while the source is scanned. A reindex starts them only
             # once it knows something changed.
             encoders = start()
-        rows_per_file, duplicates, sample = scan(wcfg, files, pool)
+        # The latest version's kept scans stand for its unchanged files, so only new and changed
+        # files are read (when the job has ranges: calibrating needs every file's sample).
+        found = scan(wcfg, files, pool, kept=latest.kept_scans() if latest is not None else None, keep=not dry_run)
+        rows_per_file, duplicates, sample = found.rows, found.duplicates, found.sample
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()
         if saved_ranges is None:
@@ -176,7 +180,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     if rows_read != scanned:
         raise RuntimeError(f"read {rows_read} rows but the scan counted {scanned}: "
                            "the source changed during the job; nothing was committed")
-    version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent)
+    version_doc = _version_doc(cfg, files, manifest, ranges_path, records, parent, found.scans)
     summary_extra: dict[str, Any] = {}
     if base is not None:
         drift = drift_of(new, manifest)
@@ -196,7 +200,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     url = manifest_url(cfg.dest, n)
     summary = _summary(version_doc, records, written.reused, time.perf_counter() - t0, t_cal, url, n)
     summary.update(rows_encoded=written.encoded_rows, rows_requantized=written.requantized_rows,
-                   calibration_rows=0 if saved_ranges else manifest.sample_size)
+                   calibration_rows=0 if saved_ranges else manifest.sample_size,
+                   files_scanned=len(files) - found.files_reused, scans_reused=found.files_reused)
     summary["nodes"] = {step: dict(sorted(count.items())) for step, count in sorted(nodes.items())}
     summary["fidelity"] = manifest.fidelity
     return IngestResult(n, url, {**summary, **summary_extra})
@@ -288,12 +293,12 @@ def drift_of(new: list[ShardRecord], ranges: RangeManifest) -> dict[str, Any]:
 
 
 def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path: str,
-                 records: list[ShardRecord], parent: int | None) -> VersionManifest:
+                 records: list[ShardRecord], parent: int | None, scans: list[ScanRef] | None) -> VersionManifest:
     doc = VersionManifest.build(
         model=ModelInfo(cfg.encoder.model_name, manifest.model_fingerprint, manifest.dim, cfg.encoder.normalize),
         ranges=RangesRef(manifest.id, ranges_path, manifest.method), precisions=cfg.precisions,
         source=SourceSnapshot.of(redact_url(cfg.source), cfg.text_column, cfg.id_column, files),
-        shards=records, parent=parent)
+        shards=records, parent=parent, scans=scans)
     return replace(doc, extra={"options": ingest_options(cfg)})
 
 

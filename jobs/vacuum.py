@@ -1,8 +1,9 @@
 """`quantlake vacuum`: delete the files no retained committed version references.
 
-Only the dataset's own folders are considered (`shards/`, `rejects/`, `ranges/`, `versions/`),
-and in them only names quantlake writes: shard, rejects and ranges files named by their id,
-the manifests of versions past `--retain`, and leftover temporaries of those. Anything else
+Only the dataset's own folders are considered (`shards/`, `rejects/`, `ranges/`, `scans/`,
+`versions/`), and in them only names quantlake writes: shard, rejects, ranges and kept scan
+files named by their id, the manifests of versions past `--retain`, and leftover
+temporaries of those. Anything else
 is reported and kept. A folder that holds no committed version is refused: every file there
 would look unreferenced. A file goes only when no retained version needs it and its shard
 (all files of the same id) was last modified more than `--older-than` ago, so the fresh
@@ -31,7 +32,7 @@ from workers.lake.versions import list_versions, read_version
 
 log = logging.getLogger(__name__)
 
-FOLDERS = ("shards", "rejects", "ranges", "versions")
+FOLDERS = ("shards", "rejects", "ranges", "scans", "versions")
 # Shard ids: 32 hex digits (workers/shard_writer.shard_id), or the row-range names of datasets
 # written from precomputed vectors (workers/ingest/from_vectors.py).
 _SHARD_ID = r"[0-9a-f]{32}|vectors-\d{12}-\d{12}"
@@ -40,6 +41,7 @@ _OURS = re.compile(
     rf"^(?:shards/(?P<shard>{_SHARD_ID})\.(?:parquet|faiss|json)"
     rf"|rejects/(?P<rejected>{_SHARD_ID})\.parquet"
     r"|ranges/(?P<ranges>[0-9a-f]{64})\.json"
+    r"|scans/(?P<scan>[0-9a-f]{32})\.npy"
     r"|versions/(?P<version>\d{8})\.json)"
     r"(?P<tmp>\.tmp-[0-9a-f]{32})?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -141,14 +143,14 @@ def _listing(fs, root: str) -> dict[str, dict[str, Any]]:
 
 
 def references(doc: VersionManifest) -> tuple[set[str], set[str]]:
-    """`(paths, shard ids)` a version needs: its manifest, ranges, shard files and rejects."""
+    """`(paths, shard ids)` a version needs: its manifest, ranges, shard files, rejects and kept scans."""
     paths = {f"versions/{doc.number:08d}.json", doc.ranges.path} | {f.path for f in doc.files()}
     return paths, {s.id for s in doc.shards}
 
 
 def group_of(rel: str) -> str:
     """The files judged together: a shard's files (`shards/<id>.*`, `rejects/<id>.*`, their
-    temporaries), a range manifest and its temporaries, or a single file of `versions/`."""
+    temporaries), a range manifest or a kept scan and its temporaries, or a single file of `versions/`."""
     m = _OURS.match(rel)
     if m is None:
         return rel
@@ -156,6 +158,8 @@ def group_of(rel: str) -> str:
         return "shard " + (m["shard"] or m["rejected"])
     if m["ranges"]:
         return "ranges " + m["ranges"]
+    if m["scan"]:
+        return "scan " + m["scan"]
     return rel
 
 

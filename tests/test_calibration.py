@@ -21,7 +21,7 @@ def sampled(tmp_path_factory, docs, ray_session):
     write_parquet_lake(lake, docs[:200], files=4, row_group_size=30)
     cfg = IngestConfig(str(lake), "unused", id_column="id", calibration_samples=120, seed=7, progress=False,
                        encoder=EncoderConfig(batch_size=8))
-    rows, dups, sample = scan(cfg, check_source(cfg)[0])
+    sample = scan(cfg, check_source(cfg)[0]).sample
     return cfg, sample, model_fingerprint(resolve_model(None))
 
 

@@ -95,10 +95,15 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert (s["shards_carried"], s["shards_added"], s["shards_dropped"]) == (2, 3, 3)
     assert s["files_to_encode"] == ["part-1a.parquet", "part-2.parquet", "part-3.parquet"]
     assert (s["documents"], s["rejects"]) == (4 * ROWS + 6 - 1, 1)
+    # Only the new and the rewritten file were read to scan: the others' kept scans stood in.
+    assert (s["files_scanned"], s["scans_reused"]) == (2, 3)
 
     fresh = _fresh(base, raw, "fresh-2", ranges_of=dest)
     assert _content(str(dest), {}) == _content(str(fresh), {})  # ids, vector bytes, rejects, shard bytes
     v1, v2 = (read_version(*url_to_fs(str(dest)), n) for n in (1, 2))
+    fresh_v = open_version(str(fresh)).manifest
+    assert v2.scans == fresh_v.scans and [r.file for r in v2.scans] == sorted(p.name for p in raw.iterdir())
+    assert all((dest / r.path).read_bytes() == (fresh / r.path).read_bytes() for r in v2.scans)
     assert v2.parent == 1 and v2.ranges == v1.ranges and v2.extra["options"] == v1.extra["options"]
     carried = {x.id for x in v1.shards} & {x.id for x in v2.shards}
     assert len(carried) == 2 and v2.extra["drift"]["rows"] == 6 + 2 * ROWS - 1
@@ -320,10 +325,30 @@ def test_overlapping_runs_rebase_or_stop_with_a_clear_message(lake, docs):
     # Both runs seeing the same change (the later commits nothing) is tests/test_reindex_overlap.py's case.
 
 
+def test_a_damaged_or_missing_kept_scan_is_read_again(lake, docs, caplog):
+    base, raw, dest = lake
+    fs, root = url_to_fs(str(dest))
+    latest = read_version(fs, root)
+    damaged, missing = latest.scans[0], latest.scans[1]
+    before = {r.path: (dest / r.path).read_bytes() for r in (damaged, missing)}
+    (dest / damaged.path).write_bytes(before[damaged.path][:-24] + bytes(24))  # one row's digest and number
+    (dest / missing.path).unlink()
+    _write(raw, "part-9.parquet", docs[240:240 + ROWS])
+    result = reindex(ReindexConfig(str(dest), progress=False))
+    assert result.version == latest.number + 1
+    assert (result.summary["files_scanned"], result.summary["scans_reused"]) == (3, len(latest.scans) - 2)
+    assert f"kept scan {damaged.path} of {damaged.file} cannot be used (its sha256 is not" in caplog.text
+    assert f"kept scan {missing.path} of {missing.file} cannot be used" in caplog.text
+    # Read again, each file's kept scan has the bytes it had, and the version lists it as before.
+    assert {p: (dest / p).read_bytes() for p in before} == before
+    new = read_version(fs, root)
+    assert [r for r in new.scans if r.file != "part-9.parquet"] == list(latest.scans)
+
+
 def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, capsys):
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
-    for name in ("part-5", "part-6", "part-8", "part-w1", "part-w2", "part-w3", "part-x", "part-y", "part-z"):
+    for name in ("part-5", "part-6", "part-8", "part-9", "part-w1", "part-w2", "part-w3", "part-x", "part-y", "part-z"):
         (raw / f"{name}.parquet").unlink(missing_ok=True)  # a smaller lake to re-encode
     old = list_versions(fs, root)[-1]
     # Another model: a copy of the bundled one with one file changed (the same weights, another fingerprint).
@@ -360,3 +385,5 @@ def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, 
     assert "pass --model" in capsys.readouterr().err
     result = reindex(ReindexConfig(str(dest), model=str(model), progress=False))
     assert (result.summary["mode"], result.summary["rows_encoded"], result.version) == ("incremental", 8, old + 2)
+    assert (result.summary["files_scanned"], result.summary["scans_reused"]) == (1, 5)
+

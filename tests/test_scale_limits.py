@@ -193,7 +193,9 @@ def test_the_scan_fetches_one_files_sample_at_a_time(tmp_path, docs, ray_session
         held.append(sum(isinstance(v, dict) and "sample" in v for v in values))
         return out
     monkeypatch.setattr(ray, "get", get)
-    rows, duplicates, sample = scan(cfg, check_source(cfg)[0])
+    found = scan(cfg, check_source(cfg)[0])
+    rows, duplicates, sample = found.rows, found.duplicates, found.sample
+    assert found.scans is None and found.files_reused == 0  # kept scans are written only when asked
     assert rows == [10] * 6 and duplicates == {} and len(sample.ids) == 8
     assert max(held) == 1 and sum(held) == 6
 

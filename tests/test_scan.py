@@ -1,8 +1,12 @@
 """The scan pass: a sample chosen by id alone, and duplicates found across files."""
+import io
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from workers.ingest.scan import DUPLICATE, find_duplicates, scan_rows
+from workers.ingest.scan import (DUPLICATE, ENTRY, KEPT, find_duplicates, from_kept, kept_bytes, scan_id,
+                                 scan_rows)
 from workers.ingest.source import SourceFile, classify
 
 F = SourceFile("a.parquet", 1, "v", "parquet")
@@ -50,3 +54,57 @@ def test_duplicates_across_files_and_partitions():
     # (file, row, first_file, first_row): the first occurrence by (file, row) is kept
     assert got == [(0, 3, 0, 0), (1, 0, 0, 2), (1, 2, 0, 1), (1, 3, 0, 1)]
     assert find_duplicates().dtype == DUPLICATE and len(find_duplicates()) == 0
+
+
+def test_a_kept_scan_stands_for_the_scan_whatever_the_partitions():
+    ids = [f"doc-{i}" for i in range(300)] + [None, "x"]
+    texts = [f"text {i}" for i in range(300)] + ["no id", "  "]
+    four = scan_rows(_batches(ids, texts, 64), 2, 4, seed=0, k=0)
+    data = kept_bytes(four)
+    assert data == kept_bytes(scan_rows(_batches(ids, texts, 7), 5, 3, seed=1, k=0))  # bytes of the file alone
+    assert 0 < len(data) - 24 * 300 <= 256  # the .npy header, then 24 bytes per valid row
+    back = from_kept(data, four.rows, four.valid, 2, 4)
+    assert (back.rows, back.valid, len(back.sample.ids)) == (302, 300, 0)
+    for a, b in zip(back.parts, four.parts):
+        assert a.dtype == ENTRY and np.array_equal(np.sort(a, order="row"), np.sort(b, order="row"))
+    # The duplicate check gives the same answer from either
+    other = scan_rows(_batches(ids[::3], texts[::3], 50), 1, 4, seed=0, k=0)
+    assert all(np.array_equal(find_duplicates(a, o), find_duplicates(b, o))
+               for a, b, o in zip(back.parts, four.parts, other.parts))
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _object_npy() -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    return buf.getvalue() + b"\x80\x04N."  # what an object array's data would be: a pickle stream
+
+
+def test_a_damaged_kept_scan_is_refused():
+    good = np.zeros(3, KEPT)
+    good["row"] = [0, 2, 5]
+    assert from_kept(_npy(good), 6, 3, 0, 1).valid == 3
+    for data, rows, valid, match in [
+            (b"not a numpy file", 6, 3, "not a kept scan"),
+            (_npy(np.zeros(3, np.float64)), 6, 3, "float64"),
+            (_npy(good), 6, 4, "of 3 rows, its record says 4 valid of 6"),
+            (_npy(good), 5, 3, r"not increasing within \[0, 5\)"),
+            (_npy(good[::-1].copy()), 6, 3, "not increasing"),
+            (_object_npy(), 6, 1, "not a kept scan")]:  # an object array would be unpickled: never loaded
+        with pytest.raises(ValueError, match=match):
+            from_kept(data, rows, valid, 0, 1)
+
+
+def test_a_kept_scan_is_named_by_the_file_identity_and_columns():
+    one = scan_id("a.parquet", {"size": 1, "version": "v"}, "text", "id")
+    assert one == scan_id("a.parquet", {"version": "v", "size": 1}, "text", "id") and len(one) == 32
+    assert len({one, scan_id("b.parquet", {"size": 1, "version": "v"}, "text", "id"),
+                scan_id("a.parquet", {"size": 2, "version": "v"}, "text", "id"),
+                scan_id("a.parquet", {"size": 1, "version": "w"}, "text", "id"),
+                scan_id("a.parquet", {"size": 1, "version": "v"}, "body", "id"),
+                scan_id("a.parquet", {"size": 1, "version": "v"}, "text", None)}) == 6

@@ -40,7 +40,8 @@ def littered(copy_dataset):
            f"shards/{ORPHAN}.json": b"{}", f"rejects/{ORPHAN}.parquet": b"r" * 5,
            f"ranges/{RANGES}.json": b"{}", f"versions/00000002.json.tmp-{TMP}": b"{",
            "versions/notes.txt": b"someone's notes", "README.txt": b"not a dataset file",
-           "shards/orphan.parquet": b"not named by a shard id", "ranges/0000abcd.json": b"{}"}
+           "shards/orphan.parquet": b"not named by a shard id", "ranges/0000abcd.json": b"{}",
+           f"scans/{ORPHAN}.npy": b"s" * 3, "scans/notes.npy": b"n"}
     sid = json.loads((d / "versions" / "00000001.json").read_text())["shards"][0]["id"]
     old[f"shards/{sid}.parquet.tmp-{TMP}"] = b"t" * 7
     for rel, data in old.items():
@@ -57,26 +58,29 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
     plan = json.loads(capsys.readouterr().out)
     expected = [{"path": f"rejects/{ORPHAN}.parquet", "bytes": 5}, {"path": f"ranges/{RANGES}.json", "bytes": 2},
                 {"path": f"shards/{ORPHAN}.faiss", "bytes": 20}, {"path": f"shards/{ORPHAN}.json", "bytes": 2},
-                {"path": f"shards/{ORPHAN}.parquet", "bytes": 10},
+                {"path": f"shards/{ORPHAN}.parquet", "bytes": 10}, {"path": f"scans/{ORPHAN}.npy", "bytes": 3},
                 {"path": f"shards/{sid}.parquet.tmp-{TMP}", "bytes": 7},
                 {"path": f"versions/00000002.json.tmp-{TMP}", "bytes": 1}]
     assert sorted(plan["deleted"], key=lambda x: x["path"]) == sorted(expected, key=lambda x: x["path"])
-    assert plan["dry_run"] is True and plan["bytes_deleted"] == 47 and plan["retained_versions"] == [1]
+    assert plan["dry_run"] is True and plan["bytes_deleted"] == 50 and plan["retained_versions"] == [1]
     assert plan["kept_too_recent"] == [f"shards/{FRESH}.parquet"]
-    assert plan["kept_foreign"] == ["ranges/0000abcd.json", "shards/orphan.parquet", "versions/notes.txt"]
+    assert plan["kept_foreign"] == ["ranges/0000abcd.json", "scans/notes.npy", "shards/orphan.parquet",
+                                    "versions/notes.txt"]
     assert _all_files(d) == before
 
     assert cli(["vacuum", str(d)]) == 0
     out = capsys.readouterr().out
     assert f"deleted shards/{ORPHAN}.parquet (10 bytes)" in out
     assert "kept shards/orphan.parquet: not a name quantlake writes" in out
-    assert out.splitlines()[-1] == (f"vacuum {d}: deleted 7 file(s), 47 bytes; retained version(s) 1; "
+    assert out.splitlines()[-1] == (f"vacuum {d}: deleted 8 file(s), 50 bytes; retained version(s) 1; "
                                     "kept 1 unreferenced file(s) too recent to delete; "
-                                    "kept 3 file(s) quantlake does not write")
+                                    "kept 4 file(s) quantlake does not write")
     assert _all_files(d) == sorted(set(before) - {e["path"] for e in expected})
     assert {"versions/notes.txt", "README.txt", f"shards/{FRESH}.parquet", "shards/orphan.parquet",
-            "ranges/0000abcd.json"} <= set(_all_files(d))
-    verify_version(str(d))  # every file the version needs is still there and verifies
+            "ranges/0000abcd.json", "scans/notes.npy"} <= set(_all_files(d))
+    # every file the version needs is still there and verifies, its kept scans too
+    kept = {r.path for r in verify_version(str(d)).manifest.scans}
+    assert len(kept) == 3 and kept <= set(_all_files(d))
 
 
 def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):

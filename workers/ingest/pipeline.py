@@ -23,10 +23,10 @@ from ranges.stats import partial_stats, ranges_from
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import Encoder, EncoderConfig, encoded_row
 from workers.ray_session import init_ray
-from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size
+from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size, scan_id, scan_path
 from workers.ingest.source import SourceError
 from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
-from workers.lake.records import Duplicate, ShardRecord, WorkUnit
+from workers.lake.records import Duplicate, ScanRef, ShardRecord, WorkUnit
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +218,38 @@ def encoder_cfg(cfg: IngestConfig, pool: dict[str, Any]) -> EncoderConfig:
     return replace(cfg.encoder, precision=cfg.encoder.resolved_precision(device))
 
 
-def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
-         ) -> tuple[list[int], dict[int, list[Duplicate]], Sample]:
+@dataclass
+class Scanned:
+    """What the scan of every file found.
+
+    Args:
+        rows: rows per file, in file order.
+        duplicates: per file index, its rows whose id an earlier row holds.
+        sample: the calibration sample (empty when the job has ranges).
+        scans: each file's kept scan (None: none kept, in a dry run).
+        files_reused: files whose kept scan was read instead of the file.
+    """
+
+    rows: list[int]
+    duplicates: dict[int, list[Duplicate]]
+    sample: Sample
+    scans: list[ScanRef] | None = None
+    files_reused: int = 0
+
+
+def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
+         kept: Mapping[str, ScanRef] | None = None, keep: bool = False) -> Scanned:
     """Scan every file (Ray tasks, placed by `cpu_task_args(pool)`): row counts, cross-file
     duplicate ids, calibration sample.
 
     Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
     separate return values of the scan tasks; each reducer sees one partition of every file,
     so no process holds every id.
+
+    Args:
+        kept: the latest version's kept scans by source path: a file whose kept scan has the
+            name its identity and columns give is not read again when the job has ranges.
+        keep: write each file's kept scan (the version will list them).
     """
     import ray
 
@@ -233,14 +257,16 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
     where = cpu_task_args(pool or {})
     remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, num_cpus=SCAN_TASK_CPUS, max_retries=3,
                                                 **where)
-    refs = [remote_scan.remote(cfg, i, f, n_parts) for i, f in enumerate(files)]
+    kept = kept or {}
+    refs = [remote_scan.remote(cfg, i, f, n_parts, _kept_for(kept, f, cfg), keep) for i, f in enumerate(files)]
     dup_task = ray.remote(find_duplicates).options(num_cpus=SCAN_TASK_CPUS, max_retries=3, **where)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     summary_refs = [r[0] for r in refs]
     del refs  # the partitions live on through dup_refs' tasks; the summaries are fetched below
     sample = Sample(0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP)
     rows: list[int] = []
-    valid = 0
+    scans: list[ScanRef] = []
+    valid = reused = 0
     try:
         # One file's summary at a time, merged and dropped: each holds up to a whole calibration
         # sample of texts, so fetching them all at once would hold files x samples texts in the
@@ -251,6 +277,11 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
             rows.append(s["rows"])
             valid += s["valid"]
             sample = sample.merge(s["sample"])
+            reused += s["reused"]
+            if s["problem"]:
+                log.warning("%s", s["problem"])
+            if s["scan"] is not None:
+                scans.append(s["scan"])
     except ray.exceptions.RayTaskError as exc:
         # A file that cannot be read is bad input: its own SourceError (file and line), not Ray's wrapper.
         if isinstance(getattr(exc, "cause", None), SourceError):
@@ -264,7 +295,15 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None
         for e in d:
             duplicates.setdefault(int(e["file"]), []).append(
                 Duplicate(int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
-    return rows, duplicates, sample
+    return Scanned(rows, duplicates, sample, scans if keep else None, reused)
+
+
+def _kept_for(kept: Mapping[str, ScanRef], f, cfg: IngestConfig) -> ScanRef | None:
+    """`f`'s kept scan, when the one recorded for its path is named for its identity and the job's columns."""
+    ref = kept.get(f.relpath)
+    if ref is None or ref.path != scan_path(scan_id(f.relpath, f.identity(), cfg.text_column, cfg.id_column)):
+        return None
+    return ref
 
 
 def calibrate(cfg: IngestConfig, sample: Sample, fingerprint: str, pool: dict[str, Any]) -> RangeManifest:

@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
+from ranges.encoding import canonical_json, sha256_hex
 from workers.ingest.source import Rows
 
 DIGEST = np.dtype([("h1", "<u8"), ("h2", "<u8")])
 ENTRY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("file", "<i4"), ("row", "<i8")])
 DUPLICATE = np.dtype([("file", "<i4"), ("row", "<i8"), ("first_file", "<i4"), ("first_row", "<i8")])
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# A file's kept scan (`scans/<id>.npy` in the dataset): the digests of its valid rows' ids and
+# their row numbers, in row order. What the scan finds depends on the file's bytes and the
+# columns read alone, so a later job over the same file reads this instead of the file
+# (docs/formats.md, "Scan files"). SCAN_FORMAT is part of every scan id: a change to what a
+# scan counts as valid, or to this layout, must change it, so no older scan is taken for one.
+SCAN_FORMAT = "quantlake.scan/1"
+KEPT = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
 
 # The default calibration sample, sized to the lake: a twentieth of its valid rows, at least
 # SAMPLE_FLOOR and at most SAMPLE_CAP. Measured (README, Benchmarks: `bench/calibration.py`):
@@ -131,8 +141,57 @@ def scan_rows(batches: list[Rows] | object, file_index: int, n_parts: int, seed:
             top = np.argsort(keys, kind="stable")[:k]
             sample.add(keys[top], [ids[i] for i in top], [b.texts[ok[i]] for i in top])
     entries = np.concatenate(chunks) if chunks else np.zeros(0, ENTRY)
+    return FileScan(rows, valid, partition(entries, n_parts), sample)
+
+
+def partition(entries: np.ndarray, n_parts: int) -> list[np.ndarray]:
+    """ENTRY rows split into the `n_parts` hash partitions of the dedupe shuffle."""
     part = entries["h1"] % np.uint64(n_parts)
-    return FileScan(rows, valid, [entries[part == p] for p in range(n_parts)], sample)
+    return [entries[part == p] for p in range(n_parts)]
+
+
+def scan_id(relpath: str, identity: Mapping[str, Any], text_column: str, id_column: str | None) -> str:
+    """The name of a file's kept scan: everything that decides what scanning it finds."""
+    return sha256_hex(canonical_json({"format": SCAN_FORMAT, "file": relpath, "identity": dict(identity),
+                                      "text_column": text_column, "id_column": id_column}))[:32]
+
+
+def scan_path(sid: str) -> str:
+    return f"scans/{sid}.npy"
+
+
+def kept_bytes(s: FileScan) -> bytes:
+    """A scan's valid rows as the bytes of its kept scan: digests and rows in row order, so
+    the bytes do not depend on how many partitions the job split them into."""
+    e = np.concatenate(s.parts) if s.parts else np.zeros(0, ENTRY)
+    e = e[np.argsort(e["row"], kind="stable")]
+    out = np.empty(len(e), KEPT)
+    out["h1"], out["h2"], out["row"] = e["h1"], e["h2"], e["row"]
+    buf = io.BytesIO()
+    np.save(buf, out, allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_kept(data: bytes, rows: int, valid: int, file_index: int, n_parts: int) -> FileScan:
+    """The scan a file's kept scan stands for (no sample: a job that calibrates reads the file).
+
+    Raises ValueError when the bytes are not a kept scan of `valid` rows, in increasing row
+    order, below `rows` (the caller has checked their sha256 against the version's record).
+    """
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"not a kept scan ({exc})") from None
+    if a.dtype != KEPT or a.ndim != 1:
+        raise ValueError(f"a kept scan holds {a.dtype} x {a.shape}, expected {KEPT} rows")
+    if len(a) != valid or valid > rows:
+        raise ValueError(f"a kept scan of {len(a)} rows, its record says {valid} valid of {rows}")
+    r = a["row"]
+    if len(r) and (r[0] < 0 or r[-1] >= rows or bool(np.any(r[1:] <= r[:-1]))):
+        raise ValueError(f"a kept scan's rows are not increasing within [0, {rows})")
+    e = np.empty(len(a), ENTRY)
+    e["h1"], e["h2"], e["file"], e["row"] = a["h1"], a["h2"], file_index, r
+    return FileScan(rows, valid, partition(e, n_parts), Sample(0))
 
 
 def find_duplicates(*parts: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ config they get is `IngestConfig.for_workers`'s copy, whose options stay in the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ import numpy as np
 
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
-from workers.ingest.scan import SAMPLE_CAP, FileScan, id_digests, sample_keys, scan_rows
+from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_id,
+                                 scan_path, scan_rows)
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
 from workers.ingest.source import classify, iter_batches, source_root
-from workers.lake.records import ShardRecord, SourceFile, WorkUnit
-from workers.lake.storage import join
+from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
+from workers.lake.storage import cat_uncached, join, put_bytes
 from workers.ray_session import node_id
 
 log = logging.getLogger(__name__)
@@ -90,18 +92,57 @@ def _columns(cfg: IngestConfig) -> list[str]:
     return [cfg.text_column] + ([cfg.id_column] if cfg.id_column else [])
 
 
-def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int) -> tuple:
+def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
+              kept: ScanRef | None = None, keep: bool = False) -> tuple:
     """Rows, id digests (split into `n_parts` hash partitions) and a local sample of one file.
 
-    Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object.
+    Args:
+        kept: the file's kept scan an earlier version recorded (its id matches the file's
+            identity and columns): read instead of the file when it verifies and no sample
+            is needed (the job has ranges). When it is missing or damaged, the file is read
+            as if there were none, and the summary's `problem` says why.
+        keep: write the file's kept scan when it was read from the source (not in a dry run).
+
+    Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object; the
+    summary's `scan` is the kept scan's record (None unless `keep` or reused) and `reused`
+    says whether the source file was read.
     """
+    k = 0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP
+    dest = cfg.url_to_fs(cfg.dest) if keep or kept is not None else None
+    verified, problem = None, None
+    if kept is not None:
+        try:
+            verified = _kept_scan(dest[0], dest[1], kept, file_index, n_parts)
+        except (OSError, ValueError) as exc:
+            problem = f"kept scan {kept.path} of {f.relpath} cannot be used ({exc}): the file was read"
+    if verified is not None and k == 0:
+        return ({"rows": verified.rows, "valid": verified.valid, "sample": verified.sample, "scan": kept,
+                 "reused": True, "problem": None}, *verified.parts)
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
                for first, b in iter_batches(fs, root, f, _columns(cfg)))
-    k = 0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP
     s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
-    return ({"rows": s.rows, "valid": s.valid, "sample": s.sample}, *s.parts)
+    # A job that calibrates reads the file for its sample, and keeps a kept scan that checked out.
+    ref = kept if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) else None
+    if keep and ref is None:
+        data = kept_bytes(s)
+        path = scan_path(scan_id(f.relpath, f.identity(), cfg.text_column, cfg.id_column))
+        # Same name, same bytes for the same file: a retry or a rerun rewrites it unchanged.
+        put_bytes(dest[0], join(dest[1], path), data)
+        ref = ScanRef(f.relpath, path, hashlib.sha256(data).hexdigest(), len(data), s.rows, s.valid)
+    return ({"rows": s.rows, "valid": s.valid, "sample": s.sample, "scan": ref, "reused": False,
+             "problem": problem}, *s.parts)
+
+
+def _kept_scan(fs, root: str, ref: ScanRef, file_index: int, n_parts: int) -> FileScan:
+    """The scan a kept scan stands for; OSError or ValueError when it is missing or does not check out."""
+    data = cat_uncached(fs, join(root, ref.path))
+    if len(data) != ref.bytes:
+        raise ValueError(f"{len(data)} bytes, its record says {ref.bytes}")
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise ValueError("its sha256 is not the one its record gives")
+    return from_kept(data, ref.rows, ref.valid, file_index, n_parts)
 
 
 def read_unit(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ DEFAULT_INDEX_TYPE = INDEX_TYPES[0]
 
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SCAN_PATH = re.compile(r"^scans/[0-9a-f]{32}\.npy$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,8 +422,36 @@ class SourceSnapshot:
         return out
 
 
+@dataclass(frozen=True)
+class ScanRef:
+    """A source file's kept scan (`scans/<id>.npy`): the digests of its valid rows' ids.
+
+    Args:
+        file: the source file's relative path (a key of the snapshot's files).
+        path: the scan file, under the dataset root.
+        sha256, bytes: the scan file's checksum and size.
+        rows, valid: the file's rows, and those with a text and an id (the scan file's rows).
+    """
+
+    file: str
+    path: str
+    sha256: str
+    bytes: int
+    rows: int
+    valid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
+                "rows": self.rows, "valid": self.valid}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "ScanRef":
+        return cls(doc["file"], doc["path"], doc["sha256"], doc["bytes"], doc["rows"], doc["valid"])
+
+
+_SCAN_KEYS = {"file", "path", "sha256", "bytes", "rows", "valid"}
 _VERSION_KEYS = {"format", "version", "parent", "writer", "created_at", "model", "ranges", "precisions",
-                 "source", "shards", "counts", "bytes", "clipped_per_dim"}
+                 "source", "shards", "counts", "bytes", "clipped_per_dim", "scans"}
 
 
 @dataclass(frozen=True)
@@ -438,6 +467,8 @@ class VersionManifest:
             at each precision, and what the shards take on storage.
         clipped_per_dim: values the ranges clipped, per dimension, over every shard.
         parent: the version this one was built on (None: the first).
+        scans: each source file's kept scan, in file order (None: none kept, as in manifests
+            written before scans were kept, or a dataset written from precomputed vectors).
         extra: fields of later formats, kept as read.
     """
 
@@ -453,11 +484,13 @@ class VersionManifest:
     version: int | None = None
     writer: str | None = None
     created_at: str | None = None
+    scans: tuple[ScanRef, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: ModelInfo, ranges: RangesRef, precisions: tuple[str, ...], source: SourceSnapshot,
-              shards: list[ShardRecord], parent: int | None = None) -> "VersionManifest":
+              shards: list[ShardRecord], parent: int | None = None,
+              scans: list[ScanRef] | None = None) -> "VersionManifest":
         """A draft of the shards' version: totals summed from the records, per-dimension clip
         counts moved from the shards (their sidecars keep them) to the version's sum."""
         docs = sum(s.rows for s in shards)
@@ -475,7 +508,8 @@ class VersionManifest:
             bytes={"float32": docs * dim * 4, "int8": docs * dim, "ubinary": docs * dim // 8,
                    **({FLOAT16: docs * dim * 2} if FLOAT16 in precisions else {}),
                    "stored": sum(s.bytes + s.index_bytes for s in shards)},
-            clipped_per_dim=per_dim, parent=parent)
+            clipped_per_dim=per_dim, parent=parent,
+            scans=None if scans is None else tuple(sorted(scans, key=lambda r: r.file)))
 
     @property
     def number(self) -> int:
@@ -496,8 +530,13 @@ class VersionManifest:
         return (self.counts or {}).get(name)
 
     def files(self) -> list[FileRef]:
-        """Every data file the version references through its shards."""
-        return [f for s in self.shards for f in s.files()]
+        """Every data file the version references: its shards' files and its kept scans."""
+        return [f for s in self.shards for f in s.files()] + [FileRef(r.path, r.bytes, r.sha256)
+                                                              for r in self.scans or ()]
+
+    def kept_scans(self) -> dict[str, ScanRef]:
+        """Source file path -> its kept scan."""
+        return {r.file: r for r in self.scans or ()}
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.extra, "format": VERSION_FORMAT, "model": self.model.to_json(),
@@ -509,6 +548,8 @@ class VersionManifest:
                 out[key] = dict(getattr(self, key))
         if self.clipped_per_dim is not None:
             out["clipped_per_dim"] = list(self.clipped_per_dim)
+        if self.scans is not None:
+            out["scans"] = [r.to_json() for r in self.scans]
         for key in ("version", "writer", "created_at"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -530,7 +571,9 @@ class VersionManifest:
             shards=tuple(ShardRecord.from_json(s, checked=True) for s in doc["shards"]),
             counts=doc.get("counts"), bytes=doc.get("bytes"), clipped_per_dim=_counts(doc.get("clipped_per_dim")),
             parent=doc.get("parent"), version=doc.get("version"), writer=doc.get("writer"),
-            created_at=doc.get("created_at"), extra={k: v for k, v in doc.items() if k not in _VERSION_KEYS})
+            created_at=doc.get("created_at"),
+            scans=None if doc.get("scans") is None else tuple(ScanRef.from_json(r) for r in doc["scans"]),
+            extra={k: v for k, v in doc.items() if k not in _VERSION_KEYS})
 
 
 def validate(doc: Any, where: str, draft: bool = False) -> None:
@@ -603,3 +646,20 @@ def validate(doc: Any, where: str, draft: bool = False) -> None:
         _check_shard(s, f"{where}, shard {i}", where, f"shards[{i}]")
         _need(s["path"] not in seen, f"{where}, shard {i}", f"path {s['path']!r} is listed twice")
         seen.add(s["path"])
+    scans = doc.get("scans")
+    _need(scans is None or isinstance(scans, list), where, "scans is not a list")
+    known = source.get("files")
+    scanned: set[str] = set()
+    for i, r in enumerate(scans or ()):
+        at = f"{where}, scan {i}"
+        _need(isinstance(r, dict) and _SCAN_KEYS <= set(r), at,
+              f"expected an object with {', '.join(sorted(_SCAN_KEYS))}")
+        _need(isinstance(r["file"], str) and (known is None or r["file"] in known), at,
+              f"file {r['file']!r} is not a file of the source snapshot")
+        _need(r["file"] not in scanned, at, f"file {r['file']!r} has two scans")
+        scanned.add(r["file"])
+        _check_path(at, "path", r["path"])
+        _need(_SCAN_PATH.match(r["path"]) is not None, at, f"path {r['path']!r} is not scans/<32 hex digits>.npy")
+        _need(_is_hex64(r["sha256"]), at, f"sha256 is {r['sha256']!r}, expected 64 hex digits")
+        _need(all(_is_count(r[k]) for k in ("bytes", "rows", "valid")) and r["valid"] <= r["rows"], at,
+              "bytes, rows and valid must be counts, with valid <= rows")
