@@ -350,7 +350,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"manifest: {s['manifest']}",
     ] + ([f"requantized {s['rows_requantized']} rows from their shards' float16 embeddings without the model; "
           f"encoded {s['rows_encoded']} (and {s['calibration_rows']} to calibrate)"]
-         if s.get("rows_requantized") else []))
+         if s.get("rows_requantized") else [])
+       + ([f"scan: {s['files_scanned']} file(s) read, {s['scans_reused']} unchanged file(s) from their kept scans"]
+          if s.get("scans_reused") else []))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:

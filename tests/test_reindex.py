@@ -23,8 +23,8 @@ import pytest
 from jobs.cli import main as cli
 from jobs.history import history
 from jobs.ingest import run as ingest
-from jobs.reindex import (ReindexConfig, ingest_config, parse_args, run as reindex, source_of, source_unchanged,
-                          watch)
+from jobs.reindex import (ReindexConfig, format_result, ingest_config, parse_args, run as reindex, source_of,
+                          source_unchanged, watch)
 from jobs.rollback import run as rollback
 from isolated import Job
 from lakes import ingest_cfg
@@ -337,6 +337,8 @@ def test_a_damaged_or_missing_kept_scan_is_read_again(lake, docs, caplog):
     result = reindex(ReindexConfig(str(dest), progress=False))
     assert result.version == latest.number + 1
     assert (result.summary["files_scanned"], result.summary["scans_reused"]) == (3, len(latest.scans) - 2)
+    assert (f"scan: 3 file(s) read, {len(latest.scans) - 2} unchanged file(s) from their kept scans"
+            in format_result(result).splitlines())
     assert f"kept scan {damaged.path} of {damaged.file} cannot be used (its sha256 is not" in caplog.text
     assert f"kept scan {missing.path} of {missing.file} cannot be used" in caplog.text
     # Read again, each file's kept scan has the bytes it had, and the version lists it as before.

@@ -86,6 +86,12 @@ def test_rerun_after_a_file_takes_over_ids_equals_a_fresh_ingest(docs, tmp_path,
     # rows [20, 40), part-00001 rows [0, 20) and [40, 41). part-00000 [0, 20) and part-00001
     # [20, 40) are written anew, and a-new.parquet's unit.
     assert (rerun.summary["shards"], rerun.summary["shards_reused"]) == (fresh.summary["shards"], 3) == (6, 3)
+    # On S3 too, the unchanged files' kept scans (found by their ETags) stood in for them: only
+    # a-new.parquet was read to scan, and the version lists the kept scans a fresh ingest does.
+    assert (rerun.summary["files_scanned"], rerun.summary["scans_reused"]) == (1, 2)
+    assert (fresh.summary["files_scanned"], fresh.summary["scans_reused"]) == (3, 0)
+    kept = open_version(dest, storage_options=options).manifest.scans
+    assert kept == open_version(fresh_dest, storage_options=options).manifest.scans and len(kept) == 3
 
 
 @pytest.mark.parametrize("dups", [[], [(3, "b.parquet", 7)]])

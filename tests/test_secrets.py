@@ -98,7 +98,7 @@ def test_summary_and_manifest_never_hold_url_credentials():
                "quantize_s": 0, "write_s": 0, "clipped_values": 0, "ranges_id": "r", "manifest": url}
     assert "dest-pw-123" not in format_summary(summary)
     ranges = RangeManifest(np.zeros((2, 8), np.float32), "m", "sha256:" + "0" * 64, True, "minmax", None, 2, 0)
-    doc = _version_doc(IngestConfig(SIGNED_S3, "s3://lake/emb"), [], ranges, "ranges/r.json", [], None)
+    doc = _version_doc(IngestConfig(SIGNED_S3, "s3://lake/emb"), [], ranges, "ranges/r.json", [], None, [])
     assert doc.source.url == redact_url(SIGNED_S3) and "0a1b2c3d4e5f60718293" not in json.dumps(doc.to_json())
 
 
@@ -198,8 +198,8 @@ def test_ingest_and_ray_search_on_s3_never_show_a_secret(s3, s3_server, docs, ra
     shown = "".join([failed.out, failed.err, ingest.out, ingest.err, searched.out, searched.err, caplog.text])
     fs.invalidate_cache()
     objects = {p: fs.cat_file(p) for p in fs.find(bucket.removeprefix("s3://"))}
-    # 2 source files; the ranges, 2 shards of 3 files each, the manifest.
-    assert any(p.endswith("/emb/versions/00000001.json") for p in objects) and len(objects) == 10
+    # 2 source files; the ranges, 2 shards of 3 files each, 2 kept scans, the manifest.
+    assert any(p.endswith("/emb/versions/00000001.json") for p in objects) and len(objects) == 12
     logs = {p: data for p, data in _ray_logs().items() if logs_before.get(p) != data}
     for s in secrets:
         assert s not in shown, s
