@@ -3,14 +3,13 @@
 Only the dataset's own folders are considered (`shards/`, `rejects/`, `ranges/`, `scans/`,
 `versions/`), and in them only names quantlake writes: shard, rejects, ranges and kept scan
 files named by their id, the manifests of versions past `--retain`, and leftover
-temporaries of those. Anything else
-is reported and kept. A folder that holds no committed version is refused: every file there
-would look unreferenced. A file goes only when no retained version needs it and its shard
-(all files of the same id) was last modified more than `--older-than` ago, so the fresh
-shards of a running ingest, and the shards a rerun reuses (it rewrites their sidecar), are
-safe; a file whose store gives no modification time is kept. Before each batch of deletions
-the versions are read again and the batch's files looked at again, so a version committed
-or a shard reused meanwhile keeps its files.
+temporaries of those. Anything else is reported and kept. A folder that holds no committed
+version is refused: every file there would look unreferenced. A file goes only when no
+retained version needs it and its shard (all files of the same id) was last modified more
+than `--older-than` ago, so the fresh shards of a running ingest, and the shards a rerun
+reuses (it rewrites their sidecar), are safe; a file whose store gives no modification time
+is kept. Before each batch of deletions the versions are read again and the batch's files
+looked at again, so a version committed or a shard reused meanwhile keeps its files.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # A file's kept scan (`scans/<id>.npy` in the dataset): the digests of its valid rows' ids and
 # their row numbers, in row order. What the scan finds depends on the file's bytes and the
 # columns read alone, so a later job over the same file reads this instead of the file
-# (docs/formats.md, "Scan files"). SCAN_FORMAT is part of every scan id: a change to what a
+# (docs/formats.md, "Kept scans"). SCAN_FORMAT is part of every scan id: a change to what a
 # scan counts as valid, or to this layout, must change it, so no older scan is taken for one.
 SCAN_FORMAT = "quantlake.scan/1"
 KEPT = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
