@@ -72,7 +72,9 @@ def report(dest: str, history: list[tuple[int, VersionManifest | str]], doc: Ver
         f"  model      {model.name} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}, "
         f"backend {model.backend}",
         f"  ranges     {ranges.id} ({ranges.method}), {ranges.path}",
-        f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)",
+        f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)"
+        + ("" if doc.scans is None else
+           f", {len(doc.scans)} kept scan(s) of {_size(sum(r.bytes for r in doc.scans))} (scans/)"),
         f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
         f"{counts.get('rows_read')} rows read",
         "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.precisions])

@@ -16,6 +16,9 @@ def test_report_shows_versions_shards_rows_and_bytes(small_dataset, capsys):
     assert lines[2].split()[:2] == ["1", doc["created_at"]] and lines[2].split()[-1] == "all-MiniLM-L6-v2"
     assert f"version 1 (latest), committed {doc['created_at']} by writer {doc['writer']}" in out
     assert f"ranges     {doc['ranges']['id']} (minmax), ranges/{doc['ranges']['id']}.json" in out
+    kept = sum(r["bytes"] for r in doc["scans"])  # 93 rows, 91 valid: 91 x 24 bytes and 3 headers
+    assert 91 * 24 < kept <= 91 * 24 + 3 * 256
+    assert f"source     {doc['source']['url']}: 3 file(s), 3 kept scan(s) of {kept / 1024:.1f} KiB (scans/)" in out
     assert "rows       91 documents, 2 rejects, 93 rows read" in out
     # 91 documents x 384 dimensions: float32 139776 B, int8 34944 B, ubinary 4368 B
     assert "bytes      float32 136.5 KiB, int8 34.1 KiB, ubinary 4.3 KiB; stored" in out
