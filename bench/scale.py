@@ -1,11 +1,14 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
-    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--json]
+    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
   scan       rows/s of one file's scan read from the file (id and text columns, classified,
              digested) against read from its kept scan (`scans/<id>.npy`), and the bytes of each;
+             with --scan-files N, the whole scan phase of a job (`workers/ingest/pipeline.scan`
+             on a local Ray: scan tasks, the duplicate shuffle) over N files of 100,000 rows,
+             reading the files and then reading their kept scans (what a reindex does);
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
   write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
@@ -121,6 +124,44 @@ def bench_scan(work: str) -> dict:
             "kept_rows_per_s": round(found.rows / s_kept), "speedup": round(s_file / s_kept, 1)}
 
 
+def bench_scan_phase(work: str, n_files: int, rows: int = 100_000) -> dict:
+    """`pipeline.scan` over `n_files` files: from the files (writing kept scans), then from the kept scans."""
+    import ray
+
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.pipeline import scan
+    from workers.ingest.source import list_source
+    from workers.ray_session import init_ray
+
+    lake, dest = os.path.join(work, "scan-lake"), os.path.join(work, "scan-dest")
+    os.makedirs(lake)
+    body = texts(2000)
+    for f in range(n_files):
+        ids = [f"f{f}-d{i}" for i in range(rows)]
+        pq.write_table(pa.table({"id": ids, "text": [f"{body[i % len(body)]} ({f}, {i})" for i in range(rows)]}),
+                       os.path.join(lake, f"part-{f:04d}.parquet"), row_group_size=10_000)
+    files = list_source(lake)[2]
+    # With ranges (the reindex case): no calibration sample, so kept scans can stand in.
+    cfg = IngestConfig(lake, dest, id_column="id", ranges="unused", progress=False)
+    init_ray()
+    try:
+        scan(cfg, files[:1])  # Ray's workers start and import the scan's modules once
+        t0 = time.perf_counter()
+        first = scan(cfg, files, keep=True)
+        from_files = time.perf_counter() - t0
+        kept = {r.file: r for r in first.scans}
+        t0 = time.perf_counter()
+        again = scan(cfg, files, kept=kept)
+        from_kept = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    assert again.files_reused == n_files and again.rows == first.rows and again.duplicates == first.duplicates
+    total = sum(first.rows)
+    return {"files": n_files, "rows": total, "from_files_s": round(from_files, 2), "from_kept_s": round(from_kept, 2),
+            "speedup": round(from_files / from_kept, 1), "lake_mb": round(sum(f.size for f in files) / 1e6, 1),
+            "kept_mb": round(sum(r.bytes for r in first.scans) / 1e6, 1)}
+
+
 def bench_encode(n: int = 256) -> dict:
     from workers.embedding.encoder import Encoder, EncoderConfig
 
@@ -228,6 +269,7 @@ def main() -> None:
     p.add_argument("--skip-encode", action="store_true")
     p.add_argument("--skip-s3", action="store_true")
     p.add_argument("--ingest-docs", type=int, default=0, help="measure the overlap on an ingest of N demo docs")
+    p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of 100,000 rows")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -239,6 +281,9 @@ def main() -> None:
         print("read", res["read"], flush=True)
         res["scan"] = bench_scan(work)
         print("scan", res["scan"], flush=True)
+        if a.scan_files:
+            res["scan_phase"] = bench_scan_phase(work, a.scan_files)
+            print("scan phase", res["scan_phase"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
             print("encode", res["encode"], flush=True)
