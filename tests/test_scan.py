@@ -108,3 +108,24 @@ def test_a_kept_scan_is_named_by_the_file_identity_and_columns():
                 scan_id("a.parquet", {"size": 1, "version": "w"}, "text", "id"),
                 scan_id("a.parquet", {"size": 1, "version": "v"}, "body", "id"),
                 scan_id("a.parquet", {"size": 1, "version": "v"}, "text", None)}) == 6
+
+
+def test_duplicates_match_a_first_occurrence_dictionary_on_colliding_digests():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n = int(rng.integers(1, 400))
+        e = np.empty(n, ENTRY)
+        # Few distinct values: many rows share h1, some of them share h2 too (the same id).
+        e["h1"], e["h2"] = rng.integers(0, 40, n), rng.integers(0, 3, n)
+        e["file"], e["row"] = rng.integers(0, 4, n), rng.permutation(n)
+        first, want = {}, set()
+        for i in sorted(range(n), key=lambda i: (int(e["file"][i]), int(e["row"][i]))):
+            key = (int(e["h1"][i]), int(e["h2"][i]))
+            if key in first:
+                want.add((int(e["file"][i]), int(e["row"][i])) + first[key])
+            else:
+                first[key] = (int(e["file"][i]), int(e["row"][i]))
+        got = find_duplicates(e[: n // 3], e[n // 3:])
+        assert got.dtype == DUPLICATE and len(got) == len(want)
+        assert {tuple(int(x) for x in d) for d in got} == want
+    assert len(find_duplicates(e[np.unique(e["h1"], return_index=True)[1]])) == 0  # no h1 twice: none
