@@ -1,7 +1,8 @@
 """`quantlake rollback`: commit a new version whose content equals an earlier version's.
 
 Nothing is rewritten: the new version lists version N's shards and ranges, after checking
-that every file it references is still there (vacuum may have deleted an old version's files).
+that every file it references is still there (vacuum may have deleted an old version's files),
+and those of its kept scans that are still there.
 Versions are never removed, so a rollback can itself be rolled back.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import replace
 from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.lake.redact import redact_url
 from workers.lake.storage import absolute_url, require_create_only, url_to_fs
-from workers.lake.versions import CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions, read_version
+from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
+                                   read_version, without_missing_scans)
 
 
 def run(dest: str, to: int, options: dict | None = None) -> int:
@@ -30,7 +32,8 @@ def run(dest: str, to: int, options: dict | None = None) -> int:
     latest = (list_versions(fs, root) or [None])[-1]
     if latest is None:
         raise FileNotFoundError(f"no committed version under {redact_url(dest)}")
-    target = read_version(fs, root, to)
+    # Kept scans are a cache for later jobs: one that is gone leaves the version whole.
+    target = without_missing_scans(fs, root, read_version(fs, root, to))
     check_referenced_files(fs, root, target)
     draft = replace(target, parent=latest, version=None, writer=None, created_at=None,
                     extra={**{k: v for k, v in target.extra.items() if k != "drift"}, "rollback_of": to})

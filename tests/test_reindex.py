@@ -158,10 +158,14 @@ def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, do
 def test_history_and_rollback(lake, capsys):
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
+    # A kept scan only version 1 lists (part-4 was deleted since) is gone: the rollback lists the rest.
+    gone = read_version(fs, root, 1).kept_scans()["part-4.parquet"]
+    (dest / gone.path).unlink()
     n = rollback(str(dest), 1)
     assert n == 4
     v1, v4 = read_version(fs, root, 1), read_version(fs, root, 4)
     assert v4.shards == v1.shards and v4.ranges == v1.ranges and v4.parent == 3
+    assert v4.scans == tuple(r for r in v1.scans if r != gone) and len(v4.scans) == 4
     assert v4.extra["rollback_of"] == 1 and "drift" not in v4.extra
     entries = history(fs, root)
     assert [(e["version"], e["parent"]) for e in entries] == [(1, None), (2, 1), (3, 2), (4, 3)]

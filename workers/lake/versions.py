@@ -319,6 +319,28 @@ def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
                          f"{redact_url(root)}: too many concurrent writers; rerun the job")
 
 
+def without_missing_scans(fs, root: str, doc: VersionManifest) -> VersionManifest:
+    """`doc` less the kept scans that are no longer there whole (missing, or of another size).
+
+    A kept scan only saves a later job from reading its source file again, so a version that
+    lists one that is gone (deleted to save room, or by hand) is still whole: a rollback to it
+    commits it without that scan, and the next reindex reads the file.
+    """
+    if not doc.scans:
+        return doc
+    fs.invalidate_cache()
+    try:
+        present = {posixpath.relpath(p, root): int(info.get("size") or 0)
+                   for p, info in fs.find(join(root, "scans"), detail=True).items()}
+    except FileNotFoundError:
+        present = {}
+    kept = tuple(r for r in doc.scans if present.get(r.path) == r.bytes)
+    if len(kept) < len(doc.scans):
+        log.info("%d kept scan(s) of version %s are gone: the new version lists the %d left",
+                 len(doc.scans) - len(kept), doc.version, len(kept))
+    return replace(doc, scans=kept)
+
+
 class IncompleteVersion(RuntimeError):
     """A file the new version would reference is missing or has another size: not committed."""
 
