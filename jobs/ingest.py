@@ -33,7 +33,8 @@ from workers.lake.storage import absolute_url, join, put_bytes, require_create_o
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
-                                   list_versions, read_version, rebase_snapshot, rebase_unless_same)
+                                   list_versions, read_version, rebase_snapshot, rebase_unless_same,
+                                   without_missing_scans)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             else None
         version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift})
         summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
+    # A kept scan deleted meanwhile (a vacuum, by hand) has served this job already: the version
+    # lists the ones left, and a later job reads that file again.
+    version_doc = without_missing_scans(dest_fs, dest_root, version_doc)
     check_referenced_files(dest_fs, dest_root, version_doc)
     if accept is not None and not accept(version_doc):
         return IngestResult(None, None, {**summary_extra, "committed": False})
