@@ -1,13 +1,13 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
-    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0] [--json]
+    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
   scan       rows/s of one file's scan read from the file (id and text columns, classified,
              digested) against read from its kept scan (`scans/<id>.npy`), and the bytes of each;
              with --scan-files N, the whole scan phase of a job (`workers/ingest/pipeline.scan`
-             on a local Ray: scan tasks, the duplicate shuffle) over N files of 100,000 rows,
+             on a local Ray: scan tasks, the duplicate shuffle) over N files of --scan-rows rows,
              reading the files and then reading their kept scans (what a reindex does);
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
@@ -275,7 +275,8 @@ def main() -> None:
     p.add_argument("--skip-encode", action="store_true")
     p.add_argument("--skip-s3", action="store_true")
     p.add_argument("--ingest-docs", type=int, default=0, help="measure the overlap on an ingest of N demo docs")
-    p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of 100,000 rows")
+    p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of --scan-rows rows")
+    p.add_argument("--scan-rows", type=int, default=100_000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -288,7 +289,7 @@ def main() -> None:
         res["scan"] = bench_scan(work)
         print("scan", res["scan"], flush=True)
         if a.scan_files:
-            res["scan_phase"] = bench_scan_phase(work, a.scan_files)
+            res["scan_phase"] = bench_scan_phase(work, a.scan_files, a.scan_rows)
             print("scan phase", res["scan_phase"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
