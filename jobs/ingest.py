@@ -21,7 +21,7 @@ from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model
 from workers.ingest.pipeline import (Encoders, WarmEncoders, check_room, encode_and_write, encode_sample,
-                                     encoder_cfg, encoder_pool, ranges_of, ray_init, scan)
+                                     encoder_cfg, encoder_pool, kept_scan_for, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, SourceSnapshot, VersionManifest,
@@ -53,15 +53,28 @@ def manifest_url(dest: str, n: int) -> str:
     return redact_url(dest.rstrip("/") + f"/versions/{n:08d}.json")
 
 
-def check_source(cfg: IngestConfig):
+def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None):
     """List and open every source file; raise before any work if one cannot be ingested.
 
     Returns the files and, per file, its Parquet row group sizes (None for JSON Lines), so
     planning need not open every file again.
+
+    Args:
+        kept: the latest version's kept scans: a file with one (`kept_scan_for`: the same
+            identity and columns) was checked by the job that kept it, so it is not opened
+            again when the scan recorded its row groups, or it is JSON Lines. A change cycle of
+            a 1,000-file lake on object storage so opens only its new and changed files.
     """
     fs, root, files = list_source(cfg.source, cfg.storage_options)
+    kept = kept or {}
+
+    def check(f):
+        ref = kept_scan_for(kept, f, cfg)
+        if ref is not None and (ref.row_groups is not None or f.format != "parquet"):
+            return None if f.format != "parquet" else list(ref.row_groups)
+        return check_file(fs, root, f, cfg.text_column, cfg.id_column)
     with ThreadPoolExecutor(8) as pool:
-        groups = list(pool.map(lambda f: check_file(fs, root, f, cfg.text_column, cfg.id_column), files))
+        groups = list(pool.map(check, files))
     return files, groups
 
 
@@ -98,7 +111,6 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     # a backend without an atomic create-only write, or a latest version a crash left empty.
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
-    files, row_groups = check_source(cfg)
     latest = base
     if base is not None:
         parent = base.number  # read (and so checked) by the caller
@@ -106,6 +118,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         parent = (list_versions(dest_fs, dest_root) or [None])[-1]
         if parent is not None:
             latest = read_version(dest_fs, dest_root, parent)
+    kept = latest.kept_scans() if latest is not None else {}
+    files, row_groups = check_source(cfg, kept)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = encoder_fingerprint(model_path, cfg.encoder.backend)
     saved_ranges = None
@@ -138,7 +152,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             encoders = start()
         # The latest version's kept scans stand for its unchanged files, so only new and changed
         # files are read (when the job has ranges: calibrating needs every file's sample).
-        found = scan(wcfg, files, pool, kept=latest.kept_scans() if latest is not None else None, keep=not dry_run)
+        found = scan(wcfg, files, pool, kept=kept, keep=not dry_run, row_groups=row_groups)
         rows_per_file, duplicates, sample = found.rows, found.duplicates, found.sample
         scanned = sum(rows_per_file)
         t_cal = time.perf_counter()

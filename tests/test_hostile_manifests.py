@@ -331,6 +331,8 @@ VARIANTS = [
     Variant("scan_of_unknown_file", _set("scans.0.file", "other.parquet"),
             refused(r"scan 0: file 'other\.parquet' is not a file of the source snapshot")),
     Variant("scan_valid_past_rows", _set("scans.0.valid", 10**9), refused(r"scan 0: .*valid <= rows")),
+    Variant("scan_row_groups_short", _set("scans.0.row_groups", [1]),
+            refused(r"scan 0: row_groups is \[1\], expected null or a list of counts that add up to rows")),
     Variant("scan_without_checksum", _set("scans.0.sha256", ...), refused(r"scan 0: expected an object with")),
     # Readers never read a kept scan (only a later ingest does, checking it): they do not care.
     Variant("scan_file_missing", lambda dest, doc: (dest / doc["scans"][0]["path"]).unlink(), FINE, same_hits=True),

@@ -78,8 +78,14 @@ def lake(tmp_path_factory, docs, ray_session, shared_encoders):
     return base, raw, dest
 
 
-def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs, caplog):
+def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs, caplog, monkeypatch):
+    import jobs.ingest
+
     base, raw, dest = lake
+    opened = []
+    real_check = jobs.ingest.check_file
+    monkeypatch.setattr(jobs.ingest, "check_file", lambda fs, root, f, *a: opened.append(f.relpath)
+                        or real_check(fs, root, f, *a))
     # A new file sorting between part-1 and part-2 that holds part-3's row 4 id (so that row
     # becomes a duplicate and part-3's shard changes), a rewritten part-2, a deleted part-4.
     _write(raw, "part-1a.parquet", [(docs[3 * ROWS + 4][0], docs[200][1])] + docs[201:206])
@@ -97,6 +103,9 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert (s["documents"], s["rejects"]) == (4 * ROWS + 6 - 1, 1)
     # Only the new and the rewritten file were read to scan: the others' kept scans stood in.
     assert (s["files_scanned"], s["scans_reused"]) == (2, 3)
+    # ... nor opened to check and plan them: their kept scans recorded their row groups.
+    assert sorted(opened) == ["part-1a.parquet", "part-2.parquet"]
+    monkeypatch.undo()
 
     fresh = _fresh(base, raw, "fresh-2", ranges_of=dest)
     assert _content(str(dest), {}) == _content(str(fresh), {})  # ids, vector bytes, rejects, shard bytes

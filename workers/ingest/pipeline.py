@@ -238,7 +238,8 @@ class Scanned:
 
 
 def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
-         kept: Mapping[str, ScanRef] | None = None, keep: bool = False) -> Scanned:
+         kept: Mapping[str, ScanRef] | None = None, keep: bool = False,
+         row_groups: list[list[int] | None] | None = None) -> Scanned:
     """Scan every file (Ray tasks, placed by `cpu_task_args(pool)`): row counts, cross-file
     duplicate ids, calibration sample.
 
@@ -250,6 +251,8 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
         kept: the latest version's kept scans by source path: a file whose kept scan has the
             name its identity and columns give is not read again when the job has ranges.
         keep: write each file's kept scan (the version will list them).
+        row_groups: per file, its Parquet row group sizes (`check_source`), recorded with its
+            kept scan.
     """
     import ray
 
@@ -258,7 +261,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
     remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, num_cpus=SCAN_TASK_CPUS, max_retries=3,
                                                 **where)
     kept = kept or {}
-    refs = [remote_scan.remote(cfg, i, f, n_parts, _kept_for(kept, f, cfg), keep) for i, f in enumerate(files)]
+    refs = [remote_scan.remote(cfg, i, f, n_parts, kept_scan_for(kept, f, cfg), keep) for i, f in enumerate(files)]
     dup_task = ray.remote(find_duplicates).options(num_cpus=SCAN_TASK_CPUS, max_retries=3, **where)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     summary_refs = [r[0] for r in refs]
@@ -281,7 +284,8 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
             if s["problem"]:
                 log.warning("%s", s["problem"])
             if s["scan"] is not None:
-                scans.append(s["scan"])
+                groups = None if row_groups is None or row_groups[i] is None else tuple(row_groups[i])
+                scans.append(replace(s["scan"], row_groups=groups))
     except ray.exceptions.RayTaskError as exc:
         # A file that cannot be read is bad input: its own SourceError (file and line), not Ray's wrapper.
         if isinstance(getattr(exc, "cause", None), SourceError):
@@ -298,7 +302,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
     return Scanned(rows, duplicates, sample, scans if keep else None, reused)
 
 
-def _kept_for(kept: Mapping[str, ScanRef], f, cfg: IngestConfig) -> ScanRef | None:
+def kept_scan_for(kept: Mapping[str, ScanRef], f, cfg: IngestConfig) -> ScanRef | None:
     """`f`'s kept scan, when the one recorded for its path is named for its identity and the job's columns."""
     ref = kept.get(f.relpath)
     if ref is None or ref.path != scan_path(scan_id(f.relpath, f.identity(), cfg.text_column, cfg.id_column)):

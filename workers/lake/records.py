@@ -431,6 +431,8 @@ class ScanRef:
         path: the scan file, under the dataset root.
         sha256, bytes: the scan file's checksum and size.
         rows, valid: the file's rows, and those with a text and an id (the scan file's rows).
+        row_groups: a Parquet file's row group sizes, which planning cuts units by (None: a
+            JSON Lines file): with them a later job need not open the file to plan it.
     """
 
     file: str
@@ -439,14 +441,19 @@ class ScanRef:
     bytes: int
     rows: int
     valid: int
+    row_groups: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
-                "rows": self.rows, "valid": self.valid}
+        out: dict[str, Any] = {"file": self.file, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
+                               "rows": self.rows, "valid": self.valid}
+        if self.row_groups is not None:
+            out["row_groups"] = list(self.row_groups)
+        return out
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "ScanRef":
-        return cls(doc["file"], doc["path"], doc["sha256"], doc["bytes"], doc["rows"], doc["valid"])
+        return cls(doc["file"], doc["path"], doc["sha256"], doc["bytes"], doc["rows"], doc["valid"],
+                   _counts(doc.get("row_groups")))
 
 
 _SCAN_KEYS = {"file", "path", "sha256", "bytes", "rows", "valid"}
@@ -663,3 +670,7 @@ def validate(doc: Any, where: str, draft: bool = False) -> None:
         _need(_is_hex64(r["sha256"]), at, f"sha256 is {r['sha256']!r}, expected 64 hex digits")
         _need(all(_is_count(r[k]) for k in ("bytes", "rows", "valid")) and r["valid"] <= r["rows"], at,
               "bytes, rows and valid must be counts, with valid <= rows")
+        groups = r.get("row_groups")
+        _need(groups is None or (isinstance(groups, list) and all(_is_count(g) for g in groups)
+                                 and sum(groups) == r["rows"]), at,
+              f"row_groups is {groups!r}, expected null or a list of counts that add up to rows")
