@@ -53,7 +53,7 @@ def manifest_url(dest: str, n: int) -> str:
     return redact_url(dest.rstrip("/") + f"/versions/{n:08d}.json")
 
 
-def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None):
+def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None, listed=None):
     """List and open every source file; raise before any work if one cannot be ingested.
 
     Returns the files and, per file, its Parquet row group sizes (None for JSON Lines), so
@@ -64,8 +64,9 @@ def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None):
             identity and columns) was checked by the job that kept it, so it is not opened
             again when the scan recorded its row groups, or it is JSON Lines. A change cycle of
             a 1,000-file lake on object storage so opens only its new and changed files.
+        listed: what `list_source` gave for `cfg.source`, when the caller listed it already.
     """
-    fs, root, files = list_source(cfg.source, cfg.storage_options)
+    fs, root, files = listed or list_source(cfg.source, cfg.storage_options)
     kept = kept or {}
 
     def check(f):
@@ -111,6 +112,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     # a backend without an atomic create-only write, or a latest version a crash left empty.
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
+    # The source first: a source that is not there is the error to report, before the dataset's.
+    listed = list_source(cfg.source, cfg.storage_options)
     latest = base
     if base is not None:
         parent = base.number  # read (and so checked) by the caller
@@ -119,7 +122,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         if parent is not None:
             latest = read_version(dest_fs, dest_root, parent)
     kept = latest.kept_scans() if latest is not None else {}
-    files, row_groups = check_source(cfg, kept)
+    files, row_groups = check_source(cfg, kept, listed)
     model_path = resolve_model(cfg.encoder.model)
     fingerprint = encoder_fingerprint(model_path, cfg.encoder.backend)
     saved_ranges = None
