@@ -33,8 +33,7 @@ from workers.lake.storage import absolute_url, join, put_bytes, require_create_o
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
-                                   list_versions, read_version, rebase_snapshot, rebase_unless_same,
-                                   without_missing_scans)
+                                   list_versions, read_version, rebase_snapshot, rebase_unless_same)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None, l
     def check(f):
         ref = kept_scan_for(kept, f, cfg)
         if ref is not None and (ref.row_groups is not None or f.format != "parquet"):
-            return None if f.format != "parquet" else list(ref.row_groups)
+            return None if ref.row_groups is None else list(ref.row_groups)
         return check_file(fs, root, f, cfg.text_column, cfg.id_column)
     with ThreadPoolExecutor(8) as pool:
         groups = list(pool.map(check, files))
@@ -208,8 +207,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
     # A kept scan deleted meanwhile (a vacuum, by hand) has served this job already: the version
     # lists the ones left, and a later job reads that file again.
-    version_doc = without_missing_scans(dest_fs, dest_root, version_doc)
-    check_referenced_files(dest_fs, dest_root, version_doc)
+    version_doc = check_referenced_files(dest_fs, dest_root, version_doc)
     if accept is not None and not accept(version_doc):
         return IngestResult(None, None, {**summary_extra, "committed": False})
     try:

@@ -15,7 +15,7 @@ from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.lake.redact import redact_url
 from workers.lake.storage import absolute_url, require_create_only, url_to_fs
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
-                                   read_version, without_missing_scans)
+                                   read_version)
 
 
 def run(dest: str, to: int, options: dict | None = None) -> int:
@@ -33,8 +33,7 @@ def run(dest: str, to: int, options: dict | None = None) -> int:
     if latest is None:
         raise FileNotFoundError(f"no committed version under {redact_url(dest)}")
     # Kept scans are a cache for later jobs: one that is gone leaves the version whole.
-    target = without_missing_scans(fs, root, read_version(fs, root, to))
-    check_referenced_files(fs, root, target)
+    target = check_referenced_files(fs, root, read_version(fs, root, to))
     draft = replace(target, parent=latest, version=None, writer=None, created_at=None,
                     extra={**{k: v for k, v in target.extra.items() if k != "drift"}, "rollback_of": to})
     # No rebase: a version committed meanwhile is a newer state the user has not seen.

@@ -23,7 +23,7 @@ from ranges.stats import partial_stats, ranges_from
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import Encoder, EncoderConfig, encoded_row
 from workers.ray_session import init_ray
-from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size, scan_id, scan_path
+from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size, scan_path
 from workers.ingest.source import SourceError
 from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
 from workers.lake.records import Duplicate, ScanRef, ShardRecord, WorkUnit
@@ -305,7 +305,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
 def kept_scan_for(kept: Mapping[str, ScanRef], f, cfg: IngestConfig) -> ScanRef | None:
     """`f`'s kept scan, when the one recorded for its path is named for its identity and the job's columns."""
     ref = kept.get(f.relpath)
-    if ref is None or ref.path != scan_path(scan_id(f.relpath, f.identity(), cfg.text_column, cfg.id_column)):
+    if ref is None or ref.path != scan_path(f, cfg.text_column, cfg.id_column):
         return None
     return ref
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ranges.encoding import canonical_json, sha256_hex
 from workers.ingest.source import Rows
+from workers.lake.records import SourceFile
 
 DIGEST = np.dtype([("h1", "<u8"), ("h2", "<u8")])
 ENTRY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("file", "<i4"), ("row", "<i8")])
@@ -156,8 +157,9 @@ def scan_id(relpath: str, identity: Mapping[str, Any], text_column: str, id_colu
                                       "text_column": text_column, "id_column": id_column}))[:32]
 
 
-def scan_path(sid: str) -> str:
-    return f"scans/{sid}.npy"
+def scan_path(f: SourceFile, text_column: str, id_column: str | None) -> str:
+    """Where a job keeps `f`'s scan, under the dataset root: `scans/<scan id>.npy`."""
+    return f"scans/{scan_id(f.relpath, f.identity(), text_column, id_column)}.npy"
 
 
 def kept_bytes(s: FileScan) -> bytes:

@@ -7,7 +7,6 @@ config they get is `IngestConfig.for_workers`'s copy, whose options stay in the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ranges.encoding import sha256_hex
 from ranges.manifest import RangeManifest
 from workers.ingest.config import IngestConfig
-from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_id,
-                                 scan_path, scan_rows)
+from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_path,
+                                 scan_rows)
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
@@ -127,10 +127,10 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
     ref = kept if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) else None
     if keep and ref is None:
         data = kept_bytes(s)
-        path = scan_path(scan_id(f.relpath, f.identity(), cfg.text_column, cfg.id_column))
+        path = scan_path(f, cfg.text_column, cfg.id_column)
         # Same name, same bytes for the same file: a retry or a rerun rewrites it unchanged.
         put_bytes(dest[0], join(dest[1], path), data)
-        ref = ScanRef(f.relpath, path, hashlib.sha256(data).hexdigest(), len(data), s.rows, s.valid)
+        ref = ScanRef(f.relpath, path, sha256_hex(data), len(data), s.rows, s.valid)
     return ({"rows": s.rows, "valid": s.valid, "sample": s.sample, "scan": ref, "reused": False,
              "problem": problem}, *s.parts)
 
@@ -140,7 +140,7 @@ def _kept_scan(fs, root: str, ref: ScanRef, file_index: int, n_parts: int) -> Fi
     data = cat_uncached(fs, join(root, ref.path))
     if len(data) != ref.bytes:
         raise ValueError(f"{len(data)} bytes, its record says {ref.bytes}")
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
+    if sha256_hex(data) != ref.sha256:
         raise ValueError("its sha256 is not the one its record gives")
     return from_kept(data, ref.rows, ref.valid, file_index, n_parts)
 

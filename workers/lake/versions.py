@@ -319,45 +319,26 @@ def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
                          f"{redact_url(root)}: too many concurrent writers; rerun the job")
 
 
-def without_missing_scans(fs, root: str, doc: VersionManifest) -> VersionManifest:
-    """`doc` less the kept scans that are no longer there whole (missing, or of another size).
-
-    A kept scan only saves a later job from reading its source file again, so a version that
-    lists one that is gone (deleted to save room, or by hand) is still whole: a rollback to it
-    commits it without that scan, and the next reindex reads the file.
-    """
-    if not doc.scans:
-        return doc
-    fs.invalidate_cache()
-    try:
-        present = {posixpath.relpath(p, root): int(info.get("size") or 0)
-                   for p, info in fs.find(join(root, "scans"), detail=True).items()}
-    except FileNotFoundError:
-        present = {}
-    kept = tuple(r for r in doc.scans if present.get(r.path) == r.bytes)
-    if len(kept) < len(doc.scans):
-        log.info("%d kept scan(s) of version %s are gone: the new version lists the %d left",
-                 len(doc.scans) - len(kept), doc.version, len(kept))
-    return replace(doc, scans=kept)
-
-
 class IncompleteVersion(RuntimeError):
     """A file the new version would reference is missing or has another size: not committed."""
 
 
-def check_referenced_files(fs, root: str, doc: VersionManifest) -> None:
-    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size.
+def check_referenced_files(fs, root: str, doc: VersionManifest) -> VersionManifest:
+    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size;
+    return `doc` less the kept scans that are not there whole (missing, or of another size).
 
     The last check before the create-only write, so a version never points at a shard that
     a failed or interrupted write (or anyone else) left missing. One listing per folder
     rather than a request per file; the listing cache is dropped first, as it may predate
-    the workers' writes.
+    the workers' writes. A kept scan only saves a later job from reading its source file
+    again, so one that is gone (vacuumed after a job read it, deleted to save room) leaves
+    the version whole: it is left out, and the next job reads that file.
     """
     wanted: dict[str, int | None] = {doc.ranges.path: None}
-    wanted.update({f.path: f.bytes for f in doc.files()})
+    wanted.update({f.path: f.bytes for s in doc.shards for f in s.files()})
     fs.invalidate_cache()
     present: dict[str, int] = {}
-    for folder in sorted({p.split("/")[0] for p in wanted}):
+    for folder in sorted({p.split("/")[0] for p in wanted} | ({"scans"} if doc.scans else set())):
         try:
             present.update({p: int(info.get("size") or 0) for p, info in
                             fs.find(join(root, folder), detail=True).items()})
@@ -374,3 +355,10 @@ def check_referenced_files(fs, root: str, doc: VersionManifest) -> None:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise IncompleteVersion(f"refusing to commit a version of {root}: {'; '.join(problems[:5])}{more}. "
                                 "Nothing was committed; rerun the job to rewrite the shards concerned")
+    if not doc.scans:
+        return doc
+    kept = tuple(r for r in doc.scans if present.get(join(root, r.path)) == r.bytes)
+    if len(kept) < len(doc.scans):
+        log.info("%d kept scan(s) of version %s are gone: the new version lists the %d left",
+                 len(doc.scans) - len(kept), doc.version, len(kept))
+    return replace(doc, scans=kept)
