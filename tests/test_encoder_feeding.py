@@ -331,54 +331,42 @@ def test_the_next_unit_waits_at_the_encoder_while_one_is_encoded(ray_session, do
     assert encoder_actors_left() == []
 
 
-UNEVEN_ACTORS = """
-import os, sys
-import ray
-import workers.ingest.pipeline as pipeline
-from jobs.ingest import run
-from workers.embedding.encoder import EncoderConfig
-from workers.ingest.config import IngestConfig
-from workers.ray_session import WORKER_ENV
-lake, dest, log = sys.argv[1:4]
-# Three logical CPUs on any machine: room for two encoder actors and the tasks beside them
-# (6 units in flight).
-ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
-
-class Uneven(pipeline.EncoderActor):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        try:  # the first actor here is the slow one (a busy GPU, a slower node)
-            os.close(os.open(log + ".slow", os.O_CREAT | os.O_EXCL))
-            self.role = "slow"
-        except FileExistsError:
-            self.role = "fast"
-
-    def encode_unit(self, row):
-        import time
-        if self.role == "slow":
-            time.sleep(1.5)
-        out = super().encode_unit(row)
-        with open(log, "a") as f:
-            f.write(self.role + "\\n")
-        return out
-
-pipeline.EncoderActor = Uneven
-result = run(IngestConfig(lake, dest, id_column="id", calibration_samples=40, unit_rows=10, encoder_actors=2,
-                          encoder=EncoderConfig(batch_size=16), progress=False))
-print(result.summary["shards"], result.summary["documents"])
-"""
-
-
-def test_a_unit_goes_to_the_encoder_actor_with_the_fewest_units_in_hand(docs, tmp_path):
+def test_a_unit_goes_to_the_encoder_actor_with_the_fewest_units_in_hand(ray_session, docs, tmp_path, monkeypatch):
     """Two encoder actors, one 1.5 s slower per unit: the fast one takes most of the 16 units (in
     turn, each would take 8; measured 13 of 16 here, 10 with the machine busy)."""
+    import jobs.ingest
+    import workers.ingest.pipeline as pipeline
     from conftest import write_parquet_lake
-    from isolated import Job
+    from jobs.ingest import run
 
+    log = str(tmp_path / "units.log")
+
+    class Uneven(pipeline.EncoderActor):  # defined here so that Ray ships it by value
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            try:  # the first actor here is the slow one (a busy GPU, a slower node)
+                os.close(os.open(log + ".slow", os.O_CREAT | os.O_EXCL))
+                self.role = "slow"
+            except FileExistsError:
+                self.role = "fast"
+
+        def encode_unit(self, row):
+            import time
+
+            if self.role == "slow":
+                time.sleep(1.5)
+            out = super().encode_unit(row)
+            with open(log, "a") as f:
+                f.write(self.role + "\n")
+            return out
+
+    monkeypatch.setattr(pipeline, "EncoderActor", Uneven)
+    # Two actors of half a CPU each on the session's two: one CPU left for the tasks beside them,
+    # as two actors of one CPU leave on three (6 units in flight).
+    monkeypatch.setattr(jobs.ingest, "encoder_pool", lambda cfg: {"actors": 2, "num_cpus": 0.5})
     write_parquet_lake(tmp_path / "lake", docs[:160], files=2, row_group_size=10)
-    log = tmp_path / "units.log"
-    with Job(["-c", UNEVEN_ACTORS, str(tmp_path / "lake"), str(tmp_path / "emb"), str(log)], tmp_path) as job:
-        rc, out, err = job.run()
-    assert (rc, out) == (0, "16 160\n"), err
-    roles = log.read_text().split()
+    result = run(IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=40,
+                              unit_rows=10, encoder_actors=2, encoder=EncoderConfig(batch_size=16), progress=False))
+    assert (result.summary["shards"], result.summary["documents"]) == (16, 160)
+    roles = open(log).read().split()
     assert len(roles) == 16 and roles.count("fast") >= 10 and roles.count("slow") >= 1, roles

@@ -71,6 +71,17 @@ report["removed_run"] = ingest.run(cfg("removed")).summary
 report["seconds"]["removed"] = time.perf_counter() - t0
 remover.join(timeout=5)
 report["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+# The GPUs an encoder's tokenizer threads share the node's cores with (`gpus_on_this_node`),
+# asked on each kind of node; a node of two GPUs (and no CPU: no job work) is added for it.
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from workers.embedding.encoder import gpus_on_this_node
+two = cluster.add_node(num_cpus=0, num_gpus=2)
+cluster.wait_for_nodes()
+ask = ray.remote(gpus_on_this_node)
+report["gpus_on_node"] = {kind: ray.get(ask.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+    node.node_id, soft=False)).remote()) for kind, node in (("two", two), ("gpu", gpu), ("head", cluster.head_node))}
+report["gpus_on_node"]["driver"] = gpus_on_this_node()
 ray.shutdown()
 cluster.shutdown()
 print(json.dumps(report))
@@ -128,3 +139,6 @@ def test_cluster_places_stages_by_node_kind_and_survives_a_lost_node_with_the_si
     assert _manifest(dest) == want
     _same_files(single, dest, want)
     assert not [p for p in os.listdir(dest / "shards") if p.startswith(".tmp-")]
+
+    # Each process counts the GPUs of its own node, at least one.
+    assert report["gpus_on_node"] == {"two": 2, "gpu": 1, "head": 1, "driver": 1}
