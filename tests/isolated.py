@@ -1,8 +1,10 @@
 """A job in its own process with its own local Ray, which a test can kill and check gone, by id.
 
-Used for a driver to be killed, and for jobs meant to fail mid-run: a failed Ray Data run
-cancels its tasks with KeyboardInterrupt, and a worker interrupted while importing keeps a
-half-imported module that would break later jobs sharing the test session's Ray.
+Used for a driver to be killed, a Ray of another shape than the session's (a cluster, a head
+with its dashboard), and a command whose console output is the thing tested. A job that fails
+mid-run needs none of it: the pipeline is Ray Core tasks and actors (no Ray Data, whose failed
+runs cancelled tasks with KeyboardInterrupt and could leave a worker with a half-imported module),
+so such tests run it in the test session's process and Ray, and check it leaves no encoder actor.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import pytest
 from conftest import write_parquet_lake
 from isolated import REPO, Job
 from jobs.console import AlarmFilter, drop_false_alarms
-from test_resume import CORRUPT_AFTER_PLANNING  # a source file breaks after planning: its unit fails inside Ray
 
 # The two lines a clean ingest printed on stderr before they were dealt with, as Ray wrote them.
 RAY_CORE_ALARM = (b"[2026-11-23 05:01:48,710 E 30083 30083] core_worker.cc:2465: Actor with class name: "
@@ -166,6 +165,23 @@ def test_bad_text_column_prints_its_error_alone(lake, tmp_path):
     assert (rc, out) == (2, "")
     assert err == ("quantlake ingest: error: file part-00000.parquet has no text column 'body' "
                    "(columns: id, text); pass --text-column\n")
+
+
+# The command, with one fault injected in the driver: a source file breaks after it was checked,
+# scanned and planned, so reading its units fails on every attempt.
+CORRUPT_AFTER_PLANNING = """
+import sys
+import jobs.ingest as ingest
+from workers.lake.storage import url_to_fs
+plan_units = ingest.plan_units
+def corrupt_after_planning(cfg, *args, **kwargs):
+    units = plan_units(cfg, *args, **kwargs)
+    fs, root = url_to_fs(cfg.source, cfg.storage_options)
+    fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
+    return units
+ingest.plan_units = corrupt_after_planning
+sys.exit(ingest.main(sys.argv[1:]))
+"""
 
 
 def test_a_unit_failing_inside_ray_prints_one_error_naming_it(docs, tmp_path):

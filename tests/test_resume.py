@@ -83,29 +83,24 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
     assert encoder_actors_left() == []  # and so are a finished job's
 
 
-# The CLI, with one fault injected in the driver: a source file breaks after it was checked,
-# scanned and planned, so reading its units fails on every attempt.
-CORRUPT_AFTER_PLANNING = """
-import sys
-import jobs.ingest as ingest
-from workers.lake.storage import url_to_fs
-plan_units = ingest.plan_units
-def corrupt_after_planning(cfg, *args, **kwargs):
-    units = plan_units(cfg, *args, **kwargs)
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
-    fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
-    return units
-ingest.plan_units = corrupt_after_planning
-sys.exit(ingest.main(sys.argv[1:]))
-"""
-
-
-def test_a_unit_that_fails_for_good_fails_the_job_naming_it(lake, tmp_path):
+def test_a_unit_that_fails_for_good_fails_the_job_naming_it(lake, ray_session, capsys, monkeypatch):
+    """The command, with one fault injected in the driver: a source file breaks after it was
+    checked, scanned and planned, so reading its units fails on every attempt."""
     source, dest, options, corpus = lake
-    with Job(["-c", CORRUPT_AFTER_PLANNING, *ingest_args(source, dest, options)], tmp_path) as job:
-        rc, out, err = job.run()
+    plan_units = ingest.plan_units
+
+    def corrupt_after_planning(cfg, *args, **kwargs):
+        units = plan_units(cfg, *args, **kwargs)
+        fs, root = url_to_fs(cfg.source, cfg.storage_options)
+        fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
+        return units
+
+    monkeypatch.setattr(ingest, "plan_units", corrupt_after_planning)
+    rc = ingest.main(ingest_args(source, dest, options))
+    out, err = capsys.readouterr()
     assert rc == 1 and out == ""
     assert re.search(r"quantlake ingest: error: work unit part-00001\.parquet rows \[\d+, \d+\) "
                      r"\(shard [0-9a-f]{32}\): read failed: ArrowInvalid: .*; nothing was committed", err), err
     fs, root = url_to_fs(dest, options)
     assert not fs.exists(f"{root}/versions")
+    assert encoder_actors_left() == []
