@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
-from jobs.console import filtered_stderr
 from ranges.manifest import RangeManifest
 from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
@@ -28,7 +27,7 @@ from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, So
                                   WorkUnit, sidecar_path)
 from workers.lake.redact import redact_url
 from workers.ray_session import choose_address
-from workers.ingest.source import check_file, list_source
+from workers.ingest.source import SourceFile, check_file, list_source
 from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
@@ -80,7 +79,8 @@ def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None, l
 
 def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool = False,
         accept: Callable[[VersionManifest], bool] | None = None,
-        requantize: Float16Source | None = None, warm: WarmEncoders | None = None) -> IngestResult:
+        requantize: Float16Source | None = None, warm: WarmEncoders | None = None,
+        listed: tuple[Any, str, list[SourceFile]] | None = None) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version.
 
     Args:
@@ -101,6 +101,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             --keep-encoders`): this job uses the kept set if it asks for the same actors and
             leaves its own set there when it succeeds. Only while the caller holds Ray up: a
             job that starts its own Ray instance ignores it.
+        listed: `list_source(cfg.source, ...)` as the caller just took it (`reindex`, which lists
+            the source to know whether anything changed): not listed a second time.
     """
     cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
                   ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
@@ -112,7 +114,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
     require_create_only(dest_fs, cfg.dest)
     # The source first: a source that is not there is the error to report, before the dataset's.
-    listed = list_source(cfg.source, cfg.storage_options)
+    if listed is None:
+        listed = list_source(cfg.source, cfg.storage_options)
     latest = base
     if base is not None:
         parent = base.number  # read (and so checked) by the caller
@@ -426,10 +429,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg, as_json = parse_args(argv)
-    with filtered_stderr():  # Ray's false alarms off the console; its errors and ours stay
-        status, result = run_reporting("ingest", lambda: run(cfg), cfg.storage_options,
-                                       [cfg.source, cfg.dest, cfg.ranges],
-                                       failures=(UnitFailed, IncompleteVersion, CommitConflict))
+    status, result = run_reporting("ingest", lambda: run(cfg), cfg.storage_options, [cfg.source, cfg.dest, cfg.ranges],
+                                   failures=(UnitFailed, IncompleteVersion, CommitConflict))
     if status == 0:
         print(json.dumps(result.summary, indent=1) if as_json else format_summary(result.summary))
     return status

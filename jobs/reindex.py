@@ -26,13 +26,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from jobs.common import add_storage_options, format_fidelity, recorded_source, run_reporting, storage_options
-from jobs.console import filtered_stderr
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
 from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import WarmEncoders
-from workers.ingest.source import list_source
+from workers.ingest.source import SourceFile, list_source
 from workers.ingest.planning import Float16Source
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
@@ -164,7 +163,8 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
                         warm=warm)
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
     icfg = ingest_config(latest, cfg, source, fresh=False)
-    if source_unchanged(latest, icfg):
+    listed = list_source(icfg.source, icfg.storage_options)  # once per cycle: the jobs below take it
+    if source_unchanged(latest, icfg, listed[2]):
         # The plan would carry every shard and drop none: skip the scan, which reads every file whole.
         return IngestResult(None, None, {**unchanged_summary(latest),
                                          "mode": "dry-run" if cfg.dry_run else "incremental"})
@@ -184,21 +184,21 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
             return not cfg.recalibrate_on_drift
         return True
 
-    result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept, warm=warm)
+    result = ingest(icfg, base=latest, dry_run=cfg.dry_run, accept=accept, warm=warm, listed=listed)
     if drifted and cfg.recalibrate_on_drift:
         # The draft's shards (the latest version's, and those just written for the new data,
         # all under the saved ranges) are complete on storage though not committed: a version
         # keeping float16 has its new rows requantized too, so each is encoded once.
         again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]),
-                       warm=warm)
+                       warm=warm, listed=listed)
         return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 
 
-def source_unchanged(latest: VersionManifest, icfg: IngestConfig) -> bool:
-    """Whether the source holds exactly the files `latest` was built from (the same relative
-    paths, each with the same size and version: modification time, ETag or generation) and the
-    model is the one it was encoded with (same fingerprint).
+def source_unchanged(latest: VersionManifest, icfg: IngestConfig, files: list[SourceFile]) -> bool:
+    """Whether the source's `files` (its listing) are exactly those `latest` was built from
+    (the same relative paths, each with the same size and version: modification time, ETag or
+    generation) and the model is the one it was encoded with (same fingerprint).
 
     Then an incremental reindex has nothing to do: shard ids derive from those identities, the
     model, the ranges and the options, all the latest version's, so its plan would carry every
@@ -208,7 +208,6 @@ def source_unchanged(latest: VersionManifest, icfg: IngestConfig) -> bool:
     recorded = latest.source.file_identities
     if not recorded or not latest.shards:
         return False
-    _, _, files = list_source(icfg.source, icfg.storage_options)
     if {f.relpath: dict(f.identity()) for f in files} != {k: dict(v) for k, v in recorded.items()}:
         return False
     return same_model(icfg.encoder.model, latest)  # icfg has the latest version's backend
@@ -377,15 +376,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if interval is not None:
         stop = threading.Event()  # set by SIGTERM or SIGINT (`watch`)
-        with filtered_stderr():
-            status, _ = run_reporting("reindex",
-                                      lambda: watch(cfg, interval, stop, lambda r: print(show(r)), keep_encoders),
-                                      cfg.storage_options, [cfg.source, cfg.dest],
-                                      failures=(UnitFailed, IncompleteVersion, CommitConflict))
+        status, _ = run_reporting("reindex",
+                                  lambda: watch(cfg, interval, stop, lambda r: print(show(r)), keep_encoders),
+                                  cfg.storage_options, [cfg.source, cfg.dest],
+                                  failures=(UnitFailed, IncompleteVersion, CommitConflict))
         return status
-    with filtered_stderr():
-        status, result = run_reporting("reindex", lambda: run(cfg), cfg.storage_options, [cfg.source, cfg.dest],
-                                       failures=(UnitFailed, IncompleteVersion, CommitConflict))
+    status, result = run_reporting("reindex", lambda: run(cfg), cfg.storage_options, [cfg.source, cfg.dest],
+                                   failures=(UnitFailed, IncompleteVersion, CommitConflict))
     if status == 0:
         print(show(result))
     return status

@@ -31,6 +31,7 @@ from lakes import ingest_cfg
 from test_rerun import _content
 from workers.embedding.encoder import EncoderConfig, model_fingerprint, resolve_model
 from workers.ingest.pipeline import WarmEncoders
+from workers.ingest.source import list_source
 from workers.lake.dataset import open_version
 from workers.lake.storage import url_to_fs
 from workers.lake.versions import CommitConflict, list_versions, read_version
@@ -80,12 +81,16 @@ def lake(tmp_path_factory, docs, ray_session, shared_encoders):
 
 def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs, caplog, monkeypatch):
     import jobs.ingest
+    import jobs.reindex
 
     base, raw, dest = lake
-    opened = []
+    opened, listings = [], []
     real_check = jobs.ingest.check_file
     monkeypatch.setattr(jobs.ingest, "check_file", lambda fs, root, f, *a: opened.append(f.relpath)
                         or real_check(fs, root, f, *a))
+    for module in (jobs.ingest, jobs.reindex):  # each imports list_source by name
+        monkeypatch.setattr(module, "list_source", lambda *a, real=module.list_source: listings.append(a[0])
+                            or real(*a))
     # A new file sorting between part-1 and part-2 that holds part-3's row 4 id (so that row
     # becomes a duplicate and part-3's shard changes), a rewritten part-2, a deleted part-4.
     _write(raw, "part-1a.parquet", [(docs[3 * ROWS + 4][0], docs[200][1])] + docs[201:206])
@@ -105,6 +110,7 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert (s["files_scanned"], s["scans_reused"]) == (2, 3)
     # ... nor opened to check and plan them: their kept scans recorded their row groups.
     assert sorted(opened) == ["part-1a.parquet", "part-2.parquet"]
+    assert len(listings) == 1, listings  # the source listed once: to see it changed, and to plan the change
     monkeypatch.undo()
 
     fresh = _fresh(base, raw, "fresh-2", ranges_of=dest)
@@ -408,8 +414,10 @@ def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, 
     assert v_new.ranges.id != v_old.ranges.id and not {s.id for s in v_old.shards} & {s.id for s in v_new.shards}
     # Unchanged files are no change only for the model the version was encoded with.
     icfg = ingest_config(v_new, ReindexConfig(str(dest), model_path=str(model)), str(raw), fresh=False)
-    assert source_unchanged(v_new, icfg)
-    assert not source_unchanged(v_new, replace(icfg, encoder=replace(icfg.encoder, model=None)))
+    files = list_source(str(raw))[2]
+    assert source_unchanged(v_new, icfg, files)
+    assert not source_unchanged(v_new, replace(icfg, encoder=replace(icfg.encoder, model=None)), files)
+    assert not source_unchanged(v_new, icfg, files[1:])
     fresh = base / "fresh-model"
     ingest(replace(_cfg(raw, fresh), encoder=EncoderConfig(model=str(model), batch_size=16)))
     assert _content(str(dest), {}) == _content(str(fresh), {})
