@@ -125,9 +125,11 @@ def bench_scan(work: str) -> dict:
 
 
 def bench_scan_phase(work: str, n_files: int, rows: int = 100_000) -> dict:
-    """`pipeline.scan` over `n_files` files: from the files (writing kept scans), then from the kept scans."""
+    """`pipeline.scan` over `n_files` files: from the files (writing kept scans), then from the kept
+    scans; with its scan tasks grouping files (`scan_groups`) and, as the baseline, one per file."""
     import ray
 
+    import workers.ingest.pipeline as pipeline
     from workers.ingest.config import IngestConfig
     from workers.ingest.pipeline import scan
     from workers.ingest.source import list_source
@@ -146,25 +148,36 @@ def bench_scan_phase(work: str, n_files: int, rows: int = 100_000) -> dict:
     files = list_source(lake)[2]
     # With ranges (the reindex case): no calibration sample, so kept scans can stand in.
     cfg = IngestConfig(lake, dest, id_column="id", ranges="unused", progress=False)
+    grouped = pipeline.scan_groups
+    per_file = lambda costs, cpus: [range(i, i + 1) for i in range(len(costs))]  # noqa: E731 - the baseline
     init_ray()
+    best: dict[str, float] = {}
     try:
         scan(cfg, files[:1])  # Ray's workers start and import the scan's modules once
-        from_files = from_kept = float("inf")
         for _ in range(3):  # alternated, best of three each
-            t0 = time.perf_counter()
-            first = scan(cfg, files, keep=True)
-            from_files = min(from_files, time.perf_counter() - t0)
-            kept = {r.file: r for r in first.scans}
-            t0 = time.perf_counter()
-            again = scan(cfg, files, kept=kept)
-            from_kept = min(from_kept, time.perf_counter() - t0)
+            for tasks, groups in (("per_file", per_file), ("grouped", grouped)):
+                pipeline.scan_groups = groups
+                t0 = time.perf_counter()
+                first = scan(cfg, files, keep=True)
+                best[f"{tasks}_from_files_s"] = min(best.get(f"{tasks}_from_files_s", 1e9), time.perf_counter() - t0)
+                kept = {r.file: r for r in first.scans}
+                t0 = time.perf_counter()
+                again = scan(cfg, files, kept=kept)
+                best[f"{tasks}_from_kept_s"] = min(best.get(f"{tasks}_from_kept_s", 1e9), time.perf_counter() - t0)
+                assert again.files_reused == n_files and again.rows == first.rows
+                assert again.duplicates == first.duplicates
+        cpus = ray.cluster_resources()["CPU"]
+        tasks = {"grouped_tasks": len(grouped([f.size for f in files], cpus)),
+                 "grouped_tasks_from_kept": len(grouped([r.bytes for r in first.scans], cpus))}
     finally:
+        pipeline.scan_groups = grouped
         ray.shutdown()
-    assert again.files_reused == n_files and again.rows == first.rows and again.duplicates == first.duplicates
     total = sum(first.rows)
-    return {"files": n_files, "rows": total, "from_files_s": round(from_files, 2), "from_kept_s": round(from_kept, 2),
-            "speedup": round(from_files / from_kept, 1), "text_mb": round(text_bytes / 1e6, 1),
-            "lake_mb": round(sum(f.size for f in files) / 1e6, 1),
+    return {"files": n_files, "rows": total, **{k: round(v, 2) for k, v in best.items()}, **tasks,
+            "kept_speedup": round(best["grouped_from_files_s"] / best["grouped_from_kept_s"], 1),
+            "grouping_speedup_from_files": round(best["per_file_from_files_s"] / best["grouped_from_files_s"], 2),
+            "grouping_speedup_from_kept": round(best["per_file_from_kept_s"] / best["grouped_from_kept_s"], 2),
+            "text_mb": round(text_bytes / 1e6, 1), "lake_mb": round(sum(f.size for f in files) / 1e6, 1),
             "kept_mb": round(sum(r.bytes for r in first.scans) / 1e6, 1)}
 
 

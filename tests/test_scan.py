@@ -129,3 +129,55 @@ def test_duplicates_match_a_first_occurrence_dictionary_on_colliding_digests():
         assert got.dtype == DUPLICATE and len(got) == len(want)
         assert {tuple(int(x) for x in d) for d in got} == want
     assert len(find_duplicates(e[np.unique(e["h1"], return_index=True)[1]])) == 0  # no h1 twice: none
+
+
+def test_scan_groups_are_consecutive_files_of_about_the_target_bytes(monkeypatch):
+    import workers.ingest.pipeline as pipeline
+    from workers.ingest.pipeline import scan_groups
+
+    monkeypatch.setattr(pipeline, "SCAN_GROUP_BYTES", 100)
+    monkeypatch.setattr(pipeline, "SCAN_GROUP_MAX_BYTES", 300)
+    monkeypatch.setattr(pipeline, "SCAN_GROUP_FILES", 4)
+    # 1 CPU, 4 tasks: a group closes at a fourth of the 830 bytes; a file above that is a group alone.
+    assert [list(g) for g in scan_groups([100, 100, 60, 400, 10, 10, 10, 10, 10, 90, 30], 1)] == \
+        [[0, 1, 2], [3], [4, 5, 6, 7], [8, 9, 10]]
+    # More CPUs, smaller groups, down to SCAN_GROUP_BYTES; 100 CPUs: every file from 100 bytes on alone.
+    assert [len(g) for g in scan_groups([100] * 8, 1)] == [2, 2, 2, 2]
+    assert [len(g) for g in scan_groups([100] * 8, 100)] == [1] * 8
+    assert [len(g) for g in scan_groups([1] * 10, 1)] == [4, 4, 2]  # at most SCAN_GROUP_FILES
+    assert [len(g) for g in scan_groups([100] * 40, 1)] == [3] * 13 + [1]  # a fourth, 1,000, is over the cap
+    assert scan_groups([], 2) == [] and [list(g) for g in scan_groups([0], 2)] == [[0]]
+
+
+def test_grouped_scan_tasks_give_what_one_task_per_file_gives(ray_session, docs, tmp_path, monkeypatch):
+    """Rows, duplicates (across files, hence across groups), the calibration sample and the kept
+    scans are the same whether the files are scanned one per task, in pairs or all in one."""
+    import pyarrow.parquet as pq
+
+    import workers.ingest.pipeline as pipeline
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.pipeline import scan
+    from workers.ingest.source import list_source
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    rows = [docs[i] for i in range(120)]
+    for i in range(6):  # each file repeats two ids of the file before it; one id is null
+        part = rows[i * 20:(i + 1) * 20] + (rows[(i - 1) * 20:(i - 1) * 20 + 2] if i else [(None, "no id")])
+        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}),
+                       lake / f"part-{i}.parquet")
+    files = list_source(str(lake))[2]
+    out = {}
+    for name, groups in (("one per task", lambda costs, cpus: [range(i, i + 1) for i in range(len(costs))]),
+                         ("pairs", lambda costs, cpus: [range(i, min(i + 2, len(costs))) for i in range(0, 6, 2)]),
+                         ("one task", lambda costs, cpus: [range(len(costs))])):
+        monkeypatch.setattr(pipeline, "scan_groups", groups)
+        cfg = IngestConfig(str(lake), str(tmp_path / name), id_column="id", calibration_samples=30, seed=5,
+                           progress=False)
+        s = scan(cfg, files, keep=True)
+        out[name] = (s.rows, s.duplicates, s.sample.ids, s.sample.texts, s.sample.keys.tolist(),
+                     [(r.file, r.path, r.sha256, r.rows, r.valid) for r in s.scans])
+    first = out["one per task"]
+    assert first[0] == [21, 22, 22, 22, 22, 22] and sum(len(d) for d in first[1].values()) == 10
+    assert len(first[2]) == 30 and len(first[5]) == 6
+    assert out["pairs"] == first and out["one task"] == first

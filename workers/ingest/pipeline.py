@@ -25,7 +25,7 @@ from workers.embedding.encoder import Encoder, EncoderConfig, encoded_row
 from workers.ray_session import init_ray
 from workers.ingest.scan import SAMPLE_CAP, Sample, find_duplicates, sample_size, scan_path
 from workers.ingest.source import SourceError
-from workers.ingest.steps import UnitFailed, read_unit, scan_file, unit_step, write_unit
+from workers.ingest.steps import UnitFailed, read_unit, scan_files, unit_step, write_unit
 from workers.lake.records import Duplicate, ScanRef, ShardRecord, WorkUnit
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,14 @@ UNIT_TASK_RETRIES = 4
 # a scan task's (`room_problem`).
 SCAN_TASK_CPUS = 1.0
 UNIT_TASK_CPUS = 0.5
+# A scan task scans a group of consecutive files (`scan_groups`): about the lake's bytes to read
+# over SCAN_TASKS_PER_CPU tasks per CPU, at least SCAN_GROUP_BYTES (Ray's ~5 ms per task is then
+# nothing beside the reading) and at most SCAN_GROUP_MAX_BYTES (a task's memory: ~28 bytes of id
+# digest per row, ~30 MB at most), and at most SCAN_GROUP_FILES files (what a retry scans again).
+SCAN_TASKS_PER_CPU = 4
+SCAN_GROUP_BYTES = 32 << 20
+SCAN_GROUP_MAX_BYTES = 256 << 20
+SCAN_GROUP_FILES = 1000
 # The label every Ray node carries with its id; CPU tasks select nodes by it (`cpu_task_args`).
 NODE_ID_LABEL = "ray.io/node-id"
 
@@ -240,11 +248,11 @@ class Scanned:
 def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
          kept: Mapping[str, ScanRef] | None = None, keep: bool = False,
          row_groups: list[list[int] | None] | None = None) -> Scanned:
-    """Scan every file (Ray tasks, placed by `cpu_task_args(pool)`): row counts, cross-file
-    duplicate ids, calibration sample.
+    """Scan every file (Ray tasks, one per group of consecutive files: `scan_groups`; placed by
+    `cpu_task_args(pool)`): row counts, cross-file duplicate ids, calibration sample.
 
     Ray Core, not Ray Data: this is a hash-partitioned shuffle whose partitions are the
-    separate return values of the scan tasks; each reducer sees one partition of every file,
+    separate return values of the scan tasks; each reducer sees one partition of every task,
     so no process holds every id.
 
     Args:
@@ -258,10 +266,14 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
 
     n_parts = max(1, min(64, len(files)))
     where = cpu_task_args(pool or {})
-    remote_scan = ray.remote(scan_file).options(num_returns=n_parts + 1, num_cpus=SCAN_TASK_CPUS, max_retries=3,
-                                                **where)
+    remote_scan = ray.remote(scan_files).options(num_returns=n_parts + 1, num_cpus=SCAN_TASK_CPUS, max_retries=3,
+                                                 **where)
     kept = kept or {}
-    refs = [remote_scan.remote(cfg, i, f, n_parts, kept_scan_for(kept, f, cfg), keep) for i, f in enumerate(files)]
+    refs_kept = [kept_scan_for(kept, f, cfg) for f in files]
+    # What each file's scan reads: its kept scan where one will stand in (a job with ranges), else the file.
+    costs = [r.bytes if r is not None and cfg.ranges else f.size for f, r in zip(files, refs_kept)]
+    groups = scan_groups(costs, ray.cluster_resources().get("CPU", 1))
+    refs = [remote_scan.remote(cfg, [(i, files[i], refs_kept[i]) for i in g], n_parts, keep) for g in groups]
     dup_task = ray.remote(find_duplicates).options(num_cpus=SCAN_TASK_CPUS, max_retries=3, **where)
     dup_refs = [dup_task.remote(*[r[p + 1] for r in refs]) for p in range(n_parts)]
     summary_refs = [r[0] for r in refs]
@@ -271,21 +283,22 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
     scans: list[ScanRef] = []
     valid = reused = 0
     try:
-        # One file's summary at a time, merged and dropped: each holds up to a whole calibration
-        # sample of texts, so fetching them all at once would hold files x samples texts in the
-        # driver (1,000 files of a 100M-document lake: 10M texts, about 5 GB).
-        for i in range(len(summary_refs)):
-            s = ray.get(summary_refs[i])
-            summary_refs[i] = None  # frees the object once merged
-            rows.append(s["rows"])
-            valid += s["valid"]
-            sample = sample.merge(s["sample"])
-            reused += s["reused"]
-            if s["problem"]:
-                log.warning("%s", s["problem"])
-            if s["scan"] is not None:
-                groups = None if row_groups is None or row_groups[i] is None else tuple(row_groups[i])
-                scans.append(replace(s["scan"], row_groups=groups))
+        # One group's summary at a time, merged and dropped: each holds up to a whole calibration
+        # sample of texts, so fetching them all at once would hold groups x samples texts in the
+        # driver (1,000 groups of a 100M-document lake: 10M texts, about 5 GB).
+        for g, group in enumerate(groups):
+            summary = ray.get(summary_refs[g])
+            summary_refs[g] = None  # frees the object once merged
+            sample = sample.merge(summary["sample"])
+            for i, s in zip(group, summary["files"]):
+                rows.append(s["rows"])
+                valid += s["valid"]
+                reused += s["reused"]
+                if s["problem"]:
+                    log.warning("%s", s["problem"])
+                if s["scan"] is not None:
+                    sizes = None if row_groups is None or row_groups[i] is None else tuple(row_groups[i])
+                    scans.append(replace(s["scan"], row_groups=sizes))
     except ray.exceptions.RayTaskError as exc:
         # A file that cannot be read is bad input: its own SourceError (file and line), not Ray's wrapper.
         if isinstance(getattr(exc, "cause", None), SourceError):
@@ -300,6 +313,25 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
             duplicates.setdefault(int(e["file"]), []).append(
                 Duplicate(int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
     return Scanned(rows, duplicates, sample, scans if keep else None, reused)
+
+
+def scan_groups(costs: list[int], cpus: float) -> list[range]:
+    """The files of each scan task: consecutive runs of the listing, each closed once it holds
+    the lake's bytes to read (`costs`, per file) over SCAN_TASKS_PER_CPU tasks per CPU (within
+    SCAN_GROUP_BYTES and SCAN_GROUP_MAX_BYTES), or SCAN_GROUP_FILES files. A file larger than
+    that is a group of its own, so a lake of large files scans one file per task as before, and
+    a lake of many small ones pays Ray's per-task cost per group, not per file."""
+    share = sum(costs) / max(1.0, SCAN_TASKS_PER_CPU * cpus)
+    target = min(SCAN_GROUP_MAX_BYTES, max(SCAN_GROUP_BYTES, share))
+    groups, start, held = [], 0, 0
+    for i, cost in enumerate(costs):
+        held += cost
+        if held >= target or i + 1 - start == SCAN_GROUP_FILES:
+            groups.append(range(start, i + 1))
+            start, held = i + 1, 0
+    if start < len(costs):
+        groups.append(range(start, len(costs)))
+    return groups
 
 
 def kept_scan_for(kept: Mapping[str, ScanRef], f, cfg: IngestConfig) -> ScanRef | None:

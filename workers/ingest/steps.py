@@ -135,6 +135,28 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
              "problem": problem}, *s.parts)
 
 
+def scan_files(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | None]], n_parts: int,
+               keep: bool = False) -> tuple:
+    """`scan_file` over a group of files in one task: `(summary, part_0, ..., part_{n-1})`.
+
+    `group` holds `(file_index, file, kept)` per file, in listing order. Each part is the
+    files' entries of that hash partition, concatenated (every entry names its file); the
+    summary's `files` holds each file's summary less its sample, and its `sample` the files'
+    samples merged (the bottom-k of the union: what the driver would merge them to). One task
+    and `n_parts + 1` objects per group instead of per file: a lake of many small files pays
+    Ray's per-task cost per group (`pipeline.scan_groups`).
+    """
+    summaries, parts, sample = [], [[] for _ in range(n_parts)], None
+    for file_index, f, kept in group:
+        summary, *file_parts = scan_file(cfg, file_index, f, n_parts, kept, keep)
+        file_sample = summary.pop("sample")
+        sample = file_sample if sample is None else sample.merge(file_sample)
+        summaries.append(summary)
+        for p, entries in enumerate(file_parts):
+            parts[p].append(entries)
+    return ({"files": summaries, "sample": sample}, *(np.concatenate(p) for p in parts))
+
+
 def _kept_scan(fs, root: str, ref: ScanRef, file_index: int, n_parts: int) -> FileScan:
     """The scan a kept scan stands for; OSError or ValueError when it is missing or does not check out."""
     data = cat_uncached(fs, join(root, ref.path))
