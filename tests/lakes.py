@@ -98,3 +98,14 @@ def encoder_actors_left(timeout_s: float = 60) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def corrupting_plan(plan_units, relpath: str = "part-00001.parquet"):
+    """`plan_units` that then breaks the source file `relpath`: the file was checked, scanned
+    and planned, so reading its units fails on every attempt (a fault injected in the driver)."""
+    def corrupt_after_planning(cfg, *args, **kwargs):
+        units = plan_units(cfg, *args, **kwargs)
+        fs, root = url_to_fs(cfg.source, cfg.storage_options)
+        fs.pipe_file(f"{root}/{relpath}", b"PAR1 this is no longer a Parquet file PAR1")
+        return units
+    return corrupt_after_planning

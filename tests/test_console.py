@@ -84,19 +84,14 @@ def test_bad_text_column_prints_its_error_alone(lake, tmp_path):
                    "(columns: id, text); pass --text-column\n")
 
 
-# The command, with one fault injected in the driver: a source file breaks after it was checked,
-# scanned and planned, so reading its units fails on every attempt.
+# The command, with one fault injected in the driver (tests/lakes.py): a source file breaks after
+# it was checked, scanned and planned, so reading its units fails on every attempt.
 CORRUPT_AFTER_PLANNING = """
 import sys
+sys.path.insert(0, "tests")
 import jobs.ingest as ingest
-from workers.lake.storage import url_to_fs
-plan_units = ingest.plan_units
-def corrupt_after_planning(cfg, *args, **kwargs):
-    units = plan_units(cfg, *args, **kwargs)
-    fs, root = url_to_fs(cfg.source, cfg.storage_options)
-    fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
-    return units
-ingest.plan_units = corrupt_after_planning
+from lakes import corrupting_plan
+ingest.plan_units = corrupting_plan(ingest.plan_units)
 sys.exit(ingest.main(sys.argv[1:]))
 """
 

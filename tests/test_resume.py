@@ -11,8 +11,8 @@ import pytest
 import jobs.ingest as ingest
 from jobs.ingest import IncompleteVersion, run
 from isolated import Job
-from lakes import (UNIT_ROWS, committed_ids, encoder_actors_left, ingest_args, ingest_cfg, s3_lake, sidecars,
-                   wait_for_sidecars)
+from lakes import (UNIT_ROWS, committed_ids, corrupting_plan, encoder_actors_left, ingest_args, ingest_cfg, s3_lake,
+                   sidecars, wait_for_sidecars)
 from workers.lake.storage import url_to_fs
 
 N_DOCS = 200  # 2 files of 100 rows: 10 units
@@ -87,15 +87,7 @@ def test_a_unit_that_fails_for_good_fails_the_job_naming_it(lake, ray_session, c
     """The command, with one fault injected in the driver: a source file breaks after it was
     checked, scanned and planned, so reading its units fails on every attempt."""
     source, dest, options, corpus = lake
-    plan_units = ingest.plan_units
-
-    def corrupt_after_planning(cfg, *args, **kwargs):
-        units = plan_units(cfg, *args, **kwargs)
-        fs, root = url_to_fs(cfg.source, cfg.storage_options)
-        fs.pipe_file(root + "/part-00001.parquet", b"PAR1 this is no longer a Parquet file PAR1")
-        return units
-
-    monkeypatch.setattr(ingest, "plan_units", corrupt_after_planning)
+    monkeypatch.setattr(ingest, "plan_units", corrupting_plan(ingest.plan_units))
     rc = ingest.main(ingest_args(source, dest, options))
     out, err = capsys.readouterr()
     assert rc == 1 and out == ""
