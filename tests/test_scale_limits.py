@@ -172,15 +172,19 @@ def test_pretty_json_leaves_what_it_does_not_know_to_json():
         pretty_json({"a": object()})
 
 
-def test_the_scan_fetches_one_files_sample_at_a_time(tmp_path, docs, ray_session, monkeypatch):
-    """Each file's scan summary carries up to a whole calibration sample of texts: the driver
-    merges them one by one, so it never holds files x samples texts (1,000 files: ~5 GB)."""
+def test_the_scan_fetches_one_tasks_sample_at_a_time(tmp_path, docs, ray_session, monkeypatch):
+    """Each scan task's summary carries up to a whole calibration sample of texts: the driver
+    merges them one by one, so it never holds tasks x samples texts (1,000 tasks: ~5 GB)."""
     import ray
 
+    import workers.ingest.pipeline as pipeline
     from conftest import write_parquet_lake
     from jobs.ingest import check_source
     from workers.ingest.config import IngestConfig
     from workers.ingest.pipeline import scan
+
+    # Three scan tasks of two files each (a lake this small is one task: `scan_groups`).
+    monkeypatch.setattr(pipeline, "scan_groups", lambda costs, cpus: [range(i, i + 2) for i in range(0, len(costs), 2)])
 
     write_parquet_lake(tmp_path / "lake", docs[:60], files=6, row_group_size=10)
     cfg = IngestConfig(str(tmp_path / "lake"), "unused", id_column="id", calibration_samples=8, progress=False)
@@ -197,7 +201,7 @@ def test_the_scan_fetches_one_files_sample_at_a_time(tmp_path, docs, ray_session
     rows, duplicates, sample = found.rows, found.duplicates, found.sample
     assert found.scans is None and found.files_reused == 0  # kept scans are written only when asked
     assert rows == [10] * 6 and duplicates == {} and len(sample.ids) == 8
-    assert max(held) == 1 and sum(held) == 6
+    assert max(held) == 1 and sum(held) == 3
 
 
 def test_one_shard_without_scales_turns_them_off_for_every_group(lake, ranges):
