@@ -50,8 +50,9 @@ SCAN_TASK_CPUS = 1.0
 UNIT_TASK_CPUS = 0.5
 # A scan task scans a group of consecutive files (`scan_groups`): about the lake's bytes to read
 # over SCAN_TASKS_PER_CPU tasks per CPU, at least SCAN_GROUP_BYTES (Ray's ~5 ms per task is then
-# nothing beside the reading) and at most SCAN_GROUP_MAX_BYTES (a task's memory: ~28 bytes of id
-# digest per row, ~30 MB at most), and at most SCAN_GROUP_FILES files (what a retry scans again).
+# nothing beside the reading) and at most SCAN_GROUP_MAX_BYTES (a task holds its files' id
+# digests, 28 bytes per row: no more than a scan of one 256 MB file holds, ~55 MB for the Parquet
+# of bench/scale.py, 134 bytes per row), and at most SCAN_GROUP_FILES files (what a retry scans again).
 SCAN_TASKS_PER_CPU = 4
 SCAN_GROUP_BYTES = 32 << 20
 SCAN_GROUP_MAX_BYTES = 256 << 20
