@@ -1,6 +1,7 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
-    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]] [--json]
+    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
+                          [--scan-s3 0] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
@@ -9,6 +10,9 @@ Measured here, each stage alone:
              with --scan-files N, the whole scan phase of a job (`workers/ingest/pipeline.scan`
              on a local Ray: scan tasks, the duplicate shuffle) over N files of --scan-rows rows,
              reading the files and then reading their kept scans (what a reindex does);
+             with --scan-s3 N, one scan task's work (`steps.scan_files`) over N small Parquet
+             files on S3 (a moto server in a process of its own on 127.0.0.1), reading several
+             files at once against one after another;
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
   write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
@@ -181,6 +185,74 @@ def bench_scan_phase(work: str, n_files: int, rows: int = 100_000) -> dict:
             "kept_mb": round(sum(r.bytes for r in first.scans) / 1e6, 1)}
 
 
+def bench_scan_s3(work: str, n_files: int, rows: int = 200) -> dict:
+    """One scan task over `n_files` small Parquet files on S3, from the files (writing kept scans)
+    and from the kept scans: reading SCAN_FILES_AT_ONCE files at a time (what a scan task does over a
+    network) against one after another (the baseline), alternated, best of three each. The moto
+    server runs in a process of its own, so its request handling is not this process's threads."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    import workers.ingest.steps as steps
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.source import list_source
+    from workers.lake.storage import url_to_fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(work, "moto.log"), "wb")  # its request lines, out of the bench's output
+    server = subprocess.Popen([sys.executable, "-c", "import time\nfrom moto.server import ThreadedMotoServer\n"
+                               f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}).start()\ntime.sleep(1e6)"],
+                              stderr=log, stdout=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"key": "bench", "secret": "bench",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    real = steps.over_network
+    try:
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                             aws_secret_access_key="bench").create_bucket(Bucket="scan")
+                break
+            except Exception:  # the server is still starting
+                time.sleep(0.1)
+        fs, root = url_to_fs("s3://scan/lake", options)
+        body = texts(rows)
+        for f in range(n_files):
+            path = os.path.join(work, "one.parquet")
+            pq.write_table(pa.table({"id": [f"f{f}-d{i}" for i in range(rows)], "text": body}), path)
+            fs.put_file(path, f"{root}/part-{f:05d}.parquet")
+        files = list_source("s3://scan/lake", options)[2]
+        group = [(i, f, None) for i, f in enumerate(files)]
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for how, network in (("one_by_one", False), ("at_once", True)):
+                steps.over_network = lambda fs, network=network: network
+                cfg = IngestConfig("s3://scan/lake", f"s3://scan/ds-{how}", id_column="id", ranges="unused",
+                                   storage_options=options, progress=False)
+                t0 = time.perf_counter()
+                summary = steps.scan_files(cfg, group, 64, True)[0]
+                best[f"{how}_from_files_s"] = min(best.get(f"{how}_from_files_s", 1e9), time.perf_counter() - t0)
+                kept_group = [(i, f, s["scan"]) for (i, f, _), s in zip(group, summary["files"])]
+                t0 = time.perf_counter()
+                again = steps.scan_files(cfg, kept_group, 64)[0]
+                best[f"{how}_from_kept_s"] = min(best.get(f"{how}_from_kept_s", 1e9), time.perf_counter() - t0)
+                assert all(s["reused"] for s in again["files"])
+                assert sum(s["rows"] for s in again["files"]) == n_files * rows
+    finally:
+        steps.over_network = real
+        server.terminate()
+        server.wait()
+        log.close()
+    return {"files": n_files, "rows_per_file": rows, "at_once": steps.SCAN_FILES_AT_ONCE,
+            **{k: round(v, 2) for k, v in best.items()},
+            "speedup_from_files": round(best["one_by_one_from_files_s"] / best["at_once_from_files_s"], 2),
+            "speedup_from_kept": round(best["one_by_one_from_kept_s"] / best["at_once_from_kept_s"], 2)}
+
+
 def bench_encode(n: int = 256) -> dict:
     from workers.embedding.encoder import Encoder, EncoderConfig
 
@@ -290,6 +362,7 @@ def main() -> None:
     p.add_argument("--ingest-docs", type=int, default=0, help="measure the overlap on an ingest of N demo docs")
     p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of --scan-rows rows")
     p.add_argument("--scan-rows", type=int, default=100_000)
+    p.add_argument("--scan-s3", type=int, default=0, help="time one scan task over N small Parquet files on S3")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -304,6 +377,9 @@ def main() -> None:
         if a.scan_files:
             res["scan_phase"] = bench_scan_phase(work, a.scan_files, a.scan_rows)
             print("scan phase", res["scan_phase"], flush=True)
+        if a.scan_s3:
+            res["scan_s3"] = bench_scan_s3(work, a.scan_s3)
+            print("scan on S3", res["scan_s3"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
             print("encode", res["encode"], flush=True)

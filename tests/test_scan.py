@@ -181,3 +181,108 @@ def test_grouped_scan_tasks_give_what_one_task_per_file_gives(ray_session, docs,
     assert first[0] == [21, 22, 22, 22, 22, 22] and sum(len(d) for d in first[1].values()) == 10
     assert len(first[2]) == 30 and len(first[5]) == 6
     assert out["pairs"] == first and out["one task"] == first
+
+
+def _lake_files(docs, n: int) -> list[tuple[str, bytes]]:
+    """`n` small Parquet files of 15 real documents each (the third repeats an id of the second)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for i in range(n):
+        part = docs[i * 15:(i + 1) * 15] + ([docs[16]] if i == 2 else [])
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}), buf)
+        out.append((f"part-{i}.parquet", buf.getvalue()))
+    return out
+
+
+def _scan_group(cfg, files, keep=True):
+    """`steps.scan_files` over all `files` in this process, as one scan task runs it."""
+    from workers.ingest.steps import scan_files
+
+    summary, *parts = scan_files(cfg, [(i, f, None) for i, f in enumerate(files)], 4, keep)
+    return ([(s["rows"], s["valid"], s["scan"]) for s in summary["files"]], summary["sample"].ids,
+            summary["sample"].keys.tolist(), [p.tobytes() for p in parts])
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_scan_task_reads_files_at_once_only_over_a_network(where, docs, tmp_path, monkeypatch, request):
+    """On S3 a scan task's files are read several at a time (a round trip per request, each
+    waited for in turn one after another); on local disk one at a time. The result, kept scans
+    included, is the same either way: the files' scans in listing order."""
+    import threading
+
+    import workers.ingest.steps as steps
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.source import list_source
+    from workers.lake.storage import url_to_fs
+
+    if where == "s3":
+        bucket, options = request.getfixturevalue("s3")
+        source, dest = f"{bucket}/lake", f"{bucket}/ds"
+    else:
+        options, source, dest = {}, str(tmp_path / "lake"), str(tmp_path / "ds")
+    fs, root = url_to_fs(source, options)
+    fs.makedirs(root, exist_ok=True)
+    for name, data in _lake_files(docs, 6):
+        fs.pipe_file(f"{root}/{name}", data)
+    files = list_source(source, options)[2]
+    cfg = IngestConfig(source, dest, id_column="id", calibration_samples=20, seed=3, storage_options=options,
+                       progress=False)
+    assert steps.over_network(fs) is (where == "s3")
+
+    monkeypatch.setattr(steps, "SCAN_FILES_AT_ONCE", 3)
+    running, most, threads, lock = [0], [0], set(), threading.Lock()
+    first_three_in = threading.Barrier(3, timeout=20)
+    real = steps.scan_file
+
+    def counted(cfg, file_index, *args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads.add(threading.current_thread())
+        try:
+            if where == "s3" and file_index < 3:
+                first_three_in.wait()  # read at the same time, or this times out and the test fails
+            return real(cfg, file_index, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(steps, "scan_file", counted)
+    at_once = _scan_group(cfg, files)
+    if where == "s3":
+        assert most[0] == 3  # never more than SCAN_FILES_AT_ONCE
+    else:
+        assert threads == {threading.main_thread()}
+
+    monkeypatch.setattr(steps, "scan_file", real)
+    monkeypatch.setattr(steps, "over_network", lambda fs: False)  # one after another, as on local disk
+    assert _scan_group(cfg, files) == at_once
+    per_file = at_once[0]
+    assert [(rows, valid) for rows, valid, _ in per_file] == [(15, 15)] * 2 + [(16, 16)] + [(15, 15)] * 3
+    assert [ref.file for _, _, ref in per_file] == [f.relpath for f in files]
+    assert len(at_once[1]) == 20
+
+
+def test_a_file_that_fails_among_files_read_at_once_fails_the_task_with_its_own_error(s3, docs, monkeypatch):
+    """Read several at a time, the group's first bad file (in listing order) raises what reading
+    one after another raises: here the second file's error, not the fourth's (an empty file)."""
+    import workers.ingest.steps as steps
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.source import list_source
+    from workers.lake.storage import url_to_fs
+
+    bucket, options = s3
+    fs, root = url_to_fs(f"{bucket}/lake", options)
+    for name, data in _lake_files(docs, 5):
+        fs.pipe_file(f"{root}/{name}", {"part-1.parquet": b"not parquet", "part-3.parquet": b""}.get(name, data))
+    files = list_source(f"{bucket}/lake", options)[2]
+    cfg = IngestConfig(f"{bucket}/lake", f"{bucket}/ds", id_column="id", storage_options=options, progress=False)
+    errors = []
+    for network in (True, False):
+        monkeypatch.setattr(steps, "over_network", lambda fs: network)
+        with pytest.raises(Exception) as exc:
+            _scan_group(cfg, files)
+        errors.append((type(exc.value), str(exc.value)))
+    assert errors[0] == errors[1] and "magic bytes not found" in errors[0][1], errors

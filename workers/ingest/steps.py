@@ -6,9 +6,11 @@ config they get is `IngestConfig.for_workers`'s copy, whose options stay in the 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +24,16 @@ from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, ke
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
 from workers.ingest.source import classify, iter_batches, source_root
 from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
-from workers.lake.storage import cat_uncached, join, put_bytes
+from workers.lake.storage import cat_uncached, join, over_network, put_bytes
 from workers.ray_session import node_id
 
 log = logging.getLogger(__name__)
+
+# A scan task reads this many files of its group at once when the source or the dataset (its
+# kept scans) is reached over a network: a small file there costs a few requests (a HEAD, then
+# the Parquet footer and the columns), each a round trip that reading the files one after
+# another would wait for in turn. Files in this machine's memory or disks are read one at a time.
+SCAN_FILES_AT_ONCE = 8
 
 
 class UnitFailed(RuntimeError):
@@ -144,17 +152,48 @@ def scan_files(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | N
     summary's `files` holds each file's summary less its sample, and its `sample` the files'
     samples merged (the bottom-k of the union: what the driver would merge them to). One task
     and `n_parts + 1` objects per group instead of per file: a lake of many small files pays
-    Ray's per-task cost per group (`pipeline.scan_groups`).
+    Ray's per-task cost per group (`pipeline.scan_groups`). Over a network, SCAN_FILES_AT_ONCE
+    files are read at a time; the result is the same, in listing order.
     """
     summaries, parts, sample = [], [[] for _ in range(n_parts)], None
-    for file_index, f, kept in group:
-        summary, *file_parts = scan_file(cfg, file_index, f, n_parts, kept, keep)
+    for summary, *file_parts in _scanned(cfg, group, n_parts, keep):
         file_sample = summary.pop("sample")
         sample = file_sample if sample is None else sample.merge(file_sample)
         summaries.append(summary)
         for p, entries in enumerate(file_parts):
             parts[p].append(entries)
     return ({"files": summaries, "sample": sample}, *(np.concatenate(p) for p in parts))
+
+
+def _scanned(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | None]], n_parts: int,
+             keep: bool):
+    """`scan_file` of each file of `group`, in its order: the files read SCAN_FILES_AT_ONCE at a
+    time when the source or the dataset is reached over a network, else one after another. A
+    failure is raised at its file, as one after another would raise it (files after it may have
+    been read by then: their kept scans, same bytes for the same file, are unreferenced)."""
+    def one(entry):
+        return scan_file(cfg, entry[0], entry[1], n_parts, entry[2], keep)
+
+    remote = any(over_network(cfg.url_to_fs(url)[0]) for url in (cfg.source, cfg.dest))
+    if len(group) < 2 or not remote:
+        return map(one, group)
+    return _in_order(one, group, SCAN_FILES_AT_ONCE)
+
+
+def _in_order(fn, items, at_once: int):
+    """`fn` of each item, yielded in order, with at most `at_once` calls running or waiting to be
+    taken (threads). On a failure, the calls not yet started are dropped."""
+    pool = ThreadPoolExecutor(min(at_once, len(items)), thread_name_prefix="quantlake-scan")
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) == at_once:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _kept_scan(fs, root: str, ref: ScanRef, file_index: int, n_parts: int) -> FileScan:

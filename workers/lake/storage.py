@@ -92,6 +92,16 @@ def _protocols(fs) -> tuple[str, ...]:
     return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 
 
+# Filesystems in this machine's memory or on its disks: a read waits for no network round trip.
+IN_MACHINE_PROTOCOLS = ("file", "local", "memory")
+
+
+def over_network(fs) -> bool:
+    """Whether `fs` reaches its files over a network (object storage, HTTP): each read then waits
+    for round trips that reading several files at once overlaps."""
+    return not set(_protocols(fs)) & set(IN_MACHINE_PROTOCOLS)
+
+
 def require_create_only(fs, url: str) -> None:
     """Raise NoAtomicCreate unless versions can be committed on `fs` (see CREATE_ONLY_PROTOCOLS).
 
