@@ -23,6 +23,23 @@ def add_storage_options(p: argparse.ArgumentParser) -> None:
                    help="fsspec options as JSON (endpoint, credentials, profile)")
 
 
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join: host:port (its GCS), ray://host:port, or auto (the last `ray start` "
+                        "here); default: RAY_ADDRESS, else a new local instance of this command's own")
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """The flags a job that encodes shares (`ingest`, `reindex`)."""
+    add_ray_address(p)
+    p.add_argument("--encoder-actors", type=int, default=None,
+                   help="encoder actors, each holding the model (default: one per GPU of the cluster, else one of one CPU)")
+
+
+def add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def storage_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
     """The parsed --storage-options, or a parser error naming what is wrong with the JSON."""
     try:

@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
+from jobs.common import (add_job_options, add_no_progress, add_storage_options, format_fidelity, run_reporting,
+                         storage_options)
 from ranges.manifest import RangeManifest
 from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
@@ -382,32 +383,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p = argparse.ArgumentParser(prog="quantlake ingest", description=__doc__)
     p.add_argument("source", help="source lake URL or path (Parquet / JSON Lines files under it)")
     p.add_argument("dest", help="dataset URL or path to write shards and versions to")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-column", default="text", help="column (JSON Lines: key) of the text to encode")
     p.add_argument("--id-column", default=None, help="default: <file>:<row>")
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary,float16 (float16: keep the embeddings "
                         "at half width, so a recalibration requantizes shards without the model)")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="rows to calibrate on (default: a 20th of the lake's rows, 1,000 to 10,000)")
-    p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax")
+    p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax",
+                   help="per-dimension int8 ranges from the sample: its min/max, or --quantiles")
     p.add_argument("--quantiles", default="0.001,0.999", help="low,high for --range-method quantile")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which rows the calibration sample takes (by id)")
     p.add_argument("--ranges", default=None, help="reuse this range manifest instead of calibrating")
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="texts per encoder batch (GPUs: 256 or more; halved and retried on CUDA out-of-memory)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the encoders run: auto (the cluster's GPUs if it has any), cpu, cuda")
     p.add_argument("--precision", choices=FLOAT_PRECISIONS, default="auto",
                    help="the model's float type: auto (fp16x3 on GPU encoders, fp32 on CPU), fp32, fp16x3, "
                         "fp16, bf16")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what runs the model: torch, or onnx (onnxruntime on CPUs; needs quantlake[onnx])")
-    p.add_argument("--encoder-actors", type=int, default=None)
+    add_job_options(p)
     p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
     add_storage_options(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
     options = storage_options(p, a)

@@ -25,7 +25,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, format_fidelity, recorded_source, run_reporting, storage_options
+from jobs.common import (add_job_options, add_no_progress, add_storage_options, format_fidelity, recorded_source,
+                         run_reporting, storage_options)
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
@@ -344,10 +345,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     p.add_argument("--keep-encoders", action="store_true",
                    help="keep the encoder actors (and their GPUs) between --watch cycles rather than load the "
                         "model in every cycle with changes: for short intervals")
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--encoder-actors", type=int, default=None)
+    add_job_options(p)
     add_storage_options(p)
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
     options = storage_options(p, a)

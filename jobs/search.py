@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import fsspec
 
-from jobs.common import add_storage_options, recorded_source, run_reporting, storage_options
+from jobs.common import add_ray_address, add_storage_options, recorded_source, run_reporting, storage_options
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
                    help="query encoder folder or cached name (default: the model the version names, if bundled "
                         "or in the Hugging Face cache)")
     p.add_argument("--ray", action="store_true", help="search with Ray actors holding groups of shards")
-    p.add_argument("--ray-address", default=None)
+    add_ray_address(p)
     p.add_argument("--actors", type=int, default=None, help="with --ray: number of actors (default: CPUs)")
     add_storage_options(p)
     p.add_argument("--source", default=None,
