@@ -33,7 +33,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     """The flags a job that encodes shares (`ingest`, `reindex`)."""
     add_ray_address(p)
     p.add_argument("--encoder-actors", type=int, default=None,
-                   help="encoder actors, each holding the model (default: one per GPU of the cluster, else one of one CPU)")
+                   help="encoder actors, each holding the model (default: one per GPU of the cluster, "
+                        "else one of one CPU)")
 
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:
