@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray instance per session, real documents, small real lakes."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import inspect
@@ -30,17 +31,20 @@ def pytest_unconfigure(config):
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-# The files that take longest (a full run's `--durations=0`, summed per file; each over a minute
-# of a worker's time), slowest first. `make test` hands whole files to two workers in collection
+# The files that take longest (a full run's test times summed per file: from half a minute to
+# nearly three of a worker's time), slowest first. `make test` hands whole files to two workers in collection
 # order, so these go first: a long file handed out last would leave one worker idle meanwhile.
-SLOW_FILES_FIRST = ("test_reindex.py", "test_resume.py", "test_faults.py", "test_rerun.py", "test_demo.py",
-                    "test_console.py", "test_requantize.py", "test_job_submission.py")
+SLOW_FILES_FIRST = ("test_reindex.py", "test_resume.py", "test_faults.py", "test_console.py", "test_demo.py",
+                    "test_job_submission.py", "test_rerun.py", "test_requantize.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow files first (a stable sort: each file's tests keep their order)."""
+    """Slow files first, then the files that share warm encoder actors (`shared_encoders`, kept
+    from one such file to the next while a worker runs them in a row), then the rest; a stable
+    sort: each file's tests keep their order."""
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    sharing = {item.path for item in items if "shared_encoders" in item.fixturenames}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path not in sharing))
 
 _MODULES = ["json", "collections", "os", "pathlib", "re", "string", "textwrap", "itertools",
             "functools", "datetime", "decimal", "fractions", "statistics", "random", "shutil",
@@ -83,23 +87,54 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": WORKER_ENV})
     yield ray
+    _end_warm_encoders()
     ray.shutdown()
+
+
+# The warm encoder sets of this process (`shared_encoders`), by what they are: kept from one
+# module that shares them to the next, so most such modules find theirs warm. At most
+# _WARM_SETS at once; a new one ends the set asked for least often so far (`_ASKED`), since the
+# suite's jobs ask for two sets far more often than for any other. An idle kept actor reserves
+# no CPU, only its memory (~0.7 GB).
+_WARM: dict = {}
+_ASKED: collections.Counter = collections.Counter()
+_WARM_SETS = 3
+
+
+def _end_warm_encoders() -> None:
+    for warm in _WARM.values():
+        warm.stop()
+    _WARM.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_warm_encoders_beside_own_ones(request):
+    """A module with Ray jobs of its own (not `shared_encoders`) starts with no kept encoder actor
+    left: its tests may count the job's actors, kill them or check where Ray placed them."""
+    if _WARM:
+        mine = [item for item in request.session.items if item.module is request.module]
+        if any("ray_session" in item.fixturenames for item in mine) and \
+                not any("shared_encoders" in item.fixturenames for item in mine):
+            _end_warm_encoders()
+    yield
 
 
 @pytest.fixture(scope="module")
 def shared_encoders(ray_session):
     """The in-process jobs of a test module share their encoder actors (one model per session's
-    Ray, as far as a module allows): a job asking for the same actors as the one before gets
+    Ray, as far as the modules allow): a job asking for the same actors as an earlier one gets
     them warm instead of starting processes that import torch and load the model (~5 s of a CPU
     each). Real actors all the same; what a job does with them is unchanged.
 
     The kept actors reserve no CPU (a job's would keep one of the session's two): an idle one
     must not keep a test's other Ray work waiting, a searcher's actors say. They use the cores
     as before (torch's threads are the machine's); so these modules do not test where Ray
-    places what, nor room for the tasks beside the encoders. One set at a time: a job asking
-    for another set (another encoder config or pool, or a test's own `EncoderActor` class) ends
-    the kept one first. A failed job's actors are killed, as the ingest asks, and not kept. At
-    the end of the module the kept set ends. A module uses it with
+    places what, nor room for the tasks beside the encoders. Up to `_WARM_SETS` sets are kept,
+    from module to module: a job asking for another set (another encoder config or pool, or a
+    test's own `EncoderActor` class) ends the least asked for first when that many are kept. A failed
+    job's actors are killed, as the ingest asks, and not kept. A module whose jobs start their
+    own actors ends the kept ones first (`_no_warm_encoders_beside_own_ones`), and the session's
+    end ends them all. A module uses it with
     `pytestmark = pytest.mark.usefixtures("shared_encoders")`; one that checks its jobs leave no
     encoder actor behind, kills one, or tests placement, does not.
     """
@@ -110,7 +145,6 @@ def shared_encoders(ray_session):
     from workers.embedding.encoder import resolve_model
 
     real = pipeline.Encoders
-    kept: dict[str, object] = {}
 
     class Shared(real):
         def __init__(self, cfg, pool):
@@ -119,16 +153,16 @@ def shared_encoders(ray_session):
             ecfg = pipeline.encoder_cfg(cfg, pool)
             ecfg = replace(ecfg, model=str(resolve_model(ecfg.model)))
             self.key = repr((ecfg, sorted(pool.items()), pipeline.EncoderActor))
-            if self.key not in kept:
-                for warm in kept.values():
-                    warm.stop()
-                kept.clear()
-                kept[self.key] = real(cfg, {**pool, "num_cpus": 0})
-            self.actors = list(kept[self.key].actors)
+            _ASKED[self.key] += 1
+            if self.key not in _WARM:
+                while len(_WARM) >= _WARM_SETS:
+                    _WARM.pop(min(_WARM, key=_ASKED.__getitem__)).stop()  # the oldest of the least asked
+                _WARM[self.key] = real(cfg, {**pool, "num_cpus": 0})
+            self.actors = list(_WARM[self.key].actors)
 
         def stop(self, kill: bool = False) -> None:
-            if kill and self.key in kept:
-                kept.pop(self.key).stop(kill=True)
+            if kill and self.key in _WARM:
+                _WARM.pop(self.key).stop(kill=True)
             self.actors = []
 
     pipeline.Encoders = jobs.ingest.Encoders = Shared
@@ -136,8 +170,6 @@ def shared_encoders(ray_session):
         yield
     finally:
         pipeline.Encoders = jobs.ingest.Encoders = real
-        for warm in kept.values():
-            warm.stop()
 
 
 def write_parquet_lake(root, docs, files: int = 3, row_group_size: int = 50, extra=None) -> list[str]:
