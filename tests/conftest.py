@@ -32,10 +32,12 @@ def pytest_unconfigure(config):
 
 
 # The files that take longest (a full run's test times summed per file: from half a minute to
-# nearly three of a worker's time), slowest first. `make test` hands whole files to two workers in collection
+# nearly three of a worker's time), slowest first, but for the two that share warm encoder actors,
+# which lead into the files that do. `make test` hands whole files to two workers in collection
 # order, so these go first: a long file handed out last would leave one worker idle meanwhile.
 SLOW_FILES_FIRST = ("test_reindex.py", "test_resume.py", "test_faults.py", "test_console.py", "test_demo.py",
-                    "test_job_submission.py", "test_rerun.py", "test_requantize.py")
+                    "test_job_submission.py", "test_ray_session.py", "test_encoder_feeding.py", "test_calibration.py",
+                    "test_multinode.py", "test_rerun.py", "test_requantize.py")
 
 
 def pytest_collection_modifyitems(config, items):
