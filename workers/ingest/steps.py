@@ -6,7 +6,6 @@ config they get is `IngestConfig.for_workers`'s copy, whose options stay in the 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -168,32 +167,18 @@ def scan_files(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | N
 def _scanned(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | None]], n_parts: int,
              keep: bool):
     """`scan_file` of each file of `group`, in its order: the files read SCAN_FILES_AT_ONCE at a
-    time when the source or the dataset is reached over a network, else one after another. A
-    failure is raised at its file, as one after another would raise it (files after it may have
-    been read by then: their kept scans, same bytes for the same file, are unreferenced)."""
+    time (threads) when the source or the dataset is reached over a network, else one after
+    another. A failure is raised at its file, as one after another would raise it, and the reads
+    not yet started are dropped (files after it may have been read by then: their kept scans,
+    same bytes for the same file, are unreferenced)."""
     def one(entry):
         return scan_file(cfg, entry[0], entry[1], n_parts, entry[2], keep)
 
-    remote = any(over_network(cfg.url_to_fs(url)[0]) for url in (cfg.source, cfg.dest))
-    if len(group) < 2 or not remote:
-        return map(one, group)
-    return _in_order(one, group, SCAN_FILES_AT_ONCE)
-
-
-def _in_order(fn, items, at_once: int):
-    """`fn` of each item, yielded in order, with at most `at_once` calls running or waiting to be
-    taken (threads). On a failure, the calls not yet started are dropped."""
-    pool = ThreadPoolExecutor(min(at_once, len(items)), thread_name_prefix="quantlake-scan")
-    pending: collections.deque = collections.deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) == at_once:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    if len(group) < 2 or not any(over_network(cfg.url_to_fs(url)[0]) for url in (cfg.source, cfg.dest)):
+        yield from map(one, group)
+        return
+    with ThreadPoolExecutor(min(SCAN_FILES_AT_ONCE, len(group)), thread_name_prefix="quantlake-scan") as pool:
+        yield from pool.map(one, group)  # in order; closing it cancels the calls not yet started
 
 
 def _kept_scan(fs, root: str, ref: ScanRef, file_index: int, n_parts: int) -> FileScan:
