@@ -1,7 +1,7 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
     python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
-                          [--scan-s3 0] [--json]
+                          [--scan-s3 0 [--latency-ms 0]] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
@@ -12,7 +12,9 @@ Measured here, each stage alone:
              reading the files and then reading their kept scans (what a reindex does);
              with --scan-s3 N, one scan task's work (`steps.scan_files`) over N small Parquet
              files on S3 (a moto server in a process of its own on 127.0.0.1), reading several
-             files at once against one after another;
+             files at once against one after another; with --latency-ms M, each request reaches
+             the server M ms late (a relay process on 127.0.0.1 between the two), as a request
+             to an object store across a network would;
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
   write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
@@ -185,12 +187,52 @@ def bench_scan_phase(work: str, n_files: int, rows: int = 100_000) -> dict:
             "kept_mb": round(sum(r.bytes for r in first.scans) / 1e6, 1)}
 
 
-def bench_scan_s3(work: str, n_files: int, rows: int = 200) -> dict:
+# A relay between the bench and the moto server, in a process of its own: each chunk the client
+# sends (a request's head, most often its whole) is held `delay` seconds before it goes on, which
+# is a round trip's latency per request. Argument: listening port, server port, delay in seconds.
+RELAY = """
+import asyncio, sys
+listen, target, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+async def pump(reader, writer, late):
+    try:
+        while chunk := await reader.read(1 << 16):
+            if late:
+                await asyncio.sleep(delay)
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
+
+async def relay(client_r, client_w):
+    server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+    await asyncio.gather(pump(client_r, server_w, True), pump(server_r, client_w, False))
+
+async def main():
+    server = await asyncio.start_server(relay, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_scan_s3(work: str, n_files: int, rows: int = 200, latency_ms: float = 0) -> dict:
     """One scan task over `n_files` small Parquet files on S3, from the files (writing kept scans)
     and from the kept scans: reading SCAN_FILES_AT_ONCE files at a time (what a scan task does over a
     network) against one after another (the baseline), alternated, best of three each. The moto
-    server runs in a process of its own, so its request handling is not this process's threads."""
-    import socket
+    server runs in a process of its own, so its request handling is not this process's threads.
+    With `latency_ms`, the scans reach it through `RELAY`, which holds each request that long."""
     import subprocess
 
     import boto3
@@ -200,16 +242,22 @@ def bench_scan_s3(work: str, n_files: int, rows: int = 200) -> dict:
     from workers.ingest.source import list_source
     from workers.lake.storage import url_to_fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(os.path.join(work, "moto.log"), "wb")  # its request lines, out of the bench's output
     server = subprocess.Popen([sys.executable, "-c", "import time\nfrom moto.server import ThreadedMotoServer\n"
                                f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}).start()\ntime.sleep(1e6)"],
                               stderr=log, stdout=log)
+    relay = None
     endpoint = f"http://127.0.0.1:{port}"
     options = {"key": "bench", "secret": "bench",
                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    timed_options = options  # what the scans go through: the relay when there is latency
+    if latency_ms:
+        relay_port = free_port()
+        relay = subprocess.Popen([sys.executable, "-c", RELAY, str(relay_port), str(port), str(latency_ms / 1000)],
+                                 stderr=log, stdout=log)
+        timed_options = {**options, "client_kwargs": {**options["client_kwargs"],
+                                                      "endpoint_url": f"http://127.0.0.1:{relay_port}"}}
     real = steps.over_network
     try:
         for _ in range(100):
@@ -225,14 +273,14 @@ def bench_scan_s3(work: str, n_files: int, rows: int = 200) -> dict:
             path = os.path.join(work, "one.parquet")
             pq.write_table(pa.table({"id": [f"f{f}-d{i}" for i in range(rows)], "text": body}), path)
             fs.put_file(path, f"{root}/part-{f:05d}.parquet")
-        files = list_source("s3://scan/lake", options)[2]
+        files = list_source("s3://scan/lake", timed_options)[2]
         group = [(i, f, None) for i, f in enumerate(files)]
         best: dict[str, float] = {}
         for _ in range(3):
             for how, network in (("one_by_one", False), ("at_once", True)):
                 steps.over_network = lambda fs, network=network: network
                 cfg = IngestConfig("s3://scan/lake", f"s3://scan/ds-{how}", id_column="id", ranges="unused",
-                                   storage_options=options, progress=False)
+                                   storage_options=timed_options, progress=False)
                 t0 = time.perf_counter()
                 summary = steps.scan_files(cfg, group, 64, True)[0]
                 best[f"{how}_from_files_s"] = min(best.get(f"{how}_from_files_s", 1e9), time.perf_counter() - t0)
@@ -244,10 +292,12 @@ def bench_scan_s3(work: str, n_files: int, rows: int = 200) -> dict:
                 assert sum(s["rows"] for s in again["files"]) == n_files * rows
     finally:
         steps.over_network = real
-        server.terminate()
-        server.wait()
+        for proc in (relay, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
         log.close()
-    return {"files": n_files, "rows_per_file": rows, "at_once": steps.SCAN_FILES_AT_ONCE,
+    return {"files": n_files, "rows_per_file": rows, "at_once": steps.SCAN_FILES_AT_ONCE, "latency_ms": latency_ms,
             **{k: round(v, 2) for k, v in best.items()},
             "speedup_from_files": round(best["one_by_one_from_files_s"] / best["at_once_from_files_s"], 2),
             "speedup_from_kept": round(best["one_by_one_from_kept_s"] / best["at_once_from_kept_s"], 2)}
@@ -363,6 +413,7 @@ def main() -> None:
     p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of --scan-rows rows")
     p.add_argument("--scan-rows", type=int, default=100_000)
     p.add_argument("--scan-s3", type=int, default=0, help="time one scan task over N small Parquet files on S3")
+    p.add_argument("--latency-ms", type=float, default=0, help="with --scan-s3: each request that many ms late")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -378,7 +429,7 @@ def main() -> None:
             res["scan_phase"] = bench_scan_phase(work, a.scan_files, a.scan_rows)
             print("scan phase", res["scan_phase"], flush=True)
         if a.scan_s3:
-            res["scan_s3"] = bench_scan_s3(work, a.scan_s3)
+            res["scan_s3"] = bench_scan_s3(work, a.scan_s3, latency_ms=a.latency_ms)
             print("scan on S3", res["scan_s3"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
