@@ -1,7 +1,7 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
     python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
-                          [--scan-s3 0 [--latency-ms 0]] [--json]
+                          [--scan-s3 0 [--latency-ms 0]] [--history-versions 0] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
@@ -24,6 +24,8 @@ Measured here, each stage alone:
   open       `Searcher.open` of those versions (real tiny shard files: each index read, checked
              against its sha256 and loaded);
   listing    `list_source` of 1,000 / 10,000 empty Parquet-named files on local disk;
+  history    with --history-versions N, `history` and `inspect` over N versions of 10,000
+             synthetic shards: seconds and peak RSS, each in a process of its own;
   overlap    with --ingest-docs N: an ingest of N demo documents, the sum of the per-shard stage
              seconds against the main pass's wall time.
 docs/scaling.md projects these to 100M documents. Figures depend on the machine's load: the
@@ -370,6 +372,47 @@ def bench_versions(work: str, rm: RangeManifest, counts: list[int]) -> dict:
     return out
 
 
+# Run in a process of its own, so its peak RSS is the command's alone (VmHWM: getrusage's maximum
+# would carry over the forking parent's): argv = command, dataset path, repository.
+HISTORY_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[3])
+import jobs.history, jobs.inspect_dataset
+from workers.lake.storage import url_to_fs
+t0 = time.perf_counter()
+if sys.argv[1] == "history":
+    jobs.history.history(*url_to_fs(sys.argv[2]))
+else:
+    jobs.inspect_dataset.run(jobs.inspect_dataset.InspectConfig(sys.argv[2]))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(int(hwm.split()[1]) / 1024)}))
+"""
+
+
+def bench_history(work: str, rm: RangeManifest, versions: int, shards: int = 10_000) -> dict:
+    """`history` and `inspect` over `versions` versions of `shards` synthetic shards (each version
+    one shard fewer than the one before): seconds and peak RSS, each in a process of its own."""
+    import subprocess
+
+    from workers.ingest.from_vectors import synthetic_version
+    from workers.lake.storage import url_to_fs
+    from workers.lake.versions import commit
+
+    url = os.path.join(work, f"history-{versions}")
+    fs, root = url_to_fs(url)
+    draft = synthetic_version(fs, root, shards, rm)
+    for v in range(versions):
+        commit(fs, root, replace(draft, parent=v or None, shards=draft.shards[v:]))
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = {"versions": versions, "shards": shards}
+    for command in ("history", "inspect"):
+        done = subprocess.run([sys.executable, "-c", HISTORY_CHILD, command, url, repo], check=True,
+                              capture_output=True, text=True)
+        out[command] = json.loads(done.stdout)
+    shutil.rmtree(url, ignore_errors=True)
+    return out
+
+
 def bench_listing(work: str, counts: list[int]) -> dict:
     from workers.ingest.source import list_source
 
@@ -414,6 +457,8 @@ def main() -> None:
     p.add_argument("--scan-rows", type=int, default=100_000)
     p.add_argument("--scan-s3", type=int, default=0, help="time one scan task over N small Parquet files on S3")
     p.add_argument("--latency-ms", type=float, default=0, help="with --scan-s3: each request that many ms late")
+    p.add_argument("--history-versions", type=int, default=0,
+                   help="time `history` and `inspect` over N versions of 10,000 shards, with their peak RSS")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -457,6 +502,9 @@ def main() -> None:
         print("versions", res["versions"], flush=True)
         res["listing"] = bench_listing(work, [int(x) for x in a.files.split(",")])
         print("listing", res["listing"], flush=True)
+        if a.history_versions:
+            res["history"] = bench_history(work, rm, a.history_versions)
+            print("history", res["history"], flush=True)
         if a.ingest_docs:
             res["overlap"] = bench_overlap(work, a.ingest_docs)
             print("overlap", res["overlap"], flush=True)

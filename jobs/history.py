@@ -11,7 +11,7 @@ from ranges.manifest import RangeManifest
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import join, url_to_fs
-from workers.lake.versions import list_versions, read_version
+from workers.lake.versions import list_versions, read_version, read_versions
 
 
 def changes(before: VersionManifest | None, after: VersionManifest) -> dict[str, Any]:
@@ -40,16 +40,31 @@ def ranges_fidelity(fs, root: str, path: str) -> dict[str, Any] | None:
         return None
 
 
-def history(fs, root: str) -> list[dict[str, Any]]:
-    """One entry per committed version, ascending; an unreadable one says why."""
-    out, read, fidelities = [], {}, {}
-    for n in list_versions(fs, root):
-        try:
-            m = read[n] = read_version(fs, root, n)
-        except (ValueError, FileNotFoundError) as exc:
-            out.append({"version": n, "unreadable": str(exc)})
+def history(fs, root: str, last: int | None = None, listed: list[int] | None = None) -> list[dict[str, Any]]:
+    """One entry per committed version, ascending (the `last` ones only, when given); an
+    unreadable one says why. `listed`: `list_versions(fs, root)`, when the caller took it.
+
+    The manifests are read a few at a time (`read_versions`) and each is dropped once the next
+    version's changes are known: a version's parent is the version before it, so memory holds
+    a few manifests however long the history (a version of 10,000 shards is ~16 MB parsed).
+    A parent that is not the version read just before (the first one shown, or one after a
+    gap) is read on its own.
+    """
+    listed = list_versions(fs, root) if listed is None else listed
+    shown = listed[-last:] if last else listed
+    out, fidelities = [], {}
+    before: VersionManifest | None = None  # the last manifest read, the next one's parent as a rule
+    for n, m in read_versions(fs, root, shown):
+        if isinstance(m, Exception):
+            out.append({"version": n, "unreadable": str(m)})
+            before = None
             continue
-        parent = read.get(m.parent) if m.parent else None
+        parent = before if before is not None and before.number == m.parent else None
+        if parent is None and m.parent in listed and m.parent < n:
+            try:
+                parent = read_version(fs, root, m.parent)
+            except (ValueError, FileNotFoundError):  # says so in its own entry, if shown
+                parent = None
         entry = {"version": n, "parent": m.parent, "created_at": m.created_at, "writer": m.writer,
                  "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
                  "ranges": m.ranges.id, "model": m.model.name,
@@ -60,11 +75,14 @@ def history(fs, root: str) -> list[dict[str, Any]]:
         if m.parent is None or parent is not None:
             entry["changes"] = changes(parent, m)
         out.append(entry)
+        before = m
     return out
 
 
-def report(dest: str, entries: list[dict[str, Any]]) -> str:
-    lines = [f"dataset {redact_url(dest)}: {len(entries)} committed version(s)"]
+def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -> str:
+    """The human-readable history; `total`: the versions committed, when `entries` shows the last few."""
+    shown = "" if total in (None, len(entries)) else f", the last {len(entries)} shown"
+    lines = [f"dataset {redact_url(dest)}: {total or len(entries)} committed version(s){shown}"]
     for e in entries:
         if "unreadable" in e:
             lines.append(f"  version {e['version']}: unreadable: {e['unreadable']}")
@@ -90,22 +108,27 @@ def report(dest: str, entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(dest: str, options: dict[str, Any], as_json: bool) -> str:
+def run(dest: str, options: dict[str, Any], as_json: bool, last: int | None = None) -> str:
     fs, root = url_to_fs(dest, options)
-    entries = history(fs, root)
+    listed = list_versions(fs, root)
+    entries = history(fs, root, last, listed)
     if not entries:
         raise FileNotFoundError(f"no committed version under {redact_url(dest)}")
-    return json.dumps(entries, indent=1) if as_json else report(dest, entries)
+    return json.dumps(entries, indent=1) if as_json else report(dest, entries, len(listed))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="quantlake history", description=__doc__)
     p.add_argument("dest", help="dataset URL or path")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="only the last N versions (a dataset reindexed on a schedule has thousands)")
     p.add_argument("--json", action="store_true", help="print the history as JSON")
     add_storage_options(p)
     a = p.parse_args(argv)
+    if a.last is not None and a.last < 1:
+        p.error(f"--last must be >= 1, got {a.last}")
     options = storage_options(p, a)
-    status, text = run_reporting("history", lambda: run(a.dest, options, a.json), options, [a.dest])
+    status, text = run_reporting("history", lambda: run(a.dest, options, a.json, a.last), options, [a.dest])
     if status == 0:
         print(text)
     return status

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.lake.records import ShardSource, VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
-from workers.lake.versions import list_versions, read_version
+from workers.lake.versions import list_versions, read_version, read_versions
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,18 @@ def _size(n: int | None) -> str:
     raise AssertionError
 
 
-def report(dest: str, history: list[tuple[int, VersionManifest | str]], doc: VersionManifest) -> str:
+def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionManifest | str]],
+           doc: VersionManifest) -> str:
     """The human-readable report: one line per version, then the chosen version in detail.
 
     Args:
-        history: `(number, manifest)` of every committed version, ascending; instead of the
-            manifest, why it could not be read (one bad manifest hides neither the others
-            nor the version asked for).
+        versions: the committed versions' numbers, ascending.
+        history: `(number, manifest)` of each of them, in that order; instead of the manifest,
+            why it could not be read (one bad manifest hides neither the others nor the version
+            asked for). Taken one at a time: each manifest can go once its line is written.
         doc: the version to detail (validated).
     """
-    lines = [f"dataset {redact_url(dest)}: {len(history)} committed version(s)",
+    lines = [f"dataset {redact_url(dest)}: {len(versions)} committed version(s)",
              f"  {'version':>7}  {'created_at':<20}  {'writer':<8}  {'parent':>6}  {'shards':>6}  "
              f"{'documents':>9}  {'rejects':>7}  {'ranges':<12}  model"]
     for n, h in history:
@@ -64,7 +67,7 @@ def report(dest: str, history: list[tuple[int, VersionManifest | str]], doc: Ver
                      f"{h.parent if h.parent is not None else '-':>6}  {len(h.shards):>6}  "
                      f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h.ranges.id[:12]:<12}  "
                      f"{h.model.name}")
-    latest = history[-1][0]
+    latest = versions[-1]
     model, ranges, counts, b = doc.model, doc.ranges, doc.counts or {}, doc.bytes or {}
     lines += [
         f"version {doc.number}{' (latest)' if doc.number == latest else ''}, "
@@ -101,15 +104,19 @@ def run(cfg: InspectConfig) -> str:
     doc = read_version(fs, root, wanted)  # the version shown must be sound: its errors stop the command
     if cfg.as_json:
         return json.dumps(doc.to_json(), indent=1, sort_keys=True)
-    return report(cfg.dest, [(n, doc if n == wanted else _read_or_reason(fs, root, n)) for n in versions], doc)
+    return report(cfg.dest, versions, _history(fs, root, versions, doc), doc)
 
 
-def _read_or_reason(fs, root: str, n: int) -> VersionManifest | str:
-    """Version `n`'s manifest for the history table, or why it cannot be read."""
-    try:
-        return read_version(fs, root, n)
-    except (ValueError, FileNotFoundError) as exc:  # malformed, or vacuumed since the listing
-        return str(exc)
+def _history(fs, root: str, versions: list[int], doc: VersionManifest) -> Iterator[tuple[int, VersionManifest | str]]:
+    """Each version's manifest for the history table (`doc` for its own number, not read again),
+    or why it cannot be read (malformed, or vacuumed since the listing); read a few at a time."""
+    with closing(read_versions(fs, root, [n for n in versions if n != doc.number])) as others:
+        for n in versions:
+            if n == doc.number:
+                yield n, doc
+                continue
+            _, m = next(others)
+            yield n, str(m) if isinstance(m, Exception) else m
 
 
 def parse_args(argv: list[str] | None = None) -> InspectConfig:

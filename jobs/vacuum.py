@@ -27,7 +27,7 @@ from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import modified_at, url_to_fs
-from workers.lake.versions import list_versions, read_version
+from workers.lake.versions import list_versions, read_versions
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,20 @@ def _refuse_empty(fs, root: str, dest: str) -> None:
         "first ingest never committed, rerun that ingest (it reuses the shards already written)")
 
 
+def _read_all(fs, root: str, refs: References, numbers: list[int]) -> list[tuple[int, set[str], set[str]]]:
+    """Add versions `numbers` to `refs` (read a few at a time); an unreadable manifest stops the vacuum."""
+    out = []
+    for n, doc in read_versions(fs, root, numbers):
+        if isinstance(doc, Exception):
+            raise doc
+        paths, ids = refs.add(doc)
+        out.append((n, paths, ids))
+    return out
+
+
 def _read_new(fs, root: str, refs: References, skip: set[int]) -> list[tuple[int, set[str], set[str]]]:
     """Read the versions listed now that `refs` has not read (and are not in `skip`)."""
-    out = []
-    for n in list_versions(fs, root):
-        if n not in refs.read and n not in skip:
-            paths, ids = refs.add(read_version(fs, root, n))  # an unreadable manifest stops the vacuum
-            out.append((n, paths, ids))
-    return out
+    return _read_all(fs, root, refs, [n for n in list_versions(fs, root) if n not in refs.read and n not in skip])
 
 
 def plan(fs, root: str, cfg: VacuumConfig, now: float | None = None) -> VacuumResult:
@@ -205,8 +211,7 @@ def plan(fs, root: str, cfg: VacuumConfig, now: float | None = None) -> VacuumRe
     retained = versions[-cfg.retain:] if cfg.retain else versions
     expired = [n for n in versions if n not in retained]
     refs = References()
-    for n in retained:
-        refs.add(read_version(fs, root, n))  # an unreadable manifest stops the vacuum
+    _read_all(fs, root, refs, retained)
     for _ in range(3):
         if not _read_new(fs, root, refs, set(expired)):
             break

@@ -5,8 +5,11 @@ times rest on, without timing anything: counts, bytes, how often the manifest is
 checked, how many storage calls each step makes; and that the scan's driver holds one file's
 calibration sample at a time, whatever the number of files.
 """
+import gc
 import json
 import math
+import threading
+import weakref
 from collections import Counter
 from dataclasses import replace
 
@@ -215,3 +218,101 @@ def test_one_shard_without_scales_turns_them_off_for_every_group(lake, ranges):
         assert [g.scaled for g in groups] == [False, False, False]
     finally:
         groups.close()
+
+
+HISTORY = 14  # versions: several times what `read_versions` reads ahead
+
+
+class HeldManifests:
+    """Calls of `read_version` per version, whether each ran in a read-ahead thread, and the most
+    manifests alive at any call (the history readers' memory, in manifests)."""
+
+    def __init__(self, monkeypatch):
+        import jobs.history
+        import jobs.inspect_dataset
+        import workers.lake.versions as versions
+
+        self.reads: Counter = Counter()
+        self.in_threads: Counter = Counter()
+        self.alive: dict[int, weakref.ref] = {}  # manifests are unhashable: by id
+        self.most = 0
+        real = versions.read_version
+
+        def read(fs, root, n=None):
+            gc.collect()
+            self.most = max(self.most, sum(r() is not None for r in self.alive.values()))
+            m = real(fs, root, n)
+            self.alive[id(m)] = weakref.ref(m)
+            self.reads[n] += 1
+            self.in_threads[n] += threading.current_thread().name.startswith("quantlake-versions")
+            return m
+        for module in (versions, jobs.history, jobs.inspect_dataset):
+            monkeypatch.setattr(module, "read_version", read)
+
+    def clear(self) -> None:
+        self.reads.clear()
+        self.in_threads.clear()
+        self.most = 0
+
+
+@pytest.fixture(params=["local", "s3"])
+def long_history(request, ranges):
+    """HISTORY versions of a 40-shard dataset, each without the first shard and source file of
+    the one before: on local disk (manifests read one at a time) or S3 (read ahead in threads)."""
+    if request.param == "s3":
+        bucket, options = request.getfixturevalue("s3")
+        url = f"{bucket}/ds"
+    else:
+        url, options = request.getfixturevalue("lake")[0], {}
+    fs, root = url_to_fs(url, options)
+    draft = synthetic_version(fs, root, 40, ranges, rows=ROWS)
+    for v in range(HISTORY):
+        files = {f: i for f, i in draft.source.file_identities.items() if int(f.split("-")[1]) >= v}
+        assert commit(fs, root, replace(draft, parent=v or None, shards=draft.shards[v:],
+                                        source=replace(draft.source, files=files))) == v + 1
+    return url, options, fs, root, request.param == "s3"
+
+
+def test_history_and_inspect_hold_a_few_manifests_however_long_the_history(long_history, monkeypatch, capsys):
+    """They used to hold every version's manifest at once: ~16 MB each at 10,000 shards, and a
+    dataset reindexed every 10 minutes commits 144 versions a day."""
+    from jobs.cli import main as cli
+    from jobs.history import history, report
+    from jobs.inspect_dataset import InspectConfig, run as inspect
+    from workers.lake.versions import VERSIONS_READ_AHEAD
+
+    url, options, fs, root, remote = long_history
+    every = Counter(range(1, HISTORY + 1))
+    held = HeldManifests(monkeypatch)
+    entries = history(fs, root)
+    assert held.reads == every  # each manifest read once, as a parent not again
+    assert held.in_threads == (every if remote else Counter())  # read ahead over a network only
+    assert held.most <= VERSIONS_READ_AHEAD + 2 < HISTORY  # those read ahead, the one in hand, its parent
+    assert [(e["version"], e["parent"], e["shards"]) for e in entries] == [
+        (v, v - 1 or None, 40 - v + 1) for v in range(1, HISTORY + 1)]
+    for v, e in enumerate(entries[1:], start=1):
+        c = e["changes"]
+        assert (c["files_removed"], c["files_added"], c["files_changed"]) == ([f"part-{v - 1}-0.parquet"], [], [])
+        assert (c["shards_dropped"], c["shards_added"], c["ranges_changed"]) == (1, 0, False)
+
+    # The last few: the first one's parent is read on its own, for its changes.
+    held.clear()
+    tail = history(fs, root, last=3)
+    assert tail == entries[-3:]
+    assert held.reads == Counter(range(HISTORY - 3, HISTORY + 1))
+    assert report(url, tail, HISTORY).startswith(f"dataset {url}: {HISTORY} committed version(s), the last 3 shown\n")
+    assert cli(["history", url, "--last", "2", "--json", "--storage-options", json.dumps(options)]) == 0
+    assert json.loads(capsys.readouterr().out) == entries[-2:]
+    with pytest.raises(SystemExit) as bad:
+        cli(["history", url, "--last", "0"])
+    assert bad.value.code == 2
+    assert "--last must be >= 1, got 0" in capsys.readouterr().err
+
+    held.clear()
+    text = inspect(InspectConfig(url, version=5, storage_options=options))
+    assert held.reads == every  # version 5, the one detailed, read once
+    assert held.most <= VERSIONS_READ_AHEAD + 2
+    rows = [line.split() for line in text.splitlines()[2:HISTORY + 2]]
+    assert [(int(r[0]), r[3], int(r[4])) for r in rows] == [(v, str(v - 1 or "-"), 40 - v + 1)
+                                                            for v in range(1, HISTORY + 1)]
+    assert "version 5, committed" in text

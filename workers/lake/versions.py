@@ -21,13 +21,16 @@ import posixpath
 import re
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from workers.lake.redact import redact_url
 from ranges.encoding import pretty_json
 from workers.lake.records import MAX_VERSION, VersionManifest, validate
-from workers.lake.storage import cat_uncached, create_only, join, ls_uncached
+from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, over_network
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,45 @@ def read_version(fs, root: str, n: int | None = None) -> VersionManifest:
         raise ValueError(f"{where}: the file says it is version {manifest.version}; "
                          "a manifest must not be copied or renamed")
     return manifest
+
+
+# Manifests `read_versions` reads ahead of its caller: enough to overlap object storage's round
+# trips with parsing, few enough that a long history is never in memory at once (a version of
+# 10,000 shards is ~7 MB of JSON and ~16 MB parsed; a reindex every 10 minutes commits 144 a day).
+VERSIONS_READ_AHEAD = 4
+
+
+def read_versions(fs, root: str, numbers: Iterable[int],
+                  ahead: int = VERSIONS_READ_AHEAD) -> Iterator[tuple[int, VersionManifest | Exception]]:
+    """`(n, manifest)` for each of `numbers`, in their order; a manifest that cannot be read
+    (malformed, empty, vacuumed since it was listed) comes as its ValueError or FileNotFoundError,
+    for the caller to report or raise. Other errors (storage unreachable) are raised.
+
+    Over a network (`over_network`) up to `ahead` are read at a time in threads, so their round
+    trips overlap; on local disk and memory:// one at a time in the caller's thread (parsing is
+    the work there, and threads parsing side by side were slower: 17.4 s against 13.0 s for 30
+    versions of 10,000 shards). Either way at most `ahead` manifests are held besides the caller's.
+    """
+    def read(n: int) -> VersionManifest | Exception:
+        try:
+            return read_version(fs, root, n)
+        except (ValueError, FileNotFoundError) as exc:
+            return exc
+
+    if not over_network(fs):
+        for n in numbers:
+            yield n, read(n)
+        return
+    todo = iter(list(numbers))
+    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="quantlake-versions") as pool:
+        pending = deque((n, pool.submit(read, n)) for n in islice(todo, max(1, ahead)))
+        while pending:
+            n, done = pending.popleft()
+            if (nxt := next(todo, None)) is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            got = done.result()
+            del done
+            yield n, got
 
 
 def now() -> str:
