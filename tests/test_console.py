@@ -121,3 +121,36 @@ def test_encoder_actors_that_leave_no_cpu_for_the_tasks_are_an_error_not_a_wait(
                         r"(\d+) CPUs for the scan, read and write tasks, which need 1: the job would wait for ever "
                         r"\(at most (\d+) encoder actor\(s\) fit, --encoder-actors\)\n", err), err
     assert not (tmp_path / "dest" / "versions").exists()
+
+
+# What a Ray worker process wrote to stderr in a failing ingest here (abseil's mutex debug trace),
+# which Ray forwarded to the driver, then a line of the task's own.
+ABSEIL_TRACE = ["[mutex.cc : 452] RAW: Lock blocking 0x55a73eff0b70   @ 0x7f75eec2b1a2 0x7f75edcfb23c 0x7f75ee5c2022",
+                "[mutex.cc : 452] RAW: Lock returning 0x55a73eff0b70   @ 0x7f75eec2b1a2 0x7f75edcfb23c",
+                "[mutex.cc : 452] RAW: Unlock 0x55a73eff0b70   @ 0x7f75ee5c2125 0x7f75eec4c3b0"]
+OWN_LINE = "a line the task printed itself"
+PRINTED = "\n".join(ABSEIL_TRACE + [OWN_LINE])
+WORKER_PRINTS = f"""
+import sys, time
+from workers.ray_session import init_ray
+init_ray(None)
+import ray
+
+@ray.remote
+def task():
+    print({PRINTED!r}, file=sys.stderr, flush=True)
+
+ray.get(task.remote())
+time.sleep(3)  # the driver prints forwarded lines as they come, and stops at shutdown
+ray.shutdown()
+"""
+
+
+def test_abseil_mutex_traces_from_a_worker_are_not_forwarded_and_its_own_lines_are(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)  # the command sets it itself
+    with Job(["-c", WORKER_PRINTS], tmp_path) as job:
+        rc, out, err = job.run()
+    assert rc == 0, err
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", err)  # Ray colours the prefix
+    assert len(re.findall(rf"^\(task pid=\d+\) {OWN_LINE}$", plain, re.M)) == 1, err
+    assert "mutex.cc" not in err and "RAW:" not in err, err

@@ -32,6 +32,13 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
 MIN_LOCAL_CPUS = 2
 # How long the GCS (or Ray Client server) gets to accept a TCP connection before the job gives up.
 CONNECT_TIMEOUT_S = 10.0
+# Lines from Ray's worker processes that the driver does not print: abseil's mutex debug trace,
+# which a worker now and then writes to stderr ("[mutex.cc : 452] RAW: Lock blocking 0x... @ ...",
+# three lines in a row in a failing ingest's output here), news to no one and alarming to read.
+# Ray's driver reads RAY_DEDUP_LOGS_SKIP_REGEX when `ray` is first imported, so it is set when this
+# module is, which every command imports before Ray; one set by the user is kept.
+WORKER_NOISE = r"\[mutex\.cc : \d+\] RAW: "
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", WORKER_NOISE)
 
 
 class RayUnreachable(ConnectionError):
