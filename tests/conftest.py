@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import workers.ray_session  # noqa: E402,F401 - sets Ray's filter of worker noise before anything imports Ray
 # Models exported for the onnx backend go to a cache of the test session's own, never the
 # user's (Ray workers and job subprocesses inherit it); removed at the end (`pytest_unconfigure`).
 _CACHE = None
