@@ -22,16 +22,20 @@ class InspectConfig:
         version: the version to detail (None: the latest committed one).
         as_json: print that version's manifest as JSON instead of the report.
         storage_options: fsspec options (endpoint, credentials).
+        last: list only the last `last` versions in the table (None: all); each listed one's
+            manifest is read, which a dataset reindexed on a schedule has thousands of.
     """
 
     dest: str
     version: int | None = None
     as_json: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    last: int | None = None
 
     def __post_init__(self):
-        if self.version is not None and self.version < 1:
-            raise ValueError(f"--version must be >= 1, got {self.version}")
+        for name in ("version", "last"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
 
 
 def _size(n: int | None) -> str:
@@ -45,17 +49,19 @@ def _size(n: int | None) -> str:
 
 
 def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionManifest | str]],
-           doc: VersionManifest) -> str:
+           doc: VersionManifest, shown: int | None = None) -> str:
     """The human-readable report: one line per version, then the chosen version in detail.
 
     Args:
         versions: the committed versions' numbers, ascending.
-        history: `(number, manifest)` of each of them, in that order; instead of the manifest,
-            why it could not be read (one bad manifest hides neither the others nor the version
-            asked for). Taken one at a time: each manifest can go once its line is written.
+        history: `(number, manifest)` of each of them (the last `shown` of them, when given), in
+            that order; instead of the manifest, why it could not be read (one bad manifest hides
+            neither the others nor the version asked for). Taken one at a time: each manifest
+            can go once its line is written.
         doc: the version to detail (validated).
     """
-    lines = [f"dataset {redact_url(dest)}: {len(versions)} committed version(s)",
+    some = "" if shown in (None, len(versions)) else f", the last {shown} shown"
+    lines = [f"dataset {redact_url(dest)}: {len(versions)} committed version(s){some}",
              f"  {'version':>7}  {'created_at':<20}  {'writer':<8}  {'parent':>6}  {'shards':>6}  "
              f"{'documents':>9}  {'rejects':>7}  {'ranges':<12}  model"]
     for n, h in history:
@@ -104,12 +110,14 @@ def run(cfg: InspectConfig) -> str:
     doc = read_version(fs, root, wanted)  # the version shown must be sound: its errors stop the command
     if cfg.as_json:
         return json.dumps(doc.to_json(), indent=1, sort_keys=True)
-    return report(cfg.dest, versions, _history(fs, root, versions, doc), doc)
+    table = versions[-cfg.last:] if cfg.last else versions
+    return report(cfg.dest, versions, _history(fs, root, table, doc), doc, len(table))
 
 
 def _history(fs, root: str, versions: list[int], doc: VersionManifest) -> Iterator[tuple[int, VersionManifest | str]]:
-    """Each version's manifest for the history table (`doc` for its own number, not read again),
-    or why it cannot be read (malformed, or vacuumed since the listing); read a few at a time."""
+    """The manifest of each of `versions` for the history table (`doc` for its own number, not
+    read again), or why it cannot be read (malformed, or vacuumed since the listing); read a few
+    at a time."""
     with closing(read_versions(fs, root, [n for n in versions if n != doc.number])) as others:
         for n in versions:
             if n == doc.number:
@@ -123,12 +131,14 @@ def parse_args(argv: list[str] | None = None) -> InspectConfig:
     p = argparse.ArgumentParser(prog="quantlake inspect", description=__doc__)
     p.add_argument("dest", help="dataset URL or path")
     p.add_argument("--version", type=int, default=None, help="version to show (default: the latest)")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="list only the last N versions (each listed version's manifest is read)")
     p.add_argument("--json", action="store_true", help="print the version's manifest as JSON")
     add_storage_options(p)
     a = p.parse_args(argv)
     options = storage_options(p, a)
     try:
-        return InspectConfig(a.dest, a.version, a.json, options)
+        return InspectConfig(a.dest, a.version, a.json, options, a.last)
     except ValueError as exc:
         p.error(str(exc))
 

@@ -275,7 +275,7 @@ def long_history(request, ranges):
 
 def test_history_and_inspect_hold_a_few_manifests_however_long_the_history(long_history, monkeypatch, capsys):
     """They used to hold every version's manifest at once: ~16 MB each at 10,000 shards, and a
-    dataset reindexed every 10 minutes commits 144 versions a day."""
+    dataset reindexed every 10 minutes commits 144 versions a day. `--last N` reads N of them."""
     from jobs.cli import main as cli
     from jobs.history import history, report
     from jobs.inspect_dataset import InspectConfig, run as inspect
@@ -316,3 +316,14 @@ def test_history_and_inspect_hold_a_few_manifests_however_long_the_history(long_
     assert [(int(r[0]), r[3], int(r[4])) for r in rows] == [(v, str(v - 1 or "-"), 40 - v + 1)
                                                             for v in range(1, HISTORY + 1)]
     assert "version 5, committed" in text
+
+    # The table's last few: their manifests and the detailed version's, no other.
+    held.clear()
+    lines = inspect(InspectConfig(url, version=5, storage_options=options, last=3)).splitlines()
+    assert held.reads == Counter([5, HISTORY - 2, HISTORY - 1, HISTORY])
+    assert lines[0] == f"dataset {url}: {HISTORY} committed version(s), the last 3 shown"
+    assert [int(line.split()[0]) for line in lines[2:5]] == [HISTORY - 2, HISTORY - 1, HISTORY]
+    assert lines[5].startswith("version 5, committed")
+    with pytest.raises(SystemExit) as bad:
+        cli(["inspect", url, "--last", "0"])
+    assert bad.value.code == 2 and "--last must be >= 1, got 0" in capsys.readouterr().err
