@@ -161,9 +161,9 @@ def read_versions(fs, root: str, numbers: Iterable[int],
         for n in numbers:
             yield n, read(n)
         return
-    todo = iter(list(numbers))
-    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="quantlake-versions") as pool:
-        pending = deque((n, pool.submit(read, n)) for n in islice(todo, max(1, ahead)))
+    ahead, todo = max(1, ahead), iter(numbers)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="quantlake-versions") as pool:
+        pending = deque((n, pool.submit(read, n)) for n in islice(todo, ahead))
         while pending:
             n, done = pending.popleft()
             if (nxt := next(todo, None)) is not None:
