@@ -1,7 +1,8 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
     python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
-                          [--scan-s3 0 [--latency-ms 0]] [--history-versions 0] [--json]
+                          [--scan-s3 0 [--latency-ms 0]] [--history-versions 0]
+                          [--shard-sizes 10000,1000,100 [--shard-size-rows 100000]] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
@@ -26,6 +27,9 @@ Measured here, each stage alone:
   listing    `list_source` of 1,000 / 10,000 empty Parquet-named files on local disk;
   history    with --history-versions N, `history` and `inspect` over N versions of 10,000
              synthetic shards: seconds and peak RSS, each in a process of its own;
+  shard size with --shard-sizes S1,S2,...: the same --shard-size-rows vectors committed as shards
+             of each size (a lake of files of that many rows: a shard never spans two files),
+             then `Searcher.open` and the default search, batched and one query per call;
   overlap    with --ingest-docs N: an ingest of N demo documents, the sum of the per-shard stage
              seconds against the main pass's wall time.
 docs/scaling.md projects these to 100M documents. Figures depend on the machine's load: the
@@ -446,6 +450,40 @@ def bench_overlap(work: str, docs: int) -> dict:
             "write_s": r["write_s"], "stage_sum_over_main_pass": round(stages / main, 3)}
 
 
+def bench_shard_sizes(work: str, rm: RangeManifest, rows: int, sizes: list[int], queries: int = 200,
+                      single: int = 50) -> dict:
+    """The same `rows` vectors committed as shards of each size in `sizes` (what a lake of files of
+    that many rows gives: a shard never spans two source files), then searched (the default search,
+    thread backend): `Searcher.open` time, queries/s batched and one per call, each against the
+    largest size's. The vectors and queries are random unit vectors, so only the times mean anything."""
+    from workers.ingest.from_vectors import write_vectors
+    from workers.search.searcher import Searcher
+
+    x = unit_vectors(rows, seed=3)
+    q = unit_vectors(queries, seed=4)
+    ids = [f"doc-{i}" for i in range(rows)]
+    out = {"rows": rows, "sizes": {}}
+    for size in sorted(sizes, reverse=True):
+        dest = os.path.join(work, f"shard-size-{size}")
+        write_vectors(dest, ids, x, rm, unit_rows=size)
+        t0 = time.perf_counter()
+        searcher = Searcher.open(dest)
+        open_s = time.perf_counter() - t0
+        try:
+            searcher.search_vectors(q[:8])  # warm: the decoded int8 columns, the thread pool
+            batch_s = timed(lambda: searcher.search_vectors(q), repeat=2)
+            one_s = timed(lambda: [searcher.search_vectors(q[i:i + 1]) for i in range(single)], repeat=2)
+        finally:
+            searcher.close()
+        out["sizes"][size] = {"shards": -(-rows // size), "open_s": round(open_s, 3),
+                              "batched_qps": round(queries / batch_s, 1), "single_qps": round(single / one_s, 1)}
+    top = out["sizes"][max(sizes)]
+    for r in out["sizes"].values():
+        r["batched_vs_largest"] = round(r["batched_qps"] / top["batched_qps"], 3)
+        r["single_vs_largest"] = round(r["single_qps"] / top["single_qps"], 3)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", default="100,1000,10000")
@@ -459,6 +497,9 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=0, help="with --scan-s3: each request that many ms late")
     p.add_argument("--history-versions", type=int, default=0,
                    help="time `history` and `inspect` over N versions of 10,000 shards, with their peak RSS")
+    p.add_argument("--shard-sizes", default="",
+                   help="search the same --shard-size-rows vectors written as shards of these sizes, e.g. 10000,1000,100")
+    p.add_argument("--shard-size-rows", type=int, default=100_000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="quantlake-scale-")
@@ -505,6 +546,10 @@ def main() -> None:
         if a.history_versions:
             res["history"] = bench_history(work, rm, a.history_versions)
             print("history", res["history"], flush=True)
+        if a.shard_sizes:
+            res["shard_sizes"] = bench_shard_sizes(work, rm, a.shard_size_rows,
+                                                   [int(x) for x in a.shard_sizes.split(",")])
+            print("shard sizes", res["shard_sizes"], flush=True)
         if a.ingest_docs:
             res["overlap"] = bench_overlap(work, a.ingest_docs)
             print("overlap", res["overlap"], flush=True)

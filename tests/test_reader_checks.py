@@ -42,7 +42,8 @@ def test_each_index_class_loads_when_the_record_names_it(copy_dataset, index_typ
     index = open_version(str(copy_dataset)).read_index(TARGET)
     assert type(index).__name__ == index_type and index.ntotal == s["rows"] == 40
     with Searcher.open(str(copy_dataset), model=MODEL) as searcher:
-        assert type(searcher.groups[TARGET].indexes[TARGET]).__name__ == index_type
+        groups = searcher.groups
+        assert groups[groups.owner[TARGET]].index_classes()[TARGET] == index_type
         codes = codes_of(copy_dataset, s)[:5]  # a shard's own codes find their own rows
         hits = searcher.search_vectors(np.unpackbits(codes, axis=1) * 2.0 - 1, k=1, rescore="none",
                                        candidates="hamming")

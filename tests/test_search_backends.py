@@ -8,7 +8,7 @@ import pytest
 
 from ranges.manifest import RangeManifest
 from workers.embedding.encoder import BUNDLED, model_fingerprint, resolve_model
-from workers.embedding.quantizer import quantize
+from workers.embedding.quantizer import quantize, sign_scales
 from workers.ingest.from_vectors import write_vectors
 from workers.search.rescore import ASYMMETRIC_POOL, bit_scores, bit_tables, narrow_candidates, pool_sizes
 from workers.search.searcher import Searcher, sample_rows
@@ -30,16 +30,16 @@ def _group_answers(codes, q, bounds, pool):
     return parts
 
 
-def _brute_force(codes, q, pool, keep):
+def _brute_force(codes, q, pool, keep, scales=None):
     """Global row numbers: the Hamming top `pool` of all rows end to end, then the best `keep` of
-    those by float query against ±1/sqrt(dim) signs."""
+    those by float query against ±1/sqrt(dim) signs (times each row's `scales`, when given)."""
     signs = np.unpackbits(codes, axis=1) * 2.0 - 1
     out = []
     for qi in q.astype(np.float64):
         hamming = (np.unpackbits(codes, axis=1) != (qi > 0)).sum(axis=1)
         cand = np.lexsort((np.arange(len(codes)), hamming))[:pool]
         if keep is not None:
-            scores = signs[cand] @ qi / np.sqrt(len(qi))
+            scores = signs[cand] @ qi / np.sqrt(len(qi)) * (1 if scales is None else scales[cand])
             cand = cand[np.argsort(-scores, kind="stable")[:keep]]
         out.append(cand.tolist())
     return out
@@ -143,9 +143,10 @@ def both(version, ray_session):
 
 def test_ray_groups_are_balanced_runs_of_shards(both):
     threads, ray_actors = both
-    assert threads.groups.owner.tolist() == [0, 1, 2, 3, 4] and len(threads.groups) == 5
-    # Rows 150, 150, 150, 150, 100: the first run ends at the shard that passes half the rows.
-    assert ray_actors.groups.owner.tolist() == [0, 0, 0, 1, 1]
+    # Rows 150, 150, 150, 150, 100: the first run ends at the shard that passes half the rows;
+    # threads and actors alike (one group per thread).
+    assert threads.groups.owner.tolist() == ray_actors.groups.owner.tolist() == [0, 0, 0, 1, 1]
+    assert len(threads.groups) == 2
 
 
 def test_backends_give_the_same_arrays(both, version):
@@ -203,3 +204,65 @@ def test_an_actor_that_cannot_open_its_shards_fails_the_open(version, tmp_path, 
     with pytest.raises(RuntimeError, match=rf"a search actor could not open its shards: (.|\n)*{shard['index']}"):
         Searcher.open(str(dest), backend="ray", actors=2, actor_cpus=0.5)
     assert ray_session.is_initialized()  # the session's instance: not this searcher's to stop
+
+
+# ---------------------------------------------------------------------------------------------
+# Many small shards (a lake of many small files): a group searches its flat shards as one index
+
+SMALL = 25  # rows per shard: 24 shards over 600 rows
+
+
+@pytest.fixture(scope="module")
+def ties(tmp_path_factory):
+    """600 rows that are 30 distinct vectors repeated (every Hamming distance is a tie many times
+    over), as shards of 25 rows and as one shard, with their sign-bit scales."""
+    rng = np.random.default_rng(5)
+    distinct = rng.standard_normal((30, DIM)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    x = distinct[rng.integers(0, 30, 600)]
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, len(x), 0)
+    root = tmp_path_factory.mktemp("ties")
+    for name, unit in (("small", SMALL), ("one", 10_000)):
+        write_vectors(str(root / name), [f"doc{i}" for i in range(len(x))], x, rm, unit)
+    q = distinct[:8] + 0.2 * rng.standard_normal((8, DIM)).astype(np.float32)
+    return root, x, q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+class FaissSearches:
+    """Counts the FAISS binary flat searches made (each a call, whatever the rows it covers)."""
+
+    def __init__(self, monkeypatch):
+        import faiss
+
+        self.calls = 0
+        real = faiss.IndexBinaryFlat.search
+
+        def search(index, *args, **kwargs):
+            self.calls += 1
+            return real(index, *args, **kwargs)
+        monkeypatch.setattr(faiss.IndexBinaryFlat, "search", search)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_group_of_small_flat_shards_is_one_search_with_the_same_ties(ties, threads, monkeypatch):
+    root, x, q = ties
+    codes = np.packbits(x > 0, axis=1)
+    qbin = quantize(q, None, "ubinary")
+    with Searcher.open(str(root / "small"), threads=threads) as small, Searcher.open(str(root / "one")) as one:
+        groups = small.groups
+        assert len(small.manifest.shards) == 24 and len(groups) == threads
+        assert all(g.indexes == {} for g in groups)  # each shard's own index dropped once joined
+        assert [c for g in groups for c in g.index_classes().values()] == ["IndexBinaryFlat"] * 24
+        counted = FaissSearches(monkeypatch)
+        for pool, keep in ((40, None), (160, 10), (600, 600)):
+            found = groups.candidates(q, qbin, pool, keep is not None, None, None)
+            assert counted.calls == threads  # one FAISS search per group, not one per shard
+            counted.calls = 0
+            _, shards, rows, _ = narrow_candidates(*found, pool, keep)
+            assert (shards * SMALL + rows).tolist() == _brute_force(codes, q, pool, keep, sign_scales(x))
+        for options in ({}, {"rescore": "bits"}, {"candidates": "hamming", "rescore": "bits"},
+                        {"candidates": "hamming", "rescore": "none"}, {"k": 600}):
+            a, b = small.search_vectors(q, **options), one.search_vectors(q, **options)
+            assert [[(h.id, h.score, h.row + int(h.shard.split("-")[1])) for h in hits]
+                    for hits in a] == [[(h.id, h.score, h.row) for h in hits] for hits in b]

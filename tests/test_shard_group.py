@@ -30,7 +30,7 @@ def test_index_type_is_recorded_loaded_and_finds_near_copies(tmp_path, vectors, 
     write_vectors(str(tmp_path), [f"doc{i}" for i in range(ROWS)], x, rm, UNIT, index_type)
     with Searcher.open(str(tmp_path)) as s:
         assert [sh.index_type for sh in s.manifest.shards] == [index_type] * (ROWS // UNIT)
-        assert {type(i).__name__ for g in s.groups for i in g.indexes.values()} == {index_type}
+        assert {c for g in s.groups for c in g.index_classes().values()} == {index_type}
         hits = s.search_vectors(q, k=10)
     assert np.mean([h[0].id == f"doc{i}" for h, i in zip(hits, pick)]) >= 0.95
 

@@ -74,17 +74,24 @@ def gathered(n: int, positions: Sequence[np.ndarray], answers: Sequence[tuple], 
 
 
 class ThreadShardGroups:
-    """One `ShardGroup` per shard in this process; a request fans out over a thread pool.
+    """`ShardGroup`s in this process, one per thread: contiguous runs of shards of about equal
+    rows (`balanced_bounds`); a request fans out over a thread pool.
+
+    One group per thread rather than per shard: a group searches its flat-index shards as one
+    FAISS index (`ShardGroup`), and each group a request visits costs a call on the pool, so a
+    version of many small shards (a lake of many small files) is searched in a few calls per
+    query, not one per shard.
 
     Args:
-        groups: the groups, by shard ordinal (group i holds shard i).
+        groups: the groups, in shard order.
+        owner: the group of each shard ordinal.
         threads: groups searched at once (1: one after another, no pool).
         cache_dir: the groups' spill folder, removed on close when not None (one this class made).
     """
 
-    def __init__(self, groups: list[ShardGroup], threads: int, cache_dir: str | None = None):
+    def __init__(self, groups: list[ShardGroup], owner: np.ndarray, threads: int, cache_dir: str | None = None):
         self.groups = groups
-        self.owner = np.arange(len(groups))
+        self.owner = owner
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._cache_dir = cache_dir
 
@@ -103,19 +110,28 @@ class ThreadShardGroups:
         own = cache_dir is None
         cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if own else cache_dir
         try:
+            # Each shard loaded on its own, `threads` at a time (reads from object storage overlap),
+            # then joined into one group per thread.
             with ThreadPoolExecutor(max(1, threads)) as pool:
-                groups = list(pool.map(lambda o: ShardGroup(ds, [o], ranges, index, cache_dir), range(len(ds.shards))))
+                parts = list(pool.map(lambda o: ShardGroup(ds, [o], ranges, index, cache_dir), range(len(ds.shards))))
+            bounds = balanced_bounds([s.rows for s in ds.shards], threads) if parts else [0]
+            owner = np.zeros(len(parts), np.int64)
+            groups = []
+            for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                owner[a:b] = g
+                groups.append(ShardGroup.joined(parts[a:b]))
+                parts[a:b] = [None] * (b - a)  # spent: their indexes moved into the group
         except BaseException:
             if own:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             raise
-        return cls(groups, threads, cache_dir if own else None)
+        return cls(groups, owner, threads, cache_dir if own else None)
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, ordinal: int) -> ShardGroup:
-        return self.groups[ordinal]
+    def __getitem__(self, g: int) -> ShardGroup:
+        return self.groups[g]
 
     def __iter__(self):
         return iter(self.groups)
