@@ -498,7 +498,7 @@ def main() -> None:
     p.add_argument("--history-versions", type=int, default=0,
                    help="time `history` and `inspect` over N versions of 10,000 shards, with their peak RSS")
     p.add_argument("--shard-sizes", default="",
-                   help="search the same --shard-size-rows vectors written as shards of these sizes, e.g. 10000,1000,100")
+                   help="search the same --shard-size-rows vectors as shards of these sizes, e.g. 10000,1000,100")
     p.add_argument("--shard-size-rows", type=int, default=100_000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()

@@ -266,3 +266,33 @@ def test_a_group_of_small_flat_shards_is_one_search_with_the_same_ties(ties, thr
             a, b = small.search_vectors(q, **options), one.search_vectors(q, **options)
             assert [[(h.id, h.score, h.row + int(h.shard.split("-")[1])) for h in hits]
                     for hits in a] == [[(h.id, h.score, h.row) for h in hits] for hits in b]
+
+
+def test_shards_load_a_few_at_a_time_ahead_of_their_group(ties, monkeypatch):
+    """Opening loads each shard's index on the pool, at most twice the threads ahead of the group
+    copying them into its joined index, so memory holds a few shards' indexes besides the group's."""
+    import threading
+
+    from workers.search.shard_group import FlatRun, ShardGroup
+
+    root, x, _ = ties
+    loaded, copied, ahead, where = [], [], [], set()
+    real_load, real_append = ShardGroup._load, FlatRun.append
+
+    def load(self, o, s):
+        out = real_load(self, o, s)
+        loaded.append(o)
+        where.add(threading.current_thread().name)
+        ahead.append(len(loaded) - len(copied))
+        return out
+
+    def append(self, o, index):
+        copied.append(o)
+        return real_append(self, o, index)
+    monkeypatch.setattr(ShardGroup, "_load", load)
+    monkeypatch.setattr(FlatRun, "append", append)
+    with Searcher.open(str(root / "small"), threads=2) as s:
+        assert sorted(loaded) == list(range(24))  # each shard once
+        assert copied == list(range(24))  # into the groups in ordinal order
+        assert max(ahead) <= 2 * 2 and len(where) >= 2 and all(t.startswith("quantlake-shards") for t in where)
+        assert sum(g._flat.index.ntotal for g in s.groups) == len(x)

@@ -109,19 +109,17 @@ class ThreadShardGroups:
         threads = threads or len(os.sched_getaffinity(0))
         own = cache_dir is None
         cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if own else cache_dir
+        bounds = balanced_bounds([s.rows for s in ds.shards], threads) if ds.shards else [0]
+        owner = np.zeros(len(ds.shards), np.int64)
+        groups: list[ShardGroup] = []
         try:
-            # Each shard loaded on its own, `threads` at a time (reads from object storage overlap),
-            # then joined into one group per thread.
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                parts = list(pool.map(lambda o: ShardGroup(ds, [o], ranges, index, cache_dir), range(len(ds.shards))))
-            bounds = balanced_bounds([s.rows for s in ds.shards], threads) if parts else [0]
-            owner = np.zeros(len(parts), np.int64)
-            groups = []
             for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 owner[a:b] = g
-                groups.append(ShardGroup.joined(parts[a:b]))
-                parts[a:b] = [None] * (b - a)  # spent: their indexes moved into the group
+                # The group's shards load `threads` at a time (reads from object storage overlap).
+                groups.append(ShardGroup(ds, range(a, b), ranges, index, cache_dir, threads=threads))
         except BaseException:
+            for group in groups:
+                group.close()
             if own:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             raise

@@ -5,7 +5,9 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -62,10 +64,11 @@ class ShardGroup:
         index: `binary` keeps the shards' FAISS binary indexes; `int8` builds one-byte scalar
             quantizer indexes from the int8 vectors instead (8x the memory, no rescoring).
         cache_dir: local folder for the spilled columns (None: a temporary one, removed on close).
+        threads: shards loaded at once (each read and checked against its sha256).
     """
 
     def __init__(self, ds: DatasetVersion, ordinals: Sequence[int], ranges: np.ndarray,
-                 index: SearchIndex = "binary", cache_dir: str | None = None):
+                 index: SearchIndex = "binary", cache_dir: str | None = None, threads: int = 1):
         self.ds = ds
         self.shards = {int(o): self.ds.shards[int(o)] for o in ordinals}
         self.ranges = np.asarray(ranges, np.float32)
@@ -80,50 +83,57 @@ class ShardGroup:
         # shard would make opening 10,000 shards cost 10,000 x 10,000 checks.
         self.scaled = ds.scaled
         self._lock = threading.Lock()
-        self.indexes = {o: self._load(o, s) for o, s in self.shards.items()}
-        self._join_flat()
+        # Flat-index shards are laid end to end in one `IndexBinaryFlat`, in ordinal order, as
+        # they load: a query then costs one FAISS search for them all instead of one per shard
+        # with its per-shard merge and bit scores (~0.25 ms of overhead per shard and query, which
+        # made a version of 10,000 shards take seconds per query). The results are the same:
+        # FAISS keeps the lowest row among equal distances, so ties break by (shard ordinal, row)
+        # as `merge` breaks them across shards. Each shard's own index is dropped once its codes
+        # are copied, so the group holds them once. HNSW and IVF shards keep their own index.
+        self.indexes: dict[int, Any] = {}
+        flat_rows = sum(s.rows for s in self.shards.values() if s.index_type in (None, "IndexBinaryFlat"))
+        self._flat: FlatRun | None = FlatRun(self.dim, flat_rows) if index == "binary" else None
+        try:
+            for o, loaded in self._loaded(threads):
+                if self._flat is not None and type(loaded) is faiss.IndexBinaryFlat:
+                    self._flat.append(o, loaded)
+                else:
+                    self.indexes[o] = loaded
+                del loaded
+        except BaseException:
+            self.close()
+            raise
+        if self._flat is not None:
+            self._flat.done()
 
-    @classmethod
-    def joined(cls, parts: Sequence["ShardGroup"]) -> "ShardGroup":
-        """One group of the loaded groups `parts` (of one version, ranges, index kind and spill
-        folder), taking over their indexes and spills without reading anything again; `parts`
-        are spent (their indexes move)."""
-        first = parts[0]
-        group = cls.__new__(cls)
-        group.ds, group.ranges, group.dim, group.kind = first.ds, first.ranges, first.dim, first.kind
-        group.cache_dir, group._own_dir, group.scaled = first.cache_dir, False, first.scaled
-        group._lock = threading.Lock()
-        group.shards, group._spills, group.indexes = {}, {}, {}
-        for part in parts:
-            group.shards.update(part.shards)
-            group._spills.update(part._spills)
-            group.indexes.update(part._take_indexes())
-        group._join_flat()
-        return group
-
-    def _take_indexes(self) -> dict[int, Any]:
-        indexes, self.indexes = self.indexes, {}
-        if self._flat is not None:  # laid end to end already: hand them on as one shard each
-            indexes.update(self._flat.split())
-            self._flat = None
-        return indexes
-
-    def _join_flat(self) -> None:
-        """Lay the group's flat-index shards end to end in one `IndexBinaryFlat`, in ordinal order.
-
-        A query then costs one FAISS search for them all instead of one per shard, with its
-        per-shard merge and bit scores: ~0.25 ms of overhead per shard and query, which made a
-        version of 10,000 shards take seconds per query. The results are the same: FAISS keeps
-        the lowest row among equal distances, so ties break by (shard ordinal, row) as `merge`
-        breaks them across shards. Each shard's own index is dropped once its codes are copied.
-        """
-        self._flat: FlatRun | None = None
-        if self.kind != "binary":
+    def _loaded(self, threads: int) -> Iterator[tuple[int, Any]]:
+        """(ordinal, loaded index) of each shard, in ordinal order, `threads` loads at a time with
+        at most twice that many loaded ahead of the caller (reads from object storage overlap, and
+        memory holds a few shards' indexes besides the group's, not all of them)."""
+        shards = sorted(self.shards.items())
+        if threads <= 1 or len(shards) < 2:
+            for o, s in shards:
+                yield o, self._load(o, s)
             return
-        flat = sorted(o for o, index in self.indexes.items() if type(index) is faiss.IndexBinaryFlat)
-        if len(flat) < 2:
-            return
-        self._flat = FlatRun(self.dim, [(o, self.indexes.pop(o)) for o in flat])
+        with ThreadPoolExecutor(threads, thread_name_prefix="quantlake-shards") as pool:
+            ahead: deque = deque()
+            todo = iter(shards)
+            try:
+                for o, s in todo:
+                    ahead.append((o, pool.submit(self._load, o, s)))
+                    if len(ahead) >= 2 * threads:
+                        break
+                while ahead:
+                    o, future = ahead.popleft()
+                    loaded = future.result()
+                    for o2, s2 in todo:
+                        ahead.append((o2, pool.submit(self._load, o2, s2)))
+                        break
+                    yield o, loaded
+                    del loaded
+            finally:
+                for _, future in ahead:
+                    future.cancel()
 
     def index_classes(self) -> dict[int, str]:
         """The FAISS class each shard of the group was loaded as, by ordinal."""
@@ -301,31 +311,48 @@ class ShardGroup:
 
 class FlatRun:
     """Flat-index shards laid end to end in one `IndexBinaryFlat`: shard `ordinals[i]` holds its
-    rows `[start, start + rows)`.
+    rows `[starts[i], stops[i])`. Filled by `append` in ordinal order, then `done`.
 
     Args:
         dim: bits per code.
-        shards: (ordinal, loaded `IndexBinaryFlat`) pairs, in ordinal order; each index is
-            dropped from the list as its codes are copied, so at most one shard's codes are held
-            twice besides the growing whole.
+        rows: the rows the shards' records give, all allocated at once: an index grown shard by
+            shard would reallocate as it grows and leave the freed blocks in the heap (~1.5x the
+            codes resident after opening, measured).
     """
 
-    def __init__(self, dim: int, shards: list[tuple[int, Any]]):
+    def __init__(self, dim: int, rows: int):
         self.index = faiss.IndexBinaryFlat(dim)
-        self.ordinals = np.array([o for o, _ in shards], np.int64)
-        starts = []
-        for i in range(len(shards)):
-            o, index = shards[i]
-            shards[i] = (o, None)
-            starts.append(self.index.ntotal)
-            codes = _codes_view(index)
-            if codes is not None:
-                self.index.add(codes)
-            del index, codes
-        self.starts = np.array(starts, np.int64)
-        self.start = dict(zip(self.ordinals.tolist(), starts))
-        self.stops = np.append(self.starts[1:], self.index.ntotal)
+        self.rows = rows
+        if rows:
+            self.index.xb.resize(rows * self.index.code_size)
+        self._filled = 0
+        self._ordinals: list[int] = []
+        self._starts: list[int] = []
         self.scales: np.ndarray | None = None  # filled on the first asymmetric search (`ShardGroup._flat_scales`)
+
+    def append(self, o: int, index) -> None:
+        """Copy shard `o`'s codes (a loaded `IndexBinaryFlat`, checked against its record) after
+        those copied so far."""
+        codes = _codes_view(index)
+        n = 0 if codes is None else len(codes)
+        if self._filled + n > self.rows:
+            raise IntegrityError(f"shard indexes hold more than the {self.rows} rows their records give")
+        self._ordinals.append(o)
+        self._starts.append(self._filled)
+        if n:
+            width = self.index.code_size
+            whole = faiss.rev_swig_ptr(self.index.xb.data(), self.rows * width).reshape(self.rows, width)
+            whole[self._filled:self._filled + n] = codes
+            self._filled += n
+
+    def done(self) -> None:
+        if self._filled != self.rows:
+            raise IntegrityError(f"shard indexes hold {self._filled} rows, their records give {self.rows}")
+        self.index.ntotal = self.rows
+        self.ordinals = np.array(self._ordinals, np.int64)
+        self.starts = np.array(self._starts, np.int64)
+        self.stops = np.append(self.starts[1:], self.rows).astype(np.int64)
+        self.start = dict(zip(self._ordinals, self._starts))
 
     def codes(self) -> np.ndarray:
         return _codes_view(self.index) if self.index.ntotal else np.zeros((0, self.index.code_size), np.uint8)
@@ -340,16 +367,6 @@ class FlatRun:
         # with the next one, which is the one holding the row.
         i = np.searchsorted(self.starts, at, side="right") - 1
         return self.ordinals[i], (at - self.starts[i]).astype(np.int64)
-
-    def split(self) -> dict[int, Any]:
-        """Each shard as an `IndexBinaryFlat` of its own again (copies of its codes)."""
-        out = {}
-        for o, a, b in zip(self.ordinals.tolist(), self.starts, self.stops):
-            index = faiss.IndexBinaryFlat(self.index.d)
-            if b > a:
-                index.add(np.ascontiguousarray(self.codes()[a:b]))
-            out[o] = index
-        return out
 
 
 def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
