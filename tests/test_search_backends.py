@@ -296,3 +296,34 @@ def test_shards_load_a_few_at_a_time_ahead_of_their_group(ties, monkeypatch):
         assert copied == list(range(24))  # into the groups in ordinal order
         assert max(ahead) <= 2 * 2 and len(where) >= 2 and all(t.startswith("quantlake-shards") for t in where)
         assert sum(g._flat.index.ntotal for g in s.groups) == len(x)
+
+
+def test_a_flat_run_locates_rows_past_empty_shards():
+    import faiss
+
+    from workers.lake.dataset import IntegrityError
+    from workers.search.shard_group import FlatRun
+
+    rng = np.random.default_rng(7)
+    sizes = {3: 0, 4: 5, 6: 0, 7: 0, 9: 3, 12: 0}  # ordinal: rows, empty ones first, between and last
+    codes = {o: rng.integers(0, 256, (n, 48), dtype=np.uint8) for o, n in sizes.items()}
+    run = FlatRun(DIM, sum(sizes.values()))
+    for o, c in codes.items():
+        index = faiss.IndexBinaryFlat(DIM)
+        if len(c):
+            index.add(c)
+        run.append(o, index)
+    run.done()
+    assert run.index.ntotal == 8
+    shards, rows = run.locate(np.arange(8)[None, :])
+    assert shards.tolist() == [[4] * 5 + [9] * 3] and rows.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    for o, c in codes.items():
+        assert np.array_equal(run.codes_of(o), c)
+    keys, at = run.index.search(codes[9][1:2], 1)
+    assert keys.tolist() == [[0]] and [a.tolist() for a in run.locate(at)] == [[[9]], [[1]]]
+    short = FlatRun(DIM, 9)  # the records give a row more than the indexes hold
+    short.append(4, run.index)
+    with pytest.raises(IntegrityError, match="shard indexes hold 8 rows, their records give 9"):
+        short.done()
+    with pytest.raises(IntegrityError, match="more than the 9 rows"):
+        short.append(9, run.index)
