@@ -296,6 +296,9 @@ def test_shards_load_a_few_at_a_time_ahead_of_their_group(ties, monkeypatch):
         assert copied == list(range(24))  # into the groups in ordinal order
         assert max(ahead) <= 2 * 2 and len(where) >= 2 and all(t.startswith("quantlake-shards") for t in where)
         assert sum(g._flat.index.ntotal for g in s.groups) == len(x)
+    where.clear()
+    with Searcher.open(str(root / "small"), threads=1):
+        assert where == {threading.current_thread().name}  # on local disk, one thread: no pool
 
 
 def test_a_flat_run_locates_rows_past_empty_shards():

@@ -148,3 +148,24 @@ def test_shard_altered_in_place_fails_on_the_first_query_that_touches_it(dataset
     assert f"quantlake search: error: {last['path']} of version 1 of {copy} has sha256" in err
     assert KEY not in err and SECRET not in err
     fs.rm(copy[5:], recursive=True)
+
+
+def test_shards_on_s3_load_several_at_once(dataset, docs, no_aws_env, monkeypatch):
+    """Each shard's load is two round trips (its size, its index): over a network a group loads
+    several at once, even on one thread of search."""
+    import threading
+
+    from workers.search.shard_group import ShardGroup
+
+    url, options, _ = dataset
+    where = []
+    real = ShardGroup._load
+
+    def load(self, o, s):
+        where.append(threading.current_thread().name)
+        return real(self, o, s)
+    monkeypatch.setattr(ShardGroup, "_load", load)
+    with Searcher.open(url, storage_options=options, threads=1) as s:
+        assert len(s.groups) == 1 and len(where) == 4
+        assert all(name.startswith("quantlake-shards") for name in where)
+        assert s.search(docs[QUERIES[0]][1], k=1)[0].id == docs[QUERIES[0]][0]

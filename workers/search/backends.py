@@ -115,7 +115,8 @@ class ThreadShardGroups:
         try:
             for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 owner[a:b] = g
-                # The group's shards load `threads` at a time (reads from object storage overlap).
+                # The group's shards load `threads` at a time (over a network, at least
+                # SHARD_LOADS_AT_ONCE: their round trips overlap).
                 groups.append(ShardGroup(ds, range(a, b), ranges, index, cache_dir, threads=threads))
         except BaseException:
             for group in groups:

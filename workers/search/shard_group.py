@@ -17,7 +17,11 @@ from workers.vocab import SearchIndex
 from workers.lake.dataset import SCALE_COLUMN, DatasetVersion, IntegrityError
 from workers.lake.records import ShardRecord
 from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
-from workers.lake.storage import join
+from workers.lake.storage import join, over_network
+
+# Shards a group loads at once when the dataset is reached over a network (object storage): each
+# load is two round trips (its size, its index), which loading several at once overlaps.
+SHARD_LOADS_AT_ONCE = 8
 
 # Spilled columns: what a hit needs besides its index entry (ids, rescoring, the source row), and
 # the sign-bit scales of the candidate estimate (absent from shards written before them).
@@ -64,7 +68,8 @@ class ShardGroup:
         index: `binary` keeps the shards' FAISS binary indexes; `int8` builds one-byte scalar
             quantizer indexes from the int8 vectors instead (8x the memory, no rescoring).
         cache_dir: local folder for the spilled columns (None: a temporary one, removed on close).
-        threads: shards loaded at once (each read and checked against its sha256).
+        threads: shards loaded at once (each read and checked against its sha256); over a
+            network at least SHARD_LOADS_AT_ONCE.
     """
 
     def __init__(self, ds: DatasetVersion, ordinals: Sequence[int], ranges: np.ndarray,
@@ -94,7 +99,7 @@ class ShardGroup:
         flat_rows = sum(s.rows for s in self.shards.values() if s.index_type in (None, "IndexBinaryFlat"))
         self._flat: FlatRun | None = FlatRun(self.dim, flat_rows) if index == "binary" else None
         try:
-            for o, loaded in self._loaded(threads):
+            for o, loaded in self._loaded(max(threads, SHARD_LOADS_AT_ONCE) if over_network(ds.fs) else threads):
                 if self._flat is not None and type(loaded) is faiss.IndexBinaryFlat:
                     self._flat.append(o, loaded)
                 else:
