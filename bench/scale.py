@@ -1,7 +1,7 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
     python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
-                          [--scan-s3 0 [--latency-ms 0]] [--history-versions 0]
+                          [--scan-s3 0] [--open-s3 0] [--latency-ms 0] [--history-versions 0]
                           [--shard-sizes 10000,1000,100 [--shard-size-rows 100000]] [--json]
 
 Measured here, each stage alone:
@@ -16,6 +16,9 @@ Measured here, each stage alone:
              files at once against one after another; with --latency-ms M, each request reaches
              the server M ms late (a relay process on 127.0.0.1 between the two), as a request
              to an object store across a network would;
+  open on S3 with --open-s3 N, `Searcher.open` of a version of N synthetic shards on S3 (the
+             same moto server and relay), loading 8 shards at a time per group against one per
+             search thread;
   encode     documents/s of the bundled all-MiniLM-L6-v2 on this CPU (demo-like docstrings);
   quantize   vectors/s to int8 + ubinary (`quantize_all`, 384-d);
   write      seconds per MB of a shard written by `write_shard` to local disk and to a moto S3
@@ -38,6 +41,7 @@ script prints the load average it ran under.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -233,20 +237,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_scan_s3(work: str, n_files: int, rows: int = 200, latency_ms: float = 0) -> dict:
-    """One scan task over `n_files` small Parquet files on S3, from the files (writing kept scans)
-    and from the kept scans: reading SCAN_FILES_AT_ONCE files at a time (what a scan task does over a
-    network) against one after another (the baseline), alternated, best of three each. The moto
-    server runs in a process of its own, so its request handling is not this process's threads.
-    With `latency_ms`, the scans reach it through `RELAY`, which holds each request that long."""
+@contextlib.contextmanager
+def s3_server(work: str, latency_ms: float, bucket: str):
+    """A moto S3 server in a process of its own (its request handling is not this process's
+    threads) with `bucket` created; yields (options to reach it directly, options to reach it
+    through `RELAY`, which holds each request `latency_ms` late: the direct ones without latency)."""
     import subprocess
 
     import boto3
-
-    import workers.ingest.steps as steps
-    from workers.ingest.config import IngestConfig
-    from workers.ingest.source import list_source
-    from workers.lake.storage import url_to_fs
 
     port = free_port()
     log = open(os.path.join(work, "moto.log"), "wb")  # its request lines, out of the bench's output
@@ -257,56 +255,104 @@ def bench_scan_s3(work: str, n_files: int, rows: int = 200, latency_ms: float = 
     endpoint = f"http://127.0.0.1:{port}"
     options = {"key": "bench", "secret": "bench",
                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    timed_options = options  # what the scans go through: the relay when there is latency
+    timed_options = options
     if latency_ms:
         relay_port = free_port()
         relay = subprocess.Popen([sys.executable, "-c", RELAY, str(relay_port), str(port), str(latency_ms / 1000)],
                                  stderr=log, stdout=log)
         timed_options = {**options, "client_kwargs": {**options["client_kwargs"],
                                                       "endpoint_url": f"http://127.0.0.1:{relay_port}"}}
-    real = steps.over_network
     try:
         for _ in range(100):
             try:
                 boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                             aws_secret_access_key="bench").create_bucket(Bucket="scan")
+                             aws_secret_access_key="bench").create_bucket(Bucket=bucket)
                 break
             except Exception:  # the server is still starting
                 time.sleep(0.1)
-        fs, root = url_to_fs("s3://scan/lake", options)
-        body = texts(rows)
-        for f in range(n_files):
-            path = os.path.join(work, "one.parquet")
-            pq.write_table(pa.table({"id": [f"f{f}-d{i}" for i in range(rows)], "text": body}), path)
-            fs.put_file(path, f"{root}/part-{f:05d}.parquet")
-        files = list_source("s3://scan/lake", timed_options)[2]
-        group = [(i, f, None) for i, f in enumerate(files)]
-        best: dict[str, float] = {}
-        for _ in range(3):
-            for how, network in (("one_by_one", False), ("at_once", True)):
-                steps.over_network = lambda fs, network=network: network
-                cfg = IngestConfig("s3://scan/lake", f"s3://scan/ds-{how}", id_column="id", ranges="unused",
-                                   storage_options=timed_options, progress=False)
-                t0 = time.perf_counter()
-                summary = steps.scan_files(cfg, group, 64, True)[0]
-                best[f"{how}_from_files_s"] = min(best.get(f"{how}_from_files_s", 1e9), time.perf_counter() - t0)
-                kept_group = [(i, f, s["scan"]) for (i, f, _), s in zip(group, summary["files"])]
-                t0 = time.perf_counter()
-                again = steps.scan_files(cfg, kept_group, 64)[0]
-                best[f"{how}_from_kept_s"] = min(best.get(f"{how}_from_kept_s", 1e9), time.perf_counter() - t0)
-                assert all(s["reused"] for s in again["files"])
-                assert sum(s["rows"] for s in again["files"]) == n_files * rows
+        yield options, timed_options
     finally:
-        steps.over_network = real
         for proc in (relay, server):
             if proc is not None:
                 proc.terminate()
                 proc.wait()
         log.close()
+
+
+def bench_scan_s3(work: str, n_files: int, rows: int = 200, latency_ms: float = 0) -> dict:
+    """One scan task over `n_files` small Parquet files on S3, from the files (writing kept scans)
+    and from the kept scans: reading SCAN_FILES_AT_ONCE files at a time (what a scan task does over a
+    network) against one after another (the baseline), alternated, best of three each, on
+    `s3_server` (with `latency_ms`, through its relay)."""
+    import workers.ingest.steps as steps
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.source import list_source
+    from workers.lake.storage import url_to_fs
+
+    real = steps.over_network
+    with s3_server(work, latency_ms, "scan") as (options, timed_options):
+        try:
+            fs, root = url_to_fs("s3://scan/lake", options)
+            body = texts(rows)
+            for f in range(n_files):
+                path = os.path.join(work, "one.parquet")
+                pq.write_table(pa.table({"id": [f"f{f}-d{i}" for i in range(rows)], "text": body}), path)
+                fs.put_file(path, f"{root}/part-{f:05d}.parquet")
+            files = list_source("s3://scan/lake", timed_options)[2]
+            group = [(i, f, None) for i, f in enumerate(files)]
+            best: dict[str, float] = {}
+            for _ in range(3):
+                for how, network in (("one_by_one", False), ("at_once", True)):
+                    steps.over_network = lambda fs, network=network: network
+                    cfg = IngestConfig("s3://scan/lake", f"s3://scan/ds-{how}", id_column="id", ranges="unused",
+                                       storage_options=timed_options, progress=False)
+                    t0 = time.perf_counter()
+                    summary = steps.scan_files(cfg, group, 64, True)[0]
+                    best[f"{how}_from_files_s"] = min(best.get(f"{how}_from_files_s", 1e9),
+                                                      time.perf_counter() - t0)
+                    kept_group = [(i, f, s["scan"]) for (i, f, _), s in zip(group, summary["files"])]
+                    t0 = time.perf_counter()
+                    again = steps.scan_files(cfg, kept_group, 64)[0]
+                    best[f"{how}_from_kept_s"] = min(best.get(f"{how}_from_kept_s", 1e9),
+                                                     time.perf_counter() - t0)
+                    assert all(s["reused"] for s in again["files"])
+                    assert sum(s["rows"] for s in again["files"]) == n_files * rows
+        finally:
+            steps.over_network = real
     return {"files": n_files, "rows_per_file": rows, "at_once": steps.SCAN_FILES_AT_ONCE, "latency_ms": latency_ms,
             **{k: round(v, 2) for k, v in best.items()},
             "speedup_from_files": round(best["one_by_one_from_files_s"] / best["at_once_from_files_s"], 2),
             "speedup_from_kept": round(best["one_by_one_from_kept_s"] / best["at_once_from_kept_s"], 2)}
+
+
+def bench_open_s3(work: str, rm: RangeManifest, shards: int, latency_ms: float = 0) -> dict:
+    """`Searcher.open` of a version of `shards` synthetic shards on S3 (`s3_server`; with
+    `latency_ms`, through its relay), 2 search threads: each group loading SHARD_LOADS_AT_ONCE
+    shards at a time (what it does over a network) against one per thread (what it did before),
+    alternated, best of three each."""
+    import workers.search.shard_group as shard_group
+    from workers.ingest.from_vectors import synthetic_version
+    from workers.lake.storage import url_to_fs
+    from workers.lake.versions import commit
+    from workers.search.searcher import Searcher
+
+    real = shard_group.over_network
+    with s3_server(work, latency_ms, "open") as (options, timed_options):
+        try:
+            fs, root = url_to_fs("s3://open/ds", options)
+            commit(fs, root, synthetic_version(fs, root, shards, rm))
+            best: dict[str, float] = {}
+            for _ in range(3):
+                for how, network in (("per_thread", False), ("at_once", True)):
+                    shard_group.over_network = lambda fs, network=network: network
+                    t0 = time.perf_counter()
+                    with Searcher.open("s3://open/ds", storage_options=timed_options, threads=2) as s:
+                        best[f"{how}_s"] = min(best.get(f"{how}_s", 1e9), time.perf_counter() - t0)
+                        assert len(s.manifest.shards) == shards
+        finally:
+            shard_group.over_network = real
+    return {"shards": shards, "latency_ms": latency_ms, "at_once": shard_group.SHARD_LOADS_AT_ONCE,
+            **{k: round(v, 2) for k, v in best.items()}, "speedup": round(best["per_thread_s"] / best["at_once_s"], 2)}
 
 
 def bench_encode(n: int = 256) -> dict:
@@ -494,9 +540,12 @@ def main() -> None:
     p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of --scan-rows rows")
     p.add_argument("--scan-rows", type=int, default=100_000)
     p.add_argument("--scan-s3", type=int, default=0, help="time one scan task over N small Parquet files on S3")
-    p.add_argument("--latency-ms", type=float, default=0, help="with --scan-s3: each request that many ms late")
+    p.add_argument("--latency-ms", type=float, default=0,
+                   help="with --scan-s3 or --open-s3: each request that many ms late")
     p.add_argument("--history-versions", type=int, default=0,
                    help="time `history` and `inspect` over N versions of 10,000 shards, with their peak RSS")
+    p.add_argument("--open-s3", type=int, default=0,
+                   help="time `Searcher.open` of N synthetic shards on S3 (with --latency-ms)")
     p.add_argument("--shard-sizes", default="",
                    help="search the same --shard-size-rows vectors as shards of these sizes, e.g. 10000,1000,100")
     p.add_argument("--shard-size-rows", type=int, default=100_000)
@@ -517,6 +566,9 @@ def main() -> None:
         if a.scan_s3:
             res["scan_s3"] = bench_scan_s3(work, a.scan_s3, latency_ms=a.latency_ms)
             print("scan on S3", res["scan_s3"], flush=True)
+        if a.open_s3:
+            res["open_s3"] = bench_open_s3(work, rm, a.open_s3, latency_ms=a.latency_ms)
+            print("open on S3", res["open_s3"], flush=True)
         if not a.skip_encode:
             res["encode"] = bench_encode()
             print("encode", res["encode"], flush=True)
