@@ -154,18 +154,27 @@ def test_shards_on_s3_load_several_at_once(dataset, docs, no_aws_env, monkeypatc
     """Each shard's load is two round trips (its size, its index): over a network a group loads
     several at once, even on one thread of search."""
     import threading
+    import time
 
     from workers.search.shard_group import ShardGroup
 
     url, options, _ = dataset
-    where = []
+    where, lock, active, most = [], threading.Lock(), [0], [0]
     real = ShardGroup._load
 
     def load(self, o, s):
-        where.append(threading.current_thread().name)
-        return real(self, o, s)
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # held, as a slow network would: the other loads start meanwhile
+        try:
+            return real(self, o, s)
+        finally:
+            with lock:
+                active[0] -= 1
+                where.append(threading.current_thread().name)
     monkeypatch.setattr(ShardGroup, "_load", load)
     with Searcher.open(url, storage_options=options, threads=1) as s:
-        assert len(s.groups) == 1 and len(where) == 4
+        assert len(s.groups) == 1 and len(where) == 4 and most[0] >= 2  # several at once (all 4, unless held up)
         assert all(name.startswith("quantlake-shards") for name in where)
         assert s.search(docs[QUERIES[0]][1], k=1)[0].id == docs[QUERIES[0]][0]
