@@ -102,7 +102,8 @@ class ThreadShardGroups:
 
         Args:
             ds, ranges, index: as `ShardGroup`.
-            threads: shards loaded and searched at once (default: the CPUs this process may use).
+            threads: groups (searched at once) and shards loaded at once, at least
+                SHARD_LOADS_AT_ONCE over a network (default: the CPUs this process may use).
             cache_dir: local folder for decoded shard columns (default: a temporary one, removed
                 on close).
         """

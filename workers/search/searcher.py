@@ -174,8 +174,9 @@ class Searcher:
                 demand) or `int8` (one-byte scalar-quantizer indexes built at open).
             backend: `threads` (every shard in this process, searched over a thread pool) or
                 `ray` (groups of shards held by Ray actors; the same results).
-            threads, cache_dir (`threads`): shards searched at once (default: the CPUs this
-                process may use); local folder for decoded shard columns (default: a temporary one).
+            threads, cache_dir (`threads`): shard groups searched at once, one per thread, and
+                shards loaded at once (default: the CPUs this process may use); local folder for
+                decoded shard columns (default: a temporary one).
             actors, actor_cpus, ray_address (`ray`): actors (default: one per CPU of the cluster)
                 and the CPUs each reserves; the cluster to join when Ray is not running yet (the
                 rule is `workers/ray_session.py`'s; `close()` stops an instance this started).

@@ -1,4 +1,4 @@
-"""The shards one searcher holds (a thread's shard or a Ray actor's group): indexes resident, rows on demand."""
+"""The shards one searcher holds (a thread's group or a Ray actor's): indexes resident, rows on demand."""
 from __future__ import annotations
 
 import os
