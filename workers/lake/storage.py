@@ -9,13 +9,19 @@ import os
 import posixpath
 import threading
 import uuid
-from typing import Any, Mapping
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from workers.lake.redact import redact_url
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # memory:// checks for the file and then stores it; this lock makes the pair atomic (the
 # store is per process, so a process-wide lock is enough).
@@ -100,6 +106,29 @@ def over_network(fs) -> bool:
     """Whether `fs` reaches its files over a network (object storage, HTTP): each read then waits
     for round trips that reading several files at once overlaps."""
     return not set(_protocols(fs)) & set(IN_MACHINE_PROTOCOLS)
+
+
+def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: int,
+               name: str) -> Iterator[tuple[T, R]]:
+    """`(item, read(item))` for each of `items`, in their order, the reads run `threads` at a
+    time in threads named `name`: at most `ahead` of them started or done besides the one just
+    handed out, so a slow caller holds a few results, not all. An error a read raises is raised
+    at its item; reads not yet started when the caller stops are cancelled."""
+    todo = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as pool:
+        pending = deque((x, pool.submit(read, x)) for x in islice(todo, ahead))
+        try:
+            while pending:
+                x, done = pending.popleft()
+                for nxt in islice(todo, 1):
+                    pending.append((nxt, pool.submit(read, nxt)))
+                got = done.result()
+                del done
+                yield x, got
+                del got
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def require_create_only(fs, url: str) -> None:

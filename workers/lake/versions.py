@@ -21,16 +21,13 @@ import posixpath
 import re
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from workers.lake.redact import redact_url
 from ranges.encoding import pretty_json
 from workers.lake.records import MAX_VERSION, VersionManifest, validate
-from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, over_network
+from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, over_network, read_ahead
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +158,8 @@ def read_versions(fs, root: str, numbers: Iterable[int],
         for n in numbers:
             yield n, read(n)
         return
-    ahead, todo = max(1, ahead), iter(numbers)
-    with ThreadPoolExecutor(ahead, thread_name_prefix="quantlake-versions") as pool:
-        pending = deque((n, pool.submit(read, n)) for n in islice(todo, ahead))
-        while pending:
-            n, done = pending.popleft()
-            if (nxt := next(todo, None)) is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
-            got = done.result()
-            del done
-            yield n, got
+    ahead = max(1, ahead)
+    yield from read_ahead(read, numbers, ahead, ahead, "quantlake-versions")
 
 
 def now() -> str:

@@ -5,8 +5,6 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import faiss
@@ -17,7 +15,7 @@ from workers.vocab import SearchIndex
 from workers.lake.dataset import SCALE_COLUMN, DatasetVersion, IntegrityError
 from workers.lake.records import ShardRecord
 from workers.search.rescore import bit_scores, bit_tables, int8_query, int8_scores, merge, steps_of
-from workers.lake.storage import join, over_network
+from workers.lake.storage import join, over_network, read_ahead
 
 # Shards a group loads at once when the dataset is reached over a network (object storage): each
 # load is two round trips (its size, its index), which loading several at once overlaps.
@@ -96,11 +94,12 @@ class ShardGroup:
         # as `merge` breaks them across shards. Each shard's own index is dropped once its codes
         # are copied, so the group holds them once. HNSW and IVF shards keep their own index.
         self.indexes: dict[int, Any] = {}
-        flat_rows = sum(s.rows for s in self.shards.values() if s.index_type in (None, "IndexBinaryFlat"))
-        self._flat: FlatRun | None = FlatRun(self.dim, flat_rows) if index == "binary" else None
+        joined = {o for o, s in self.shards.items() if index == "binary" and s.index_class == "IndexBinaryFlat"}
+        self._flat = FlatRun(self.dim, sum(self.shards[o].rows for o in joined)) if joined else None
+        loads = max(threads, SHARD_LOADS_AT_ONCE) if over_network(ds.fs) else threads
         try:
-            for o, loaded in self._loaded(max(threads, SHARD_LOADS_AT_ONCE) if over_network(ds.fs) else threads):
-                if self._flat is not None and type(loaded) is faiss.IndexBinaryFlat:
+            for (o, _), loaded in self._loaded(loads):
+                if o in joined:  # its class was checked against the record as it loaded
                     self._flat.append(o, loaded)
                 else:
                     self.indexes[o] = loaded
@@ -111,34 +110,15 @@ class ShardGroup:
         if self._flat is not None:
             self._flat.done()
 
-    def _loaded(self, threads: int) -> Iterator[tuple[int, Any]]:
-        """(ordinal, loaded index) of each shard, in ordinal order, `threads` loads at a time with
-        at most twice that many loaded ahead of the caller (reads from object storage overlap, and
-        memory holds a few shards' indexes besides the group's, not all of them)."""
+    def _loaded(self, threads: int) -> Iterator[tuple[tuple[int, ShardRecord], Any]]:
+        """`((ordinal, record), loaded index)` of each shard, in ordinal order, `threads` loads at
+        a time with at most twice that many loaded ahead of the caller (`read_ahead`: reads from
+        object storage overlap, and memory holds a few shards' indexes besides the group's, not
+        all of them); with one thread, in the caller's."""
         shards = sorted(self.shards.items())
         if threads <= 1 or len(shards) < 2:
-            for o, s in shards:
-                yield o, self._load(o, s)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="quantlake-shards") as pool:
-            ahead: deque = deque()
-            todo = iter(shards)
-            try:
-                for o, s in todo:
-                    ahead.append((o, pool.submit(self._load, o, s)))
-                    if len(ahead) >= 2 * threads:
-                        break
-                while ahead:
-                    o, future = ahead.popleft()
-                    loaded = future.result()
-                    for o2, s2 in todo:
-                        ahead.append((o2, pool.submit(self._load, o2, s2)))
-                        break
-                    yield o, loaded
-                    del loaded
-            finally:
-                for _, future in ahead:
-                    future.cancel()
+            return (((o, s), self._load(o, s)) for o, s in shards)
+        return read_ahead(lambda shard: self._load(*shard), shards, threads, 2 * threads, "quantlake-shards")
 
     def index_classes(self) -> dict[int, str]:
         """The FAISS class each shard of the group was loaded as, by ordinal."""
@@ -245,7 +225,7 @@ class ShardGroup:
     def _codes(self, o: int, spill: dict[str, Any]) -> np.ndarray:
         """Shard `o`'s packed codes: a view of its index's (flat or HNSW), else its spill's (IVF
         keeps its codes in inverted lists)."""
-        if self._flat is not None and o in self._flat.start:
+        if self._flat is not None and o in self._flat.position:
             return self._flat.codes_of(o)
         codes = _codes_view(self.indexes[o])
         return spill["ubinary"] if codes is None else codes
@@ -357,13 +337,13 @@ class FlatRun:
         self.ordinals = np.array(self._ordinals, np.int64)
         self.starts = np.array(self._starts, np.int64)
         self.stops = np.append(self.starts[1:], self.rows).astype(np.int64)
-        self.start = dict(zip(self._ordinals, self._starts))
+        self.position = {o: i for i, o in enumerate(self._ordinals)}
 
     def codes(self) -> np.ndarray:
         return _codes_view(self.index) if self.index.ntotal else np.zeros((0, self.index.code_size), np.uint8)
 
     def codes_of(self, o: int) -> np.ndarray:
-        i = int(np.searchsorted(self.ordinals, o))
+        i = self.position[o]
         return self.codes()[self.starts[i]:self.stops[i]]
 
     def locate(self, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
