@@ -45,8 +45,10 @@ class Job:
     session or carries that temp dir in its environment, so `stop()` finds them all.
     """
 
-    def __init__(self, args: list[str], workdir: Path):
+    def __init__(self, args: list[str], workdir: Path, env: dict[str, str | None] | None = None):
+        """`env`: variables to set for the job over this process's, None to unset one."""
         self.args, self.workdir = list(args), Path(workdir)
+        self.env = dict(env or {})
         self.ray_tmp = tempfile.mkdtemp(prefix="qlr", dir="/tmp")  # short: Ray's socket paths have a limit
         self.runs = 0
         self.proc: subprocess.Popen | None = None
@@ -62,6 +64,11 @@ class Job:
         self.runs += 1
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = self.ray_tmp
+        for key, value in self.env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         with open(self._log("out"), "w") as out, open(self._log("err"), "w") as err:
             self.proc = subprocess.Popen([sys.executable, *self.args], cwd=REPO, env=env, stdout=out,
                                          stderr=err, start_new_session=True)

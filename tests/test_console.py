@@ -51,9 +51,18 @@ def lake(tmp_path_factory, docs):
 
 
 @pytest.fixture(scope="module")
-def clean_run(lake):
+def as_by_hand(lake):
+    """The environment of a command run by hand: Ray's default authentication (the session's
+    RAY_AUTH_MODE=disabled unset), with a home of its own for the token Ray then makes."""
+    home = lake / "home"
+    home.mkdir(exist_ok=True)
+    return {"RAY_AUTH_MODE": None, "HOME": str(home)}
+
+
+@pytest.fixture(scope="module")
+def clean_run(lake, as_by_hand):
     """`quantlake ingest` of 50 documents with its progress bar: (exit status, stdout, stderr)."""
-    with Job(["-m", "jobs.ingest", str(lake / "lake"), str(lake / "dest"), *ARGS], lake) as job:
+    with Job(["-m", "jobs.ingest", str(lake / "lake"), str(lake / "dest"), *ARGS], lake, env=as_by_hand) as job:
         return job.run()
 
 
@@ -66,10 +75,17 @@ def test_a_clean_ingest_prints_its_bar_and_summary_and_nothing_else(clean_run):
     assert [s for s in re.split(r"[\r\n]", err) if s.strip() and not BAR.fullmatch(s.strip())] == [], err
 
 
-def test_search_with_ray_prints_hits_and_nothing_on_stderr(clean_run, lake, tmp_path):
+def test_the_clean_run_kept_rays_token_authentication(clean_run, as_by_hand):
+    # Its local instance ran with the token Ray made (only its notice was kept off the console).
+    assert clean_run[0] == 0
+    token = os.path.join(as_by_hand["HOME"], ".ray", "auth_token")
+    assert re.fullmatch(r"[0-9a-f]{32,}", open(token).read().strip())
+
+
+def test_search_with_ray_prints_hits_and_nothing_on_stderr(clean_run, lake, tmp_path, as_by_hand):
     assert clean_run[0] == 0
     with Job(["-m", "jobs.search", str(lake / "dest"), "read a JSON document", "-k", "3", "--ray"],
-             tmp_path) as job:
+             tmp_path, env=as_by_hand) as job:
         rc, out, err = job.run()
     assert (rc, err) == (0, ""), err
     assert out.startswith("query: read a JSON document\n") and len(re.findall(r"(?m)^ +\d\. ", out)) == 3, out

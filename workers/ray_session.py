@@ -13,6 +13,7 @@ The rule:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -182,8 +183,36 @@ def init_ray(address: str | None = None) -> bool:
     # A local instance is this job's alone, and runs without Ray's dashboard unless asked
     # (`local_dashboard`); a cluster keeps the dashboard it was started with.
     local = {"include_dashboard": local_dashboard(), "num_cpus": local_cpus()} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()}, **local)
+    with _quiet_token_notice(address == "local"):
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()}, **local)
     return True
+
+
+# The logger of Ray's notice that a new local instance uses token authentication ("Token
+# authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out...",
+# a WARNING at every start when RAY_AUTH_MODE is unset; Ray >= 2.5x).
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_token_notice(local: bool):
+    """Keep Ray's token-authentication notice off the console while a local instance starts.
+
+    The instance is the job's own, started and stopped by it: the token (~/.ray/auth_token,
+    made once by Ray) guards it as Ray means it to, and its notice would be the only line on a
+    clean run's stderr (README: nothing but the bar). Auth stays as Ray sets it; a cluster the
+    job joins keeps Ray's messages, errors included (the logger still passes ERROR).
+    """
+    if not local:
+        yield
+        return
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def local_cpus(detected: int | None = None) -> int | None:
