@@ -340,13 +340,15 @@ def _summary(doc: VersionManifest, records: list[ShardRecord], shards_reused: in
     b = doc.bytes
     docs = doc.count("documents")
     wall_s = round(wall_s, 3)  # docs_per_s is worked out from the figure printed, so the two agree
+    # Sizes and ratios for the precisions the shards store, and those only (`bytes_<precision>`,
+    # `compression_<precision>`: float32's size over its; None without documents).
+    stored = list(doc.precisions)
     return {
         "version": n, "documents": docs, "rejects": doc.count("rejects"),
         "rows_read": doc.count("rows_read"), "shards": len(records), "shards_reused": shards_reused,
-        "bytes_float32": b["float32"], "bytes_int8": b["int8"], "bytes_ubinary": b["ubinary"],
+        "precisions": stored, "bytes_float32": b["float32"], **{f"bytes_{p}": b[p] for p in stored},
         "bytes_stored": b["stored"],
-        "compression_int8": round(b["float32"] / b["int8"], 2) if b["int8"] else None,
-        "compression_ubinary": round(b["float32"] / b["ubinary"], 2) if b["ubinary"] else None,
+        **{f"compression_{p}": round(b["float32"] / b[p], 2) if b[p] else None for p in stored},
         "wall_s": wall_s, "calibrate_s": round(calibrate_s, 3),
         "docs_per_s": round(docs / wall_s, 2) if wall_s else None,
         "encode_s": round(sum(r.stat("encode_s") for r in records), 3),
@@ -363,9 +365,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"committed version {s['version']}: {s['documents']} documents, {s['rejects']} rejects "
         f"(of {s['rows_read']} rows read), {s['shards']} shards "
         f"({s['shards_reused']} reused from an earlier run of the same job)",
-        f"vectors: float32 {s['bytes_float32'] / mib:.2f} MiB -> int8 {s['bytes_int8'] / mib:.2f} MiB "
-        f"({s['compression_int8']}x) + ubinary {s['bytes_ubinary'] / mib:.2f} MiB ({s['compression_ubinary']}x); "
-        f"{s['bytes_stored'] / mib:.2f} MiB stored with ids and indexes",
+        "vectors: " + (f"float32 {s['bytes_float32'] / mib:.2f} MiB -> " + " + ".join(
+            f"{p} {s[f'bytes_{p}'] / mib:.2f} MiB ({s[f'compression_{p}']}x)" for p in s["precisions"])
+            if s["bytes_float32"] else "none (no document)")
+        + f"; {s['bytes_stored'] / mib:.2f} MiB stored with ids and indexes",
         f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s "
         f"(calibration {s['calibrate_s']} s; encode {s['encode_s']} s, quantize {s['quantize_s']} s, "
         f"write {s['write_s']} s summed over shards); {s['clipped_values']} values clipped",

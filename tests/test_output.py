@@ -114,3 +114,28 @@ def test_json_summary_holds_ratios_and_throughput(human, lake, capsys):
     assert (s["compression_int8"], s["compression_ubinary"]) == (4.0, 32.0)
     assert s["docs_per_s"] == round(s["documents"] / s["wall_s"], 2) > 0
     assert s["manifest"] == str(lake / "dest" / "versions" / "00000002.json")
+
+
+def test_the_summary_and_the_manifest_count_only_the_precisions_stored(human, lake, tmp_path, capsys):
+    # --precisions ubinary stores no int8 column: no int8 size or ratio, in the summary or the manifest.
+    ranges = lake / "dest" / "ranges" / f"{human[2]['ranges_id']}.json"
+    assert cli(["ingest", str(lake / "lake"), str(tmp_path / "dest"), *ARGS, "--ranges", str(ranges),
+                "--precisions", "ubinary", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stored = json.loads((tmp_path / "dest" / "versions" / "00000001.json").read_text())["bytes"]
+    assert stored == {"float32": 100 * 384 * 4, "ubinary": 100 * 48, "stored": stored["stored"]}
+    assert lines[1] == (f"vectors: float32 {100 * 384 * 4 / MIB:.2f} MiB -> ubinary {100 * 48 / MIB:.2f} MiB (32.0x); "
+                        f"{stored['stored'] / MIB:.2f} MiB stored with ids and indexes")
+
+
+def test_an_ingest_that_rejects_every_row_prints_no_ratio(human, lake, tmp_path, capsys):
+    ranges = lake / "dest" / "ranges" / f"{human[2]['ranges_id']}.json"
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "blank.jsonl").write_text(json.dumps({"id": "a", "text": " "}) + "\n")
+    assert cli(["ingest", str(tmp_path / "lake"), str(tmp_path / "dest"), *ARGS, "--ranges", str(ranges),
+                "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["documents"], s["rejects"], s["compression_int8"], s["compression_ubinary"]) == (0, 1, None, None)
+    shown = jobs.ingest.format_summary(s)
+    assert shown.splitlines()[1] == f"vectors: none (no document); {s['bytes_stored'] / MIB:.2f} MiB stored with " \
+                                    "ids and indexes" and "None" not in shown, shown

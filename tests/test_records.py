@@ -54,7 +54,8 @@ def test_build_sums_the_shards_and_keeps_per_dimension_counts_in_the_sidecars_on
                                   parent=2)
     assert built.precisions == ("int8", "ubinary")  # the index is built on ubinary: always stored
     assert built.counts == {"rows_read": 82, "documents": 80, "rejects": 2}
-    assert built.bytes == {"float32": 80 * 3 * 4, "int8": 240, "ubinary": 80 * 3 // 8, "stored": 6000}
+    # dim 3: a ubinary vector is its 3 bits packed into one byte
+    assert built.bytes == {"float32": 80 * 3 * 4, "int8": 240, "ubinary": 80 * 1, "stored": 6000}
     assert built.clipped_per_dim == (1, 7, 1)
     assert all(s.clipped_per_dim is None for s in built.shards)
     assert [s.clipped for s in built.shards] == [3, 6]
@@ -62,6 +63,14 @@ def test_build_sums_the_shards_and_keeps_per_dimension_counts_in_the_sidecars_on
     assert VersionManifest.from_json(built.to_json(), draft=True) == built
     empty = VersionManifest.build(MODEL, RANGES, ("ubinary",), SOURCE, [])
     assert empty.clipped_per_dim == (0, 0, 0) and empty.counts["documents"] == 0
+
+
+def test_build_counts_the_bytes_of_the_precisions_stored_and_no_other():
+    two = [shard(0), shard(1, rejects=False)]
+    assert VersionManifest.build(MODEL, RANGES, ("ubinary",), SOURCE, two).bytes == \
+        {"float32": 960, "ubinary": 80, "stored": 6000}  # no int8 column, no int8 size
+    assert VersionManifest.build(MODEL, RANGES, ("uint8", "binary", "float16"), SOURCE, two).bytes == \
+        {"float32": 960, "binary": 80, "float16": 480, "ubinary": 80, "uint8": 240, "stored": 6000}
 
 
 def test_unknown_fields_of_a_later_format_are_kept():

@@ -461,6 +461,14 @@ _VERSION_KEYS = {"format", "version", "parent", "writer", "created_at", "model",
                  "source", "shards", "counts", "bytes", "clipped_per_dim", "scans"}
 
 
+def vector_bytes(precision: str, dim: int) -> int:
+    """Bytes one `dim`-dimensional vector takes at `precision` (a name of PRECISIONS), or at float32:
+    a byte a value for int8 and uint8, a bit packed into bytes for binary and ubinary, two for float16."""
+    if precision in ("binary", "ubinary"):
+        return (dim + 7) // 8
+    return dim * {"int8": 1, "uint8": 1, FLOAT16: 2, "float32": 4}[precision]
+
+
 @dataclass(frozen=True)
 class VersionManifest:
     """One dataset version: model, ranges, precisions, source snapshot, shards and totals.
@@ -470,8 +478,9 @@ class VersionManifest:
 
     Args:
         counts: `{rows_read, documents, rejects}`.
-        bytes: `{float32, int8, ubinary, stored}` (and `float16` when kept): what the vectors take
-            at each precision, and what the shards take on storage.
+        bytes: `float32` (what the embeddings would take unquantized), one entry per stored
+            precision (`precisions`: what its vectors take), and `stored` (what the shards take on
+            storage, ids and indexes included).
         clipped_per_dim: values the ranges clipped, per dimension, over every shard.
         parent: the version this one was built on (None: the first).
         scans: each source file's kept scan, in file order (None: none kept, as in manifests
@@ -508,12 +517,12 @@ class VersionManifest:
         elif not shards:
             per_dim = (0,) * model.dim
         dim = model.dim
+        stored = tuple(sorted(set(precisions) | {"ubinary"}))
         return cls(
-            model=model, ranges=ranges, precisions=tuple(sorted(set(precisions) | {"ubinary"})), source=source,
+            model=model, ranges=ranges, precisions=stored, source=source,
             shards=tuple(replace(s, clipped_per_dim=None) for s in shards),
             counts={"rows_read": docs + rejects, "documents": docs, "rejects": rejects},
-            bytes={"float32": docs * dim * 4, "int8": docs * dim, "ubinary": docs * dim // 8,
-                   **({FLOAT16: docs * dim * 2} if FLOAT16 in precisions else {}),
+            bytes={"float32": docs * dim * 4, **{p: docs * vector_bytes(p, dim) for p in stored},
                    "stored": sum(s.bytes + s.index_bytes for s in shards)},
             clipped_per_dim=per_dim, parent=parent,
             scans=None if scans is None else tuple(sorted(scans, key=lambda r: r.file)))
