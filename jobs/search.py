@@ -146,7 +146,7 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
             raise FileNotFoundError(f"source file {relpath} of version {searcher.version} is gone from "
                                     f"{redact_url(source)}; pass the lake's current URL")
         lo, hi = min(rows), max(rows) + 1
-        for first, batch in iter_batches(fs, root, f, [column], lo, hi):
+        for first, batch in iter_batches(fs, root, f, [column], lo, hi, text_column=column):
             texts = batch.column(column).to_pylist()
             for r in rows:
                 if first <= r < first + len(texts):

@@ -102,7 +102,8 @@ def encoder_actors_left(timeout_s: float = 60) -> list[str]:
 
 def corrupting_plan(plan_units, relpath: str = "part-00001.parquet"):
     """`plan_units` that then breaks the source file `relpath`: the file was checked, scanned
-    and planned, so reading its units fails on every attempt (a fault injected in the driver)."""
+    and planned, so reading its units fails on every attempt (a fault injected in the driver;
+    the read names the file as changed since the job listed it)."""
     def corrupt_after_planning(cfg, *args, **kwargs):
         units = plan_units(cfg, *args, **kwargs)
         fs, root = url_to_fs(cfg.source, cfg.storage_options)

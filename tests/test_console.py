@@ -122,7 +122,8 @@ def test_a_unit_failing_inside_ray_prints_one_error_naming_it(docs, tmp_path):
     lines = [s for s in re.split(r"[\r\n]", err) if s.strip() and not BAR.fullmatch(s.strip())]
     assert len(lines) == 1 and re.fullmatch(
         r"quantlake ingest: error: work unit part-00001\.parquet rows \[0, 25\) \(shard [0-9a-f]{32}\): "
-        r"read failed: ArrowInvalid: .*; nothing was committed", lines[0]), err
+        r"read failed: SourceChanged: source file part-00001\.parquet changed while the job ran \(.*\); "
+        r"run the job again to read it as it is; nothing was committed", lines[0]), err
 
 
 def test_encoder_actors_that_leave_no_cpu_for_the_tasks_are_an_error_not_a_wait(lake, tmp_path):

@@ -3,6 +3,7 @@ import json
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sentence_transformers import SentenceTransformer
@@ -29,7 +30,9 @@ def ingested(tmp_path_factory, docs, ray_session, shared_encoders):
     bad = [{"id": "null-text", "text": None}, {"id": "blank", "text": "  \n "},
            {"id": good[5][0], "text": "a duplicate of an id from a Parquet file"},
            {"text": "a row without an id"}, {"id": "ok-jsonl", "text": docs[350][1]}]
-    (lake / "z-extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    # and bytes that are not UTF-8, in a text and in an id (Arrow's JSON reader passes them on)
+    not_utf8 = b'{"id": "latin1", "text": "caf\xe9 cr\xe8me"}\n{"id": "id-\xff", "text": "fine"}\n'
+    (lake / "z-extra.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in bad).encode() + not_utf8)
     cfg = IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=150, unit_rows=60,
                        encoder=EncoderConfig(batch_size=32), progress=False)
     with pytest.MonkeyPatch.context() as mp:
@@ -75,10 +78,12 @@ def test_every_row_is_in_one_shard_or_in_rejects(ingested):
     assert not set(seen) & set(rejects)
     assert sorted(seen.values()) == sorted(i for i, _ in accepted)
     assert rejects == {("z-extra.jsonl", 0): ("null-text", "null_text"), ("z-extra.jsonl", 1): ("blank", "empty_text"),
-                       ("z-extra.jsonl", 2): (accepted[5][0], "duplicate_id"), ("z-extra.jsonl", 3): (None, "null_id")}
-    assert version["counts"] == {"rows_read": 305, "documents": 301, "rejects": 4}
+                       ("z-extra.jsonl", 2): (accepted[5][0], "duplicate_id"), ("z-extra.jsonl", 3): (None, "null_id"),
+                       ("z-extra.jsonl", 5): ("latin1", "text_not_utf8"),
+                       ("z-extra.jsonl", 6): ("id-\ufffd", "id_not_utf8")}
+    assert version["counts"] == {"rows_read": 307, "documents": 301, "rejects": 6}
     s = result.summary
-    assert (s["documents"], s["rejects"], s["shards"]) == (301, 4, len(version["shards"]))
+    assert (s["documents"], s["rejects"], s["shards"]) == (301, 6, len(version["shards"]))
     assert s["bytes_float32"] == 301 * 384 * 4 and s["bytes_ubinary"] == 301 * 48
     # 100 rows per file in row groups of 40: units end at row groups 80 and 100, plus the JSONL file
     assert [(x["source"]["row_start"], x["source"]["row_stop"]) for x in version["shards"]][:2] == [(0, 80), (80, 100)]
@@ -151,3 +156,35 @@ def test_a_unit_with_every_row_rejected_is_written_with_the_ranges_dimension(tmp
     assert table.num_rows == 0 and table.schema.field("int8").type.list_size == 384
     index = faiss.read_index_binary(str(dest / empty["index"]))
     assert (index.d, index.ntotal) == (384, 0)
+
+
+@pytest.mark.parametrize("when", ["list_source", "plan_units"])
+def test_a_file_replaced_while_the_job_runs_stops_it_and_commits_nothing(tmp_path, docs, monkeypatch, when):
+    """A writer replaces part-00001 after the job listed the lake (the scan reads the new file) or
+    after it planned the units (the reads do), with rows that hold part-00000's ids. The job read
+    the new rows as the listed file: a version of 40 rows with 20 ids stored twice and no reject.
+    Now the job fails naming the file, and a rerun reads the lake as it is."""
+    import jobs.ingest
+
+    lake, dest = tmp_path / "lake", tmp_path / "dest"
+    write_parquet_lake(lake, docs[:40], files=2)
+    replacement = pa.table({"id": [d[0] for d in docs[:20]], "text": [d[1] for d in docs[100:120]]})
+    step = getattr(jobs.ingest, when)
+
+    def then_replaced(*args, **kwargs):
+        out = step(*args, **kwargs)
+        pq.write_table(replacement, lake / "part-00001.parquet")
+        return out
+
+    monkeypatch.setattr(jobs.ingest, when, then_replaced)
+    cfg = IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=20,
+                       encoder=EncoderConfig(batch_size=32), progress=False)
+    with pytest.raises(Exception, match=r"source file part-00001\.parquet changed while the job ran"):
+        run(cfg)
+    assert not (dest / "versions").exists()
+    monkeypatch.undo()
+    result = run(cfg)
+    version = json.loads((dest / "versions" / "00000001.json").read_text())
+    assert version["counts"] == {"rows_read": 40, "documents": 20, "rejects": 20}
+    stored = [i for s, table in _shards(dest, version) for i in table["id"].to_pylist()]
+    assert sorted(stored) == sorted(d[0] for d in docs[:20]) and result.summary["rejects"] == 20

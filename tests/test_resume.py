@@ -92,7 +92,9 @@ def test_a_unit_that_fails_for_good_fails_the_job_naming_it(lake, ray_session, c
     out, err = capsys.readouterr()
     assert rc == 1 and out == ""
     assert re.search(r"quantlake ingest: error: work unit part-00001\.parquet rows \[\d+, \d+\) "
-                     r"\(shard [0-9a-f]{32}\): read failed: ArrowInvalid: .*; nothing was committed", err), err
+                     r"\(shard [0-9a-f]{32}\): read failed: SourceChanged: source file part-00001\.parquet "
+                     r"changed while the job ran \(.*\); run the job again to read it as it is; "
+                     r"nothing was committed", err), err
     fs, root = url_to_fs(dest, options)
     assert not fs.exists(f"{root}/versions")
     assert encoder_actors_left() == []

@@ -1,11 +1,14 @@
 """Source listing and row-range reading, Parquet and JSON Lines alike."""
 import json
+import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.ingest.source import SourceError, classify, iter_batches, list_source
+from workers.ingest.source import (SourceChanged, SourceError, check_file, classify, iter_batches, list_source,
+                                   unchanged)
 
 
 @pytest.fixture
@@ -52,3 +55,159 @@ def test_derived_ids_name_file_and_row(lake):
 def test_missing_source(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         list_source(str(tmp_path / "none"))
+
+
+def _jsonl(path, records, pad: int = 0) -> None:
+    """JSON Lines with `pad` characters of an unread key per line (to push rows past a 4 MiB block)."""
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "pad": "x" * pad} if pad else r) + "\n")
+
+
+def _read_all(path, columns=("text", "id"), text="text", id_column="id"):
+    fs, root, [f] = list_source(str(path))
+    out = []
+    for first, batch in iter_batches(fs, root, f, list(columns), text_column=text):
+        rows = classify(f, first, batch, text, id_column)
+        out += list(zip(rows.row.tolist(), rows.ids, rows.texts, rows.reason))
+    return out
+
+
+def test_jsonl_columns_that_are_null_for_the_first_block_are_read(tmp_path):
+    """Arrow fixes a JSON column's type from the first block: a text and an id null throughout the
+    first 4 MiB and set after it were refused as 'not a JSON object'; they are read, the nulls
+    going to rejects, the ids as the strings they would be had the first block held them."""
+    records = [{"id": None if i < 25 else i, "text": None} for i in range(50)]
+    records += [{"id": 100 + i, "text": f"text {i}"} for i in range(5)]
+    _jsonl(tmp_path / "x.jsonl", records, pad=100_000)
+    assert (tmp_path / "x.jsonl").stat().st_size > 1 << 22
+    fs, root, [f] = list_source(str(tmp_path / "x.jsonl"))
+    assert check_file(fs, root, f, "text", "id") is None
+    got = _read_all(tmp_path / "x.jsonl")
+    assert [r[3] for r in got] == ["null_id"] * 25 + ["null_text"] * 25 + [None] * 5
+    assert got[50:] == [(50 + i, str(100 + i), f"text {i}", None) for i in range(5)]
+    assert [r[1] for r in got[25:50]] == [str(i) for i in range(25, 50)]
+
+
+@pytest.mark.parametrize("ids, want", [
+    ([1, 2, 3], ["1", "2", "3"]),
+    (["a", None, "c"], ["a", None, "c"]),
+    ([1, 2.5, 3], ["1", "2.5", "3"]),
+    ([True, False, None], ["true", "false", None]),
+])
+def test_jsonl_ids_of_any_scalar_type_become_strings(tmp_path, ids, want):
+    _jsonl(tmp_path / "x.jsonl", [{"id": i, "text": f"t{n}"} for n, i in enumerate(ids)])
+    assert [r[1] for r in _read_all(tmp_path / "x.jsonl")] == want
+
+
+def test_jsonl_keys_the_job_does_not_read_cannot_stop_it(tmp_path):
+    """A key holding a string on one line and an object on another was a parse error for the
+    whole file; only the text and id columns are read now."""
+    records = [{"id": f"d{i}", "text": f"t{i}", "meta": "s" if i % 2 else {"k": [i]}} for i in range(6)]
+    _jsonl(tmp_path / "x.jsonl", records)
+    assert [(r[1], r[2]) for r in _read_all(tmp_path / "x.jsonl")] == [(f"d{i}", f"t{i}") for i in range(6)]
+
+
+@pytest.mark.parametrize("lines, pad, bad_line", [(5, 0, 6), (200, 7_000, 201), (700, 7_000, 701)])
+def test_a_malformed_jsonl_line_is_named_by_its_line_number_whatever_the_file_size(tmp_path, lines, pad, bad_line):
+    """Under 1 MiB, 1 to 4 MiB (the first block is parsed when the reader opens) and past 4 MiB:
+    the same message, with the line counted from 1."""
+    path = tmp_path / "x.jsonl"
+    _jsonl(path, [{"id": f"d{i}", "text": f"t{i}"} for i in range(lines)], pad=pad)
+    with open(path, "a") as f:
+        f.write('{"id": "broken", "text": "missing brace"\n')
+    fs, root, [f] = list_source(str(path))
+    pattern = rf"^JSON Lines file x\.jsonl: line {bad_line} is not a JSON object \(.*\); fix or remove that line$"
+    with pytest.raises(SourceError, match=pattern):
+        list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+    if bad_line < (4 << 20) // (pad + 40):  # within the first block, which the check reads
+        with pytest.raises(SourceError, match=pattern):
+            check_file(fs, root, f, "text", "id")
+
+
+def test_a_jsonl_text_that_is_not_a_string_is_named_by_its_line(tmp_path):
+    records = [{"id": f"d{i}", "text": f"t{i}"} for i in range(700)] + [{"id": "n", "text": 5}]
+    _jsonl(tmp_path / "x.jsonl", records, pad=7_000)
+    fs, root, [f] = list_source(str(tmp_path / "x.jsonl"))
+    check_file(fs, root, f, "text", "id")  # the first block's texts are strings
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 701 holds a number in the text "
+                                          r"column 'text'; it must hold strings$"):
+        list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_an_empty_jsonl_file_holds_no_rows(tmp_path, content):
+    (tmp_path / "x.jsonl").write_bytes(content)
+    fs, root, [f] = list_source(str(tmp_path / "x.jsonl"))
+    assert check_file(fs, root, f, "text", "id") is None
+    assert _read_all(tmp_path / "x.jsonl") == []
+
+
+def test_text_and_ids_that_are_not_utf8_go_to_rejects(tmp_path):
+    """JSON Lines: Arrow's parser does not check a string's bytes; such a row is a reject
+    (its values kept with U+FFFD for the bad bytes), and the rest of the file is read."""
+    with open(tmp_path / "x.jsonl", "wb") as f:
+        f.write(b'{"id": "a", "text": "fine"}\n')
+        f.write(b'{"id": "latin1", "text": "caf\xe9 cr\xe8me"}\n')
+        f.write(b'{"id": "b\xff", "text": "fine again"}\n')
+        f.write(b'{"id": null, "text": "caf\xe9"}\n')
+    assert _read_all(tmp_path / "x.jsonl") == [
+        (0, "a", "fine", None), (1, "latin1", "caf\ufffd cr\ufffdme", "text_not_utf8"),
+        (2, "b\ufffd", "fine again", "id_not_utf8"), (3, None, "caf\ufffd", "null_id")]
+
+
+def test_parquet_columns_that_are_not_utf8_go_to_rejects(tmp_path):
+    """A Parquet string column is not checked by Arrow either; a binary id column may hold anything."""
+    texts = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(np.array([0, 2, 5, 7], np.int32).tobytes()),
+                                                   pa.py_buffer(b"okc\xe9xhi")])
+    pq.write_table(pa.table({"text": texts, "id": pa.array([b"i0", b"i1", b"\x80"], pa.binary())}),
+                   tmp_path / "x.parquet")
+    assert _read_all(tmp_path / "x.parquet") == [
+        (0, "i0", "ok", None), (1, "i1", "c\ufffdx", "text_not_utf8"), (2, "\ufffd", "hi", "id_not_utf8")]
+
+
+def test_a_dictionary_encoded_text_column_is_read(tmp_path):
+    """What a pandas categorical column becomes in Parquet."""
+    pq.write_table(pa.table({"text": pa.array(["x", "y", "x", None]).dictionary_encode(), "id": [1, 2, 3, 4]}),
+                   tmp_path / "x.parquet")
+    fs, root, [f] = list_source(str(tmp_path / "x.parquet"))
+    assert check_file(fs, root, f, "text", "id") == [4]
+    assert _read_all(tmp_path / "x.parquet") == [
+        (0, "1", "x", None), (1, "2", "y", None), (2, "3", "x", None), (3, "4", None, "null_text")]
+
+
+@pytest.mark.parametrize("ids", [pa.array([[1], [2]]), pa.array([{"a": 1}, {"a": 2}]),
+                                 pa.array([[("k", 1)], [("k", 2)]], pa.map_(pa.string(), pa.int64()))])
+def test_an_id_column_that_cannot_be_a_string_is_refused_before_any_work(tmp_path, ids):
+    pq.write_table(pa.table({"text": ["a", "b"], "id": ids}), tmp_path / "x.parquet")
+    fs, root, [f] = list_source(str(tmp_path / "x.parquet"))
+    kind = str(ids.type).split("<")[0]  # list, struct, map: Parquet renames what is inside
+    with pytest.raises(SourceError, match=rf"^id column 'id' of file x\.parquet has type {kind}<.*>; "
+                                          "it must hold strings or numbers$"):
+        check_file(fs, root, f, "text", "id")
+
+
+@pytest.mark.parametrize("change", ["append", "replace", "remove", "none"])
+def test_a_file_that_changed_since_it_was_listed_is_not_read_as_listed(tmp_path, change):
+    """Rows read from a file that is not the one listed may not match its scan (ids the duplicate
+    check never saw, rows past the counted end): the read fails, naming the file."""
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "id": ["1", "2"]}), path)
+    fs, root, [f] = list_source(str(tmp_path))
+    if change == "append":
+        pq.write_table(pa.table({"text": ["a", "b", "c"], "id": ["1", "2", "3"]}), path)
+    elif change == "replace":  # the same size, written a little later
+        before = path.stat().st_mtime_ns
+        pq.write_table(pa.table({"text": ["c", "d"], "id": ["1", "2"]}), path)
+        os.utime(path, ns=(before + 10**9, before + 10**9))
+    elif change == "remove":
+        path.unlink()
+    if change == "none":
+        with unchanged(fs, root, f):
+            assert len(_read_all(path)) == 2
+        return
+    with pytest.raises(SourceChanged, match=r"^source file x\.parquet changed while the job ran \(listed at \d+ "
+                                            r"bytes, version .*; (now \d+ bytes, version .*|it is gone)\); "
+                                            "run the job again to read it as it is$"):
+        with unchanged(fs, root, f):
+            list(iter_batches(fs, root, f, ["text", "id"]))

@@ -1,6 +1,7 @@
 """The source lake: list Parquet/JSON Lines files, check them, read row ranges as batches."""
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ READ_BATCH_ROWS = 4096
 
 class SourceError(ValueError):
     """The source cannot be ingested as asked; the message names the file and column."""
+
+
+class SourceChanged(SourceError):
+    """A source file is no longer the one the job listed: rows read from it may not match its
+    scan (ids the duplicate check never saw, rows past the counted end), so nothing from it
+    may be committed."""
 
 
 def _version(info: Mapping[str, Any]) -> str:
@@ -73,6 +80,37 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
     return fs, root, files
 
 
+@contextlib.contextmanager
+def unchanged(fs, root: str, f: SourceFile) -> Iterator[None]:
+    """Read `f` inside this block: when the block ends (or fails), raise SourceChanged if the
+    file's size or version is no longer what the listing found (replaced, appended to or removed
+    since the job listed it, or while it was read). One metadata request per block."""
+    try:
+        yield
+    except SourceChanged:
+        raise
+    except Exception as exc:
+        _check_identity(fs, root, f, exc)
+        raise
+    _check_identity(fs, root, f, None)
+
+
+def _check_identity(fs, root: str, f: SourceFile, cause: BaseException | None) -> None:
+    path = posixpath.join(root, f.relpath)
+    fs.invalidate_cache(path)  # an object store's listing cache would answer with the listed entry
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        now = "it is gone"
+    else:
+        size, version = int(info.get("size") or 0), _version(info)
+        if (size, version) == (f.size, f.version):
+            return
+        now = f"now {size} bytes, version {version}"
+    raise SourceChanged(f"source file {f.relpath} changed while the job ran (listed at {f.size} bytes, "
+                        f"version {f.version}; {now}); run the job again to read it as it is") from cause
+
+
 def _open_parquet(fs, root: str, f: SourceFile) -> pq.ParquetFile:
     return pq.ParquetFile(fs.open(posixpath.join(root, f.relpath), "rb"))
 
@@ -81,7 +119,9 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
     """Open `f`, check that the columns exist with usable types.
 
     Returns the row counts of a Parquet file's row groups (work units follow them), None
-    for JSON Lines. Raises SourceError naming the file and column.
+    for JSON Lines. Raises SourceError naming the file and column. A JSON Lines file with no
+    line at all (empty, or blank lines only) holds no rows and passes, as an empty Parquet
+    file does; its columns are those of its first block (Arrow's inference).
     """
     try:
         if f.format == "parquet":
@@ -90,7 +130,11 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
             schema, groups = pf.schema_arrow, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         else:
             with fs.open(posixpath.join(root, f.relpath), "rb") as fh:
-                schema, groups = pj.open_json(fh).schema, None
+                schema, groups = _jsonl_schema(fh, f), None
+            if schema is None:
+                return None
+    except SourceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unreadable
         raise SourceError(f"cannot read {f.format} file {f.relpath}: {exc}") from exc
     for role, column in (("text", text_column), ("id", id_column)):
@@ -100,15 +144,42 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
             raise SourceError(f"file {f.relpath} has no {role} column {column!r} "
                               f"(columns: {', '.join(schema.names)}); pass --{role}-column")
     text_type = schema.field(text_column).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+    if not (_is_text(text_type) or pa.types.is_null(text_type)
+            or (pa.types.is_dictionary(text_type) and _is_text(text_type.value_type))):
         raise SourceError(f"text column {text_column!r} of file {f.relpath} has type {text_type}; "
                           "it must hold strings")
+    if id_column is not None:
+        id_type = schema.field(id_column).type
+        try:  # what classify does to ids: refused here, before any work, if Arrow cannot do it
+            pc.cast(pa.array([], id_type), pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            raise SourceError(f"id column {id_column!r} of file {f.relpath} has type {id_type}; "
+                              "it must hold strings or numbers") from None
     return groups
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _jsonl_schema(fh, f: SourceFile) -> pa.Schema | None:
+    """The columns of a JSON Lines file's first block as Arrow infers them (None: no lines)."""
+    try:
+        return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK)).schema
+    except pa.ArrowInvalid as exc:
+        if _empty(exc):
+            return None
+        raise _jsonl_error(f, exc, 0) from None
+
+
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
-                 row_stop: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Stream rows [row_start, row_stop) of `f` as `(first row number, batch)` pairs."""
+                 row_stop: int | None = None, text_column: str | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Stream rows [row_start, row_stop) of `f` as `(first row number, batch)` pairs.
+
+    `text_column`, one of `columns`, must hold strings in a JSON Lines file (a line where it
+    holds something else raises SourceError naming the line); the other columns may hold
+    strings, numbers or booleans.
+    """
     path = posixpath.join(root, f.relpath)
     if f.format == "parquet":
         pf = _open_parquet(fs, root, f)
@@ -125,27 +196,96 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
         batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=columns)
         yield from _window(batches, first, row_start, row_stop)
     else:
-        with fs.open(path, "rb") as fh:
-            reader = pj.open_json(fh, read_options=pj.ReadOptions(block_size=1 << 22))
-            yield from _window(_jsonl_batches(reader, f, columns), 0, row_start, row_stop)
+        yield from _window(_jsonl_batches(lambda: fs.open(path, "rb"), f, columns, text_column), 0,
+                           row_start, row_stop)
 
 
-def _jsonl_batches(reader, f: SourceFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """The reader's batches (one per block); a line it cannot parse raises SourceError naming the
-    file and the line (Arrow counts the row within its block: the rows before it are added)."""
-    rows = 0
-    while True:
-        try:
-            b = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as exc:
-            m = re.search(r"\bin row (\d+)", str(exc))
-            at = f"line {rows + int(m.group(1)) + 1}" if m else f"a line after line {rows}"
-            raise SourceError(f"JSON Lines file {f.relpath}: {at} is not a JSON object "
-                              f"({str(exc).splitlines()[0]}); fix or remove that line") from None
-        rows += b.num_rows
-        yield b.select([c for c in columns if c in b.schema.names])
+JSONL_BLOCK = 1 << 22
+# What a JSON value's type becomes in Arrow when a column is read with an explicit type.
+_JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
+_CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
+
+
+def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None
+                   ) -> Iterator[pa.RecordBatch]:
+    """A JSON Lines file's rows, in the requested columns only, as batches (one per block).
+
+    The columns are read with explicit types and every other key is ignored, so a key the job
+    does not read cannot stop it, and a column's type does not hang on its first block (Arrow
+    infers a type from the first block and refuses what differs later: a column that is null
+    throughout the first 4 MiB and a string after it). Each column but the text starts as a
+    string; where a line holds a number (or a number with a fraction, or a boolean) the file
+    is read again with that type, skipping the rows already given: at most a few passes over
+    the rows before the first such line. A line that cannot be parsed, or a text that is not
+    a string, raises SourceError naming the file and the line (Arrow counts the row within its
+    block: the rows before it are added). An empty file gives no rows.
+    """
+    types = {c: pa.string() for c in columns}
+    given = 0
+    for _ in range(3 * len(columns) + 1):
+        schema = pa.schema([(c, types[c]) for c in columns])
+        options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        rows = 0
+        with open_file() as fh:
+            try:
+                reader = pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK),
+                                      parse_options=options)
+                while True:
+                    try:
+                        b = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    skip = min(max(given - rows, 0), b.num_rows)
+                    rows += b.num_rows
+                    if skip < b.num_rows:
+                        given += b.num_rows - skip
+                        yield b.slice(skip)
+            except pa.ArrowInvalid as exc:
+                if _empty(exc):
+                    return
+                retyped = _retype(exc, types, text_column)
+                if retyped is None:
+                    raise _jsonl_error(f, exc, rows, text_column) from None
+                types = retyped
+    raise SourceError(f"JSON Lines file {f.relpath}: the columns {', '.join(columns)} change type too often; "
+                      "each must hold one type of value")
+
+
+def _empty(exc: pa.ArrowInvalid) -> bool:
+    return str(exc).startswith("Empty JSON stream")
+
+
+def _retype(exc: pa.ArrowInvalid, types: dict, text_column: str | None) -> dict | None:
+    """The column types to read again with, after Arrow refused a value of `exc`'s type; None
+    when the value is not one a column may hold (a text that is not a string, an object, an
+    array, a string in a column of numbers)."""
+    m = _CHANGED.search(str(exc))
+    if m:
+        column, new = m.group(1), _JSON_TYPES.get(m.group(3))
+        if column not in types or column == text_column or new is None or types[column] != pa.string():
+            return None
+        return {**types, column: new}
+    if "Failed to convert JSON to int64" in str(exc):  # a number with a fraction after whole ones
+        ints = [c for c, t in types.items() if t == pa.int64()]
+        if len(ints) == 1:
+            return {**types, ints[0]: pa.float64()}
+    return None
+
+
+def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None = None) -> SourceError:
+    first = str(exc).splitlines()[0]
+    m = re.search(r"\bin row (\d+)", first)
+    at = f"line {rows + int(m.group(1)) + 1}" if m else f"a line after line {rows}"
+    changed = _CHANGED.search(first)
+    if changed and changed.group(1) == text_column:
+        return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in the text column "
+                           f"{text_column!r}; it must hold strings")
+    if changed:
+        return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in column "
+                           f"{changed.group(1)!r}, where earlier lines hold a {changed.group(2)}; "
+                           "fix or remove that line")
+    return SourceError(f"JSON Lines file {f.relpath}: {at} is not a JSON object ({first}); "
+                       "fix or remove that line")
 
 
 def source_root(fs, root: str, f: SourceFile) -> str:
@@ -183,22 +323,54 @@ class Rows:
 
 def classify(f: SourceFile, first_row: int, batch: pa.RecordBatch, text_column: str,
              id_column: str | None) -> Rows:
-    """Derive ids and mark rows that cannot be encoded (null id, null or blank text)."""
+    """Derive ids and mark rows that cannot be encoded: null id, id or text that is not UTF-8
+    (Arrow's readers do not check the bytes of a JSON string or a Parquet string column; such
+    a value is kept in the rejects with U+FFFD where its bytes are invalid), null or blank text."""
     n = batch.num_rows
     rows = np.arange(first_row, first_row + n, dtype=np.int64)
     if text_column in batch.schema.names:
-        texts = batch.column(text_column).cast(pa.string()).to_pylist()
+        texts, bad_texts = _strings(batch.column(text_column))
     else:  # a JSON Lines block where no line had the key
-        texts = [None] * n
+        texts, bad_texts = [None] * n, ()
+    bad_ids: Any = ()
     if id_column is None:
         ids = [f"{f.relpath}:{r}" for r in rows.tolist()]
     elif id_column in batch.schema.names:
-        col = batch.column(id_column)
-        ids = (col if pa.types.is_string(col.type) else pc.cast(col, pa.string())).to_pylist()
+        ids, bad_ids = _strings(batch.column(id_column))
     else:
         ids = [None] * n
     reason = [
         "null_id" if i is None else "null_text" if t is None else "empty_text" if not t.strip() else None
         for i, t in zip(ids, texts)
     ]
+    for i in bad_texts:
+        reason[i] = "text_not_utf8" if ids[i] is not None else reason[i]
+    for i in bad_ids:
+        reason[i] = "id_not_utf8"
     return Rows(f, rows, ids, texts, reason)
+
+
+def _strings(col: pa.Array) -> tuple[list, list[int]]:
+    """`col` as Python strings (numbers and other types cast by Arrow), and the positions of the
+    values whose bytes are not UTF-8, which come back decoded with U+FFFD for the bad bytes."""
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    try:
+        if _is_text(col.type):
+            return col.to_pylist(), []
+        return pc.cast(col, pa.string()).to_pylist(), []
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        pass
+    if _is_text(col.type):  # the same bytes, unchecked
+        col = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
+    values, bad = [], []
+    for i, raw in enumerate(col.to_pylist()):
+        if raw is None:
+            values.append(None)
+            continue
+        try:
+            values.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(raw.decode("utf-8", "replace"))
+            bad.append(i)
+    return values, bad

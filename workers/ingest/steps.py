@@ -21,7 +21,7 @@ from workers.ingest.config import IngestConfig
 from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_path,
                                  scan_rows)
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
-from workers.ingest.source import classify, iter_batches, source_root
+from workers.ingest.source import classify, iter_batches, source_root, unchanged
 from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import cat_uncached, join, over_network, put_bytes
 from workers.ray_session import node_id
@@ -128,8 +128,9 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
-               for first, b in iter_batches(fs, root, f, _columns(cfg)))
-    s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
+               for first, b in iter_batches(fs, root, f, _columns(cfg), text_column=cfg.text_column))
+    with unchanged(fs, root, f):
+        s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
     # A job that calibrates reads the file for its sample, and keeps a kept scan that checked out.
     ref = kept if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) else None
     if keep and ref is None:
@@ -234,19 +235,21 @@ def _read(unit: WorkUnit, cfg: IngestConfig) -> UnitRows:
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
     ids, rows, texts, rejects = [], [], [], []
-    for first, batch in iter_batches(fs, root, f, _columns(cfg), unit.row_start, unit.row_stop):
-        b = classify(f, first, batch, cfg.text_column, cfg.id_column)
-        for i, row in enumerate(b.row.tolist()):
-            reason, detail = b.reason[i], ""
-            if reason is None and row in dups:
-                reason, detail = "duplicate_id", dups[row].detail()
-            if reason is None:
-                ids.append(b.ids[i])
-                rows.append(row)
-                texts.append(b.texts[i])
-            else:
-                rejects.append({"id": b.ids[i], "source_file": f.relpath, "source_row": row,
-                                "reason": reason, "detail": detail or reason.replace("_", " ")})
+    with unchanged(fs, root, f):
+        for first, batch in iter_batches(fs, root, f, _columns(cfg), unit.row_start, unit.row_stop,
+                                         text_column=cfg.text_column):
+            b = classify(f, first, batch, cfg.text_column, cfg.id_column)
+            for i, row in enumerate(b.row.tolist()):
+                reason, detail = b.reason[i], ""
+                if reason is None and row in dups:
+                    reason, detail = "duplicate_id", dups[row].detail()
+                if reason is None:
+                    ids.append(b.ids[i])
+                    rows.append(row)
+                    texts.append(b.texts[i])
+                else:
+                    rejects.append({"id": b.ids[i], "source_file": f.relpath, "source_row": row,
+                                    "reason": reason, "detail": detail or reason.replace("_", " ")})
     return UnitRows(unit, tuple(ids), tuple(rows), tuple(texts), tuple(rejects))
 
 
