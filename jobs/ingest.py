@@ -221,7 +221,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         log.info("%s; nothing committed", exc)
         return IngestResult(None, None, {**summary_extra, "committed": False, "committed_meanwhile": exc.version})
     url = manifest_url(cfg.dest, n)
-    summary = _summary(version_doc, records, written.reused, time.perf_counter() - t0, t_cal, url, n)
+    summary = _summary(version_doc, records, [r for r in new if r.id not in written.reused_ids], written.reused,
+                       time.perf_counter() - t0, t_cal, url, n)
     summary.update(rows_encoded=written.encoded_rows, rows_requantized=written.requantized_rows,
                    calibration_rows=0 if saved_ranges else manifest.sample_size,
                    files_scanned=len(files) - found.files_reused, scans_reused=found.files_reused)
@@ -335,10 +336,14 @@ def ingest_options(cfg: IngestConfig) -> dict[str, Any]:
             "quantiles": list(cfg.quantiles), "seed": cfg.seed}
 
 
-def _summary(doc: VersionManifest, records: list[ShardRecord], shards_reused: int, wall_s: float,
-             calibrate_s: float, manifest_url: str, n: int) -> dict[str, Any]:
+def _summary(doc: VersionManifest, records: list[ShardRecord], wrote: list[ShardRecord], shards_reused: int,
+             wall_s: float, calibrate_s: float, manifest_url: str, n: int) -> dict[str, Any]:
+    """The job's summary: the version's counts and sizes (`records`: its every shard), and the figures
+    of this run's work, from the shards it wrote (`wrote`): not those carried over from the version
+    it builds on, nor those reused from an earlier run of the job, whose stats are other runs' work."""
     b = doc.bytes
     docs = doc.count("documents")
+    docs_written = sum(r.rows for r in wrote)
     wall_s = round(wall_s, 3)  # docs_per_s is worked out from the figure printed, so the two agree
     # Sizes and ratios for the precisions the shards store, and those only (`bytes_<precision>`,
     # `compression_<precision>`: float32's size over its; None without documents).
@@ -349,14 +354,29 @@ def _summary(doc: VersionManifest, records: list[ShardRecord], shards_reused: in
         "precisions": stored, "bytes_float32": b["float32"], **{f"bytes_{p}": b[p] for p in stored},
         "bytes_stored": b["stored"],
         **{f"compression_{p}": round(b["float32"] / b[p], 2) if b[p] else None for p in stored},
+        "shards_written": len(wrote), "documents_written": docs_written,
         "wall_s": wall_s, "calibrate_s": round(calibrate_s, 3),
-        "docs_per_s": round(docs / wall_s, 2) if wall_s else None,
-        "encode_s": round(sum(r.stat("encode_s") for r in records), 3),
-        "quantize_s": round(sum(r.stat("quantize_s") for r in records), 3),
-        "write_s": round(sum(r.stat("write_s") for r in records), 3),
-        "clipped_values": int(sum(doc.clipped_per_dim or ())), "ranges_id": doc.ranges.id,
+        "docs_per_s": round(docs_written / wall_s, 2) if wall_s else None,
+        "encode_s": round(sum(r.stat("encode_s") for r in wrote), 3),
+        "quantize_s": round(sum(r.stat("quantize_s") for r in wrote), 3),
+        "write_s": round(sum(r.stat("write_s") for r in wrote), 3),
+        "clipped_values": int(sum(r.clipped or 0 for r in wrote)), "ranges_id": doc.ranges.id,
         "manifest": manifest_url,
     }
+
+
+def _throughput(s: dict[str, Any]) -> str:
+    """The summary's line on this run's work: the shards it wrote, and which of the version's it did not."""
+    reused = s["shards_reused"]
+    carried = s["shards"] - s["shards_written"] - reused
+    kept = " and ".join(f"{n} {how}" for n, how in ((carried, "carried over from the version it builds on"),
+                                                    (reused, "reused from an earlier run of the same job")) if n)
+    if not s["shards_written"]:
+        return f"throughput: no shard written in {s['wall_s']} s; the version's {s['shards']} shard(s): {kept}"
+    return (f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s (calibration {s['calibrate_s']} s; "
+            f"encode {s['encode_s']} s, quantize {s['quantize_s']} s, write {s['write_s']} s summed over the "
+            f"{s['shards_written']} shard(s) this run wrote" + (f"; not counted: {kept}" if kept else "")
+            + f"); {s['clipped_values']} values clipped in them")
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -369,9 +389,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{p} {s[f'bytes_{p}'] / mib:.2f} MiB ({s[f'compression_{p}']}x)" for p in s["precisions"])
             if s["bytes_float32"] else "none (no document)")
         + f"; {s['bytes_stored'] / mib:.2f} MiB stored with ids and indexes",
-        f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s "
-        f"(calibration {s['calibrate_s']} s; encode {s['encode_s']} s, quantize {s['quantize_s']} s, "
-        f"write {s['write_s']} s summed over shards); {s['clipped_values']} values clipped",
+        _throughput(s),
         f"ranges {s['ranges_id']}" + (f"; {format_fidelity(s['fidelity'])}" if s.get("fidelity") else ""),
         f"manifest: {s['manifest']}",
     ] + ([f"requantized {s['rows_requantized']} rows from their shards' float16 embeddings without the model; "

@@ -82,11 +82,12 @@ def test_summary_figures_are_those_of_the_run(human, lake):
         (str(s["compression_int8"]), f"{s['bytes_ubinary'] / MIB:.2f}", str(s["compression_ubinary"]),
          f"{s['bytes_stored'] / MIB:.2f}")
     m = re.fullmatch(r"throughput: ([\d.]+) documents/s over ([\d.]+) s \(calibration ([\d.]+) s; encode ([\d.]+) s, "
-                     r"quantize ([\d.]+) s, write ([\d.]+) s summed over shards\); (\d+) values clipped", lines[2])
+                     r"quantize ([\d.]+) s, write ([\d.]+) s summed over the (\d+) shard\(s\) this run wrote\); "
+                     r"(\d+) values clipped in them", lines[2])
     assert m, lines[2]
     assert tuple(map(float, m.groups()[:6])) == tuple(s[k] for k in ("docs_per_s", "wall_s", "calibrate_s",
                                                                       "encode_s", "quantize_s", "write_s"))
-    assert int(m.group(7)) == s["clipped_values"]
+    assert (int(m.group(7)), int(m.group(8))) == (s["shards_written"], s["clipped_values"]) == (5, s["clipped_values"])
     assert set(s["fidelity"]) == {"queries", "k", "recall_int8", "recall_ubinary_int8"}
     assert lines[3] == f"ranges {s['ranges_id']}; {format_fidelity(s['fidelity'])}"
     assert lines[4] == f"manifest: {s['manifest']}" and s["manifest"] == str(lake / "dest" / "versions" / "00000001.json")
@@ -101,6 +102,7 @@ def test_summary_figures_agree_with_the_committed_version(human, lake):
     assert (s["compression_int8"], s["compression_ubinary"]) == (4.0, 32.0)
     assert s["docs_per_s"] == round(100 / s["wall_s"], 2) and 0 < s["calibrate_s"] < s["wall_s"]
     assert s["ranges_id"] == version["ranges"]["id"] and s["clipped_values"] == sum(version["clipped_per_dim"])
+    assert s["encode_s"] == round(sum(x["stats"]["encode_s"] for x in version["shards"]), 3) > 0
 
 
 def test_json_summary_holds_ratios_and_throughput(human, lake, capsys):
@@ -112,7 +114,11 @@ def test_json_summary_holds_ratios_and_throughput(human, lake, capsys):
     assert err == ""  # --no-progress: no bar
     assert (s["version"], s["documents"], s["shards"], s["shards_reused"]) == (2, 100, 5, 5)  # a rerun
     assert (s["compression_int8"], s["compression_ubinary"]) == (4.0, 32.0)
-    assert s["docs_per_s"] == round(s["documents"] / s["wall_s"], 2) > 0
+    # Its figures are its own work: it wrote no shard (the first run's stats are not counted again).
+    assert (s["shards_written"], s["documents_written"], s["docs_per_s"], s["encode_s"]) == (0, 0, 0.0, 0.0)
+    assert jobs.ingest.format_summary(s).splitlines()[2] == \
+        f"throughput: no shard written in {s['wall_s']} s; the version's 5 shard(s): 5 reused from an earlier run " \
+        "of the same job"
     assert s["manifest"] == str(lake / "dest" / "versions" / "00000002.json")
 
 

@@ -122,6 +122,13 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert v2.parent == 1 and v2.ranges == v1.ranges and v2.extra["options"] == v1.extra["options"]
     carried = {x.id for x in v1.shards} & {x.id for x in v2.shards}
     assert len(carried) == 2 and v2.extra["drift"]["rows"] == 6 + 2 * ROWS - 1
+    # The summary's throughput and stage times are this run's: the 3 shards it wrote, not the 2 carried.
+    wrote = [x for x in v2.shards if x.id not in carried]
+    assert (s["shards_written"], s["documents_written"]) == (3, sum(x.rows for x in wrote)) == (3, 6 + 2 * ROWS - 1)
+    assert s["encode_s"] == round(sum(x.stat("encode_s") for x in wrote), 3)
+    assert s["clipped_values"] == sum(x.clipped for x in wrote)
+    assert "summed over the 3 shard(s) this run wrote; not counted: 2 carried over from the version it builds on)" \
+        in format_result(result)
 
 
 def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, capsys, monkeypatch):
@@ -153,6 +160,23 @@ def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, caps
     assert (plan["rows_encoded"], plan["rows_scanned"], plan["shards_carried"]) == (5 * ROWS + 6, 5 * ROWS + 6, 0)
     assert _files(dest) == before and list_versions(*url_to_fs(str(dest))) == [1, 2]
     (raw / "part-9.parquet").unlink()
+
+
+def test_a_reindex_that_only_drops_a_file_reports_no_work_of_its_own(lake, tmp_path):
+    """Its version's shards were all written by earlier runs: no throughput, stage time or clip
+    count of theirs is shown as this run's."""
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")  # copies keep their files' times: only the deletion changes
+    shutil.copytree(dest, tmp_path / "emb")
+    sorted((tmp_path / "raw").glob("*.parquet"))[0].unlink()
+    result = reindex(ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), progress=False))
+    s = result.summary
+    assert result.version is not None and (s["shards_added"], s["shards_dropped"], s["rows_encoded"]) == (0, 1, 0)
+    assert (s["shards_written"], s["documents_written"], s["docs_per_s"]) == (0, 0, 0.0)
+    assert (s["encode_s"], s["quantize_s"], s["write_s"], s["clipped_values"]) == (0.0, 0.0, 0.0, 0)
+    assert format_result(result).splitlines()[2] == (
+        f"throughput: no shard written in {s['wall_s']} s; the version's {s['shards']} shard(s): {s['shards']} "
+        "carried over from the version it builds on")
 
 
 def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, docs, caplog):

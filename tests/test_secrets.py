@@ -93,9 +93,10 @@ def test_summary_and_manifest_never_hold_url_credentials():
     url = manifest_url("https://user:dest-pw-123@lake.example/emb/", 3)
     assert url == f"https://{MASK}@lake.example/emb/versions/00000003.json"
     summary = {"version": 3, "documents": 1, "rejects": 0, "rows_read": 1, "shards": 1, "shards_reused": 0,
-               "precisions": ["int8", "ubinary"], "bytes_float32": 1, "bytes_int8": 1, "bytes_ubinary": 1, "bytes_stored": 1, "compression_int8": 1,
-               "compression_ubinary": 1, "docs_per_s": 1, "wall_s": 1, "calibrate_s": 0, "encode_s": 0,
-               "quantize_s": 0, "write_s": 0, "clipped_values": 0, "ranges_id": "r", "manifest": url}
+               "shards_written": 1, "precisions": ["int8", "ubinary"], "bytes_float32": 1, "bytes_int8": 1,
+               "bytes_ubinary": 1, "bytes_stored": 1, "compression_int8": 1, "compression_ubinary": 1, "docs_per_s": 1,
+               "wall_s": 1, "calibrate_s": 0, "encode_s": 0, "quantize_s": 0, "write_s": 0, "clipped_values": 0,
+               "ranges_id": "r", "manifest": url}
     assert "dest-pw-123" not in format_summary(summary)
     ranges = RangeManifest(np.zeros((2, 8), np.float32), "m", "sha256:" + "0" * 64, True, "minmax", None, 2, 0)
     doc = _version_doc(IngestConfig(SIGNED_S3, "s3://lake/emb"), [], ranges, "ranges/r.json", [], None, [])

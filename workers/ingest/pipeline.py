@@ -394,12 +394,14 @@ def ranges_of(cfg: IngestConfig, embeddings: np.ndarray, fingerprint: str) -> Ra
 @dataclass(frozen=True)
 class Written:
     """How the main pass came by its shards: reused from an earlier run of the job (`reused`
-    shards), or written from embeddings the encoders made (`encoded_rows`) or from a shard's
-    float16 column (`requantized_rows`); rows count every row of a unit, rejects included."""
+    shards, their ids `reused_ids`), or written from embeddings the encoders made (`encoded_rows`)
+    or from a shard's float16 column (`requantized_rows`); rows count every row of a unit, rejects
+    included."""
 
     reused: int = 0
     encoded_rows: int = 0
     requantized_rows: int = 0
+    reused_ids: frozenset[str] = frozenset()
 
 
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: Encoders, ranges_path: str,
@@ -432,14 +434,15 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
     rows = stream_units(items, cfg, encoders, cpu_task_args(pool), read_unit, write_unit,
                         {"ranges_path": ranges_path, "ranges_id": ranges_id,
                          "probe_below": probe_threshold(probe, total_rows)})
-    records, reused, encoded, requantized, probed = [], 0, 0, 0, []
+    records, reused, encoded, requantized, probed = [], [], 0, 0, []
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
               desc="ingest") as bar:
         try:
             for row in rows:
                 rec = ShardRecord.from_json(json.loads(row["record"]))
                 records.append(rec)
-                reused += bool(row["reused"])
+                if row["reused"]:
+                    reused.append(rec.id)
                 if row["requantized"]:
                     requantized += rec.rows_read
                 elif not row["reused"]:
@@ -462,7 +465,8 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
             rows.close()  # on an error here too: its calls queued at the actors are cancelled now
     probed = sorted(probed, key=lambda p: (p[0], p[1]))[:probe]  # the bottom-`probe`, as `Sample` orders it
     sample = np.stack([p[2] for p in probed]) if probed else None
-    return (sorted(records, key=lambda r: (r.source.file, r.source.row_start)), Written(reused, encoded, requantized),
+    return (sorted(records, key=lambda r: (r.source.file, r.source.row_start)),
+            Written(len(reused), encoded, requantized, frozenset(reused)),
             sample)
 
 
