@@ -34,6 +34,7 @@ from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import WarmEncoders
 from workers.ingest.source import SourceFile, list_source
 from workers.ingest.planning import Float16Source
+from workers.ingest.scan import sample_size
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
 from workers.lake.redact import describe_error, redact, redact_url
@@ -156,9 +157,13 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
     if cfg.dry_run and cfg.recalibrate:  # plan every shard as a first ingest would, with the saved ranges
         icfg = ingest_config(latest, cfg, source, fresh=False)
         result = ingest(icfg, dry_run=True, requantize=float16, warm=warm)
+        scanned = result.summary["rows_scanned"]
+        # `calibration_samples` as recorded (None: sized to the lake); the sample is at most the lake.
         return replace(result, summary={**result.summary, "mode": "dry-run", "recalibrate": True,
                                         "float16": float16 is not None,
-                                        "calibration_samples": icfg.calibration_samples})
+                                        "calibration_samples": icfg.calibration_samples,
+                                        "calibration_rows_max": min(scanned,
+                                                                    sample_size(icfg.calibration_samples, scanned))})
     if cfg.recalibrate or cfg.model:
         result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16,
                         warm=warm)
@@ -301,8 +306,10 @@ def format_result(r: IngestResult) -> str:
         shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         lines = [f"dry run, nothing written: {plan}"]
         if s.get("recalibrate"):
-            lines.append(f"recalibrating encodes a sample of up to {s['calibration_samples']} rows and rewrites every "
-                         f"shard: {s['rows_requantized']} rows requantized from float16, {s['rows_encoded']} re-encoded")
+            sized = "" if s["calibration_samples"] is not None else " sized to the lake"
+            lines.append(f"recalibrating encodes a sample{sized} of up to {s['calibration_rows_max']} rows and rewrites "
+                         f"every shard: {s['rows_requantized']} rows requantized from float16, {s['rows_encoded']} "
+                         "re-encoded")
             if not s["float16"]:
                 lines.append("the shards keep no float16 embeddings, so every row must be re-encoded; a dataset "
                              "ingested with --precisions int8,ubinary,float16 is requantized without the model")

@@ -179,6 +179,20 @@ def test_a_reindex_that_only_drops_a_file_reports_no_work_of_its_own(lake, tmp_p
         "carried over from the version it builds on")
 
 
+@pytest.mark.parametrize("samples", [None, 50])
+def test_a_recalibration_dry_run_says_how_big_its_sample_is(docs, tmp_path, capsys, samples):
+    # None: the ingest sized its sample to the lake (a 20th of its rows, at least 1,000: here all 24).
+    raw, dest = tmp_path / "raw", tmp_path / "emb"
+    for i in range(2):
+        _write(raw, f"part-{i}.parquet", docs[300 + i * ROWS:300 + (i + 1) * ROWS])
+    ingest(replace(_cfg(raw, dest), calibration_samples=samples))
+    assert cli(["reindex", str(dest), "--recalibrate", "--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    sized = " sized to the lake" if samples is None else ""
+    assert out.splitlines()[1] == (f"recalibrating encodes a sample{sized} of up to 24 rows and rewrites every shard: "
+                                   "0 rows requantized from float16, 24 re-encoded"), out
+
+
 def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, docs, caplog):
     base, raw, dest = lake
     # Texts from another part of the corpus: their embeddings reach past the saved ranges.
