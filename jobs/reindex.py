@@ -307,9 +307,9 @@ def format_result(r: IngestResult) -> str:
         lines = [f"dry run, nothing written: {plan}"]
         if s.get("recalibrate"):
             sized = "" if s["calibration_samples"] is not None else " sized to the lake"
-            lines.append(f"recalibrating encodes a sample{sized} of up to {s['calibration_rows_max']} rows and rewrites "
-                         f"every shard: {s['rows_requantized']} rows requantized from float16, {s['rows_encoded']} "
-                         "re-encoded")
+            lines.append(f"recalibrating encodes a sample{sized} of up to {s['calibration_rows_max']} rows and "
+                         f"rewrites every shard: {s['rows_requantized']} rows requantized from float16, "
+                         f"{s['rows_encoded']} re-encoded")
             if not s["float16"]:
                 lines.append("the shards keep no float16 embeddings, so every row must be re-encoded; a dataset "
                              "ingested with --precisions int8,ubinary,float16 is requantized without the model")
