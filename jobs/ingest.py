@@ -29,7 +29,7 @@ from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, So
 from workers.lake.redact import redact_url
 from workers.ray_session import choose_address
 from workers.ingest.source import SourceFile, check_file, list_source
-from workers.lake.storage import absolute_url, join, put_bytes, require_create_only, url_to_fs
+from workers.lake.storage import absolute_url, dest_to_fs, join, put_bytes
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
@@ -112,8 +112,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     t0 = time.perf_counter()
     # Refuse a destination this job could never commit to before hours of work, not after:
     # a backend without an atomic create-only write, or a latest version a crash left empty.
-    dest_fs, dest_root = url_to_fs(cfg.dest, cfg.storage_options)
-    require_create_only(dest_fs, cfg.dest)
+    dest_fs, dest_root = dest_to_fs(cfg.dest, cfg.storage_options)
     # The source first: a source that is not there is the error to report, before the dataset's.
     if listed is None:
         listed = list_source(cfg.source, cfg.storage_options)

@@ -38,7 +38,7 @@ from workers.ingest.scan import sample_size
 from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
 from workers.lake.redact import describe_error, redact, redact_url
-from workers.lake.storage import absolute_url, join, url_to_fs
+from workers.lake.storage import absolute_url, dest_to_fs, join
 from workers.lake.versions import CommitConflict, IncompleteVersion, read_version
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
     recalibration after drift uses the same ones as the run that found it.
     """
     cfg = replace(cfg, dest=absolute_url(cfg.dest), source=absolute_url(cfg.source) if cfg.source else None)
-    fs, root = url_to_fs(cfg.dest, cfg.storage_options)
+    fs, root = dest_to_fs(cfg.dest, cfg.storage_options)  # a dataset no job can commit to is refused first
     latest = read_version(fs, root)
     source = source_of(latest, cfg)
     if cfg.model and same_model(cfg.model, latest):

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from jobs.common import add_storage_options, run_reporting, storage_options
 from workers.lake.redact import redact_url
-from workers.lake.storage import absolute_url, require_create_only, url_to_fs
+from workers.lake.storage import absolute_url, dest_to_fs
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
                                    read_version)
 
@@ -27,8 +27,7 @@ def run(dest: str, to: int, options: dict | None = None) -> int:
         CommitConflict: another job committed meanwhile (rerun to roll back on top of it).
     """
     dest = absolute_url(dest)
-    fs, root = url_to_fs(dest, options)
-    require_create_only(fs, dest)
+    fs, root = dest_to_fs(dest, options)
     latest = (list_versions(fs, root) or [None])[-1]
     if latest is None:
         raise FileNotFoundError(f"no committed version under {redact_url(dest)}")

@@ -109,6 +109,21 @@ def test_ingest_to_such_a_backend_fails_before_any_work(lake, tmp_path, capsys):
     assert NoCreateFS.store == {}
 
 
+@pytest.mark.parametrize("dest, backend", [("gs://bucket/emb", "GCSFileSystem"),
+                                           ("abfs://box/emb", "AzureBlobFileSystem"),
+                                           ("http://127.0.0.1:9/emb", "HTTPFileSystem")])
+def test_other_backends_are_refused_by_the_destinations_protocol(tmp_path, capsys, dest, backend):
+    """Told by the URL, before its filesystem is built: gs:// and abfs:// get the refusal whether
+    or not gcsfs and adlfs are installed (here they are not), never their ImportError."""
+    refusal = (f"cannot commit dataset versions to {dest}: its storage backend ({dest.split(':')[0]}://, "
+               f"{backend}) has no atomic create-only write")
+    assert cli(["ingest", str(tmp_path), dest, "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"quantlake ingest: error: {refusal}")
+    for command in (["reindex", dest], ["rollback", dest, "--to", "1"]):
+        assert cli(command) == 2
+        assert capsys.readouterr().err.startswith(f"quantlake {command[0]}: error: {refusal}")
+
+
 def test_supported_backends_commit_a_real_version(store, v1):
     require_create_only(store.fs, store.url)
     assert commit(store.fs, store.root, _next(v1, parent=None)) == 1

@@ -138,12 +138,39 @@ def require_create_only(fs, url: str) -> None:
     commit to fails in seconds rather than after hours of encoding.
     """
     if not set(_protocols(fs)) & set(CREATE_ONLY_PROTOCOLS):
-        raise NoAtomicCreate(
-            f"cannot commit dataset versions to {redact_url(url)}: its storage backend "
-            f"({'/'.join(_protocols(fs))}://, {type(fs).__name__}) has no atomic create-only write, "
-            "so two jobs committing at once could overwrite each other's version. Versions are "
-            "committed only on local disk (file://), memory:// and S3 (s3://, s3a://, with "
-            "If-None-Match): write the dataset to one of those")
+        raise _no_atomic_create(url, "/".join(_protocols(fs)), type(fs).__name__)
+
+
+def dest_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
+    """`url_to_fs` for a dataset a job commits versions to: NoAtomicCreate for a backend that
+    cannot hold one (`require_create_only`), told by the URL's protocol before the filesystem
+    is built, so that a backend whose package is not installed (gs:// without gcsfs) gets the
+    same refusal rather than that package's ImportError."""
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol not in CREATE_ONLY_PROTOCOLS:
+        raise _no_atomic_create(url, protocol, _backend_name(protocol))
+    fs, root = url_to_fs(url, storage_options)
+    require_create_only(fs, url)
+    return fs, root
+
+
+def _backend_name(protocol: str) -> str:
+    """The fsspec class of `protocol`, by name, without importing its package."""
+    from fsspec.registry import known_implementations, registry
+
+    if protocol in registry:
+        return registry[protocol].__name__
+    known = known_implementations.get(protocol)
+    return known["class"].rsplit(".", 1)[-1] if known else "not an fsspec backend"
+
+
+def _no_atomic_create(url: str, protocols: str, backend: str) -> NoAtomicCreate:
+    return NoAtomicCreate(
+        f"cannot commit dataset versions to {redact_url(url)}: its storage backend "
+        f"({protocols}://, {backend}) has no atomic create-only write, "
+        "so two jobs committing at once could overwrite each other's version. Versions are "
+        "committed only on local disk (file://), memory:// and S3 (s3://, s3a://, with "
+        "If-None-Match): write the dataset to one of those")
 
 
 def _write_synced(fs, path: str, data: bytes, mode: str = "wb") -> None:
