@@ -7,7 +7,7 @@ import ray
 
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
-from workers.ingest.pipeline import check_room, encoder_cfg, encoder_pool, room_problem
+from workers.ingest.pipeline import check_room, encoder_cfg, encoder_pool, gpu_problem, room_problem
 
 
 def _pool(monkeypatch, resources, **kw):
@@ -68,3 +68,33 @@ def test_no_room_is_an_error_on_the_jobs_own_instance_and_a_warning_on_a_cluster
         check_room({"actors": 1, "num_cpus": 1}, own_instance=True)  # fits: nothing said
     assert [r.getMessage() for r in caplog.records] == [
         room_problem(pool, 2) + ", unless the cluster adds CPU nodes: the job waits for them"]
+
+
+def test_cuda_encoders_need_a_gpu_somewhere_in_the_cluster():
+    cuda = EncoderConfig(device="cuda")
+    assert gpu_problem(cuda, {"CPU": 8.0}) == (
+        "--device cuda, but the cluster has no GPU (Ray advertises 8 CPUs and no GPU resource): the encoders could "
+        "not run (--device auto uses the cluster's GPUs if it has any, else its CPUs; or join a cluster with GPUs, "
+        "--ray-address)")
+    assert gpu_problem(cuda, {"CPU": 8.0, "GPU": 0.0}) is not None
+    # A worker's GPU counts: the driver's machine may have none.
+    assert gpu_problem(cuda, {"CPU": 4.0, "GPU": 1.0}) is None
+    assert gpu_problem(EncoderConfig(), {"CPU": 8.0}) is None and gpu_problem(EncoderConfig(device="cpu"), {}) is None
+
+
+def test_an_ingest_on_cuda_without_a_gpu_stops_before_any_work(ray_session, docs, tmp_path, capsys):
+    """On the session's real Ray: one line, and nothing in the dataset (the scan had written its
+    kept scans, and each CPU actor failed on its first batch with torch's 80-line traceback)."""
+    from conftest import write_parquet_lake
+    from jobs.cli import main as cli
+
+    if ray.cluster_resources().get("GPU", 0):
+        pytest.skip("this machine's Ray has a GPU")
+    write_parquet_lake(tmp_path / "lake", docs[:20], files=2)
+    assert cli(["ingest", str(tmp_path / "lake"), str(tmp_path / "dest"), "--device", "cuda", "--no-progress"]) == 2
+    cpus = ray.cluster_resources()["CPU"]
+    assert capsys.readouterr().err == (f"quantlake ingest: error: --device cuda, but the cluster has no GPU (Ray "
+                                       f"advertises {cpus:g} CPUs and no GPU resource): the encoders could not run "
+                                       "(--device auto uses the cluster's GPUs if it has any, else its CPUs; or join "
+                                       "a cluster with GPUs, --ray-address)\n")
+    assert not (tmp_path / "dest").exists()

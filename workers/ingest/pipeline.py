@@ -72,10 +72,26 @@ def encoder_pool(cfg: IngestConfig) -> dict[str, Any]:
     GPU and one CPU, else (or for the onnx backend) CPU actors of one CPU."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    problem = gpu_problem(cfg.encoder, resources)
+    if problem:
+        raise ValueError(problem)
+    gpus = int(resources.get("GPU", 0))
     if gpus and cfg.encoder.device != "cpu" and cfg.encoder.backend == "torch":  # onnx runs on CPUs
         return {"actors": cfg.encoder_actors or gpus, "num_gpus": 1, "num_cpus": 1}
     return {"actors": cfg.encoder_actors or 1, "num_cpus": 1}
+
+
+def gpu_problem(encoder: EncoderConfig, resources: dict[str, float]) -> str | None:
+    """Why encoders on `--device cuda` could never run on a cluster of `resources` (Ray's
+    `cluster_resources()`: the GPUs of every node, where the driver's machine may have none), or
+    None. Asked before any work: CPU actors told to use CUDA would each fail on their first
+    batch, with torch's traceback, after the scan had already written to the dataset."""
+    if encoder.device != "cuda" or resources.get("GPU", 0) > 0:
+        return None
+    return (f"--device cuda, but the cluster has no GPU (Ray advertises {resources.get('CPU', 0):g} CPUs and no GPU "
+            "resource): the encoders could not run (--device auto uses the cluster's GPUs if it has any, else "
+            "its CPUs; or join a cluster with GPUs, --ray-address)")
 
 
 def room_problem(pool: dict[str, Any], cpus: float) -> str | None:
