@@ -105,6 +105,8 @@ def test_jsonl_keys_the_job_does_not_read_cannot_stop_it(tmp_path):
     whole file; only the text and id columns are read now."""
     records = [{"id": f"d{i}", "text": f"t{i}", "meta": "s" if i % 2 else {"k": [i]}} for i in range(6)]
     _jsonl(tmp_path / "x.jsonl", records)
+    fs, root, [f] = list_source(str(tmp_path / "x.jsonl"))
+    assert check_file(fs, root, f, "text", "id") is None
     assert [(r[1], r[2]) for r in _read_all(tmp_path / "x.jsonl")] == [(f"d{i}", f"t{i}") for i in range(6)]
 
 

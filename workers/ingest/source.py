@@ -129,8 +129,9 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
             meta = pf.metadata
             schema, groups = pf.schema_arrow, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         else:
-            with fs.open(posixpath.join(root, f.relpath), "rb") as fh:
-                schema, groups = _jsonl_schema(fh, f), None
+            path = posixpath.join(root, f.relpath)
+            columns = [c for c in (text_column, id_column) if c is not None]
+            schema, groups = _jsonl_schema(lambda: fs.open(path, "rb"), f, columns, text_column), None
             if schema is None:
                 return None
     except SourceError:
@@ -162,14 +163,23 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _jsonl_schema(fh, f: SourceFile) -> pa.Schema | None:
-    """The columns of a JSON Lines file's first block as Arrow infers them (None: no lines)."""
+def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str) -> pa.Schema | None:
+    """The columns of a JSON Lines file's first block as Arrow infers them (None: no lines). When
+    a key the job does not read trips Arrow's inference (a string on one line, an object on
+    another), the job's own columns as the reader gives them instead: their presence is not
+    checked then (a missing one is null on every row, so its rows go to rejects)."""
     try:
-        return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK)).schema
+        with open_file() as fh:
+            return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK)).schema
     except pa.ArrowInvalid as exc:
         if _empty(exc):
             return None
-        raise _jsonl_error(f, exc, 0) from None
+        changed = _CHANGED.search(str(exc))
+        if not changed or changed.group(1) in columns:
+            raise _jsonl_error(f, exc, 0, text_column) from None
+    for batch in _jsonl_batches(open_file, f, columns, text_column):
+        return batch.schema
+    return None
 
 
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
