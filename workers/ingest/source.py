@@ -90,7 +90,12 @@ def unchanged(fs, root: str, f: SourceFile) -> Iterator[None]:
     except SourceChanged:
         raise
     except Exception as exc:
-        _check_identity(fs, root, f, exc)
+        try:
+            _check_identity(fs, root, f, exc)
+        except SourceChanged:
+            raise
+        except Exception:  # noqa: BLE001 - the read's own error says more than a failed look at the file
+            pass
         raise
     _check_identity(fs, root, f, None)
 
