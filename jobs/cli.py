@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from jobs.common import console
+
 # The module of a command, where it is not the command's own name (`inspect` would shadow the
 # standard library's module of that name for `python jobs/inspect.py`).
 MODULES = {"inspect": "inspect_dataset"}
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"quantlake: command {name!r} is not available in this build ({exc})", file=sys.stderr)
         return 2
-    return module.main(rest) or 0
+    return console(name, module.main, rest)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
+import signal
 import sys
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
@@ -63,6 +65,8 @@ def run_reporting(command: str, fn: Callable[[], Any], options: Any, urls: Itera
     urls = list(urls)
     try:
         return 0, fn()
+    except BrokenPipeError:
+        raise  # the reader of stdout went away (a job that prints as it goes): `console` exits quietly
     except USAGE_ERRORS as exc:
         status, text = 2, describe_error(exc, options, urls)
     except failures as exc:
@@ -71,6 +75,33 @@ def run_reporting(command: str, fn: Callable[[], Any], options: Any, urls: Itera
         status, text = 1, f"{type(exc).__name__}: {describe_error(exc, options, urls)}"
     print(f"quantlake {command}: error: {text}", file=sys.stderr)
     return status, None
+
+
+# Exit statuses of a command stopped from outside, as a shell reports a process a signal ended:
+# Ctrl-C (SIGINT), and a reader of its output that went away (SIGPIPE).
+INTERRUPTED = 128 + signal.SIGINT
+READER_GONE = 128 + signal.SIGPIPE
+
+
+def console(command: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """`main(argv)`'s exit status, for `quantlake <command>` and `python -m jobs.<module>`: a Ctrl-C
+    is one line and status 130, a closed pipe on stdout (`quantlake history DEST | head -1`) a
+    quiet exit, as Unix tools give, never a traceback. The job has cleaned up by then: an ingest
+    interrupted commits nothing and stops its Ray on the way out (`jobs/ingest.run`)."""
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print(f"quantlake {command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout at exit, which would fail again and say so on stderr: what is
+        # left unwritten goes to /dev/null instead (Python's docs, "Note on SIGPIPE").
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # no file descriptor: stdout is not a real stream
+            pass
+        return READER_GONE
 
 
 def _storage(url: str) -> tuple[str, str] | None:

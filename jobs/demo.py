@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import run_reporting
+from jobs.common import console, run_reporting
 from workers.lake.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -208,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("demo", main))

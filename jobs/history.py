@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from jobs.common import add_storage_options, format_fidelity, run_reporting, storage_options
+from jobs.common import add_storage_options, console, format_fidelity, run_reporting, storage_options
 from ranges.manifest import RangeManifest
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("history", main))

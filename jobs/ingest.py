@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from jobs.common import (add_job_options, add_no_progress, add_storage_options, format_fidelity, run_reporting,
+from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity, run_reporting,
                          storage_options)
 from ranges.manifest import RangeManifest
 from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
@@ -27,7 +27,7 @@ from workers.lake.range_files import load_ranges
 from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, SourceSnapshot, VersionManifest,
                                   WorkUnit, sidecar_path)
 from workers.lake.redact import redact_url
-from workers.ray_session import choose_address
+from workers.ray_session import choose_address, ctrl_c_held
 from workers.ingest.source import SourceFile, check_file, list_source
 from workers.lake.storage import absolute_url, dest_to_fs, join, put_bytes
 from workers.ingest.steps import UnitFailed
@@ -187,12 +187,13 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             (warm or encoders).stop(kill=True)
         raise
     finally:
-        if encoders is not None and warm is None:
-            encoders.stop()
-        if started:
-            import ray
+        with ctrl_c_held():  # a Ctrl-C now is raised once the actors and Ray are stopped
+            if encoders is not None and warm is None:
+                encoders.stop()
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     new = records
     records = sorted(records + carry_over(dest_fs, dest_root, plan.carried),
                      key=lambda r: (r.source.file, r.source.row_start))
@@ -460,4 +461,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("ingest", main))

@@ -8,7 +8,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, console, run_reporting, storage_options
 from workers.lake.records import ShardSource, VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("inspect", main))

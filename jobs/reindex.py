@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from jobs.common import (add_job_options, add_no_progress, add_storage_options, format_fidelity, recorded_source,
-                         run_reporting, storage_options)
+from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity,
+                         recorded_source, run_reporting, storage_options)
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
@@ -396,4 +396,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("reindex", main))

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, console, run_reporting, storage_options
 from workers.lake.redact import redact_url
 from workers.lake.storage import absolute_url, dest_to_fs
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("rollback", main))

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import fsspec
 
-from jobs.common import add_ray_address, add_storage_options, recorded_source, run_reporting, storage_options
+from jobs.common import add_ray_address, add_storage_options, console, recorded_source, run_reporting, storage_options
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
@@ -239,4 +239,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("search", main))

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, run_reporting, storage_options
+from jobs.common import add_storage_options, console, run_reporting, storage_options
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import modified_at, url_to_fs
@@ -405,4 +405,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console("vacuum", main))

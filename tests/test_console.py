@@ -6,11 +6,15 @@ own local Ray (tests/isolated.py), on a small real lake.
 """
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from conftest import write_parquet_lake
-from isolated import Job
+from isolated import REPO, Job
 
 # The two lines a clean ingest printed on stderr when it ran on Ray Data's actor pools, as Ray wrote
 # them: what the noise patterns below must catch.
@@ -171,3 +175,37 @@ def test_abseil_mutex_traces_from_a_worker_are_not_forwarded_and_its_own_lines_a
     plain = re.sub(r"\x1b\[[0-9;]*m", "", err)  # Ray colours the prefix
     assert len(re.findall(rf"^\(task pid=\d+\) {OWN_LINE}$", plain, re.M)) == 1, err
     assert "mutex.cc" not in err and "RAW:" not in err, err
+
+
+@pytest.mark.parametrize("command", [["jobs.history"], ["jobs.inspect_dataset", "--json"], ["jobs.cli", "history"]])
+def test_a_reader_that_went_away_ends_the_command_quietly(clean_run, lake, tmp_path, command):
+    """`quantlake history DEST | head -1`: stdout's reader is gone before the command writes (the
+    pipe's read end is closed first, so the write fails every time), and the command exits as a
+    Unix tool ended by SIGPIPE does, 141, with nothing on stderr."""
+    assert clean_run[0] == 0
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", command[0], *command[1:], str(lake / "dest")], cwd=REPO,
+                              stdout=write, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, b"")
+
+
+def test_ctrl_c_during_an_ingest_prints_one_line_and_exits_130(lake, tmp_path, as_by_hand):
+    """Ctrl-C (SIGINT to the job's process group, Ray's processes included, as a terminal sends
+    it) once the main pass has started: one line, status 130, nothing committed, Ray stopped."""
+    with Job(["-m", "jobs.cli", "ingest", str(lake / "lake"), str(tmp_path / "dest"), *ARGS], tmp_path,
+             env=as_by_hand) as job:
+        proc = job.start()
+        deadline = time.monotonic() + 300
+        while "ingest:" not in job.output()[1] and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        out, err = job.output()
+    assert (rc, out) == (130, ""), err
+    assert [s for s in re.split(r"[\r\n]", err) if s.strip() and not BAR.fullmatch(s.strip())] == \
+        ["quantlake ingest: interrupted"], err
+    assert not (tmp_path / "dest" / "versions").exists()

@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from typing import Mapping
 
 from workers.lake.redact import redact_url
@@ -36,9 +38,13 @@ CONNECT_TIMEOUT_S = 10.0
 # Lines from Ray's worker processes that the driver does not print: abseil's mutex debug trace,
 # which a worker now and then writes to stderr ("[mutex.cc : 452] RAW: Lock blocking 0x... @ ...",
 # three lines in a row in a failing ingest's output here), news to no one and alarming to read.
+# Also the raylet's notice that a call queued at an encoder actor will be retried after the job
+# itself killed the actor (`Encoders.stop(kill=True)`: a Ctrl-C while a unit is being encoded;
+# a running actor call cannot be cancelled), which is then not retried (`no_restart`).
 # Ray's driver reads RAY_DEDUP_LOGS_SKIP_REGEX when `ray` is first imported, so it is set when this
 # module is, which every command imports before Ray; one set by the user is kept.
-WORKER_NOISE = r"\[mutex\.cc : \d+\] RAW: "
+WORKER_NOISE = (r"\[mutex\.cc : \d+\] RAW: |Task EncoderActor\.\w+ failed\. There are infinite retries remaining, "
+                r"so the task will be retried\. Error: The actor is dead because it was killed by `ray\.kill`")
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", WORKER_NOISE)
 
 
@@ -183,8 +189,16 @@ def init_ray(address: str | None = None) -> bool:
     # A local instance is this job's alone, and runs without Ray's dashboard unless asked
     # (`local_dashboard`); a cluster keeps the dashboard it was started with.
     local = {"include_dashboard": local_dashboard(), "num_cpus": local_cpus()} if address == "local" else {}
-    with _quiet_token_notice(address == "local"):
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()}, **local)
+    try:
+        # Ray half started (a Ctrl-C inside `ray.init`) crashed the process at its exit: the start
+        # is finished first, then stopped, and the interrupt goes on.
+        with ctrl_c_held(), _quiet_token_notice(address == "local"):
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()},
+                     **local)
+    except KeyboardInterrupt:
+        with ctrl_c_held():
+            ray.shutdown()
+        raise
     return True
 
 
@@ -213,6 +227,33 @@ def _quiet_token_notice(local: bool):
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that comes while the block runs, and raise it as KeyboardInterrupt
+    once the block is done: for the cleanup that must run whole, ending a job's actors and its Ray.
+
+    Interrupted, that cleanup went wrong at random: a KeyboardInterrupt inside `ray.shutdown`
+    left the driver's core worker up with its raylet stopped, and it ended the process with
+    status 1 before the command could report the interrupt; one inside an actor handle's
+    `__del__` was only printed ("Exception ignored in"), and the job went on to commit. Outside
+    the main thread, or where SIGINT has a handler other than Python's default (`reindex
+    --watch` sets its own), the block runs as it is. A block that raises keeps its exception
+    (it is the job's: a Ctrl-C held meanwhile is dropped).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def local_cpus(detected: int | None = None) -> int | None:

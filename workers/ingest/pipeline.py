@@ -391,7 +391,14 @@ def encode_sample(cfg: IngestConfig, sample: Sample, encoders: Encoders) -> np.n
     # sample is at most SAMPLE_CAP texts), and the results come back in chunk order.
     refs = [actors[n % len(actors)].encode_row.remote({"chunk": n, "texts": json.dumps(texts[i:i + size])})
             for n, i in enumerate(range(0, len(texts), size))]
-    rows = ray.get(refs)
+    try:
+        rows = ray.get(refs)
+    except BaseException:
+        # Cancelled while queued at the actors, as a failed main pass does (`stream_units`): the
+        # job then kills the actors, and Ray would retry each call, with a warning (a Ctrl-C here).
+        for ref in refs:
+            ray.cancel(ref)
+        raise
     return np.concatenate([np.frombuffer(r["embeddings"], np.float32).reshape(-1, int(r["dim"])) for r in rows])
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from workers.lake.credentials import StorageAccess
 from workers.lake.dataset import DatasetVersion, open_version
-from workers.ray_session import init_ray
+from workers.ray_session import ctrl_c_held, init_ray
 from workers.search.shard_group import ShardGroup
 from workers.vocab import SearchIndex
 
@@ -267,7 +267,8 @@ class RayShardGroups:
             ray.kill(a)
         self.actors = []
         if self._started and ray.is_initialized():
-            ray.shutdown()
+            with ctrl_c_held():  # whole, or a Ctrl-C leaves Ray half stopped (`ctrl_c_held`)
+                ray.shutdown()
         self._started = False
 
 
