@@ -427,7 +427,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="what runs the model: torch, or onnx (onnxruntime on CPUs; needs quantlake[onnx])")
     add_job_options(p)
-    p.add_argument("--unit-rows", type=int, default=10_000, help="largest work unit (rows per shard)")
+    p.add_argument("--unit-rows", type=int, default=10_000,
+                   help="largest work unit, in rows (rows per shard); a Parquet row group larger than this is one unit")
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
     add_storage_options(p)

@@ -91,6 +91,9 @@ def read_queries(url: str, storage_options: dict[str, Any] | None = None) -> lis
                 lines = f.read().splitlines()
         except FileNotFoundError:
             raise FileNotFoundError(f"queries file {url} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"queries file {url} is not UTF-8 text (byte {exc.start}: "
+                             f"{exc.object[exc.start:exc.start + 1]!r})") from None
     queries = [q.strip() for q in lines if q.strip()]
     if not queries:
         raise ValueError(f"queries file {url} holds no query (one per line)")
@@ -159,14 +162,23 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _shown(doc_id: str) -> str:
+    """An id as the table shows it: a line break or other control character in it is written as
+    its escape (`\\n`), so every hit stays one line; `--json` gives ids as they are."""
+    if doc_id.isprintable():
+        return doc_id
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in doc_id)
+
+
 def format_results(results: list[QueryResult]) -> str:
     lines = []
     for r in results:
-        head = f"neighbours of {r.of.id}: " if r.of else "query: "
+        head = f"neighbours of {_shown(r.of.id)}: " if r.of else "query: "
         lines.append(head + _short(r.query, 100))
-        width = max([len(h.id) for h in r.hits] + [2])
-        for i, h in enumerate(r.hits, 1):
-            lines.append(f"  {i:>3}. {h.score:8.4f}  {h.id:<{width}}  shard {h.shard[:12]} row {h.row}")
+        ids = [_shown(h.id) for h in r.hits]
+        width = max([len(i) for i in ids] + [2])
+        for i, (h, shown) in enumerate(zip(r.hits, ids), 1):
+            lines.append(f"  {i:>3}. {h.score:8.4f}  {shown:<{width}}  shard {h.shard[:12]} row {h.row}")
         if not r.hits:
             lines.append("  (no hits)")
         lines.append("")

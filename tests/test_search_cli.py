@@ -5,7 +5,8 @@ import pytest
 
 from jobs.cli import main as cli
 from jobs.ingest import run
-from jobs.search import parse_args
+from jobs.search import QueryResult, format_results, parse_args
+from workers.search.searcher import Hit
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
 
@@ -76,7 +77,19 @@ def test_errors_exit_2_with_a_message(dataset, capsys):
     assert "version 7" in capsys.readouterr().err
     assert cli(["search", str(dest.parent / "nowhere"), "q"]) == 2
     assert "no committed version" in capsys.readouterr().err
+    (dest.parent / "latin1.txt").write_bytes(b"caf\xe9\n")
+    assert cli(["search", str(dest), "--queries-file", str(dest.parent / "latin1.txt")]) == 2
+    assert f"queries file {dest.parent / 'latin1.txt'} is not UTF-8 text (byte 3: b'\\xe9')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([str(dest)])  # no query, no file, no --neighbours-of
     with pytest.raises(SystemExit):
         parse_args([str(dest), "q", "--rescore-multiplier", "0"])
+
+
+def test_the_table_keeps_each_hit_on_one_line_whatever_its_id():
+    hits = [Hit("two\nlines", 0.9, "a" * 32, 0, 0), Hit("tab\there é", 0.8, "b" * 32, 1, 1),
+            Hit("plain", 0.7, "c" * 32, 2, 2)]
+    lines = format_results([QueryResult("q", hits, of=hits[0])]).splitlines()
+    assert lines[0] == "neighbours of two\\nlines: q"
+    assert [line.split()[2] for line in lines[1:]] == ["two\\nlines", "tab\\there", "plain"]
+    assert "tab\\there é" in lines[2] and len(lines) == 4
