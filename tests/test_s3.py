@@ -139,3 +139,40 @@ def test_profile_in_storage_options_reaches_botocore(s3, s3_server, tmp_path, mo
     options["profile"] = "missing"
     assert cli(["inspect", f"{bucket}/emb", "--storage-options", json.dumps(options)]) == 1
     assert "ProfileNotFound: The config profile (missing) could not be found" in capsys.readouterr().err
+
+
+def test_a_lake_listed_again_in_one_process_sees_new_and_rewritten_files(s3, s3_server):
+    """`reindex --watch` lists the lake every cycle in one process, with the one s3fs object fsspec
+    keeps per options: its cached folder listing from the first cycle made a file added later
+    unreadable ('cannot read parquet file …') and a rewritten one fail on its old ETag, every
+    cycle. Listing and opening ask the store, not that cache."""
+    import io
+
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.ingest.source import check_file, iter_batches, list_source
+
+    bucket, options = s3
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+    def put(key, texts):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": texts, "id": [f"{key}-{i}" for i in range(len(texts))]}), buf)
+        client.put_object(Bucket=bucket[len("s3://"):], Key=f"raw/{key}.parquet", Body=buf.getvalue())
+
+    def texts(fs, root, f):
+        return [t for _, b in iter_batches(fs, root, f, ["text"]) for t in b.column("text").to_pylist()]
+
+    put("a", ["one", "two"])
+    fs, root, files = list_source(f"{bucket}/raw", options)
+    assert [check_file(fs, root, f, "text", "id") for f in files] == [[2]]
+    assert texts(fs, root, files[0]) == ["one", "two"]
+    put("a", ["three", "four", "five"])
+    put("b", ["six"])
+    fs2, root, files = list_source(f"{bucket}/raw", options)
+    assert fs2 is fs  # the same cached object, as in a watch's next cycle
+    assert [(f.relpath, check_file(fs, root, f, "text", "id")) for f in files] == [("a.parquet", [3]),
+                                                                                   ("b.parquet", [1])]
+    assert [texts(fs, root, f) for f in files] == [["three", "four", "five"], ["six"]]

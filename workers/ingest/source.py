@@ -116,8 +116,19 @@ def _check_identity(fs, root: str, f: SourceFile, cause: BaseException | None) -
                         f"version {f.version}; {now}); run the job again to read it as it is") from cause
 
 
+def _open(fs, root: str, f: SourceFile):
+    """`f` opened for reading as the store holds it now. fsspec keeps one filesystem object per
+    URL and options, and an object store's keeps the folder listings it made: in a process that
+    lists and reads the lake again (`reindex --watch`, every cycle; a long-lived Ray worker) the
+    file would be looked up there, unknown if added since, or with the old ETag of a file
+    rewritten since (s3fs then refuses the read)."""
+    path = posixpath.join(root, f.relpath)
+    fs.invalidate_cache(path)
+    return fs.open(path, "rb")
+
+
 def _open_parquet(fs, root: str, f: SourceFile) -> pq.ParquetFile:
-    return pq.ParquetFile(fs.open(posixpath.join(root, f.relpath), "rb"))
+    return pq.ParquetFile(_open(fs, root, f))
 
 
 def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | None) -> list[int] | None:
@@ -134,9 +145,8 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
             meta = pf.metadata
             schema, groups = pf.schema_arrow, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         else:
-            path = posixpath.join(root, f.relpath)
             columns = [c for c in (text_column, id_column) if c is not None]
-            schema, groups = _jsonl_schema(lambda: fs.open(path, "rb"), f, columns, text_column), None
+            schema, groups = _jsonl_schema(lambda: _open(fs, root, f), f, columns, text_column), None
             if schema is None:
                 return None
     except SourceError:
@@ -195,7 +205,6 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
     holds something else raises SourceError naming the line); the other columns may hold
     strings, numbers or booleans.
     """
-    path = posixpath.join(root, f.relpath)
     if f.format == "parquet":
         pf = _open_parquet(fs, root, f)
         groups, first, offset = [], None, 0
@@ -211,7 +220,7 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
         batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=columns)
         yield from _window(batches, first, row_start, row_stop)
     else:
-        yield from _window(_jsonl_batches(lambda: fs.open(path, "rb"), f, columns, text_column), 0,
+        yield from _window(_jsonl_batches(lambda: _open(fs, root, f), f, columns, text_column), 0,
                            row_start, row_stop)
 
 
