@@ -132,6 +132,19 @@ def test_the_summary_and_the_manifest_count_only_the_precisions_stored(human, la
     assert stored == {"float32": 100 * 384 * 4, "ubinary": 100 * 48, "stored": stored["stored"]}
     assert lines[1] == (f"vectors: float32 {100 * 384 * 4 / MIB:.2f} MiB -> ubinary {100 * 48 / MIB:.2f} MiB (32.0x); "
                         f"{stored['stored'] / MIB:.2f} MiB stored with ids and indexes")
+    # Searching it: what needs int8 vectors is refused naming the options that do not (the int8
+    # index was a KeyError, and the default search named a shard and Python keywords only).
+    dest = str(tmp_path / "dest")
+    assert cli(["search", dest, "a query", "--index", "int8"]) == 2
+    assert capsys.readouterr().err == (
+        f"quantlake search: error: version 1 of {dest} holds no int8 vectors (ingested with precisions ubinary): "
+        "search it with the binary index (the default; index='binary'), not --index int8\n")
+    assert cli(["search", dest, "a query"]) == 2
+    assert capsys.readouterr().err == (
+        f"quantlake search: error: version 1 of {dest} holds no int8 vectors to rescore with (ingested with "
+        "precisions ubinary): search with --rescore bits or --rescore none (rescore='bits' or 'none')\n")
+    assert cli(["search", dest, "a query", "--rescore", "bits", "-k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
 
 
 def test_an_ingest_that_rejects_every_row_prints_no_ratio(human, lake, tmp_path, capsys):

@@ -14,6 +14,7 @@ import numpy as np
 from ranges.manifest import RangeManifest
 from workers.lake.dataset import open_version
 from workers.lake.records import VersionManifest
+from workers.lake.redact import redact_url
 from workers.embedding.encoder import Encoder, EncoderConfig, encoder_fingerprint, resolve_model, resolve_model_name
 from workers.embedding.quantizer import quantize
 from workers.search.backends import RayShardGroups, ShardGroups, ThreadShardGroups
@@ -192,6 +193,10 @@ class Searcher:
             raise ValueError(f"{', '.join(stray)}: only for backend={other!r}, not {backend!r}; leave "
                              f"{'it' if len(stray) == 1 else 'them'} out, or open with backend={other!r}")
         ds, ranges, name = open_checked(url, version, storage_options, model)
+        if index == "int8" and "int8" not in ds.manifest.precisions:
+            raise ValueError(f"version {ds.version} of {redact_url(url)} holds no int8 vectors (ingested with "
+                             f"precisions {', '.join(ds.manifest.precisions)}): search it with the binary index "
+                             "(the default; index='binary'), not --index int8")
         if backend == "ray":
             groups: ShardGroups = RayShardGroups.open(
                 url, storage_options, ds.version, _layout(ds.manifest)[1], ranges.ranges, index,
@@ -229,6 +234,10 @@ class Searcher:
         are sized by k, so an uncapped k would allocate for rows that do not exist.
         """
         opts = SearchOptions(k=k, **options)
+        if opts.rescore == "int8" and "int8" not in self.manifest.precisions:
+            raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
+                             f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
+                             "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
         q = np.ascontiguousarray(q, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be float32 (n, {self.dim}), got shape {q.shape}")
