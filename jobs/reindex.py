@@ -348,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
                    help="share of clipped values, above the calibration sample's, that counts as drift")
     p.add_argument("--model", default=None, help="re-encode everything with this model (folder or cached name)")
     p.add_argument("--watch", action="store_true", help="keep reindexing every --interval until SIGTERM")
-    p.add_argument("--interval", default="10m", help="time between --watch cycles: 30s, 10m, 2h (default 10m)")
+    p.add_argument("--interval", default=None, help="time between --watch cycles: 30s, 10m, 2h (default 10m)")
     p.add_argument("--keep-encoders", action="store_true",
                    help="keep the encoder actors (and their GPUs) between --watch cycles rather than load the "
                         "model in every cycle with changes: for short intervals")
@@ -359,7 +359,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     a = p.parse_args(argv)
     options = storage_options(p, a)
     try:
-        interval = parse_interval(a.interval) if a.watch else None
+        interval = parse_interval(a.interval or "10m") if a.watch else None
+        if a.interval is not None and not a.watch:
+            raise ValueError("--interval sets the time between --watch cycles: it needs --watch")
         if a.watch and (a.dry_run or a.recalibrate):
             raise ValueError("--watch repeats incremental reindexes: not with --dry-run or --recalibrate")
         if a.keep_encoders and not a.watch:

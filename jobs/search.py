@@ -69,6 +69,8 @@ class SearchConfig:
         asked = [x is not None for x in (self.query, self.queries_file, self.neighbours_of)]
         if sum(asked) != 1:
             raise ValueError("give exactly one of: a query text, --queries-file, --neighbours-of")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("the query is blank: give a text to search for (a queries file skips blank lines)")
         if self.neighbours_of is not None and self.neighbours_of < 1:
             raise ValueError(f"--neighbours-of must be >= 1, got {self.neighbours_of}")
         check(self.index, SEARCH_INDEXES, "index")

@@ -478,3 +478,13 @@ def test_model_migration_keeps_pinned_versions_searchable(lake, docs, tmp_path, 
     assert (result.summary["mode"], result.summary["rows_encoded"], result.version) == ("incremental", 8, old + 2)
     assert (result.summary["files_scanned"], result.summary["scans_reused"]) == (1, 5)
 
+
+
+def test_interval_without_watch_is_refused(capsys):
+    """A one-shot reindex given --interval ran once and said nothing of it."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["dest", "--interval", "3s"])
+    assert exit_.value.code == 2
+    assert "--interval sets the time between --watch cycles: it needs --watch" in capsys.readouterr().err
+    assert parse_args(["dest", "--watch", "--interval", "3s"])[2] == 3.0
+    assert parse_args(["dest", "--watch"])[2] == 600.0 and parse_args(["dest"])[2] is None

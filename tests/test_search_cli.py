@@ -82,6 +82,10 @@ def test_errors_exit_2_with_a_message(dataset, capsys):
     assert f"queries file {dest.parent / 'latin1.txt'} is not UTF-8 text (byte 3: b'\\xe9')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([str(dest)])  # no query, no file, no --neighbours-of
+    for blank in ("", "  \n"):  # searched, and answered with arbitrary hits
+        with pytest.raises(SystemExit):
+            parse_args([str(dest), blank])
+        assert "the query is blank: give a text to search for" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([str(dest), "q", "--rescore-multiplier", "0"])
 

@@ -300,6 +300,7 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
     first = str(exc).splitlines()[0]
     m = re.search(r"\bin row (\d+)", first)
     at = f"line {rows + int(m.group(1)) + 1}" if m else f"a line after line {rows}"
+    first = re.sub(r"\s*\bin row \d+$", "", first)  # Arrow's row, counted from 0 within its block
     changed = _CHANGED.search(first)
     if changed and changed.group(1) == text_column:
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in the text column "
