@@ -119,8 +119,9 @@ def test_a_malformed_jsonl_line_is_named_by_its_line_number_whatever_the_file_si
     with open(path, "a") as f:
         f.write('{"id": "broken", "text": "missing brace"\n')
     fs, root, [f] = list_source(str(path))
-    pattern = rf"^JSON Lines file x\.jsonl: line {bad_line} is not a JSON object \((?!.*\bin row \d)JSON parse error: " \
-              r".*\); fix or remove that line$"  # Arrow's own row number (from 0, within a block) left out
+    # Arrow's own row number (from 0, within a block) is left out of the quoted cause
+    pattern = rf"^JSON Lines file x\.jsonl: line {bad_line} is not a JSON object " \
+              r"\((?!.*\bin row \d)JSON parse error: .*\); fix or remove that line$"
     with pytest.raises(SourceError, match=pattern):
         list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
     if bad_line < (4 << 20) // (pad + 40):  # within the first block, which the check reads
