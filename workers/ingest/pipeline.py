@@ -416,15 +416,18 @@ def ranges_of(cfg: IngestConfig, embeddings: np.ndarray, fingerprint: str) -> Ra
 
 @dataclass(frozen=True)
 class Written:
-    """How the main pass came by its shards: reused from an earlier run of the job (`reused`
-    shards, their ids `reused_ids`), or written from embeddings the encoders made (`encoded_rows`)
-    or from a shard's float16 column (`requantized_rows`); rows count every row of a unit, rejects
-    included."""
+    """How the main pass came by its shards: reused from an earlier run of the job (the shards
+    `reused_ids`), or written from embeddings the encoders made (`encoded_rows`) or from a shard's
+    float16 column (`requantized_rows`); rows count every row of a unit, rejects included."""
 
-    reused: int = 0
+    reused_ids: frozenset[str] = frozenset()
     encoded_rows: int = 0
     requantized_rows: int = 0
-    reused_ids: frozenset[str] = frozenset()
+
+    @property
+    def reused(self) -> int:
+        """How many shards an earlier run of the job had written."""
+        return len(self.reused_ids)
 
 
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: Encoders, ranges_path: str,
@@ -489,7 +492,7 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
     probed = sorted(probed, key=lambda p: (p[0], p[1]))[:probe]  # the bottom-`probe`, as `Sample` orders it
     sample = np.stack([p[2] for p in probed]) if probed else None
     return (sorted(records, key=lambda r: (r.source.file, r.source.row_start)),
-            Written(len(reused), encoded, requantized, frozenset(reused)),
+            Written(frozenset(reused), encoded, requantized),
             sample)
 
 

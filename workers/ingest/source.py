@@ -32,6 +32,12 @@ class SourceChanged(SourceError):
     may be committed."""
 
 
+def _identity(info: Mapping[str, Any]) -> tuple[int, str]:
+    """A file's (size, version) from its fsspec info: what the listing records of it
+    (`SourceFile`), and what `unchanged` compares with that record."""
+    return int(info.get("size") or 0), _version(info)
+
+
 def _version(info: Mapping[str, Any]) -> str:
     for key in ("ETag", "etag", "md5Hash", "generation"):
         if info.get(key):
@@ -73,7 +79,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
         fmt = _format(rel)
         if fmt is None or info.get("type", "file") != "file":
             continue
-        files.append(SourceFile(rel, int(info.get("size") or 0), _version(info), fmt))
+        files.append(SourceFile(rel, *_identity(info), fmt))
     if not files:
         raise SourceError(f"source {redact_url(url)} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
                           f"or JSON Lines ({', '.join(JSONL_SUFFIXES)}) files")
@@ -108,7 +114,7 @@ def _check_identity(fs, root: str, f: SourceFile, cause: BaseException | None) -
     except FileNotFoundError:
         now = "it is gone"
     else:
-        size, version = int(info.get("size") or 0), _version(info)
+        size, version = _identity(info)
         if (size, version) == (f.size, f.version):
             return
         now = f"now {size} bytes, version {version}"
