@@ -222,6 +222,7 @@ class Searcher:
             queries: a text, or a sequence of texts (encoded in batches, the model loaded once).
             k, options: `SearchOptions` fields.
         """
+        self._options(k, options)  # refused before the model is loaded and the texts encoded
         single = isinstance(queries, str)
         texts = [queries] if single else list(queries)
         hits = self.search_vectors(self.encode(texts), k, **options) if texts else []
@@ -233,11 +234,7 @@ class Searcher:
         At most the version's rows come back per query, however large `k`: candidate arrays
         are sized by k, so an uncapped k would allocate for rows that do not exist.
         """
-        opts = SearchOptions(k=k, **options)
-        if opts.rescore == "int8" and "int8" not in self.manifest.precisions:
-            raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
-                             f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
-                             "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
+        opts = self._options(k, options)
         q = np.ascontiguousarray(q, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be float32 (n, {self.dim}), got shape {q.shape}")
@@ -248,6 +245,15 @@ class Searcher:
         for a in range(0, len(q), QUERY_BATCH):
             out += self._search_batch(q[a:a + QUERY_BATCH], opts)
         return out
+
+    def _options(self, k: int, options: dict[str, Any]) -> SearchOptions:
+        """The options of a search, checked against what this version holds."""
+        opts = SearchOptions(k=k, **options)
+        if opts.rescore == "int8" and "int8" not in self.manifest.precisions:
+            raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
+                             f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
+                             "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
+        return opts
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"
