@@ -220,7 +220,9 @@ def parse_args(argv: list[str] | None = None) -> SearchConfig:
                         "not on the dataset's storage (same bucket; locally, under the dataset's parent folder)")
     p.add_argument("--seed", type=int, default=0, help="with --neighbours-of: sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per query, in input order")
-    a = p.parse_args(argv)
+    # Intermixed: the query may come after options (`search DEST -k 5 "text"`); plain parsing gives the
+    # optional positional its empty match at DEST and then refuses the text as unrecognized.
+    a = p.parse_intermixed_args(argv)
     options = storage_options(p, a)
     try:
         opts = SearchOptions(k=a.k, rescore_multiplier=a.rescore_multiplier, rescore=a.rescore,

@@ -90,6 +90,15 @@ def test_errors_exit_2_with_a_message(dataset, capsys):
         parse_args([str(dest), "q", "--rescore-multiplier", "0"])
 
 
+def test_the_query_may_follow_the_options(tmp_path):
+    for argv in ([str(tmp_path), "-k", "3", "what is a socket"], ["-k", "3", str(tmp_path), "what is a socket"],
+                 [str(tmp_path), "--version", "2", "--rescore", "bits", "what is a socket", "--json"]):
+        cfg = parse_args(argv)
+        assert (cfg.dest, cfg.query) == (str(tmp_path), "what is a socket")
+    assert (cfg.version, cfg.options.rescore, cfg.json) == (2, "bits", True)
+    assert parse_args([str(tmp_path), "-k", "3", "--queries-file", "q.txt"]).query is None
+
+
 def test_the_table_keeps_each_hit_on_one_line_whatever_its_id():
     hits = [Hit("two\nlines", 0.9, "a" * 32, 0, 0), Hit("tab\there é", 0.8, "b" * 32, 1, 1),
             Hit("plain", 0.7, "c" * 32, 2, 2)]
