@@ -38,6 +38,15 @@ class TestCommitProtocol:
         assert read_version(store.fs, store.root).number == 2
         assert store.files() == ["versions/00000001.json", "versions/00000002.json"]
 
+    def test_messages_name_the_dataset_as_the_user_wrote_it(self, store):
+        # fsspec hands out paths without their scheme: `bucket/ds` alone reads as a local path.
+        where = {"file": store.root, "memory": "memory://" + store.root, "s3": store.url}[store.name]
+        with pytest.raises(FileNotFoundError, match=f"^no committed version under {where}$"):
+            read_version(store.fs, store.root)
+        commit(store.fs, store.root, manifest("w1"))
+        with pytest.raises(FileNotFoundError, match=f"^version 2 of {where} does not exist$"):
+            read_version(store.fs, store.root, 2)
+
     def test_listing_ignores_temporaries_and_foreign_names(self, store):
         commit(store.fs, store.root, manifest("w1"))
         for name in ("00000002.json.tmp-abc", "notes.txt", "2.json", "00000003.json.bak"):

@@ -98,6 +98,12 @@ def _protocols(fs) -> tuple[str, ...]:
     return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 
 
+
+def shown(fs, path: str) -> str:
+    """`path` of `fs` for messages, as a user writes it: `s3://bucket/key` (fsspec strips the
+    scheme from the paths it hands out), a local path as it is; credentials masked."""
+    return redact_url(path if {"file", "local"} & set(_protocols(fs)) else fs.unstrip_protocol(path))
+
 # Filesystems in this machine's memory or on its disks: a read waits for no network round trip.
 IN_MACHINE_PROTOCOLS = ("file", "local", "memory")
 

@@ -24,10 +24,9 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from workers.lake.redact import redact_url
 from ranges.encoding import pretty_json
 from workers.lake.records import MAX_VERSION, VersionManifest, validate
-from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, over_network, read_ahead
+from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, over_network, read_ahead, shown
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +73,10 @@ class EmptyVersion(ValueError):
     same, and the two would number their versions from different views of history).
     """
 
-    def __init__(self, root: str, n: int):
+    def __init__(self, where: str, n: int):
         name = posixpath.join("versions", f"{n:08d}.json")
         super().__init__(
-            f"{name} of {redact_url(root)} is empty (0 bytes): a crash or power loss hit before its "
+            f"{name} of {where} is empty (0 bytes): a crash or power loss hit before its "
             f"content reached the disk, so no job committed version {n} completely. When no job is "
             f"running on this dataset, delete {name} and rerun the job that was committing "
             "(its shards are in place and are reused)")
@@ -103,7 +102,7 @@ def list_versions(fs, root: str) -> list[int]:
         return []
     for name in filter(_LONG_NAME.match, names):
         log.warning("ignoring versions/%s under %s: version numbers have 8 digits, so it is no "
-                    "committed version (someone put it there)", name, redact_url(root))
+                    "committed version (someone put it there)", name, shown(fs, root))
     return sorted(n for n in (int(m.group(1)) for m in map(_NAME.match, names) if m) if n >= 1)
 
 
@@ -112,17 +111,17 @@ def read_version(fs, root: str, n: int | None = None) -> VersionManifest:
     if n is None:
         versions = list_versions(fs, root)
         if not versions:
-            raise FileNotFoundError(f"no committed version under {redact_url(root)}")
+            raise FileNotFoundError(f"no committed version under {shown(fs, root)}")
         n = versions[-1]
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_VERSION:
-        raise FileNotFoundError(f"version {n!r} of {redact_url(root)} does not exist: version numbers "
+        raise FileNotFoundError(f"version {n!r} of {shown(fs, root)} does not exist: version numbers "
                                 f"run from 1 to {MAX_VERSION}")
     try:
         raw = cat_uncached(fs, version_path(root, n))
     except FileNotFoundError:
-        raise FileNotFoundError(f"version {n} of {redact_url(root)} does not exist") from None
+        raise FileNotFoundError(f"version {n} of {shown(fs, root)} does not exist") from None
     if not raw:
-        raise EmptyVersion(root, n)
+        raise EmptyVersion(shown(fs, root), n)
     where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
     manifest = VersionManifest.from_json(raw, where)
     if manifest.version != n:
@@ -277,7 +276,7 @@ def _create(fs, path: str, data: bytes, token: str, create) -> bool:
             raise
         except Exception as exc:  # noqa: BLE001 - the outcome is unknown: look before retrying
             last = exc
-            log.warning("creating %s failed (%s); checking whether it landed", redact_url(path),
+            log.warning("creating %s failed (%s); checking whether it landed", shown(fs, path),
                         type(exc).__name__)
             try:
                 return _written_by(fs, path, token)
@@ -317,7 +316,7 @@ def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
         versions = list_versions(fs, root)
         latest = versions[-1] if versions else None
         if latest is not None and _is_empty(fs, root, latest):
-            raise EmptyVersion(root, latest)  # never number a version after one a crash left empty
+            raise EmptyVersion(shown(fs, root), latest)  # never number a version after one a crash left empty
         if latest != doc.parent:
             latest_doc = read_version(fs, root, latest)
             if latest_doc.writer == token:  # a commit of ours whose reply was lost
@@ -336,7 +335,7 @@ def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
             # 100000000.json would be a version no listing sees, and every later commit would
             # "lose the race" for it: refuse, naming the file that used the last number up.
             raise ValueError(
-                f"cannot commit under {redact_url(root)}: versions/{latest:08d}.json already uses the "
+                f"cannot commit under {shown(fs, root)}: versions/{latest:08d}.json already uses the "
                 f"last version number the 8-digit format allows ({MAX_VERSION}). Commits count up "
                 "from 1, so that file was most likely put there by hand or by a tool: remove or "
                 "rename it if it is not a real version; nothing was committed")
@@ -345,9 +344,9 @@ def commit(fs, root: str, manifest: VersionManifest | Mapping[str, Any], *,
         validate(data, "new version")  # what readers will check, before anyone reads it
         if _create(fs, version_path(root, n), pretty_json(data), token, create):
             return n
-        log.info("another writer committed version %s under %s first; re-reading", n, redact_url(root))
+        log.info("another writer committed version %s under %s first; re-reading", n, shown(fs, root))
     raise CommitConflict(f"lost the race for a version number {MAX_REBASES + 1} times under "
-                         f"{redact_url(root)}: too many concurrent writers; rerun the job")
+                         f"{shown(fs, root)}: too many concurrent writers; rerun the job")
 
 
 class IncompleteVersion(RuntimeError):
@@ -384,7 +383,7 @@ def check_referenced_files(fs, root: str, doc: VersionManifest) -> VersionManife
             problems.append(f"{path} has {found} bytes, its record says {size}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise IncompleteVersion(f"refusing to commit a version of {root}: {'; '.join(problems[:5])}{more}. "
+        raise IncompleteVersion(f"refusing to commit a version of {shown(fs, root)}: {'; '.join(problems[:5])}{more}. "
                                 "Nothing was committed; rerun the job to rewrite the shards concerned")
     if not doc.scans:
         return doc
