@@ -1,7 +1,9 @@
 """The `quantlake` console script: `quantlake <command> ...` runs that command's `jobs.<module>.main`."""
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.metadata
 import sys
 
 from jobs.common import console
@@ -23,14 +25,23 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] == ["--version"]:
+        print(f"quantlake {_version()}")
+        return 0
+    if argv[:1] == ["help"] and len(argv) == 2:
+        argv = [argv[1], "--help"]  # `quantlake help ingest`, as git and pip take it
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: quantlake <command> [args]\n\ncommands:")
         for name, text in COMMANDS.items():
             print(f"  {name:<8} {text}")
+        print("\n`quantlake <command> --help` (or `quantlake help <command>`) lists a command's options; "
+              "`quantlake --version` prints the version")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"quantlake: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        near = difflib.get_close_matches(name, COMMANDS, 1)
+        print(f"quantlake: unknown command {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+              + f"; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(f"jobs.{MODULES.get(name, name)}")
@@ -38,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantlake: command {name!r} is not available in this build ({exc})", file=sys.stderr)
         return 2
     return console(name, module.main, rest)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("quantlake")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 if __name__ == "__main__":
