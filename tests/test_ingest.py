@@ -1,4 +1,5 @@
 """End to end on real documents, the real model, real Ray, FAISS and Parquet."""
+import gzip
 import json
 
 import faiss
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("shared_encoders")  # conftest: warm encode
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory, docs, ray_session, shared_encoders):
-    """300 real documents in 3 Parquet files plus a JSON Lines file with bad rows."""
+    """300 real documents in 3 Parquet files plus a JSON Lines file with bad rows, and a gzipped one."""
     root = tmp_path_factory.mktemp("e2e")
     lake, dest = root / "lake", root / "dest"
     good = docs[:300]
@@ -33,13 +34,17 @@ def ingested(tmp_path_factory, docs, ray_session, shared_encoders):
     # and bytes that are not UTF-8, in a text and in an id (Arrow's JSON reader passes them on)
     not_utf8 = b'{"id": "latin1", "text": "caf\xe9 cr\xe8me"}\n{"id": "id-\xff", "text": "fine"}\n'
     (lake / "z-extra.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in bad).encode() + not_utf8)
+    # and a compressed JSON Lines file, read as the lines it holds
+    packed = [{"id": "gz-1", "text": docs[351][1]}, {"id": "gz-blank", "text": ""},
+              {"id": "gz-2", "text": docs[352][1]}]
+    (lake / "z-packed.ndjson.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in packed).encode()))
     cfg = IngestConfig(str(lake), str(dest), id_column="id", calibration_samples=150, unit_rows=60,
                        encoder=EncoderConfig(batch_size=32), progress=False)
     with pytest.MonkeyPatch.context() as mp:
         calibrated = _spy_calibration(mp)
         result = run(cfg)
     assert calibrated == [150]  # the spy sees a calibration when there is one
-    return lake, dest, cfg, result, good + [("ok-jsonl", docs[350][1])]
+    return lake, dest, cfg, result, good + [("ok-jsonl", docs[350][1]), ("gz-1", docs[351][1]), ("gz-2", docs[352][1])]
 
 
 def _spy_calibration(mp) -> list[int]:
@@ -80,11 +85,12 @@ def test_every_row_is_in_one_shard_or_in_rejects(ingested):
     assert rejects == {("z-extra.jsonl", 0): ("null-text", "null_text"), ("z-extra.jsonl", 1): ("blank", "empty_text"),
                        ("z-extra.jsonl", 2): (accepted[5][0], "duplicate_id"), ("z-extra.jsonl", 3): (None, "null_id"),
                        ("z-extra.jsonl", 5): ("latin1", "text_not_utf8"),
-                       ("z-extra.jsonl", 6): ("id-\ufffd", "id_not_utf8")}
-    assert version["counts"] == {"rows_read": 307, "documents": 301, "rejects": 6}
+                       ("z-extra.jsonl", 6): ("id-\ufffd", "id_not_utf8"),
+                       ("z-packed.ndjson.gz", 1): ("gz-blank", "empty_text")}
+    assert version["counts"] == {"rows_read": 310, "documents": 303, "rejects": 7}
     s = result.summary
-    assert (s["documents"], s["rejects"], s["shards"]) == (301, 6, len(version["shards"]))
-    assert s["bytes_float32"] == 301 * 384 * 4 and s["bytes_ubinary"] == 301 * 48
+    assert (s["documents"], s["rejects"], s["shards"]) == (303, 7, len(version["shards"]))
+    assert s["bytes_float32"] == 303 * 384 * 4 and s["bytes_ubinary"] == 303 * 48
     # 100 rows per file in row groups of 40: units end at row groups 80 and 100, plus the JSONL file
     assert [(x["source"]["row_start"], x["source"]["row_stop"]) for x in version["shards"]][:2] == [(0, 80), (80, 100)]
 
@@ -131,8 +137,8 @@ def test_rerun_with_saved_ranges_writes_identical_shards(ingested, tmp_path, mon
                              ranges=str(dest / version["ranges"]["path"]),
                              encoder=EncoderConfig(batch_size=32), progress=False))
     v2 = json.loads((tmp_path / "d2" / "versions" / "00000001.json").read_text())
-    # Nothing was encoded for calibration: the encoders saw only the 301 documents of the shards.
-    assert calibrated == [] and again.summary["documents"] == sum(s["rows"] for s in v2["shards"]) == 301
+    # Nothing was encoded for calibration: the encoders saw only the 303 documents of the shards.
+    assert calibrated == [] and again.summary["documents"] == sum(s["rows"] for s in v2["shards"]) == 303
     assert v2["ranges"]["id"] == version["ranges"]["id"]
     assert [(s["id"], s["sha256"], s["index_sha256"]) for s in v2["shards"]] == \
            [(s["id"], s["sha256"], s["index_sha256"]) for s in version["shards"]]

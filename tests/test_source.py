@@ -139,6 +139,66 @@ def test_a_jsonl_text_that_is_not_a_string_is_named_by_its_line(tmp_path):
         list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
 
 
+def _compressed(data: bytes, codec: str) -> bytes:
+    out = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(out, codec) as stream:
+        stream.write(data)
+    return out.getvalue().to_pybytes()
+
+
+# A JSON Lines file of more than one 4 MiB block, its ids numbers (read again as such: the file is opened twice).
+BIG = [{"id": i, "text": f"text {i} " + "x" * (i % 300)} for i in range(40_000)]
+
+
+@pytest.mark.parametrize("name, codec", [("a.jsonl.gz", "gzip"), ("b.ndjson.bz2", "bz2"), ("c.json.zst", "zstd"),
+                                         ("d.JSONL.ZSTD", "zstd"), ("e.jsonl.lz4", "lz4")])
+def test_compressed_jsonl_files_read_as_the_same_lines_uncompressed(tmp_path, name, codec):
+    raw = "".join(json.dumps(r) + "\n" for r in BIG).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.jsonl").write_bytes(raw)
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / name).write_bytes(_compressed(raw, codec))
+    (tmp_path / "packed" / "x.parquet.gz").write_bytes(b"no compressed Parquet")
+    (tmp_path / "packed" / "y.gz").write_bytes(_compressed(raw, "gzip"))
+    fs, root, [f] = list_source(str(tmp_path / "packed"))
+    assert (f.relpath, f.format, f.size) == (name, "jsonl", len((tmp_path / "packed" / name).read_bytes()))
+    assert check_file(fs, root, f, "text", "id") is None
+    want = _read_all(tmp_path / "plain" / "x.jsonl")
+    assert len(want) == 40_000 and want[-1] == (39_999, "39999", BIG[-1]["text"], None)
+    assert _read_all(tmp_path / "packed" / name) == want
+    window = [(first, len(b)) for first, b in iter_batches(fs, root, f, ["text", "id"], 19_990, 30_010, "text")]
+    assert window[0][0] == 19_990 and sum(n for _, n in window) == 10_020
+
+
+def test_a_compressed_jsonl_file_on_s3_reads_as_its_lines(s3):
+    import s3fs
+
+    bucket, options = s3
+    rows = BIG[:5_000]
+    s3fs.S3FileSystem(**options).pipe(f"{bucket}/raw/p.jsonl.zst",
+                                      _compressed("".join(json.dumps(r) + "\n" for r in rows).encode(), "zstd"))
+    fs, root, [f] = list_source(f"{bucket}/raw", options)
+    assert check_file(fs, root, f, "text", "id") is None
+    got = [(first, b.num_rows) for first, b in iter_batches(fs, root, f, ["text", "id"], 100, 4_100, "text")]
+    texts = [t for _, b in iter_batches(fs, root, f, ["text", "id"], text_column="text") for t in b["text"].to_pylist()]
+    assert got[0][0] == 100 and sum(n for _, n in got) == 4_000 and texts == [r["text"] for r in rows]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not compressed"])
+def test_a_compressed_jsonl_file_that_does_not_decompress_is_named(tmp_path, damage):
+    raw = "".join(json.dumps(r) + "\n" for r in BIG).encode()
+    packed = _compressed(raw, "gzip")
+    (tmp_path / "x.jsonl.gz").write_bytes(packed[:len(packed) // 2] if damage == "truncated" else raw)
+    fs, root, [f] = list_source(str(tmp_path))
+    pattern = r"^JSON Lines file x\.jsonl\.gz is not valid gzip data after its first \d+ line\(s\) \(.+\); " \
+              "recompress or remove it$"
+    with pytest.raises(SourceError, match=pattern):
+        list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+    if damage == "not compressed":  # the first block, which the check reads, does not decompress
+        with pytest.raises(SourceError, match="cannot read jsonl file x.jsonl.gz: zlib inflate failed"):
+            check_file(fs, root, f, "text", "id")
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
 def test_an_empty_jsonl_file_holds_no_rows(tmp_path, content):
     (tmp_path / "x.jsonl").write_bytes(content)

@@ -19,6 +19,10 @@ from workers.lake.storage import url_to_fs
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+# JSON Lines files may be compressed as a whole (`part-0.jsonl.gz`): read through Arrow's stream
+# codecs, named by the last suffix. A compressed file is read from its start by every unit, as
+# an uncompressed one is.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4"}
 READ_BATCH_ROWS = 4096
 
 
@@ -52,9 +56,16 @@ def _format(name: str) -> str | None:
     lower = name.lower()
     if lower.endswith(PARQUET_SUFFIXES):
         return "parquet"
+    if posixpath.splitext(lower)[1] in COMPRESSIONS:
+        lower = posixpath.splitext(lower)[0]
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
     return None
+
+
+def _codec(f: SourceFile) -> str | None:
+    """The codec a JSON Lines file is compressed with, by its name (None: not compressed)."""
+    return COMPRESSIONS.get(posixpath.splitext(f.relpath.lower())[1]) if f.format == "jsonl" else None
 
 
 def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str, list[SourceFile]]:
@@ -62,6 +73,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
 
     Returns `(fs, root, files)`. A single file URL is a source of one file. Names starting
     with `_` or `.` (`_SUCCESS`, `.crc`, hidden folders) are skipped, as Spark and Arrow do.
+    JSON Lines files may be compressed (`COMPRESSIONS`: `part-0.jsonl.gz`).
     """
     fs, root = url_to_fs(url, storage_options)
     if not fs.exists(root):
@@ -82,7 +94,8 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
         files.append(SourceFile(rel, *_identity(info), fmt))
     if not files:
         raise SourceError(f"source {redact_url(url)} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
-                          f"or JSON Lines ({', '.join(JSONL_SUFFIXES)}) files")
+                          f"or JSON Lines ({', '.join(JSONL_SUFFIXES)}, or those compressed: "
+                          f"{', '.join(COMPRESSIONS)}) files")
     return fs, root, files
 
 
@@ -130,7 +143,9 @@ def _open(fs, root: str, f: SourceFile):
     rewritten since (s3fs then refuses the read)."""
     path = posixpath.join(root, f.relpath)
     fs.invalidate_cache(path)
-    return fs.open(path, "rb")
+    fh = fs.open(path, "rb")
+    codec = _codec(f)
+    return fh if codec is None else pa.CompressedInputStream(fh, codec)
 
 
 def _open_parquet(fs, root: str, f: SourceFile) -> pq.ParquetFile:
@@ -234,6 +249,8 @@ JSONL_BLOCK = 1 << 22
 # What a JSON value's type becomes in Arrow when a column is read with an explicit type.
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
+# What Arrow's stream codecs raise on bytes that are not what the file's name says.
+_CORRUPT = re.compile(r"Truncated compressed stream|decompress failed|inflate failed")
 
 
 def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None
@@ -277,6 +294,11 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
                 if retyped is None:
                     raise _jsonl_error(f, exc, rows, text_column) from None
                 types = retyped
+            except OSError as exc:
+                if not _CORRUPT.search(str(exc)):
+                    raise  # the store's own error (a network failure, a file gone): not the file's bytes
+                raise SourceError(f"JSON Lines file {f.relpath} is not valid {_codec(f)} data after its first "
+                                  f"{rows} line(s) ({exc}); recompress or remove it") from None
     raise SourceError(f"JSON Lines file {f.relpath}: the columns {', '.join(columns)} change type too often; "
                       "each must hold one type of value")
 
