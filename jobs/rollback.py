@@ -15,11 +15,14 @@ from jobs.common import add_storage_options, console, run_reporting, storage_opt
 from workers.lake.redact import redact_url
 from workers.lake.storage import absolute_url, dest_to_fs
 from workers.lake.versions import (CommitConflict, IncompleteVersion, check_referenced_files, commit, list_versions,
-                                   read_version)
+                                   read_version, same_content)
 
 
-def run(dest: str, to: int, options: dict | None = None) -> int:
-    """Commit the content of version `to` as the next version; return its number.
+def run(dest: str, to: int, options: dict | None = None) -> tuple[int, bool]:
+    """Commit the content of version `to` as the next version; return `(its number, True)`. When
+    the latest version holds that content already (it is version `to`, or a rollback to it),
+    commit nothing and return `(the latest version's number, False)`: a rollback run twice, or
+    retried by a script, adds one version.
 
     Raises:
         FileNotFoundError: no such version.
@@ -31,12 +34,15 @@ def run(dest: str, to: int, options: dict | None = None) -> int:
     latest = (list_versions(fs, root) or [None])[-1]
     if latest is None:
         raise FileNotFoundError(f"no committed version under {redact_url(dest)}")
+    target = read_version(fs, root, to)
+    if same_content(target, target if to == latest else read_version(fs, root, latest)):
+        return latest, False
     # Kept scans are a cache for later jobs: one that is gone leaves the version whole.
-    target = check_referenced_files(fs, root, read_version(fs, root, to))
+    target = check_referenced_files(fs, root, target)
     draft = replace(target, parent=latest, version=None, writer=None, created_at=None,
                     extra={**{k: v for k, v in target.extra.items() if k != "drift"}, "rollback_of": to})
     # No rebase: a version committed meanwhile is a newer state the user has not seen.
-    return commit(fs, root, draft, rebase=None)
+    return commit(fs, root, draft, rebase=None), True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     add_storage_options(p)
     a = p.parse_args(argv)
     options = storage_options(p, a)
-    status, n = run_reporting("rollback", lambda: run(a.dest, a.to, options), options, [a.dest],
+    status, done = run_reporting("rollback", lambda: run(a.dest, a.to, options), options, [a.dest],
                               failures=(IncompleteVersion, CommitConflict))
     if status == 0:
-        print(f"committed version {n}: the content of version {a.to}")
+        n, committed = done
+        print(f"committed version {n}: the content of version {a.to}" if committed else
+              f"nothing committed: version {n}, the latest, already holds the content of version {a.to}"
+              + ("" if n == a.to else " (it is a rollback to it, or holds the same shards)"))
     return status
 
 

@@ -214,8 +214,7 @@ def test_history_and_rollback(lake, capsys):
     # A kept scan only version 1 lists (part-4 was deleted since) is gone: the rollback lists the rest.
     gone = read_version(fs, root, 1).kept_scans()["part-4.parquet"]
     (dest / gone.path).unlink()
-    n = rollback(str(dest), 1)
-    assert n == 4
+    assert rollback(str(dest), 1) == (4, True)
     v1, v4 = read_version(fs, root, 1), read_version(fs, root, 4)
     assert v4.shards == v1.shards and v4.ranges == v1.ranges and v4.parent == 3
     assert v4.scans == tuple(r for r in v1.scans if r != gone) and len(v4.scans) == 4
@@ -232,6 +231,12 @@ def test_history_and_rollback(lake, capsys):
     assert "version 4 (on 3" in out and "rollback to the content of version 1" in out and "drift:" in out
     assert cli(["rollback", str(dest), "--to", "7"]) == 2
     assert "version 7 of" in capsys.readouterr().err and list_versions(fs, root) == [1, 2, 3, 4]
+    # Run again (a script's retry), or to the latest version itself: the content is there already.
+    for to, why in ((1, " (it is a rollback to it, or holds the same shards)"), (4, "")):
+        assert cli(["rollback", str(dest), "--to", str(to)]) == 0
+        assert capsys.readouterr().out == (f"nothing committed: version 4, the latest, already holds the content of "
+                                           f"version {to}{why}\n")
+    assert list_versions(fs, root) == [1, 2, 3, 4]
 
 
 def _wait_for(cond, proc, timeout_s: float = 240) -> None:

@@ -176,6 +176,12 @@ def _definition(m: VersionManifest) -> dict[str, Any]:
             "text_column": m.source.text_column, "id_column": m.source.id_column}
 
 
+def same_content(a: VersionManifest, b: VersionManifest) -> bool:
+    """Whether two versions hold the same dataset: the same definition and the same shards (ids
+    name a shard's files, rows, model, ranges and options), in the same order."""
+    return _definition(a) == _definition(b) and [s.id for s in a.shards] == [s.id for s in b.shards]
+
+
 def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
                     parent: VersionManifest | None) -> VersionManifest:
     """Rebase a full-snapshot manifest built on `parent` onto `latest`, or raise CommitConflict.
@@ -217,7 +223,7 @@ def rebase_unless_same(ours: VersionManifest, latest: VersionManifest,
     files, rows, model, ranges and options) under the same definition raises AlreadyCommitted:
     the change this job made is committed already. For reindexes, where an unchanged lake
     commits nothing either."""
-    if _definition(ours) == _definition(latest) and [s.id for s in ours.shards] == [s.id for s in latest.shards]:
+    if same_content(ours, latest):
         raise AlreadyCommitted(latest.version, latest.writer)
     return rebase_snapshot(ours, latest, parent)
 
