@@ -169,6 +169,16 @@ def test_backends_give_the_same_arrays(both, version):
         sum(s.index_bytes for s in both[0].manifest.shards)
 
 
+def test_a_query_that_is_not_finite_is_refused_by_its_position(both, version):
+    _, q = version
+    q = q.copy()
+    q[3, 7] = np.inf
+    for s in both:
+        for rescore in ("int8", "none"):
+            with pytest.raises(ValueError, match=r"^query 3 holds NaN or inf: query embeddings must be finite$"):
+                s.search_vectors(q, k=3, rescore=rescore)
+
+
 def test_fetch_reads_rows_in_request_order(both):
     shards, rows = np.array([4, 0, 3, 4, 1]), np.array([99, 0, 7, 0, 149])
     for s in both:

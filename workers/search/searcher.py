@@ -238,6 +238,9 @@ class Searcher:
         q = np.ascontiguousarray(q, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be float32 (n, {self.dim}), got shape {q.shape}")
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1)) if q.size else ()
+        if len(bad):  # the quantizer's own message speaks of embeddings to drop before an ingest
+            raise ValueError(f"query {int(bad[0])} holds NaN or inf: query embeddings must be finite")
         if self.rows == 0:  # a version with no rows holds no documents: nothing matches
             return [[] for _ in range(len(q))]
         opts = replace(opts, k=min(opts.k, self.rows))
