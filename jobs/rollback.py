@@ -38,7 +38,9 @@ def run(dest: str, to: int, options: dict | None = None) -> tuple[int, bool]:
     if same_content(target, target if to == latest else read_version(fs, root, latest)):
         return latest, False
     # Kept scans are a cache for later jobs: one that is gone leaves the version whole.
-    target = check_referenced_files(fs, root, target)
+    target = check_referenced_files(
+        fs, root, target, f"version {to} can no longer be rolled back to, as files it lists were deleted since (by "
+        "hand, or a storage lifecycle rule); `quantlake history` lists the versions to choose from")
     draft = replace(target, parent=latest, version=None, writer=None, created_at=None,
                     extra={**{k: v for k, v in target.extra.items() if k != "drift"}, "rollback_of": to})
     # No rebase: a version committed meanwhile is a newer state the user has not seen.

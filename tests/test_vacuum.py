@@ -109,6 +109,23 @@ def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsy
         open_version(str(d), 1)
 
 
+def test_a_rollback_to_a_version_whose_shards_were_deleted_commits_nothing_and_says_why(copy_dataset, capsys):
+    d = copy_dataset
+    fs, root = url_to_fs(str(d))
+    v1 = read_version(fs, root, 1).to_json()
+    dropped = v1["shards"][-1]
+    v2 = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
+    v2.update(parent=1, shards=v1["shards"][:-1])
+    assert commit(fs, root, v2) == 2
+    (d / dropped["index"]).unlink()  # as a storage lifecycle rule would
+    assert cli(["rollback", str(d), "--to", "1"]) == 1
+    assert capsys.readouterr().err == (
+        f"quantlake rollback: error: refusing to commit a version of {d}: {dropped['index']} is missing. Nothing was "
+        "committed; version 1 can no longer be rolled back to, as files it lists were deleted since (by hand, or "
+        "a storage lifecycle rule); `quantlake history` lists the versions to choose from\n")
+    assert sorted(os.listdir(d / "versions")) == ["00000001.json", "00000002.json"]
+
+
 def test_durations_and_bad_options(capsys):
     assert [parse_duration(t) for t in ("1h", "30m", "45s", "2d", "90", "0.5h")] == [3600, 1800, 45, 172800, 90, 1800]
     with pytest.raises(ValueError, match="cannot read duration 'soon'"):

@@ -359,9 +359,11 @@ class IncompleteVersion(RuntimeError):
     """A file the new version would reference is missing or has another size: not committed."""
 
 
-def check_referenced_files(fs, root: str, doc: VersionManifest) -> VersionManifest:
-    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size;
-    return `doc` less the kept scans that are not there whole (missing, or of another size).
+def check_referenced_files(fs, root: str, doc: VersionManifest,
+                           remedy: str = "rerun the job to rewrite the shards concerned") -> VersionManifest:
+    """Raise IncompleteVersion unless every file `doc` references exists with its recorded size
+    (its message ends with `remedy`); return `doc` less the kept scans that are not there whole
+    (missing, or of another size).
 
     The last check before the create-only write, so a version never points at a shard that
     a failed or interrupted write (or anyone else) left missing. One listing per folder
@@ -390,7 +392,7 @@ def check_referenced_files(fs, root: str, doc: VersionManifest) -> VersionManife
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise IncompleteVersion(f"refusing to commit a version of {shown(fs, root)}: {'; '.join(problems[:5])}{more}. "
-                                "Nothing was committed; rerun the job to rewrite the shards concerned")
+                                f"Nothing was committed; {remedy}")
     if not doc.scans:
         return doc
     kept = tuple(r for r in doc.scans if present.get(join(root, r.path)) == r.bytes)
