@@ -65,7 +65,7 @@ def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None, l
             a 1,000-file lake on object storage so opens only its new and changed files.
         listed: what `list_source` gave for `cfg.source`, when the caller listed it already.
     """
-    fs, root, files = listed or list_source(cfg.source, cfg.storage_options)
+    fs, root, files = listed or list_source(cfg.source, cfg.storage_options, cfg.exclude)
     kept = kept or {}
 
     def check(f):
@@ -115,7 +115,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     dest_fs, dest_root = dest_to_fs(cfg.dest, cfg.storage_options)
     # The source first: a source that is not there is the error to report, before the dataset's.
     if listed is None:
-        listed = list_source(cfg.source, cfg.storage_options)
+        listed = list_source(cfg.source, cfg.storage_options, cfg.exclude)
     latest = base
     if base is not None:
         parent = base.number  # read (and so checked) by the caller
@@ -333,7 +333,9 @@ def ingest_options(cfg: IngestConfig) -> dict[str, Any]:
     return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "precision": cfg.encoder.precision,
             "index_type": cfg.index_type,
             "calibration_samples": cfg.calibration_samples, "range_method": cfg.range_method,
-            "quantiles": list(cfg.quantiles), "seed": cfg.seed}
+            "quantiles": list(cfg.quantiles), "seed": cfg.seed,
+            # only when given: the versions written without it stay as they were
+            **({"exclude": list(cfg.exclude)} if cfg.exclude else {})}
 
 
 def _summary(doc: VersionManifest, records: list[ShardRecord], wrote: list[ShardRecord], shards_reused: int,
@@ -431,6 +433,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
                    help="largest work unit, in rows (rows per shard); a Parquet row group larger than this is one unit")
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out source files matching GLOB: a path under SOURCE (metadata/*), or a file "
+                        "name when it has no / (*.json); repeatable; recorded, so reindex leaves them out too")
     add_storage_options(p)
     add_no_progress(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -446,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,
             encoder_actors=a.encoder_actors, storage_options=options, progress=not a.no_progress,
-            index_type=INDEX_FLAGS[a.index_type]), a.json
+            index_type=INDEX_FLAGS[a.index_type], exclude=tuple(a.exclude)), a.json
     except ValueError as exc:
         p.error(str(exc))
 

@@ -110,12 +110,19 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
         quantiles=tuple(o.get("quantiles", (0.001, 0.999))), seed=int(o.get("seed", 0)),
         ranges=None if fresh else join(cfg.dest, latest.ranges.path), ray_address=cfg.ray_address,
         unit_rows=int(o.get("unit_rows", 10_000)), encoder_actors=cfg.encoder_actors, index_type=index_type,
-        storage_options=cfg.storage_options, progress=cfg.progress)
+        storage_options=cfg.storage_options, progress=cfg.progress, exclude=_exclude(o.get("exclude", [])))
 
 
 def same_model(model: str, latest: VersionManifest) -> bool:
     """Whether `model` (a folder or cached name) is the latest version's model, by fingerprint."""
     return encoder_fingerprint(resolve_model(model), latest.model.backend) == latest.model.fingerprint
+
+
+def _exclude(recorded: Any) -> tuple[str, ...]:
+    """A version's recorded `--exclude` patterns (none recorded: none given)."""
+    if not isinstance(recorded, list) or not all(isinstance(g, str) for g in recorded):
+        raise ValueError(f"options.exclude is {recorded!r}, expected a list of glob patterns")
+    return tuple(recorded)
 
 
 def _samples(recorded: Any) -> int | None:
@@ -169,7 +176,7 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
                         warm=warm)
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
     icfg = ingest_config(latest, cfg, source, fresh=False)
-    listed = list_source(icfg.source, icfg.storage_options)  # once per cycle: the jobs below take it
+    listed = list_source(icfg.source, icfg.storage_options, icfg.exclude)  # once per cycle: the jobs below take it
     if source_unchanged(latest, icfg, listed[2]):
         # The plan would carry every shard and drop none: skip the scan, which reads every file whole.
         return IngestResult(None, None, {**unchanged_summary(latest),

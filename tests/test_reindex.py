@@ -493,3 +493,35 @@ def test_interval_without_watch_is_refused(capsys):
     assert "--interval sets the time between --watch cycles: it needs --watch" in capsys.readouterr().err
     assert parse_args(["dest", "--watch", "--interval", "3s"])[2] == 3.0
     assert parse_args(["dest", "--watch"])[2] == 600.0 and parse_args(["dest"])[2] is None
+
+
+def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tmp_path, capsys):
+    """A lake folder that also holds files of other tools (a pretty-printed JSON document, which is
+    not JSON Lines, and a folder of them): `--exclude` leaves them out, and is recorded, so a
+    reindex leaves them out too and equals a fresh ingest given the same patterns."""
+    raw, dest = tmp_path / "raw", tmp_path / "emb"
+    for i in range(2):
+        _write(raw, f"part-{i}.parquet", docs[i * ROWS:(i + 1) * ROWS])
+    (raw / "dataset_info.json").write_text(json.dumps({"description": "not JSON Lines", "rows": 24}, indent=2))
+    (raw / "meta").mkdir()
+    (raw / "meta" / "schema.jsonl").write_text('{"name": "id", "type": "string"}\n')
+    assert [f.relpath for f in list_source(str(raw))[2]] == ["dataset_info.json", "meta/schema.jsonl",
+                                                            "part-0.parquet", "part-1.parquet"]
+    exclude = ("*.json", "meta/*")
+    assert cli(["ingest", str(raw), str(dest), "--id-column", "id", "--unit-rows", str(ROWS), "--batch-size", "16",
+                "--calibration-samples", "20", "--no-progress", "--json", "--exclude", "*.json",
+                "--exclude", "meta/*"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 2 * ROWS
+    v1 = read_version(*url_to_fs(str(dest)), 1)
+    assert sorted(v1.source.file_identities) == ["part-0.parquet", "part-1.parquet"]
+    assert v1.extra["options"]["exclude"] == list(exclude)
+    _write(raw, "part-2.parquet", docs[2 * ROWS:3 * ROWS])
+    (raw / "meta" / "more.jsonl").write_text("not JSON at all\n")
+    result = reindex(ReindexConfig(str(dest), progress=False))
+    assert result.version == 2 and result.summary["files_to_encode"] == ["part-2.parquet"]
+    v2 = read_version(*url_to_fs(str(dest)), 2)
+    assert sorted(v2.source.file_identities) == [f"part-{i}.parquet" for i in range(3)]
+    assert v2.extra["options"]["exclude"] == list(exclude)
+    fresh = tmp_path / "fresh"
+    ingest(replace(ingest_config(v2, ReindexConfig(str(dest)), str(raw), fresh=False), dest=str(fresh)))
+    assert _content(str(dest), {}) == _content(str(fresh), {})

@@ -32,6 +32,24 @@ def test_listing_is_recursive_sorted_and_skips_markers(lake):
     assert [f.relpath for f in one] == ["b.jsonl"] and root == str(lake)
 
 
+@pytest.mark.parametrize("patterns, left", [
+    ((), ["b.jsonl", "y=1/a.parquet", "y=1/z.jsonl"]),
+    (("*.jsonl",), ["y=1/a.parquet"]),  # no /: the name alone, at any depth
+    (("y=1/*",), ["b.jsonl"]),  # with /: the path under the source; * crosses folders
+    (("y=1/*.parquet", "b.*"), ["y=1/z.jsonl"]),
+    (("a.parquet", "[by]*"), ["y=1/z.jsonl"]),  # "[by]*" takes b.jsonl by name; a.parquet by name too
+    (("B.JSONL", "y=2/*"), ["b.jsonl", "y=1/a.parquet", "y=1/z.jsonl"]),  # case-sensitive; no match
+])
+def test_exclude_patterns_leave_files_out(lake, patterns, left):
+    (lake / "y=1" / "z.jsonl").write_text(json.dumps({"text": "t", "id": 1}) + "\n")
+    assert [f.relpath for f in list_source(str(lake), exclude=patterns)[2]] == left
+
+
+def test_a_source_whose_every_file_is_excluded_says_so(lake):
+    with pytest.raises(SourceError, match=r"holds no Parquet .* files that --exclude \*\.jsonl y=1/\* leaves in$"):
+        list_source(str(lake), exclude=("*.jsonl", "y=1/*"))
+
+
 @pytest.mark.parametrize("index", [0, 1])
 @pytest.mark.parametrize("start, stop", [(0, None), (3, 11), (8, 9), (20, 25), (24, 40)])
 def test_row_ranges(lake, index, start, stop):

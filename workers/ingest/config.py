@@ -34,6 +34,8 @@ class IngestConfig:
         storage_options: fsspec options for source and destination (credentials, endpoint).
             Only the driver's copy holds them; see `for_workers`.
         progress: show a progress bar in the driver.
+        exclude: source files not to read: glob patterns (`source.excluded`) matched against a
+            file's path under the source, or against its name alone for a pattern without `/`.
         access: set only in the copy given to Ray tasks (`for_workers`): where they find
             the storage options, which are not in that copy.
     """
@@ -55,6 +57,7 @@ class IngestConfig:
     index_type: IndexType = "IndexBinaryFlat"
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    exclude: tuple[str, ...] = ()
     access: Any = None  # workers.lake.credentials.StorageAccess
 
     def __repr__(self) -> str:
@@ -93,3 +96,5 @@ class IngestConfig:
         if not self.text_column:
             raise ValueError("text column must be named")
         check(self.index_type, INDEX_TYPES, "index_type")
+        if any(not isinstance(g, str) or not g.strip() for g in self.exclude):
+            raise ValueError(f"exclude patterns must be non-empty globs, got {list(self.exclude)!r}")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,12 +69,23 @@ def _codec(f: SourceFile) -> str | None:
     return COMPRESSIONS.get(posixpath.splitext(f.relpath.lower())[1]) if f.format == "jsonl" else None
 
 
-def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str, list[SourceFile]]:
+def excluded(relpath: str, patterns: Sequence[str]) -> bool:
+    """Whether a source file is left out by `--exclude` patterns: shell globs (`*`, `?`, `[...]`;
+    `*` also crosses `/`), each matched against the file's path under the source, or, for a
+    pattern without `/`, against its name alone (`*.json` leaves out every .json file,
+    `metadata/*` everything under the top folder `metadata`). Case-sensitive."""
+    name = posixpath.basename(relpath)
+    return any(fnmatch.fnmatchcase(relpath if "/" in p else name, p) for p in patterns)
+
+
+def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
+                exclude: Sequence[str] = ()) -> tuple[Any, str, list[SourceFile]]:
     """List the data files under `url` (recursively), sorted by relative path.
 
     Returns `(fs, root, files)`. A single file URL is a source of one file. Names starting
     with `_` or `.` (`_SUCCESS`, `.crc`, hidden folders) are skipped, as Spark and Arrow do.
-    JSON Lines files may be compressed (`COMPRESSIONS`: `part-0.jsonl.gz`).
+    JSON Lines files may be compressed (`COMPRESSIONS`: `part-0.jsonl.gz`). Files `exclude`
+    matches (`excluded`) are left out.
     """
     fs, root = url_to_fs(url, storage_options)
     if not fs.exists(root):
@@ -89,13 +101,14 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> t
         if any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
         fmt = _format(rel)
-        if fmt is None or info.get("type", "file") != "file":
+        if fmt is None or info.get("type", "file") != "file" or excluded(rel, exclude):
             continue
         files.append(SourceFile(rel, *_identity(info), fmt))
     if not files:
         raise SourceError(f"source {redact_url(url)} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
                           f"or JSON Lines ({', '.join(JSONL_SUFFIXES)}, or those compressed: "
-                          f"{', '.join(COMPRESSIONS)}) files")
+                          f"{', '.join(COMPRESSIONS)}) files" + (f" that --exclude {' '.join(exclude)} leaves in"
+                                                                 if exclude else ""))
     return fs, root, files
 
 
