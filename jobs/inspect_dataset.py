@@ -83,7 +83,9 @@ def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionM
         f"  ranges     {ranges.id} ({ranges.method}), {ranges.path}",
         f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)"
         + ("" if doc.scans is None else
-           f", {len(doc.scans)} kept scan(s) of {_size(sum(r.bytes for r in doc.scans))} (scans/)"),
+           f", {len(doc.scans)} kept scan(s) of {_size(sum(r.bytes for r in doc.scans))} (scans/)")
+        + ("; excluding " + " ".join((doc.extra.get("options") or {}).get("exclude") or [])
+           if (doc.extra.get("options") or {}).get("exclude") else ""),
         f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
         f"{counts.get('rows_read')} rows read",
         "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.precisions])

@@ -522,6 +522,10 @@ def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tm
     v2 = read_version(*url_to_fs(str(dest)), 2)
     assert sorted(v2.source.file_identities) == [f"part-{i}.parquet" for i in range(3)]
     assert v2.extra["options"]["exclude"] == list(exclude)
+    assert cli(["inspect", str(dest)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  source ")]
+    assert line.startswith(f"  source     {raw}: 3 file(s), 3 kept scan(s) of ")
+    assert line.endswith(" (scans/); excluding *.json meta/*")
     fresh = tmp_path / "fresh"
     ingest(replace(ingest_config(v2, ReindexConfig(str(dest)), str(raw), fresh=False), dest=str(fresh)))
     assert _content(str(dest), {}) == _content(str(fresh), {})
