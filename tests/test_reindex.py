@@ -529,3 +529,17 @@ def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tm
     fresh = tmp_path / "fresh"
     ingest(replace(ingest_config(v2, ReindexConfig(str(dest)), str(raw), fresh=False), dest=str(fresh)))
     assert _content(str(dest), {}) == _content(str(fresh), {})
+
+
+def test_a_dataset_ingested_without_naming_ubinary_reindexes_only_what_changed(docs, tmp_path):
+    """`--precisions int8` stores ubinary too and its versions record it: the reindex named the
+    shards from the recorded list, the ingest from the one given, so every shard looked new."""
+    raw, dest = tmp_path / "raw", tmp_path / "emb"
+    for i in range(2):
+        _write(raw, f"part-{i}.parquet", docs[i * ROWS:(i + 1) * ROWS])
+    assert _cfg(raw, dest, precisions=("int8", "int8")).precisions == ("int8", "ubinary")
+    ingest(_cfg(raw, dest, precisions=("int8",)))
+    assert read_version(*url_to_fs(str(dest)), 1).precisions == ("int8", "ubinary")
+    _write(raw, "part-2.parquet", docs[2 * ROWS:3 * ROWS])
+    s = reindex(ReindexConfig(str(dest), progress=False)).summary
+    assert (s["shards_carried"], s["shards_added"], s["shards_dropped"], s["rows_encoded"]) == (2, 1, 0, ROWS)

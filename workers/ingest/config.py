@@ -19,7 +19,9 @@ class IngestConfig:
         dest: URL or path of the dataset root the shards and versions go to.
         text_column, id_column: source columns; without an id column, `<file>:<row>` is the id.
         encoder: model, batch size, normalisation, device.
-        precisions: stored precisions; `ubinary` is always added (the index is built on it).
+        precisions: stored precisions; `ubinary` is always added (the index is built on it), here,
+            before any shard is named: a version records it, and a reindex names its shards from
+            what the version records.
         calibration_samples: rows sampled (by seed, from row ids) to calibrate the ranges; None:
             sized to the lake (`workers.ingest.scan.sample_size`).
         range_method, quantiles: how the sample becomes ranges.
@@ -83,6 +85,7 @@ class IngestConfig:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"unknown precision(s) {bad or self.precisions}: choose from {', '.join(PRECISIONS)}")
+        object.__setattr__(self, "precisions", tuple(dict.fromkeys((*self.precisions, "ubinary"))))
         check(self.range_method, RANGE_METHODS, "range method")
         low, high = self.quantiles
         if not 0.0 <= low < high <= 1.0:
