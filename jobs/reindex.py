@@ -166,7 +166,10 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
         result = ingest(icfg, dry_run=True, requantize=float16, warm=warm)
         scanned = result.summary["rows_scanned"]
         # `calibration_samples` as recorded (None: sized to the lake); the sample is at most the lake.
+        # Planned with no base version, nothing carries over: the rebuilt version replaces every
+        # shard of the latest one (new ranges name every shard anew), so all of them drop out.
         return replace(result, summary={**result.summary, "mode": "dry-run", "recalibrate": True,
+                                        "shards_dropped": len(latest.shards),
                                         "float16": float16 is not None,
                                         "calibration_samples": icfg.calibration_samples,
                                         "calibration_rows_max": min(scanned,

@@ -158,6 +158,8 @@ def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, caps
     assert cli(["reindex", str(dest), "--dry-run", "--recalibrate", "--json", "--no-progress"]) == 0
     plan = json.loads(capsys.readouterr().out)  # every row would be encoded again under new ranges
     assert (plan["rows_encoded"], plan["rows_scanned"], plan["shards_carried"]) == (5 * ROWS + 6, 5 * ROWS + 6, 0)
+    # The rebuilt version replaces every shard of the latest one: as the real run's history counts them.
+    assert (plan["shards_added"], plan["shards_dropped"]) == (6, 5)
     assert _files(dest) == before and list_versions(*url_to_fs(str(dest))) == [1, 2]
     (raw / "part-9.parquet").unlink()
 
@@ -188,6 +190,9 @@ def test_a_recalibration_dry_run_says_how_big_its_sample_is(docs, tmp_path, caps
     ingest(replace(_cfg(raw, dest), calibration_samples=samples))
     assert cli(["reindex", str(dest), "--recalibrate", "--dry-run", "--no-progress"]) == 0
     out = capsys.readouterr().out
+    # No shard carries over: the 2 of the latest version drop out, as the real run drops them.
+    assert out.splitlines()[0] == ("dry run, nothing written: 24 rows to encode of 24 scanned; shards: 0 carried "
+                                   "over, 2 added, 2 dropped"), out
     sized = " sized to the lake" if samples is None else ""
     assert out.splitlines()[1] == (f"recalibrating encodes a sample{sized} of up to 24 rows and rewrites every shard: "
                                    "0 rows requantized from float16, 24 re-encoded"), out
