@@ -309,6 +309,13 @@ def format_result(r: IngestResult) -> str:
     if s.get("mode") in ("recalibrate", "model"):
         why = "a new model" if s["mode"] == "model" else "new ranges"
         return f"rebuilt every shard with {why}\n" + format_summary(s)
+    if s.get("scan_skipped"):
+        # Known from the listing alone: nothing was scanned, and `rows_scanned` is the rows the
+        # latest version read, all of them carried over.
+        kept = f"{s['rows_scanned']} rows carried over in {s['shards_carried']} shard(s), scan skipped"
+        if s["mode"] == "dry-run":
+            return f"dry run, nothing written: no source change since the latest version ({kept})"
+        return f"no source change since the latest version: nothing committed ({kept})"
     plan = (f"{s['rows_encoded']} rows to encode of {s['rows_scanned']} scanned; shards: {s['shards_carried']} "
             f"carried over, {s['shards_added']} added, {s['shards_dropped']} dropped")
     if s["mode"] == "dry-run":

@@ -145,11 +145,16 @@ def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, caps
         m.setattr(jobs.reindex, "ingest", lambda *a, **k: pytest.fail("the unchanged source was scanned"))
         fast = reindex(ReindexConfig(str(dest), progress=False))
         assert cli(["reindex", str(dest), "--no-progress"]) == 0
+        assert cli(["reindex", str(dest), "--dry-run", "--no-progress"]) == 0
     assert full.version is None and fast.version is None
     assert fast.summary == {**full.summary, "mode": "incremental", "scan_skipped": True}
     assert (fast.summary["rows_scanned"], fast.summary["shards_carried"]) == (4 * ROWS + 6, 5)
-    assert capsys.readouterr().out.startswith("no source change since the latest version: nothing committed "
-                                              f"(0 rows to encode of {4 * ROWS + 6} scanned; shards: 5 carried over")
+    # Nothing was scanned: the rows are the latest version's, carried over (it said "0 rows to
+    # encode of 54 scanned").
+    kept = f"{4 * ROWS + 6} rows carried over in 5 shard(s), scan skipped"
+    assert capsys.readouterr().out.splitlines() == [
+        f"no source change since the latest version: nothing committed ({kept})",
+        f"dry run, nothing written: no source change since the latest version ({kept})"]
     _write(raw, "part-9.parquet", docs[300:300 + ROWS])
     assert cli(["reindex", str(dest), "--dry-run", "--json", "--no-progress"]) == 0
     plan = json.loads(capsys.readouterr().out)
