@@ -373,6 +373,9 @@ def _throughput(s: dict[str, Any]) -> str:
     carried = s["shards"] - s["shards_written"] - reused
     kept = " and ".join(f"{n} {how}" for n, how in ((carried, "carried over from the version it builds on"),
                                                     (reused, "reused from an earlier run of the same job")) if n)
+    if not s["shards_written"] and not kept:  # a lake of zero-row files: nothing to write, nothing kept
+        return f"throughput: no shard written in {s['wall_s']} s; the version holds no shard " \
+               f"({s['rows_read']} rows read)"
     if not s["shards_written"]:
         return f"throughput: no shard written in {s['wall_s']} s; the version's {s['shards']} shard(s): {kept}"
     return (f"throughput: {s['docs_per_s']} documents/s over {s['wall_s']} s (calibration {s['calibrate_s']} s; "

@@ -4,6 +4,8 @@ import json
 import re
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import jobs.ingest
@@ -158,3 +160,19 @@ def test_an_ingest_that_rejects_every_row_prints_no_ratio(human, lake, tmp_path,
     shown = jobs.ingest.format_summary(s)
     assert shown.splitlines()[1] == f"vectors: none (no document); {s['bytes_stored'] / MIB:.2f} MiB stored with " \
                                     "ids and indexes" and "None" not in shown, shown
+
+
+def test_an_ingest_of_zero_row_files_says_the_version_holds_no_shard(human, lake, tmp_path, capsys):
+    # Saved ranges (no calibration needed): the job runs, reads no row and writes no shard.
+    ranges = lake / "dest" / "ranges" / f"{human[2]['ranges_id']}.json"
+    (tmp_path / "lake").mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                   tmp_path / "lake" / "empty.parquet")
+    (tmp_path / "lake" / "empty.jsonl").write_text("")
+    assert cli(["ingest", str(tmp_path / "lake"), str(tmp_path / "dest"), *ARGS, "--ranges", str(ranges),
+                "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["version"], s["rows_read"], s["shards"], s["shards_written"], s["shards_reused"]) == (1, 0, 0, 0, 0)
+    # It said "the version's 0 shard(s): " and named nothing.
+    assert jobs.ingest.format_summary(s).splitlines()[2] == \
+        f"throughput: no shard written in {s['wall_s']} s; the version holds no shard (0 rows read)"
