@@ -118,6 +118,58 @@ def test_jsonl_ids_of_any_scalar_type_become_strings(tmp_path, ids, want):
     assert [r[1] for r in _read_all(tmp_path / "x.jsonl")] == want
 
 
+@pytest.mark.parametrize("ids, want", [
+    ([1, 2 ** 63, 2 ** 64 - 1, 0], ["1", str(2 ** 63), str(2 ** 64 - 1), "0"]),  # past int64: uint64
+    ([-5, 9_007_199_254_740_993], ["-5", "9007199254740993"]),  # whole numbers only: exact
+    ([1000, 2.5, 1e3, 1000.0, 1e15, -0.0, None], ["1000", "2.5", "1000", "1000", "1000000000000000", "0", None]),
+])
+def test_jsonl_number_ids_keep_their_digits(tmp_path, ids, want):
+    """A number id reads as the integer written: once a file's ids were read as floats (a fraction
+    among them), 2**64 and 2**64 + 1, or 2**53 and 2**53 + 1, became one id, and 1000 in one file
+    was not 1e+03 in another."""
+    _jsonl(tmp_path / "x.jsonl", [{"id": i, "text": f"t{n}"} for n, i in enumerate(ids)])
+    assert [r[1] for r in _read_all(tmp_path / "x.jsonl")] == want
+
+
+@pytest.mark.parametrize("ids, at", [
+    ([1, 2 ** 64, 2 ** 64 + 1], "line 4 holds the number 18446744073709551616 in column 'id', an integer past 64 bits"),
+    ([2 ** 63, -1], r"line 4 holds the number -1 in column 'id', where other lines hold numbers past 2\*\*63 - 1"),
+    ([0.5, 2, 2 ** 53 + 1], r"line 5 holds a whole number past 2\*\*53 \(9007199254740992 as a float\) in column 'id'"),
+])
+def test_jsonl_number_ids_that_would_lose_digits_are_refused_naming_the_line(tmp_path, ids, at):
+    path = tmp_path / "x.jsonl"  # a first line, a blank one, then the ids from line 3
+    path.write_text('{"id": 7, "text": "t"}\n\n' + "".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ids))
+    with pytest.raises(SourceError, match=rf"^JSON Lines file x\.jsonl: {at}[,:] .*; write the ids as strings$"):
+        _read_all(path)
+
+
+def test_jsonl_errors_name_the_line_counting_blank_ones(tmp_path):
+    """Arrow counts rows and skips blank lines: the line it is on is found in the file."""
+    lines = ['{"id": "a", "text": "x"}', "", "   ", '{"id": "b", "text": "y"}', "\t", '{"id": "c", "text": 5}']
+    raw = ("\r\n".join(lines) + "\n").encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.jsonl").write_bytes(raw)
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "x.jsonl.gz").write_bytes(_compressed(raw, "gzip"))
+    for name in ("plain/x.jsonl", "packed/x.jsonl.gz"):
+        fs, root, [f] = list_source(str(tmp_path / name))
+        with pytest.raises(SourceError, match=r": line 6 holds a number in the text column 'text'; it must hold "
+                                              r"strings$"):
+            check_file(fs, root, f, "text", "id")
+    (tmp_path / "plain" / "x.jsonl").write_bytes(raw.replace(b'"c", "text": 5}', b'"c", "text": "z"'))
+    fs, root, [f] = list_source(str(tmp_path / "plain"))
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 6 is not a JSON object "):
+        list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+
+
+def test_a_utf16_jsonl_file_is_named_as_such(tmp_path):
+    (tmp_path / "x.jsonl").write_bytes('{"id": "a", "text": "x"}\n'.encode("utf-16"))
+    fs, root, [f] = list_source(str(tmp_path))
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl is UTF-16 \(it starts with a UTF-16 byte "
+                                          r"order mark\): JSON Lines must be UTF-8; convert it"):
+        check_file(fs, root, f, "text", "id")
+
+
 def test_jsonl_keys_the_job_does_not_read_cannot_stop_it(tmp_path):
     """A key holding a string on one line and an object on another was a parse error for the
     whole file; only the text and id columns are read now."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import posixpath
 import re
 from dataclasses import dataclass
@@ -225,7 +226,7 @@ def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str
             return None
         changed = _CHANGED.search(str(exc))
         if not changed or changed.group(1) in columns:
-            raise _jsonl_error(f, exc, 0, text_column) from None
+            raise _jsonl_error(f, exc, 0, text_column, open_file) from None
     for batch in _jsonl_batches(open_file, f, columns, text_column):
         return batch.schema
     return None
@@ -263,6 +264,7 @@ JSONL_BLOCK = 1 << 22
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
 # What Arrow's stream codecs raise on bytes that are not what the file's name says.
+_NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't parse:\s*(\S+)")
 _CORRUPT = re.compile(r"Truncated compressed stream|decompress failed|inflate failed")
 
 
@@ -299,13 +301,14 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
                     rows += b.num_rows
                     if skip < b.num_rows:
                         given += b.num_rows - skip
-                        yield b.slice(skip)
+                        yield _exact_ids(b.slice(skip), types, text_column, f, given - (b.num_rows - skip),
+                                         open_file)
             except pa.ArrowInvalid as exc:
                 if _empty(exc):
                     return
                 retyped = _retype(exc, types, text_column)
                 if retyped is None:
-                    raise _jsonl_error(f, exc, rows, text_column) from None
+                    raise _jsonl_error(f, exc, rows, text_column, open_file) from None
                 types = retyped
             except OSError as exc:
                 if not _CORRUPT.search(str(exc)):
@@ -330,19 +333,86 @@ def _retype(exc: pa.ArrowInvalid, types: dict, text_column: str | None) -> dict 
         if column not in types or column == text_column or new is None or types[column] != pa.string():
             return None
         return {**types, column: new}
-    if "Failed to convert JSON to int64" in str(exc):  # a number with a fraction after whole ones
-        ints = [c for c, t in types.items() if t == pa.int64()]
+    failed = _NOT_CONVERTED.search(str(exc))
+    if failed:  # a number the column's integer type cannot hold: after whole numbers, or too large
+        ints = [c for c, t in types.items() if t == pa.int64() or t == pa.uint64()]
         if len(ints) == 1:
+            value, big = failed.group(2), types[ints[0]] == pa.int64() and failed.group(2).isdigit()
+            if big:  # past int64's range: uint64 holds it to 2**64 - 1
+                return {**types, ints[0]: pa.uint64()}
+            if re.fullmatch(r"-?\d+", value):  # beyond 64 bits: a float would change its digits
+                return None
             return {**types, ints[0]: pa.float64()}
     return None
 
 
-def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None = None) -> SourceError:
+def _exact_ids(batch: pa.RecordBatch, types: dict, text_column: str | None, f: SourceFile, first: int,
+               open_file) -> pa.RecordBatch:
+    """`batch`, its number column of JSON numbers with fractions (read as float64) turned to
+    the strings ids are: a whole number as an integer is written (`1e3` and `1000.0` are `1000`,
+    as the id 1000 of a file of whole numbers is), another as Arrow writes a float (`2.5`). A
+    whole number past 2**53 in such a column is refused (naming its line): float64 holds only
+    some of them, so two ids could become one. `first`: the batch's first row in the file."""
+    column = next((c for c, t in types.items() if t == pa.float64() and c != text_column), None)
+    if column is None:
+        return batch
+    col = batch.column(column)
+    values = col.to_numpy(zero_copy_only=False)
+    present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
+    whole = present & (values == np.floor(values))
+    if (whole & (np.abs(values) >= 2.0 ** 53)).any():
+        row = first + int(np.flatnonzero(whole & (np.abs(values) >= 2.0 ** 53))[0])
+        raise SourceError(f"JSON Lines file {f.relpath}: line {_line_of(open_file, row)} holds a whole number past "
+                          f"2**53 ({values[row - first]:.17g} as a float) in column {column!r}, where other lines "
+                          "hold numbers with fractions: read as floats, two such ids could become one; write the "
+                          "ids as strings")
+    strings = pc.cast(col, pa.string()).to_pylist()
+    for i in np.flatnonzero(whole):
+        strings[i] = str(int(values[i]))
+    return batch.set_column(batch.schema.get_field_index(column), column, pa.array(strings, pa.string()))
+
+
+def _line_of(open_file, row: int) -> int | str:
+    """The line (from 1) of a JSON Lines file's row `row` (from 0): Arrow counts rows, and skips
+    blank lines. "a line after line N" when the file ends first (it changed meanwhile)."""
+    n = lines = 0
+    with open_file() as fh:
+        for raw in _lines(fh):
+            lines += 1
+            if raw.strip():
+                if n == row:
+                    return lines
+                n += 1
+    return f"a line after line {lines}"
+
+
+def _lines(fh) -> Iterator[bytes]:
+    """The lines of a binary stream (one Arrow's codec streams give has no line iterator)."""
+    rest = b""
+    while chunk := fh.read(1 << 20):
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None, open_file) -> SourceError:
+    """The error naming the line of a JSON Lines file that Arrow refused (`rows`: the rows Arrow
+    gave before the block it refused)."""
     first = str(exc).splitlines()[0]
     m = re.search(r"\bin row (\d+)", first)
-    at = f"line {rows + int(m.group(1)) + 1}" if m else f"a line after line {rows}"
+    at = f"line {_line_of(open_file, rows + int(m.group(1)))}" if m else f"a line after line {rows}"
     first = re.sub(r"\s*\bin row \d+$", "", first)  # Arrow's row, counted from 0 within its block
     changed = _CHANGED.search(first)
+    big = _NOT_CONVERTED.search(first)
+    if big:  # `_retype` gave up: an integer past 64 bits
+        column, n = _number_at(open_file, big.group(2))
+        why = ("where other lines hold numbers past 2**63 - 1: no 64-bit integer holds both"
+               if big.group(1) == "uint64" and big.group(2).startswith("-") else
+               "an integer past 64 bits: a float would not keep its digits, so two ids could become one")
+        return SourceError(f"JSON Lines file {f.relpath}: line {n} holds the number {big.group(2)} in column "
+                           f"{column!r}, {why}; write the ids as strings")
     if changed and changed.group(1) == text_column:
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in the text column "
                            f"{text_column!r}; it must hold strings")
@@ -350,8 +420,31 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in column "
                            f"{changed.group(1)!r}, where earlier lines hold a {changed.group(2)}; "
                            "fix or remove that line")
+    with open_file() as fh:
+        head = fh.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return SourceError(f"JSON Lines file {f.relpath} is UTF-16 (it starts with a UTF-16 byte order mark): "
+                           "JSON Lines must be UTF-8; convert it (e.g. iconv -f UTF-16 -t UTF-8)")
     return SourceError(f"JSON Lines file {f.relpath}: {at} is not a JSON object ({first}); "
                        "fix or remove that line")
+
+
+def _number_at(open_file, literal: str) -> tuple[str, int | str]:
+    """`(key, line)` of the first line holding the JSON number `literal` as a value (the error that
+    names it does not say where)."""
+    lines = 0
+    with open_file() as fh:
+        for raw in _lines(fh):
+            lines += 1
+            if literal.encode() in raw:
+                try:
+                    obj = json.loads(raw, parse_int=str, parse_float=str)
+                except ValueError:
+                    continue
+                for key, value in obj.items() if isinstance(obj, dict) else ():
+                    if value == literal:
+                        return key, lines
+    return "?", f"a line after line {lines}"
 
 
 def source_root(fs, root: str, f: SourceFile) -> str:
