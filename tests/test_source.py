@@ -32,6 +32,40 @@ def test_listing_is_recursive_sorted_and_skips_markers(lake):
     assert [f.relpath for f in one] == ["b.jsonl"] and root == str(lake)
 
 
+def test_symbolic_links_are_followed_once(tmp_path):
+    """fsspec lists a link as neither file nor folder: such files were skipped without a word (a
+    file a dedup tool replaced by a link to the same bytes left the next version)."""
+    elsewhere, lake = tmp_path / "elsewhere", tmp_path / "lake"
+    (elsewhere / "more").mkdir(parents=True)
+    lake.mkdir()
+    for path, text in ((elsewhere / "a.jsonl", "a"), (elsewhere / "more" / "b.jsonl", "b"), (lake / "c.jsonl", "c")):
+        path.write_text(json.dumps({"text": text, "id": text}) + "\n")
+    os.symlink(elsewhere / "a.jsonl", lake / "a.jsonl")
+    os.symlink(elsewhere / "more", lake / "more")
+    os.symlink(elsewhere / "more", lake / "again")  # the same folder twice: walked once
+    os.symlink(lake, lake / "loop")  # back into the lake: not walked
+    fs, root, files = list_source(str(lake))
+    assert [(f.relpath, f.size) for f in files] == [("a.jsonl", 25), ("again/b.jsonl", 25), ("c.jsonl", 25)]
+    got = {f.relpath: [r[2] for r in _read_all(lake / f.relpath)] for f in files}
+    assert got == {"a.jsonl": ["a"], "again/b.jsonl": ["b"], "c.jsonl": ["c"]}
+    with unchanged(fs, root, files[0]):
+        pass  # the link's identity is its file's, as listed
+    os.symlink(tmp_path / "nowhere.jsonl", lake / "gone.jsonl")
+    with pytest.raises(SourceError, match=r"^source file gone\.jsonl is a symbolic link to .*nowhere\.jsonl, which "
+                                          r"does not exist: fix or remove the link \(or leave it out with --exclude\)$"):
+        list_source(str(lake))
+    assert [f.relpath for f in list_source(str(lake), exclude=("gone.*",))[2]] == [f.relpath for f in files]
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"text": "t"}) + "\n")
+    os.close(os.open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"), os.O_CREAT | os.O_WRONLY))
+    with pytest.raises(SourceError, match=r"^source file name b'caf\\xe9\.jsonl' is not UTF-8, which the version's "
+                                          r"manifest \(JSON\) records .*: rename the file"):
+        list_source(str(tmp_path))
+    assert [f.relpath for f in list_source(str(tmp_path), exclude=("caf*",))[2]] == ["ok.jsonl"]
+
+
 @pytest.mark.parametrize("patterns, left", [
     ((), ["b.jsonl", "y=1/a.parquet", "y=1/z.jsonl"]),
     (("*.jsonl",), ["y=1/a.parquet"]),  # no /: the name alone, at any depth
@@ -298,6 +332,24 @@ def test_parquet_columns_that_are_not_utf8_go_to_rejects(tmp_path):
                    tmp_path / "x.parquet")
     assert _read_all(tmp_path / "x.parquet") == [
         (0, "i0", "ok", None), (1, "i1", "c\ufffdx", "text_not_utf8"), (2, "\ufffd", "hi", "id_not_utf8")]
+
+
+def test_a_string_view_text_column_is_read(tmp_path):
+    texts = ["first text", None, "caf\u00e9"]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string_view()), "id": ["a", "b", "c"]}), tmp_path / "x.parquet")
+    fs, root, [f] = list_source(str(tmp_path))
+    assert check_file(fs, root, f, "text", "id") == [3]
+    assert [(r[2], r[3]) for r in _read_all(tmp_path / "x.parquet")] == [("first text", None), (None, "null_text"),
+                                                                        ("caf\u00e9", None)]
+
+
+def test_a_parquet_file_with_two_columns_of_the_name_asked_for_is_refused(tmp_path):
+    pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"]), pa.array(["i"])], names=["text", "text", "id"]),
+                   tmp_path / "x.parquet")
+    fs, root, [f] = list_source(str(tmp_path))
+    with pytest.raises(SourceError, match=r"^file x\.parquet has 2 columns named 'text': which one holds the texts "
+                                          r"is not known; rename one of them$"):
+        check_file(fs, root, f, "text", "id")
 
 
 def test_a_dictionary_encoded_text_column_is_read(tmp_path):

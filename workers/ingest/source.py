@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -95,15 +96,26 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
         infos = {root: fs.info(root)}
         root = posixpath.dirname(root)
     else:
-        infos = fs.find(root, detail=True)
+        infos = _find(fs, root)
     files = []
     for path, info in sorted(infos.items()):
         rel = posixpath.relpath(path, root)
         if any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
         fmt = _format(rel)
-        if fmt is None or info.get("type", "file") != "file" or excluded(rel, exclude):
+        if fmt is None or excluded(rel, exclude):
             continue
+        if info.get("type", "file") == "broken link":
+            raise SourceError(f"source file {rel} is a symbolic link to {info.get('destination')}, which does not "
+                              "exist: fix or remove the link (or leave it out with --exclude)")
+        if info.get("type", "file") != "file":
+            continue
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SourceError(f"source file name {os.fsencode(rel)!r} is not UTF-8, which the version's manifest "
+                              "(JSON) records and the default ids are made of: rename the file (or leave it out "
+                              "with --exclude)") from None
         files.append(SourceFile(rel, *_identity(info), fmt))
     if not files:
         raise SourceError(f"source {redact_url(url)} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) "
@@ -111,6 +123,39 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
                           f"{', '.join(COMPRESSIONS)}) files" + (f" that --exclude {' '.join(exclude)} leaves in"
                                                                  if exclude else ""))
     return fs, root, files
+
+
+def _find(fs, root: str) -> dict[str, dict[str, Any]]:
+    """Every entry under `root` with its info, as `fs.find` lists them, symbolic links followed
+    (local disk: fsspec lists a link as "other"): a link to a file is listed with the file's info
+    under the link's path, a link to a folder is walked as a folder of the lake, unless it leads
+    back into the lake or to a folder already walked (a file would be read twice). A link to
+    nothing is listed as a "broken link"."""
+    infos = fs.find(root, detail=True)
+    if not any(info.get("islink") for info in infos.values()):
+        return infos
+    walked = [os.path.realpath(root)]
+    out: dict[str, dict[str, Any]] = {}
+    pending = [infos]
+    while pending:
+        for path, info in pending.pop().items():
+            if not info.get("islink"):
+                out[path] = info
+                continue
+            try:
+                target = fs.info(path)  # follows the link
+            except FileNotFoundError:
+                out[path] = {**info, "type": "broken link"}
+                continue
+            if target.get("type") != "directory":
+                out[path] = {**target, "name": path}
+                continue
+            real = os.path.realpath(path)
+            if any(real == w or real.startswith(w + os.sep) or w.startswith(real + os.sep) for w in walked):
+                continue
+            walked.append(real)
+            pending.append(fs.find(path, detail=True))
+    return out
 
 
 @contextlib.contextmanager
@@ -194,6 +239,9 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
         if column not in schema.names:
             raise SourceError(f"file {f.relpath} has no {role} column {column!r} "
                               f"(columns: {', '.join(schema.names)}); pass --{role}-column")
+        if len(schema.get_all_field_indices(column)) > 1:
+            raise SourceError(f"file {f.relpath} has {len(schema.get_all_field_indices(column))} columns named "
+                              f"{column!r}: which one holds the {role}s is not known; rename one of them")
     text_type = schema.field(text_column).type
     if not (_is_text(text_type) or pa.types.is_null(text_type)
             or (pa.types.is_dictionary(text_type) and _is_text(text_type.value_type))):
@@ -210,7 +258,7 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str) -> pa.Schema | None:
