@@ -156,6 +156,11 @@ def recorded_source(dataset_url: str, manifest: VersionManifest, without_lake: s
     return url
 
 
+def format_share(share: float) -> str:
+    """A share of values (drift's clipped share, its threshold) as every output prints it: `6.4583%`."""
+    return f"{share:.4%}"
+
+
 def format_fidelity(f: dict[str, Any]) -> str:
     """One line of a fidelity estimate (`workers/search/fidelity.py`)."""
     return (f"fidelity on {f['queries']} held-out sample queries: recall of float32's top {f['k']} "

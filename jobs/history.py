@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from jobs.common import add_storage_options, console, format_fidelity, run_reporting, storage_options
+from jobs.common import add_storage_options, console, format_fidelity, format_share, run_reporting, storage_options
 from ranges.manifest import RangeManifest
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
@@ -101,8 +101,8 @@ def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -
             lines.append(f"    ranges' {format_fidelity(e['fidelity'])}")
         d = e.get("drift")
         if d and d.get("rows"):
-            lines.append(f"    drift: {d['clipped_share']:.4%} of the new data's values clipped "
-                         f"(calibration sample {d['baseline_share']:.4%}) over {d['rows']} new rows")
+            lines.append(f"    drift: {format_share(d['clipped_share'])} of the new data's values clipped "
+                         f"(calibration sample {format_share(d['baseline_share'])}) over {d['rows']} new rows")
             if d.get("fidelity"):
                 lines.append(f"    new rows' {format_fidelity(d['fidelity'])}")
     return "\n".join(lines)

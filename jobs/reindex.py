@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity,
-                         recorded_source, run_reporting, storage_options)
+                         format_share, recorded_source, run_reporting, storage_options)
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
@@ -191,10 +191,11 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
         drift = draft.extra.get("drift") or {}
         excess = drift.get("clipped_share", 0.0) - drift.get("baseline_share", 0.0)
         if drift.get("rows") and excess > cfg.drift_threshold:
-            log.warning("drift: the saved ranges clip %.4f of the new data's values, %.4f more than their "
-                        "calibration sample (threshold %.4f)%s", drift["clipped_share"], excess,
-                        cfg.drift_threshold, "; recalibrating" if cfg.recalibrate_on_drift else
-                        "; rerun with --recalibrate to calibrate new ranges")
+            # In percent, as the summary and `history` print the same shares.
+            log.warning("drift: the saved ranges clip %s of the new data's values, %s more than their "
+                        "calibration sample (threshold %s)%s", format_share(drift["clipped_share"]),
+                        format_share(excess), format_share(cfg.drift_threshold), "; recalibrating"
+                        if cfg.recalibrate_on_drift else "; rerun with --recalibrate to calibrate new ranges")
             drifted.append(drift)
             drafts.append(draft)
             return not cfg.recalibrate_on_drift
@@ -341,8 +342,8 @@ def format_result(r: IngestResult) -> str:
     drift = s.get("drift") or {}
     lines = [format_summary(s), plan]
     if drift.get("rows"):
-        lines.append(f"drift: the ranges clip {drift['clipped_share']:.4%} of the new data's values "
-                     f"(calibration sample: {drift['baseline_share']:.4%})")
+        lines.append(f"drift: the ranges clip {format_share(drift['clipped_share'])} of the new data's values "
+                     f"(calibration sample: {format_share(drift['baseline_share'])})")
         if drift.get("fidelity"):
             lines.append(f"new data's {format_fidelity(drift['fidelity'])}")
     return "\n".join(lines)

@@ -102,6 +102,13 @@ def test_reindex_encodes_only_what_changed_and_equals_a_fresh_ingest(lake, docs,
     assert result.version == 2
     assert "drift: the saved ranges clip" in caplog.text and "rerun with --recalibrate" in caplog.text
     s = result.summary
+    # The warning gives the shares in percent, as stdout and `history` do (it gave fractions: 0.0646).
+    share = s["drift"]["clipped_share"]
+    assert 0 < share < 1 and s["drift"]["baseline_share"] == 0.0  # minmax ranges clip none of their sample
+    assert (f"drift: the saved ranges clip {share:.4%} of the new data's values, {share:.4%} more than their "
+            "calibration sample (threshold 0.0000%); rerun with --recalibrate") in caplog.text
+    assert f"drift: the ranges clip {share:.4%} of the new data's values (calibration sample: 0.0000%)" \
+        in format_result(result).splitlines()
     assert (s["mode"], s["rows_scanned"], s["rows_encoded"]) == ("incremental", 4 * ROWS + 6, 6 + 2 * ROWS)
     assert (s["shards_carried"], s["shards_added"], s["shards_dropped"]) == (2, 3, 3)
     assert s["files_to_encode"] == ["part-1a.parquet", "part-2.parquet", "part-3.parquet"]
