@@ -52,7 +52,8 @@ def test_symbolic_links_are_followed_once(tmp_path):
         pass  # the link's identity is its file's, as listed
     os.symlink(tmp_path / "nowhere.jsonl", lake / "gone.jsonl")
     with pytest.raises(SourceError, match=r"^source file gone\.jsonl is a symbolic link to .*nowhere\.jsonl, which "
-                                          r"does not exist: fix or remove the link \(or leave it out with --exclude\)$"):
+                                          r"does not exist: fix or remove the link \(or leave it out with "
+                                          r"--exclude\)$"):
         list_source(str(lake))
     assert [f.relpath for f in list_source(str(lake), exclude=("gone.*",))[2]] == [f.relpath for f in files]
 
