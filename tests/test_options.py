@@ -82,6 +82,14 @@ def test_hnsw_shard_indexes_find_each_document(quantile, docs, capsys, tmp_path)
     found = _top_hits(capsys, root / "dest", [docs[i][1] for i in picked], tmp_path / "q.txt")
     # No id column: a document's id is <file relative to SOURCE>:<row>.
     assert found == [f"part-{i // 30:05d}.parquet:{i % 30}" for i in picked]
+    assert _top_hits(capsys, root / "dest", [docs[i][1] for i in picked], tmp_path / "q.txt",
+                     "--ef-search", "40") == found
+    # IVF's option on HNSW indexes was accepted and ignored: refused, naming the one that applies.
+    assert cli(["search", str(root / "dest"), "a query", "--nprobe", "4"]) == 2
+    assert capsys.readouterr().err == (
+        "quantlake search: error: --nprobe (nprobe): only for IVF shard indexes, not IndexBinaryHNSW (--index-type "
+        f"hnsw), which version 1 of {root / 'dest'} holds; leave it out, or set --ef-search (ef_search) for its "
+        "HNSW indexes\n")
 
 
 def test_quantile_ranges_are_recorded_and_clip(quantile):

@@ -6,7 +6,7 @@ import pytest
 from jobs.cli import main as cli
 from jobs.ingest import run
 from jobs.search import QueryResult, format_results, parse_args
-from workers.search.searcher import Hit
+from workers.search.searcher import Hit, Searcher
 from workers.ingest.config import IngestConfig
 from workers.embedding.encoder import EncoderConfig
 
@@ -88,6 +88,23 @@ def test_errors_exit_2_with_a_message(dataset, capsys):
         assert "the query is blank: give a text to search for" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([str(dest), "q", "--rescore-multiplier", "0"])
+
+
+def test_a_search_breadth_option_the_indexes_do_not_read_is_refused(dataset, capsys):
+    """--ef-search on flat shard indexes (or with --index int8) was accepted and ignored."""
+    dest, docs = dataset
+    assert cli(["search", str(dest), "q", "--ef-search", "64"]) == 2
+    assert capsys.readouterr().err == (
+        "quantlake search: error: --ef-search (ef_search): only for HNSW shard indexes, not IndexBinaryFlat "
+        f"(--index-type flat), which version 1 of {dest} holds; leave it out: a flat index compares every row\n")
+    assert cli(["search", str(dest), "q", "--index", "int8", "--nprobe", "4"]) == 2
+    assert capsys.readouterr().err == (
+        "quantlake search: error: --nprobe (nprobe): only for IVF shard indexes, not the int8 indexes that --index "
+        "int8 (index='int8') builds; leave it out\n")
+    with Searcher.open(str(dest)) as searcher:  # the Python API refuses it the same way, before encoding
+        with pytest.raises(ValueError, match=r"^--nprobe \(nprobe\): only for IVF shard indexes, not IndexBinaryFlat"):
+            searcher.search("q", k=3, nprobe=4)
+        assert searcher._encoder is None and len(searcher.search("q", k=3)) == 3
 
 
 def test_the_query_may_follow_the_options(tmp_path):

@@ -19,11 +19,15 @@ from workers.embedding.encoder import Encoder, EncoderConfig, encoder_fingerprin
 from workers.embedding.quantizer import quantize
 from workers.search.backends import RayShardGroups, ShardGroups, ThreadShardGroups
 from workers.search.rescore import hamming_scores, narrow_candidates, pool_sizes, top_by_score
-from workers.vocab import (CANDIDATE_MODES, RESCORE_MODES, SEARCH_BACKENDS, SEARCH_INDEXES, CandidateMode, RescoreMode,
-                           SearchBackend, SearchIndex, check)
+from workers.vocab import (CANDIDATE_MODES, INDEX_FLAGS, RESCORE_MODES, SEARCH_BACKENDS, SEARCH_INDEXES, CandidateMode,
+                           RescoreMode, SearchBackend, SearchIndex, check)
 
 # Queries searched together: bounds the candidate arrays, whatever the size of a queries file.
 QUERY_BATCH = 256
+
+# The search-breadth options and the shard index class each one sets: (option, flag, class, kind).
+BREADTH_OPTIONS = (("ef_search", "--ef-search", "IndexBinaryHNSW", "HNSW"),
+                   ("nprobe", "--nprobe", "IndexBinaryIVF", "IVF"))
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class SearchOptions:
         candidates: `asymmetric` (the default: a Hamming pool `ASYMMETRIC_POOL` times wider,
             narrowed by the float query against the sign bits) or `hamming` (the Hamming
             top k * multiplier as they are).
-        ef_search, nprobe: search breadth of HNSW / IVF shard indexes (None: a default).
+        ef_search, nprobe: search breadth of HNSW / IVF shard indexes (None: a default); a search
+            of a version without such indexes refuses the option rather than ignore it.
     """
 
     k: int = 10
@@ -256,7 +261,28 @@ class Searcher:
             raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
                              f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
                              "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
+        self._check_breadth(opts)
         return opts
+
+    def _check_breadth(self, opts: SearchOptions) -> None:
+        """Refuse a search-breadth option that no index of this search reads: it would be ignored
+        silently (an HNSW index has no lists to probe, a flat or int8 one searches every row)."""
+        classes = sorted({s.index_class for s in self.manifest.shards}) or \
+            [(self.manifest.extra.get("options") or {}).get("index_type") or "IndexBinaryFlat"]
+        flags = {cls: flag for flag, cls in INDEX_FLAGS.items()}
+        for name, flag, cls, kind in BREADTH_OPTIONS:
+            if getattr(opts, name) is None:
+                continue
+            if self.index == "int8":
+                raise ValueError(f"{flag} ({name}): only for {kind} shard indexes, not the int8 indexes that "
+                                 "--index int8 (index='int8') builds; leave it out")
+            if cls in classes:
+                continue
+            held = ", ".join(f"{c} (--index-type {flags.get(c, '?')})" for c in classes)
+            others = [f"{f} ({n}) for its {k} indexes" for n, f, c, k in BREADTH_OPTIONS if c in classes]
+            raise ValueError(f"{flag} ({name}): only for {kind} shard indexes, not {held}, which version "
+                             f"{self.manifest.version} of {redact_url(self.url)} holds; leave it out"
+                             + (f", or set {others[0]}" if others else ": a flat index compares every row"))
 
     def _search_batch(self, q: np.ndarray, o: SearchOptions) -> list[list[Hit]]:
         asymmetric = o.candidates == "asymmetric" and self.index == "binary"
