@@ -47,6 +47,22 @@ def test_unreadable_file_is_named(lake, tmp_path):
     _nothing_committed(tmp_path / "out")
 
 
+def test_a_parquet_file_whose_pages_do_not_decode_is_named(lake, tmp_path, ray_session):
+    """Its footer reads (the check passes); a data page does not: the scan names the file, where
+    the error was Ray's traceback of the scan task."""
+    texts = [("word %d " % i) * 20 for i in range(2000)]
+    pq.write_table(pa.table({"text": texts, "id": [str(i) for i in range(2000)]}), lake / "b.parquet",
+                   compression="snappy")
+    chunk = pq.ParquetFile(lake / "b.parquet").metadata.row_group(0).column(0)  # the texts: a dictionary first
+    a = chunk.dictionary_page_offset + 2000
+    data = bytearray((lake / "b.parquet").read_bytes())
+    data[a:a + 400] = bytes(b ^ 0x5A for b in data[a:a + 400])
+    (lake / "b.parquet").write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"^cannot read parquet file b\.parquet: Corrupt snappy compressed data\.$"):
+        run(IngestConfig(str(lake), str(tmp_path / "out"), progress=False))
+    assert not os.path.exists(tmp_path / "out" / "versions")
+
+
 def test_text_column_of_wrong_type(tmp_path):
     (tmp_path / "lake").mkdir()
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "lake" / "n.parquet")

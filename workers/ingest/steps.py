@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ranges.encoding import sha256_hex
 from ranges.manifest import RangeManifest
@@ -21,7 +22,7 @@ from workers.ingest.config import IngestConfig
 from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_path,
                                  scan_rows)
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
-from workers.ingest.source import classify, iter_batches, source_root, unchanged
+from workers.ingest.source import SourceError, classify, iter_batches, source_root, unchanged
 from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import cat_uncached, join, over_network, put_bytes
 from workers.ray_session import node_id
@@ -129,8 +130,15 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
     root = source_root(fs, root, f)
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
                for first, b in iter_batches(fs, root, f, _columns(cfg), text_column=cfg.text_column))
-    with unchanged(fs, root, f):
-        s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
+    try:
+        with unchanged(fs, root, f):
+            s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
+    except (pa.ArrowInvalid, OSError) as exc:
+        # Bytes Arrow cannot decode (a corrupt Parquet page: a plain OSError); not the store's
+        # own errors (a file gone, a connection lost), which are OSError's subclasses.
+        if isinstance(exc, OSError) and type(exc) is not OSError:
+            raise
+        raise SourceError(f"cannot read {f.format} file {f.relpath}: {exc}") from exc
     # A job that calibrates reads the file for its sample, and keeps a kept scan that checked out.
     ref = kept if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) else None
     if keep and ref is None:
