@@ -205,6 +205,34 @@ def test_a_utf16_jsonl_file_is_named_as_such(tmp_path):
         check_file(fs, root, f, "text", "id")
 
 
+def test_jsonl_keys_absent_from_the_first_block_are_looked_for_further(tmp_path):
+    """A writer that leaves out null keys: no id through the first 4 MiB, ids after; the rows
+    without one go to rejects. A key no line holds (a misspelt column) is still refused."""
+    records = [{"text": f"t{i}", "pad": "x" * 100_000} for i in range(50)]
+    records += [{"id": f"d{i}", "text": f"late {i}"} for i in range(3)]
+    _jsonl(tmp_path / "x.jsonl", records)
+    fs, root, [f] = list_source(str(tmp_path))
+    assert check_file(fs, root, f, "text", "id") is None
+    got = _read_all(tmp_path / "x.jsonl")
+    assert [r[3] for r in got] == ["null_id"] * 50 + [None] * 3 and got[50] == (50, "d0", "late 0", None)
+    with pytest.raises(SourceError, match=r"^file x\.jsonl has no id column 'ident' \(columns: text, pad\)"):
+        check_file(fs, root, f, "text", "ident")
+
+
+def test_a_jsonl_key_twice_in_one_object(tmp_path):
+    """Twice in a key the job does not read: the line is read (Arrow's inference refused it).
+    Twice in the text or id: refused naming the line, as which value is meant is not known."""
+    (tmp_path / "x.jsonl").write_text('{"id": "a", "text": "x", "meta": 1, "meta": 2}\n\n'
+                                      '{"id": "b", "text": "y", "text": "z"}\n')
+    fs, root, [f] = list_source(str(tmp_path))
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 3 holds the key 'text' twice: which "
+                                          r"value is meant is not known; fix that line$"):
+        check_file(fs, root, f, "text", "id")
+    (tmp_path / "x.jsonl").write_text('{"id": "a", "text": "x", "meta": 1, "meta": 2}\n')
+    assert check_file(fs, root, f, "text", "id") is None
+    assert _read_all(tmp_path / "x.jsonl") == [(0, "a", "x", None)]
+
+
 def test_jsonl_keys_the_job_does_not_read_cannot_stop_it(tmp_path):
     """A key holding a string on one line and an object on another was a parse error for the
     whole file; only the text and id columns are read now."""

@@ -237,17 +237,20 @@ def check_file(fs, root: str, f: SourceFile, text_column: str, id_column: str | 
         if column is None:
             continue
         if column not in schema.names:
+            if f.format == "jsonl" and _holds_key(lambda: _open(fs, root, f), f, column, text_column):
+                continue
             raise SourceError(f"file {f.relpath} has no {role} column {column!r} "
                               f"(columns: {', '.join(schema.names)}); pass --{role}-column")
         if len(schema.get_all_field_indices(column)) > 1:
             raise SourceError(f"file {f.relpath} has {len(schema.get_all_field_indices(column))} columns named "
                               f"{column!r}: which one holds the {role}s is not known; rename one of them")
-    text_type = schema.field(text_column).type
+    # A JSON Lines column first seen past the first block: its reader checks its values.
+    text_type = schema.field(text_column).type if text_column in schema.names else pa.null()
     if not (_is_text(text_type) or pa.types.is_null(text_type)
             or (pa.types.is_dictionary(text_type) and _is_text(text_type.value_type))):
         raise SourceError(f"text column {text_column!r} of file {f.relpath} has type {text_type}; "
                           "it must hold strings")
-    if id_column is not None:
+    if id_column is not None and id_column in schema.names:
         id_type = schema.field(id_column).type
         try:  # what classify does to ids: refused here, before any work, if Arrow cannot do it
             pc.cast(pa.array([], id_type), pa.string())
@@ -264,20 +267,31 @@ def _is_text(t: pa.DataType) -> bool:
 def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str) -> pa.Schema | None:
     """The columns of a JSON Lines file's first block as Arrow infers them (None: no lines). When
     a key the job does not read trips Arrow's inference (a string on one line, an object on
-    another), the job's own columns as the reader gives them instead: their presence is not
-    checked then (a missing one is null on every row, so its rows go to rejects)."""
+    another; a key twice in one object), the job's own columns as the reader gives them
+    instead: their presence is not checked then (a missing one is null on every row, so its
+    rows go to rejects)."""
     try:
         with open_file() as fh:
             return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK)).schema
     except pa.ArrowInvalid as exc:
         if _empty(exc):
             return None
-        changed = _CHANGED.search(str(exc))
-        if not changed or changed.group(1) in columns:
+        tripped = _CHANGED.search(str(exc)) or _TWICE.search(str(exc))
+        if not tripped or tripped.group(1) in columns:
             raise _jsonl_error(f, exc, 0, text_column, open_file) from None
     for batch in _jsonl_batches(open_file, f, columns, text_column):
         return batch.schema
     return None
+
+
+def _holds_key(open_file, f: SourceFile, column: str, text_column: str) -> bool:
+    """Whether a line of a JSON Lines file holds a value for `column`, which its first block
+    lacks (a writer that leaves out null keys: the first 4 MiB without ids, then ids). Reads up
+    to the first such line: the whole file when there is none (a misspelt column)."""
+    for batch in _jsonl_batches(open_file, f, [column], text_column if column == text_column else None):
+        if batch.column(0).null_count < batch.num_rows:
+            return True
+    return False
 
 
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
@@ -312,6 +326,7 @@ JSONL_BLOCK = 1 << 22
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
 # What Arrow's stream codecs raise on bytes that are not what the file's name says.
+_TWICE = re.compile(r"Column\(/(.+?)\) was specified twice")
 _NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't parse:\s*(\S+)")
 _CORRUPT = re.compile(r"Truncated compressed stream|decompress failed|inflate failed")
 
@@ -461,6 +476,10 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
                "an integer past 64 bits: a float would not keep its digits, so two ids could become one")
         return SourceError(f"JSON Lines file {f.relpath}: line {n} holds the number {big.group(2)} in column "
                            f"{column!r}, {why}; write the ids as strings")
+    twice = _TWICE.search(first)
+    if twice:
+        return SourceError(f"JSON Lines file {f.relpath}: {at} holds the key {twice.group(1)!r} twice: which value "
+                           "is meant is not known; fix that line")
     if changed and changed.group(1) == text_column:
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in the text column "
                            f"{text_column!r}; it must hold strings")
