@@ -141,10 +141,11 @@ def test_the_summary_and_the_manifest_count_only_the_precisions_stored(human, la
     assert capsys.readouterr().err == (
         f"quantlake search: error: version 1 of {dest} holds no int8 vectors (ingested with precisions ubinary): "
         "search it with the binary index (the default; index='binary'), not --index int8\n")
-    assert cli(["search", dest, "a query"]) == 2
-    assert capsys.readouterr().err == (
-        f"quantlake search: error: version 1 of {dest} holds no int8 vectors to rescore with (ingested with "
-        "precisions ubinary): search with --rescore bits or --rescore none (rescore='bits' or 'none')\n")
+    for rescore in ("int8", "int8-raw"):  # int8-raw was a KeyError
+        assert cli(["search", dest, "a query", "--rescore", rescore]) == 2
+        assert capsys.readouterr().err == (
+            f"quantlake search: error: version 1 of {dest} holds no int8 vectors to rescore with (ingested with "
+            "precisions ubinary): search with --rescore bits or --rescore none (rescore='bits' or 'none')\n")
     assert cli(["search", dest, "a query", "--rescore", "bits", "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
 

@@ -257,7 +257,7 @@ class Searcher:
     def _options(self, k: int, options: dict[str, Any]) -> SearchOptions:
         """The options of a search, checked against what this version holds."""
         opts = SearchOptions(k=k, **options)
-        if opts.rescore == "int8" and "int8" not in self.manifest.precisions:
+        if opts.rescore in ("int8", "int8-raw") and "int8" not in self.manifest.precisions:
             raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
                              f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
                              "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
