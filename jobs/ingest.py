@@ -437,8 +437,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--index-type", choices=sorted(INDEX_FLAGS), default="flat",
                    help="shard binary index: flat (exact), or approximate hnsw / ivf for big shards")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out source files matching GLOB: a path under SOURCE (metadata/*), or a file "
-                        "name when it has no / (*.json); repeatable; recorded, so reindex leaves them out too")
+                   help="leave out source files matching GLOB (*, ?, [abc]; [[] for a literal [): a path under "
+                        "SOURCE (metadata/*), or a file name when it has no / (*.json); repeatable; recorded, so "
+                        "reindex leaves them out too")
     add_storage_options(p)
     add_no_progress(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
