@@ -166,15 +166,45 @@ def test_jsonl_number_ids_keep_their_digits(tmp_path, ids, want):
     assert [r[1] for r in _read_all(tmp_path / "x.jsonl")] == want
 
 
-@pytest.mark.parametrize("ids, at", [
-    ([1, 2 ** 64, 2 ** 64 + 1], "line 4 holds the number 18446744073709551616 in column 'id', an integer past 64 bits"),
-    ([2 ** 63, -1], r"line 4 holds the number -1 in column 'id', where other lines hold numbers past 2\*\*63 - 1"),
-    ([0.5, 2, 2 ** 53 + 1], r"line 5 holds a whole number past 2\*\*53 \(9007199254740992 as a float\) in column 'id'"),
+@pytest.mark.parametrize("ids, want", [
+    ([1, 2 ** 64, 2 ** 64 + 1], ["1", str(2 ** 64), str(2 ** 64 + 1)]),  # past 64 bits
+    ([2 ** 63, -1], [str(2 ** 63), "-1"]),  # no 64-bit integer type holds both
+    ([0.5, 2, 2 ** 53 + 1, 2e3], ["0.5", "2", "9007199254740993", "2000"]),  # float64 holds no 2**53 + 1
+    (["a", 5, True, None, 2.5, "b"], ["a", "5", "true", None, "2.5", "b"]),  # a string among numbers
 ])
-def test_jsonl_number_ids_that_would_lose_digits_are_refused_naming_the_line(tmp_path, ids, at):
+def test_jsonl_ids_arrow_cannot_read_as_written_are_read_line_by_line(tmp_path, ids, want):
+    """Arrow reads a JSON column as one type, and numbers as 64-bit integers or floats: such a
+    file is read on line by line, the rows before as Arrow gave them."""
     path = tmp_path / "x.jsonl"  # a first line, a blank one, then the ids from line 3
     path.write_text('{"id": 7, "text": "t"}\n\n' + "".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ids))
-    with pytest.raises(SourceError, match=rf"^JSON Lines file x\.jsonl: {at}[,:] .*; write the ids as strings$"):
+    fs, root, [f] = list_source(str(path))
+    assert check_file(fs, root, f, "text", "id") is None  # Arrow's inference of the first block refused it
+    assert [r[1] for r in _read_all(path)] == ["7"] + want
+
+
+def test_a_jsonl_file_read_line_by_line_from_its_middle_gives_every_row_once(tmp_path):
+    records = [{"id": i, "text": f"text {i} " + "x" * 200} for i in range(30_000)]  # past a 4 MiB block
+    records[25_000]["id"] = "a string"
+    records[29_000]["id"] = 2 ** 70
+    _jsonl(tmp_path / "x.jsonl", records)
+    got = _read_all(tmp_path / "x.jsonl")
+    assert [r[0] for r in got] == list(range(30_000))
+    assert [r[1] for r in got] == [str(r["id"]) for r in records] and got[-1][2] == records[-1]["text"]
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"id": 1e17, "text": "t"}', r"line 4 holds the number 1e17 in column 'id', a whole number past 2\*\*53 written "
+                                  r"as a float: it may stand for more than one integer"),
+    ('{"id": {"a": 1}, "text": "t"}', r"line 4 holds an object in column 'id'; ids must be strings, numbers or "
+                                      r"booleans"),
+    ('{"id": "x", "text": 3}', r"line 4 holds a number in the text column 'text'; it must hold strings"),
+    ('{"id": "x", "id": "y", "text": "t"}', r"line 4 holds the key 'id' twice"),
+    ('["not", "an", "object"]', r"line 4 is not a JSON object"),
+])
+def test_what_the_line_by_line_reader_refuses_is_named_by_its_line(tmp_path, line, why):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1, "text": "t"}\n{"id": "s", "text": "t"}\n\n' + line + "\n")
+    with pytest.raises(SourceError, match=rf"^JSON Lines file x\.jsonl: {why}"):
         _read_all(path)
 
 

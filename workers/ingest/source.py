@@ -277,7 +277,9 @@ def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str
         if _empty(exc):
             return None
         tripped = _CHANGED.search(str(exc)) or _TWICE.search(str(exc))
-        if not tripped or tripped.group(1) in columns:
+        # The reader takes what inference does not: other keys' trouble, an id of several types.
+        if not (tripped and tripped.group(1) not in columns) and not _by_line(exc, {c: None for c in columns},
+                                                                              text_column):
             raise _jsonl_error(f, exc, 0, text_column, open_file) from None
     for batch in _jsonl_batches(open_file, f, columns, text_column):
         return batch.schema
@@ -341,7 +343,9 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
     throughout the first 4 MiB and a string after it). Each column but the text starts as a
     string; where a line holds a number (or a number with a fraction, or a boolean) the file
     is read again with that type, skipping the rows already given: at most a few passes over
-    the rows before the first such line. A line that cannot be parsed, or a text that is not
+    the rows before the first such line. Ids Arrow cannot read as written (a string among
+    numbers, an integer past 64 bits, one past 2**53 among fractions) are read on, from the
+    first row not given, line by line (`_line_batches`). A line that cannot be parsed, or a text that is not
     a string, raises SourceError naming the file and the line (Arrow counts the row within its
     block: the rows before it are added). An empty file gives no rows.
     """
@@ -366,10 +370,16 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
                         given += b.num_rows - skip
                         yield _exact_ids(b.slice(skip), types, text_column, f, given - (b.num_rows - skip),
                                          open_file)
+            except _ByLine as turn:
+                yield from _line_batches(open_file, f, columns, text_column, turn.row)
+                return
             except pa.ArrowInvalid as exc:
                 if _empty(exc):
                     return
                 retyped = _retype(exc, types, text_column)
+                if retyped is None and _by_line(exc, types, text_column):
+                    yield from _line_batches(open_file, f, columns, text_column, given)
+                    return
                 if retyped is None:
                     raise _jsonl_error(f, exc, rows, text_column, open_file) from None
                 types = retyped
@@ -414,8 +424,9 @@ def _exact_ids(batch: pa.RecordBatch, types: dict, text_column: str | None, f: S
     """`batch`, its number column of JSON numbers with fractions (read as float64) turned to
     the strings ids are: a whole number as an integer is written (`1e3` and `1000.0` are `1000`,
     as the id 1000 of a file of whole numbers is), another as Arrow writes a float (`2.5`). A
-    whole number past 2**53 in such a column is refused (naming its line): float64 holds only
-    some of them, so two ids could become one. `first`: the batch's first row in the file."""
+    whole number past 2**53 in such a column raises _ByLine: float64 holds only some of them, so
+    the file is read on by `_line_batches`, which keeps an integer's digits. `first`: the
+    batch's first row in the file."""
     column = next((c for c, t in types.items() if t == pa.float64() and c != text_column), None)
     if column is None:
         return batch
@@ -424,15 +435,126 @@ def _exact_ids(batch: pa.RecordBatch, types: dict, text_column: str | None, f: S
     present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
     whole = present & (values == np.floor(values))
     if (whole & (np.abs(values) >= 2.0 ** 53)).any():
-        row = first + int(np.flatnonzero(whole & (np.abs(values) >= 2.0 ** 53))[0])
-        raise SourceError(f"JSON Lines file {f.relpath}: line {_line_of(open_file, row)} holds a whole number past "
-                          f"2**53 ({values[row - first]:.17g} as a float) in column {column!r}, where other lines "
-                          "hold numbers with fractions: read as floats, two such ids could become one; write the "
-                          "ids as strings")
+        raise _ByLine(first)
     strings = pc.cast(col, pa.string()).to_pylist()
     for i in np.flatnonzero(whole):
         strings[i] = str(int(values[i]))
     return batch.set_column(batch.schema.get_field_index(column), column, pa.array(strings, pa.string()))
+
+
+class _ByLine(Exception):
+    """Arrow cannot read a JSON Lines file's ids as they are written: read on from row `row` with
+    `_line_batches`."""
+
+    def __init__(self, row: int):
+        super().__init__(row)
+        self.row = row
+
+
+def _by_line(exc: pa.ArrowInvalid, types: dict, text_column: str | None) -> bool:
+    """Whether Arrow refused an id `_line_batches` reads: a string among numbers (or the other
+    way round, or booleans), or an integer that no 64-bit type holds (past 2**64 - 1, or a
+    negative one among integers past 2**63 - 1)."""
+    m = _CHANGED.search(str(exc))
+    if m:
+        return m.group(1) in types and m.group(1) != text_column and m.group(3) in _JSON_TYPES
+    return _NOT_CONVERTED.search(str(exc)) is not None
+
+
+def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None,
+                  start: int) -> Iterator[pa.RecordBatch]:
+    """A JSON Lines file's rows from row `start` on, parsed line by line with Python's JSON reader:
+    for the rare file whose ids Arrow cannot read as written (`_by_line`). The same rows, and
+    the same strings for the same values, as Arrow's path gives (an integer's digits, `true`,
+    a float with a fraction as Arrow writes it, a whole one as an integer), in string columns;
+    a whole float past 2**53 (`1e17`, `9007199254740993.0`) is refused naming its line, as it
+    may stand for more than one integer. Bytes that are not UTF-8 stay as they are (the
+    rejects' check finds them)."""
+    row = number = 0
+    out: dict[str, list] = {c: [] for c in columns}
+
+    def batch() -> pa.RecordBatch:
+        arrays = []
+        for c in columns:
+            values = out[c]
+            floats = [i for i, v in enumerate(values) if isinstance(v, float)]
+            if floats:  # as Arrow writes a float64 as a string
+                shown = pc.cast(pa.array([values[i] for i in floats], pa.float64()), pa.string()).to_pylist()
+                for i, text in zip(floats, shown):
+                    values[i] = text
+            raw = [None if v is None else v.encode("utf-8", "surrogateescape") for v in values]
+            arrays.append(pa.array(raw, pa.binary()).view(pa.string()))
+            out[c] = []
+        return pa.RecordBatch.from_arrays(arrays, names=columns)
+
+    def refuse(why: str) -> SourceError:
+        return SourceError(f"JSON Lines file {f.relpath}: line {number} {why}")
+
+    with open_file() as fh:
+        for raw in _lines(fh):
+            number += 1
+            if not raw.strip():
+                continue
+            row += 1
+            if row <= start:
+                continue
+            try:
+                pairs = json.loads(raw.decode("utf-8", "surrogateescape"), object_pairs_hook=_Object,
+                                   parse_float=_Float)
+            except ValueError as exc:
+                raise refuse(f"is not a JSON object ({exc}); fix or remove that line") from None
+            if not isinstance(pairs, _Object):
+                raise refuse("is not a JSON object; fix or remove that line")
+            keys = [k for k, _ in pairs]
+            obj = dict(pairs)
+            for c in columns:
+                if keys.count(c) > 1:
+                    raise refuse(f"holds the key {c!r} twice: which value is meant is not known; fix that line")
+                v = obj.get(c)
+                kind = _json_kind(v)
+                if c == text_column and kind not in ("string", "null"):
+                    raise refuse(f"holds a {kind} in the text column {c!r}; it must hold strings")
+                if kind in ("object", "array"):
+                    raise refuse(f"holds an {kind} in column {c!r}; ids must be strings, numbers or booleans")
+                if isinstance(v, bool):
+                    v = "true" if v else "false"
+                elif isinstance(v, int):
+                    v = str(v)
+                elif isinstance(v, float) and v == int(v):
+                    if abs(v) >= 2.0 ** 53:
+                        raise refuse(f"holds the number {v.text} in column {c!r}, a whole number past 2**53 "
+                                     "written as a float: it may stand for more than one integer; write the ids as "
+                                     "strings or integers")
+                    v = str(int(v))
+                out[c].append(v)
+            if len(out[columns[0]]) == READ_BATCH_ROWS:
+                yield batch()
+    if out[columns[0]]:
+        yield batch()
+
+
+class _Object(list):
+    """A JSON object as its (key, value) pairs, in order: a key twice is seen."""
+
+
+class _Float(float):
+    """A JSON number with a fraction or an exponent, as written."""
+
+    def __new__(cls, text: str):
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
+def _json_kind(v: Any) -> str:
+    """A Python JSON value's type in Arrow's words."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", _Object: "object", list: "array"}[type(v)]
 
 
 def _line_of(open_file, row: int) -> int | str:
@@ -468,14 +590,6 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
     at = f"line {_line_of(open_file, rows + int(m.group(1)))}" if m else f"a line after line {rows}"
     first = re.sub(r"\s*\bin row \d+$", "", first)  # Arrow's row, counted from 0 within its block
     changed = _CHANGED.search(first)
-    big = _NOT_CONVERTED.search(first)
-    if big:  # `_retype` gave up: an integer past 64 bits
-        column, n = _number_at(open_file, big.group(2))
-        why = ("where other lines hold numbers past 2**63 - 1: no 64-bit integer holds both"
-               if big.group(1) == "uint64" and big.group(2).startswith("-") else
-               "an integer past 64 bits: a float would not keep its digits, so two ids could become one")
-        return SourceError(f"JSON Lines file {f.relpath}: line {n} holds the number {big.group(2)} in column "
-                           f"{column!r}, {why}; write the ids as strings")
     twice = _TWICE.search(first)
     if twice:
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds the key {twice.group(1)!r} twice: which value "
@@ -494,24 +608,6 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
                            "JSON Lines must be UTF-8; convert it (e.g. iconv -f UTF-16 -t UTF-8)")
     return SourceError(f"JSON Lines file {f.relpath}: {at} is not a JSON object ({first}); "
                        "fix or remove that line")
-
-
-def _number_at(open_file, literal: str) -> tuple[str, int | str]:
-    """`(key, line)` of the first line holding the JSON number `literal` as a value (the error that
-    names it does not say where)."""
-    lines = 0
-    with open_file() as fh:
-        for raw in _lines(fh):
-            lines += 1
-            if literal.encode() in raw:
-                try:
-                    obj = json.loads(raw, parse_int=str, parse_float=str)
-                except ValueError:
-                    continue
-                for key, value in obj.items() if isinstance(obj, dict) else ():
-                    if value == literal:
-                        return key, lines
-    return "?", f"a line after line {lines}"
 
 
 def source_root(fs, root: str, f: SourceFile) -> str:
