@@ -7,7 +7,7 @@ import os
 import posixpath
 import signal
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import fsspec
@@ -161,7 +161,12 @@ def format_share(share: float) -> str:
     return f"{share:.4%}"
 
 
-def format_fidelity(f: dict[str, Any]) -> str:
-    """One line of a fidelity estimate (`workers/search/fidelity.py`)."""
-    return (f"fidelity on {f['queries']} held-out sample queries: recall of float32's top {f['k']} "
+def format_fidelity(f: dict[str, Any], stored: Sequence[str] | None = None) -> str:
+    """One line of a fidelity estimate (`workers/search/fidelity.py`) of ranges whose version
+    stores `stored` precisions (None: not said)."""
+    line = (f"fidelity on {f['queries']} held-out sample queries: recall of float32's top {f['k']} "
             f"{f['recall_int8']:.4f} int8, {f['recall_ubinary_int8']:.4f} ubinary + int8 rescoring (default search)")
+    if stored is not None and "int8" not in stored:
+        line += ("; this version stores no int8 vectors, so neither is a search of it: it is searched with "
+                 "--rescore bits or none, which this does not measure")
+    return line

@@ -67,7 +67,7 @@ def history(fs, root: str, last: int | None = None, listed: list[int] | None = N
                 parent = None
         entry = {"version": n, "parent": m.parent, "created_at": m.created_at, "writer": m.writer,
                  "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
-                 "ranges": m.ranges.id, "model": m.model.name,
+                 "ranges": m.ranges.id, "model": m.model.name, "precisions": list(m.precisions),
                  "rollback_of": m.extra.get("rollback_of"), "drift": m.extra.get("drift")}
         if m.ranges.path not in fidelities:  # versions mostly share their ranges: read each once
             fidelities[m.ranges.path] = ranges_fidelity(fs, root, m.ranges.path)
@@ -98,13 +98,13 @@ def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -
                          f"shards +{c['shards_added']} -{c['shards_dropped']}"
                          + ("; new ranges" if c["ranges_changed"] else "") + ("; new model" if c["model_changed"] else ""))
         if e.get("fidelity"):
-            lines.append(f"    ranges' {format_fidelity(e['fidelity'])}")
+            lines.append(f"    ranges' {format_fidelity(e['fidelity'], e.get('precisions'))}")
         d = e.get("drift")
         if d and d.get("rows"):
             lines.append(f"    drift: {format_share(d['clipped_share'])} of the new data's values clipped "
                          f"(calibration sample {format_share(d['baseline_share'])}) over {d['rows']} new rows")
             if d.get("fidelity"):
-                lines.append(f"    new rows' {format_fidelity(d['fidelity'])}")
+                lines.append(f"    new rows' {format_fidelity(d['fidelity'], e.get('precisions'))}")
     return "\n".join(lines)
 
 

@@ -395,7 +395,8 @@ def format_summary(s: dict[str, Any]) -> str:
             if s["bytes_float32"] else "none (no document)")
         + f"; {s['bytes_stored'] / mib:.2f} MiB stored with ids and indexes",
         _throughput(s),
-        f"ranges {s['ranges_id']}" + (f"; {format_fidelity(s['fidelity'])}" if s.get("fidelity") else ""),
+        f"ranges {s['ranges_id']}" + (f"; {format_fidelity(s['fidelity'], s['precisions'])}" if s.get("fidelity")
+                                      else ""),
         f"manifest: {s['manifest']}",
     ] + ([f"requantized {s['rows_requantized']} rows from their shards' float16 embeddings without the model; "
           f"encoded {s['rows_encoded']} (and {s['calibration_rows']} to calibrate)"]

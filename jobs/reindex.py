@@ -345,7 +345,7 @@ def format_result(r: IngestResult) -> str:
         lines.append(f"drift: the ranges clip {format_share(drift['clipped_share'])} of the new data's values "
                      f"(calibration sample: {format_share(drift['baseline_share'])})")
         if drift.get("fidelity"):
-            lines.append(f"new data's {format_fidelity(drift['fidelity'])}")
+            lines.append(f"new data's {format_fidelity(drift['fidelity'], s.get('precisions'))}")
     return "\n".join(lines)
 
 

@@ -134,6 +134,13 @@ def test_the_summary_and_the_manifest_count_only_the_precisions_stored(human, la
     assert stored == {"float32": 100 * 384 * 4, "ubinary": 100 * 48, "stored": stored["stored"]}
     assert lines[1] == (f"vectors: float32 {100 * 384 * 4 / MIB:.2f} MiB -> ubinary {100 * 48 / MIB:.2f} MiB (32.0x); "
                         f"{stored['stored'] / MIB:.2f} MiB stored with ids and indexes")
+    # The ranges' fidelity speaks of int8 searches, which this version has none of: it says so.
+    unmeasured = ("; this version stores no int8 vectors, so neither is a search of it: it is searched with "
+                  "--rescore bits or none, which this does not measure")
+    assert lines[3].startswith(f"ranges {human[2]['ranges_id']}; fidelity on ") and lines[3].endswith(unmeasured)
+    assert cli(["history", str(tmp_path / "dest")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(unmeasured)
+    assert unmeasured not in format_fidelity(human[2]["fidelity"], ["int8", "ubinary"])
     # Searching it: what needs int8 vectors is refused naming the options that do not (the int8
     # index was a KeyError, and the default search named a shard and Python keywords only).
     dest = str(tmp_path / "dest")
