@@ -161,6 +161,14 @@ def format_share(share: float) -> str:
     return f"{share:.4%}"
 
 
+def one_line(text: str) -> str:
+    """`text` (an id, a file name) as a table or a list shows it: a line break or other control
+    character in it is written as its escape (`\\n`), so each entry stays on its line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def format_fidelity(f: dict[str, Any], stored: Sequence[str] | None = None) -> str:
     """One line of a fidelity estimate (`workers/search/fidelity.py`) of ranges whose version
     stores `stored` precisions (None: not said)."""

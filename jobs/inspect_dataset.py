@@ -8,7 +8,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from jobs.common import add_storage_options, console, run_reporting, storage_options
+from jobs.common import add_storage_options, console, one_line, run_reporting, storage_options
 from workers.lake.records import ShardSource, VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
@@ -95,7 +95,7 @@ def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionM
     for s in doc.shards:
         src = s.source or ShardSource(None, None, None)
         lines.append(f"    {s.path}  {s.rows:>7} rows  {_size(s.bytes):>10}  index {_size(s.index_bytes):>10}"
-                     f"  {s.rejected:>4} rejects  {src.file} [{src.row_start}, {src.row_stop})")
+                     f"  {s.rejected:>4} rejects  {one_line(str(src.file))} [{src.row_start}, {src.row_stop})")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity,
-                         format_share, recorded_source, run_reporting, storage_options)
+                         format_share, one_line, recorded_source, run_reporting, storage_options)
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
@@ -321,7 +321,7 @@ def format_result(r: IngestResult) -> str:
             f"carried over, {s['shards_added']} added, {s['shards_dropped']} dropped")
     if s["mode"] == "dry-run":
         files = s["files_to_encode"]
-        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        shown = ", ".join(map(one_line, files[:10])) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
         lines = [f"dry run, nothing written: {plan}"]
         if s.get("recalibrate"):
             sized = "" if s["calibration_samples"] is not None else " sized to the lake"

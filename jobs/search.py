@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import fsspec
 
-from jobs.common import add_ray_address, add_storage_options, console, recorded_source, run_reporting, storage_options
+from jobs.common import (add_ray_address, add_storage_options, console, one_line, recorded_source, run_reporting,
+                         storage_options)
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.source import SourceFile, iter_batches, list_source
 from workers.lake.redact import redact, redact_url
@@ -164,20 +165,12 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _shown(doc_id: str) -> str:
-    """An id as the table shows it: a line break or other control character in it is written as
-    its escape (`\\n`), so every hit stays one line; `--json` gives ids as they are."""
-    if doc_id.isprintable():
-        return doc_id
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in doc_id)
-
-
 def format_results(results: list[QueryResult]) -> str:
     lines = []
     for r in results:
-        head = f"neighbours of {_shown(r.of.id)}: " if r.of else "query: "
+        head = f"neighbours of {one_line(r.of.id)}: " if r.of else "query: "
         lines.append(head + _short(r.query, 100))
-        ids = [_shown(h.id) for h in r.hits]
+        ids = [one_line(h.id) for h in r.hits]  # --json gives ids as they are
         width = max([len(i) for i in ids] + [2])
         for i, (h, shown) in enumerate(zip(r.hits, ids), 1):
             lines.append(f"  {i:>3}. {h.score:8.4f}  {shown:<{width}}  shard {h.shard[:12]} row {h.row}")

@@ -52,6 +52,18 @@ def test_given_version_and_uncommitted_files(copy_dataset, capsys):
     assert f"version 3 of {copy_dataset} does not exist; committed versions: 1, 2" in capsys.readouterr().err
 
 
+def test_a_source_file_name_with_a_line_break_stays_on_its_shards_line(copy_dataset, capsys):
+    fs, root = url_to_fs(str(copy_dataset))
+    v1 = read_version(fs, root, 1).to_json()
+    doc = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
+    doc["shards"][0]["source"]["file"] = "two\nlines.jsonl"
+    assert commit(fs, root, {**doc, "parent": 1}) == 2
+    assert cli(["inspect", str(copy_dataset)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if doc["shards"][0]["path"] in x]
+    assert line.endswith(f"  two\\nlines.jsonl [{doc['shards'][0]['source']['row_start']}, "
+                         f"{doc['shards'][0]['source']['row_stop']})")
+
+
 def test_no_dataset(tmp_path, capsys):
     assert cli(["inspect", str(tmp_path / "nothing")]) == 2
     assert f"no committed version under {tmp_path / 'nothing'}" in capsys.readouterr().err
