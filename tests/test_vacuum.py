@@ -83,14 +83,19 @@ def test_dry_run_lists_and_run_deletes_only_old_unreferenced_files(littered, cap
     assert len(kept) == 3 and kept <= set(_all_files(d))
 
 
-def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):
-    d = copy_dataset
+def _drop_a_shard(d) -> dict:
+    """Commit version 2 of dataset `d`: version 1 less its last shard, whose record is returned."""
     fs, root = url_to_fs(str(d))
     v1 = read_version(fs, root, 1).to_json()
-    dropped = v1["shards"][-1]
     v2 = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
     v2.update(parent=1, shards=v1["shards"][:-1])
     assert commit(fs, root, v2) == 2
+    return v1["shards"][-1]
+
+
+def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsys):
+    d = copy_dataset
+    dropped = _drop_a_shard(d)
     assert cli(["vacuum", str(d), "--retain", "1"]) == 0  # default --older-than 1h: all too new
     assert "deleted 0 file(s)" in capsys.readouterr().out and (d / "versions/00000001.json").exists()
 
@@ -111,12 +116,7 @@ def test_retain_drops_old_versions_and_what_only_they_needed(copy_dataset, capsy
 
 def test_a_rollback_to_a_version_whose_shards_were_deleted_commits_nothing_and_says_why(copy_dataset, capsys):
     d = copy_dataset
-    fs, root = url_to_fs(str(d))
-    v1 = read_version(fs, root, 1).to_json()
-    dropped = v1["shards"][-1]
-    v2 = {k: v for k, v in v1.items() if k not in ("version", "writer", "created_at")}
-    v2.update(parent=1, shards=v1["shards"][:-1])
-    assert commit(fs, root, v2) == 2
+    dropped = _drop_a_shard(d)
     (d / dropped["index"]).unlink()  # as a storage lifecycle rule would
     assert cli(["rollback", str(d), "--to", "1"]) == 1
     assert capsys.readouterr().err == (
