@@ -200,6 +200,7 @@ def test_a_jsonl_file_read_line_by_line_from_its_middle_gives_every_row_once(tmp
     ('{"id": "x", "text": 3}', r"line 4 holds a number in the text column 'text'; it must hold strings"),
     ('{"id": "x", "id": "y", "text": "t"}', r"line 4 holds the key 'id' twice"),
     ('["not", "an", "object"]', r"line 4 is not a JSON object"),
+    ('{"id": NaN, "text": "t"}', r"line 4 is not a JSON object \(NaN is not a JSON value\)"),
 ])
 def test_what_the_line_by_line_reader_refuses_is_named_by_its_line(tmp_path, line, why):
     path = tmp_path / "x.jsonl"

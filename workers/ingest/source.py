@@ -500,7 +500,7 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
                 continue
             try:
                 pairs = json.loads(raw.decode("utf-8", "surrogateescape"), object_pairs_hook=_Object,
-                                   parse_float=_Float)
+                                   parse_float=_Float, parse_constant=_not_json)
             except ValueError as exc:
                 raise refuse(f"is not a JSON object ({exc}); fix or remove that line") from None
             if not isinstance(pairs, _Object):
@@ -531,6 +531,11 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
                 yield batch()
     if out[columns[0]]:
         yield batch()
+
+
+def _not_json(name: str):
+    """Python's reader takes NaN and Infinity, which are not JSON (Arrow's reader refuses them)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 class _Object(list):
