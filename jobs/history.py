@@ -96,7 +96,8 @@ def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -
         if c:
             lines.append(f"    files +{len(c['files_added'])} ~{len(c['files_changed'])} -{len(c['files_removed'])}; "
                          f"shards +{c['shards_added']} -{c['shards_dropped']}"
-                         + ("; new ranges" if c["ranges_changed"] else "") + ("; new model" if c["model_changed"] else ""))
+                         + ("; new ranges" if c["ranges_changed"] else "")
+                         + ("; new model" if c["model_changed"] else ""))
         if e.get("fidelity"):
             lines.append(f"    ranges' {format_fidelity(e['fidelity'], e.get('precisions'))}")
         d = e.get("drift")

@@ -413,8 +413,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--text-column", default="text", help="column (JSON Lines: key) of the text to encode")
     p.add_argument("--id-column", default=None, help="default: <file>:<row>")
     p.add_argument("--model", default=None, help="model folder or cached name (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--precisions", default="int8,ubinary", help="comma list of int8,uint8,binary,ubinary,float16 (float16: keep the embeddings "
-                        "at half width, so a recalibration requantizes shards without the model)")
+    p.add_argument("--precisions", default="int8,ubinary",
+                   help="comma list of int8,uint8,binary,ubinary,float16 (ubinary is always stored; float16: keep "
+                        "the embeddings at half width, so a recalibration requantizes shards without the model)")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="rows to calibrate on (default: a 20th of the lake's rows, 1,000 to 10,000)")
     p.add_argument("--range-method", choices=RANGE_METHODS, default="minmax",

@@ -92,7 +92,8 @@ def test_summary_figures_are_those_of_the_run(human, lake):
     assert (int(m.group(7)), int(m.group(8))) == (s["shards_written"], s["clipped_values"]) == (5, s["clipped_values"])
     assert set(s["fidelity"]) == {"queries", "k", "recall_int8", "recall_ubinary_int8"}
     assert lines[3] == f"ranges {s['ranges_id']}; {format_fidelity(s['fidelity'])}"
-    assert lines[4] == f"manifest: {s['manifest']}" and s["manifest"] == str(lake / "dest" / "versions" / "00000001.json")
+    assert lines[4] == f"manifest: {s['manifest']}"
+    assert s["manifest"] == str(lake / "dest" / "versions" / "00000001.json")
 
 
 def test_summary_figures_agree_with_the_committed_version(human, lake):

@@ -327,9 +327,9 @@ JSONL_BLOCK = 1 << 22
 # What a JSON value's type becomes in Arrow when a column is read with an explicit type.
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
-# What Arrow's stream codecs raise on bytes that are not what the file's name says.
 _TWICE = re.compile(r"Column\(/(.+?)\) was specified twice")
 _NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't parse:\s*(\S+)")
+# What Arrow's stream codecs raise on bytes that are not what the file's name says.
 _CORRUPT = re.compile(r"Truncated compressed stream|decompress failed|inflate failed")
 
 
@@ -345,9 +345,9 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
     is read again with that type, skipping the rows already given: at most a few passes over
     the rows before the first such line. Ids Arrow cannot read as written (a string among
     numbers, an integer past 64 bits, one past 2**53 among fractions) are read on, from the
-    first row not given, line by line (`_line_batches`). A line that cannot be parsed, or a text that is not
-    a string, raises SourceError naming the file and the line (Arrow counts the row within its
-    block: the rows before it are added). An empty file gives no rows.
+    first row not given, line by line (`_line_batches`). A line that cannot be parsed, or a
+    text that is not a string, raises SourceError naming the file and the line (the line Arrow's
+    row is on, blank lines counted). An empty file gives no rows.
     """
     types = {c: pa.string() for c in columns}
     given = 0
