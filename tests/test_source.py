@@ -192,6 +192,30 @@ def test_a_jsonl_file_read_line_by_line_from_its_middle_gives_every_row_once(tmp
     assert [r[1] for r in got] == [str(r["id"]) for r in records] and got[-1][2] == records[-1]["text"]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_jsonl_unit_deep_in_a_file_reads_the_rows_a_whole_read_gives_there(tmp_path, packed):
+    """A unit skips the rows before it as bytes: the same rows as a read of the whole file, blank
+    lines, CRLF endings, a last line without its newline and ids read line by line included."""
+    lines = []
+    for i in range(50_000):
+        lines.append(json.dumps({"id": "a string" if i == 40_000 else i, "text": f"text {i} " + "x" * (i % 150)}))
+        if i % 997 == 0:
+            lines += ["", "  \t"]
+    raw = "\r\n".join(lines).encode()
+    path = tmp_path / ("x.jsonl.gz" if packed else "x.jsonl")
+    path.write_bytes(_compressed(raw, "gzip") if packed else raw)
+    fs, root, [f] = list_source(str(path))
+
+    def rows(start, stop):  # as the job takes them: classified, ids as strings
+        got = [classify(f, first, b, "text", "id")
+               for first, b in iter_batches(fs, root, f, ["text", "id"], start, stop, "text")]
+        return [(r, i, t) for c in got for r, i, t in zip(c.row.tolist(), c.ids, c.texts)]
+    whole = rows(0, None)
+    assert len(whole) == 50_000 and whole[40_000][1] == "a string" and whole[-1][2].startswith("text 49999 ")
+    for start, stop in ((0, 10), (12_345, 12_400), (39_990, 40_010), (40_001, 40_002), (49_990, None), (50_000, None)):
+        assert rows(start, stop) == whole[start:stop], (start, stop)
+
+
 @pytest.mark.parametrize("line, why", [
     ('{"id": 1e17, "text": "t"}', r"line 4 holds the number 1e17 in column 'id', a whole number past 2\*\*53 written "
                                   r"as a float: it may stand for more than one integer"),
