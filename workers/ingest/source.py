@@ -272,7 +272,7 @@ def _jsonl_schema(open_file, f: SourceFile, columns: list[str], text_column: str
     rows go to rejects)."""
     try:
         with open_file() as fh:
-            return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK)).schema
+            return pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK, use_threads=False)).schema
     except pa.ArrowInvalid as exc:
         if _empty(exc):
             return None
@@ -324,6 +324,10 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
 
 
 JSONL_BLOCK = 1 << 22
+# Arrow's JSON reader parses without threads of its own (`use_threads=False`): with them, a read
+# that stops before the file's end (a unit's last row) left a thread reading the Python file
+# object, and the process aborted ("terminate called without an active exception") or hung
+# when it exited. A read task is one CPU's work anyway, and this parser was as fast without them.
 # What a JSON value's type becomes in Arrow when a column is read with an explicit type.
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
@@ -357,7 +361,7 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
         rows = 0
         with open_file() as fh:
             try:
-                reader = pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK),
+                reader = pj.open_json(fh, read_options=pj.ReadOptions(block_size=JSONL_BLOCK, use_threads=False),
                                       parse_options=options)
                 while True:
                     try:
@@ -624,6 +628,11 @@ def source_root(fs, root: str, f: SourceFile) -> str:
 
 
 def _window(batches, first: int, row_start: int, row_stop: int | None):
+    with contextlib.closing(batches):  # stopped early: its file is closed now, not at exit
+        yield from _rows_in(batches, first, row_start, row_stop)
+
+
+def _rows_in(batches, first: int, row_start: int, row_stop: int | None):
     offset = first
     for batch in batches:
         lo, hi = offset, offset + batch.num_rows
