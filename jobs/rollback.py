@@ -27,7 +27,8 @@ def run(dest: str, to: int, options: dict | None = None) -> tuple[int, bool]:
     Raises:
         FileNotFoundError: no such version.
         IncompleteVersion: a file version `to` references is gone (vacuumed).
-        CommitConflict: another job committed meanwhile (rerun to roll back on top of it).
+        CommitConflict: another job committed other content meanwhile (rerun to roll back on top of
+            it); the same content committed meanwhile returns `(its number, False)`.
     """
     dest = absolute_url(dest)
     fs, root = dest_to_fs(dest, options)
@@ -44,7 +45,16 @@ def run(dest: str, to: int, options: dict | None = None) -> tuple[int, bool]:
     draft = replace(target, parent=latest, version=None, writer=None, created_at=None,
                     extra={**{k: v for k, v in target.extra.items() if k != "drift"}, "rollback_of": to})
     # No rebase: a version committed meanwhile is a newer state the user has not seen.
-    return commit(fs, root, draft, rebase=None), True
+    try:
+        return commit(fs, root, draft, rebase=None), True
+    except CommitConflict as exc:
+        if exc.version is not None and same_content(target, read_version(fs, root, exc.version)):
+            return exc.version, False  # the same rollback (a retry, a second run) got there first
+        raise CommitConflict(
+            f"version {exc.version} was committed (writer {exc.writer}) while this rollback to version {to} was "
+            "being committed: nothing was committed, as it would undo a state you have not seen; check "
+            "`quantlake history`, then run the rollback again to roll back on top of it",
+            exc.version, exc.writer) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,46 @@ def test_a_rollback_to_a_version_whose_shards_were_deleted_commits_nothing_and_s
     assert sorted(os.listdir(d / "versions")) == ["00000001.json", "00000002.json"]
 
 
+@pytest.mark.parametrize("winner", ["the same rollback", "another version"])
+def test_a_rollback_that_loses_a_race(copy_dataset, capsys, monkeypatch, winner):
+    """Another writer commits between the rollback's look at the versions and its commit (its
+    commit is run first, for real). The same rollback winning is this one done (three at once
+    printed one success, one no-op and one failure); other content is a conflict in a rollback's
+    words (it spoke of shards to reuse and --ranges, as to an ingest)."""
+    import jobs.rollback
+
+    d = copy_dataset
+    fs, root = url_to_fs(str(d))
+    _drop_a_shard(d)
+    real, raced = jobs.rollback.commit, []
+
+    def racing(fs_, root_, draft, **kw):
+        if raced:  # the winner's own commit
+            return real(fs_, root_, draft, **kw)
+        raced.append(True)
+        if winner == "the same rollback":
+            assert jobs.rollback.run(str(d), 1) == (3, True)
+        else:
+            doc = read_version(fs, root, 2).to_json()
+            other = {k: v for k, v in doc.items() if k not in ("version", "writer", "created_at")}
+            assert real(fs, root, {**other, "parent": 2, "shards": doc["shards"][:-1]}) == 3
+        return real(fs_, root_, draft, **kw)
+
+    monkeypatch.setattr(jobs.rollback, "commit", racing)
+    if winner == "the same rollback":
+        assert cli(["rollback", str(d), "--to", "1"]) == 0
+        assert capsys.readouterr().out == ("nothing committed: version 3, the latest, already holds the content of "
+                                           "version 1 (it is a rollback to it, or holds the same shards)\n")
+    else:
+        assert cli(["rollback", str(d), "--to", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("quantlake rollback: error: version 3 was committed (writer ")
+        assert err.endswith(") while this rollback to version 1 was being committed: nothing was committed, as it "
+                            "would undo a state you have not seen; check `quantlake history`, then run the rollback "
+                            "again to roll back on top of it\n")
+    assert sorted(os.listdir(d / "versions")) == ["00000001.json", "00000002.json", "00000003.json"]
+
+
 def test_durations_and_bad_options(capsys):
     assert [parse_duration(t) for t in ("1h", "30m", "45s", "2d", "90", "0.5h")] == [3600, 1800, 45, 172800, 90, 1800]
     with pytest.raises(ValueError, match="cannot read duration 'soon'"):
