@@ -351,3 +351,29 @@ def test_a_flat_run_locates_rows_past_empty_shards():
         short.done()
     with pytest.raises(IntegrityError, match="more than the 9 rows"):
         short.append(9, run.index)
+
+
+def test_the_python_api_takes_what_a_script_passes_and_says_what_it_refuses(version):
+    """A numpy integer k crashed inside FAISS; a pathlib.Path, a version "1" and a search after
+    close() failed with messages that did not say why."""
+    from pathlib import Path
+
+    dest, q = version
+    with Searcher.open(Path(dest), threads=1) as s:  # a Path, as a script has it
+        assert s.search_vectors(q[:2], k=np.int64(3)) == s.search_vectors(q[:2], k=3)
+        for bad in (True, 2.0, "3"):
+            with pytest.raises(TypeError, match=rf"^k must be a whole number, got {bad!r}$"):
+                s.search_vectors(q[:2], k=bad)
+        with pytest.raises(TypeError, match=r"^queries must be a text or texts, got 97 among them"):
+            s.search(b"abc")
+        with pytest.raises(ValueError, match=r"^cannot sample -1 documents: n must be >= 0$"):
+            s.sample(-1)
+        assert len(s.sample(np.int64(2))) == 2
+    for call in (lambda: s.search_vectors(q[:1]), lambda: s.search("text"), lambda: s.sample(1)):
+        with pytest.raises(RuntimeError, match=r"^this Searcher of version 1 of .* is closed \(close\(\), or the end "
+                                               r"of its with block\): open another$"):
+            call()
+    with pytest.raises(TypeError, match=r"^a version is a whole number \(1, 2, \.\.\.\), got '1'$"):
+        Searcher.open(str(dest), version="1")
+    with Searcher.open(str(dest), version=np.int64(1), threads=1) as s:
+        assert s.version == 1

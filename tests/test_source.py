@@ -508,3 +508,18 @@ def test_a_file_that_changed_since_it_was_listed_is_not_read_as_listed(tmp_path,
                                             "run the job again to read it as it is$"):
         with unchanged(fs, root, f):
             list(iter_batches(fs, root, f, ["text", "id"]))
+
+
+def test_an_ingest_config_takes_what_a_script_passes(tmp_path):
+    """A string where a sequence is meant was taken letter by letter: exclude="*.json" left out
+    every file (the pattern "*")."""
+    from workers.ingest.config import IngestConfig
+
+    cfg = IngestConfig(tmp_path / "lake", tmp_path / "dest", precisions="int8, float16", exclude="*.json",
+                       unit_rows=np.int64(500))
+    assert (cfg.source, cfg.dest) == (str(tmp_path / "lake"), str(tmp_path / "dest"))
+    assert (cfg.precisions, cfg.exclude, cfg.unit_rows) == (("int8", "float16", "ubinary"), ("*.json",), 500)
+    assert type(cfg.unit_rows) is int
+    for name, bad in (("unit_rows", "100"), ("calibration_samples", 2.5), ("seed", True)):
+        with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got {bad!r}$"):
+            IngestConfig("a", "b", **{name: bad})

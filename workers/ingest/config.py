@@ -1,6 +1,7 @@
 """The ingest job's configuration, passed whole to tasks and actors."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -82,6 +83,20 @@ class IngestConfig:
         return url_to_fs(url, self.storage_options)
 
     def __post_init__(self):
+        # What a caller of the Python API passes as the CLI would take it: a pathlib.Path, a
+        # precision list or an exclude pattern as one string (a string is a sequence of letters).
+        for name in ("source", "dest"):
+            object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.precisions, str):
+            object.__setattr__(self, "precisions", tuple(p.strip() for p in self.precisions.split(",") if p.strip()))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        for name in ("unit_rows", "calibration_samples", "encoder_actors", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not hasattr(value, "__index__")):
+                raise TypeError(f"{name} must be a whole number, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, value.__index__())
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"unknown precision(s) {bad or self.precisions}: choose from {', '.join(PRECISIONS)}")

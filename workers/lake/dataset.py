@@ -1,6 +1,7 @@
 """Reading a committed dataset version: its manifest, and shard files checked against their sha256."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
@@ -293,6 +294,7 @@ def open_version(url: str, version: int | None = None,
         FileNotFoundError: no committed version, or no such version.
         ValueError: the manifest is malformed or holds an unsafe path.
     """
+    url = os.fspath(url)  # a pathlib.Path too
     fs, root = url_to_fs(url, storage_options)
     manifest = read_version(fs, root, version)
     return DatasetVersion(redact_url(url), fs, root, manifest)

@@ -72,7 +72,8 @@ def absolute_url(url: str) -> str:
 
 
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
-    """Resolve `url` once into `(filesystem, path)`; local paths become absolute."""
+    """Resolve `url` (or a `pathlib.Path`) once into `(filesystem, path)`; local paths become absolute."""
+    url = os.fspath(url)
     fs, path = fsspec.core.url_to_fs(url, **with_retry_defaults(url, storage_options))
     return fs, path.rstrip("/") or "/"
 

@@ -113,7 +113,10 @@ def read_version(fs, root: str, n: int | None = None) -> VersionManifest:
         if not versions:
             raise FileNotFoundError(f"no committed version under {shown(fs, root)}")
         n = versions[-1]
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_VERSION:
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"a version is a whole number (1, 2, ...), got {n!r}")
+    n = n.__index__()
+    if not 1 <= n <= MAX_VERSION:
         raise FileNotFoundError(f"version {n!r} of {shown(fs, root)} does not exist: version numbers "
                                 f"run from 1 to {MAX_VERSION}")
     try:

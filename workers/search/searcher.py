@@ -6,6 +6,8 @@ process, or Ray actors); the candidate and scoring math is `workers/search/resco
 from __future__ import annotations
 
 import json
+import os
+import operator
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +30,13 @@ QUERY_BATCH = 256
 # The search-breadth options and the shard index class each one sets: (option, flag, class, kind).
 BREADTH_OPTIONS = (("ef_search", "--ef-search", "IndexBinaryHNSW", "HNSW"),
                    ("nprobe", "--nprobe", "IndexBinaryIVF", "IVF"))
+
+
+def whole_number(value: Any, name: str) -> int:
+    """`value` as a Python int: an int or a numpy integer; a bool, a float or a string is refused."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return operator.index(value)
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,11 @@ class SearchOptions:
     nprobe: int | None = None
 
     def __post_init__(self):
+        # A numpy integer reached FAISS, which takes Python ints only; True passed for 1.
+        for name in ("k", "rescore_multiplier", "ef_search", "nprobe"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, whole_number(value, name))
         if self.k < 1 or self.rescore_multiplier < 1:
             raise ValueError(f"k and rescore_multiplier must be >= 1, got {self.k} and {self.rescore_multiplier}")
         check(self.rescore, RESCORE_MODES, "rescore")
@@ -187,6 +201,7 @@ class Searcher:
                 and the CPUs each reserves; the cluster to join when Ray is not running yet (the
                 rule is `workers/ray_session.py`'s; `close()` stops an instance this started).
         """
+        url = os.fspath(url)  # a pathlib.Path too
         check(index, SEARCH_INDEXES, "index")
         check(backend, SEARCH_BACKENDS, "backend")
         # An option of the other backend would be ignored silently: refuse it instead.
@@ -230,6 +245,9 @@ class Searcher:
         self._options(k, options)  # refused before the model is loaded and the texts encoded
         single = isinstance(queries, str)
         texts = [queries] if single else list(queries)
+        if any(not isinstance(t, str) for t in texts):
+            raise TypeError(f"queries must be a text or texts, got {next(t for t in texts if not isinstance(t, str))!r}"
+                            " among them (search_vectors takes embeddings)")
         hits = self.search_vectors(self.encode(texts), k, **options) if texts else []
         return hits[0] if single else hits
 
@@ -255,7 +273,8 @@ class Searcher:
         return out
 
     def _options(self, k: int, options: dict[str, Any]) -> SearchOptions:
-        """The options of a search, checked against what this version holds."""
+        """The options of a search, checked against what this version holds (and that it is open)."""
+        self._check_open()
         opts = SearchOptions(k=k, **options)
         if opts.rescore in ("int8", "int8-raw") and "int8" not in self.manifest.precisions:
             raise ValueError(f"version {self.manifest.version} of {redact_url(self.url)} holds no int8 vectors to "
@@ -312,6 +331,10 @@ class Searcher:
 
     def sample(self, n: int, seed: int = 0) -> list[Hit]:
         """`n` distinct documents drawn by seed (`sample_rows`), as hits (score NaN)."""
+        self._check_open()
+        n = whole_number(n, "n")
+        if n < 0:
+            raise ValueError(f"cannot sample {n} documents: n must be >= 0")
         shards, rows = sample_rows(self._shard_rows, n, seed)
         ids, source_rows = self.groups.fetch(shards, rows)
         return [Hit(i, float("nan"), self._shard_ids[s], int(r), int(src))
@@ -323,6 +346,12 @@ class Searcher:
 
     def close(self) -> None:
         self.groups.close()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"this Searcher of version {self.version} of {redact_url(self.url)} is closed "
+                               "(close(), or the end of its with block): open another")
 
     def __enter__(self):
         return self
