@@ -73,6 +73,8 @@ def test_missing_shard_file_blocks_the_commit_and_a_rerun_rewrites_it(lake, ray_
     with pytest.raises(IncompleteVersion, match="Nothing was committed") as failed:
         run(ingest_cfg(source, dest, options))
     assert f"{lost[0]} is missing" in str(failed.value)
+    assert str(failed.value).endswith("rerun the job to rewrite the shards concerned (a `quantlake vacuum` with an "
+                                      "--older-than shorter than a job runs deletes its files meanwhile)")
     assert not fs.exists(f"{root}/versions")
     assert encoder_actors_left() == []  # the failed job's encoder actors are gone: no CPU held
 

@@ -363,7 +363,9 @@ class IncompleteVersion(RuntimeError):
 
 
 def check_referenced_files(fs, root: str, doc: VersionManifest,
-                           remedy: str = "rerun the job to rewrite the shards concerned") -> VersionManifest:
+                           remedy: str = "rerun the job to rewrite the shards concerned (a `quantlake vacuum` "
+                                         "with an --older-than shorter than a job runs deletes its files meanwhile)"
+                           ) -> VersionManifest:
     """Raise IncompleteVersion unless every file `doc` references exists with its recorded size
     (its message ends with `remedy`); return `doc` less the kept scans that are not there whole
     (missing, or of another size).
