@@ -75,6 +75,7 @@ def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionM
                      f"{h.model.name}")
     latest = versions[-1]
     model, ranges, counts, b = doc.model, doc.ranges, doc.counts or {}, doc.bytes or {}
+    exclude = (doc.extra.get("options") or {}).get("exclude")
     lines += [
         f"version {doc.number}{' (latest)' if doc.number == latest else ''}, "
         f"committed {doc.created_at} by writer {doc.writer}",
@@ -84,8 +85,7 @@ def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionM
         f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)"
         + ("" if doc.scans is None else
            f", {len(doc.scans)} kept scan(s) of {_size(sum(r.bytes for r in doc.scans))} (scans/)")
-        + ("; excluding " + " ".join((doc.extra.get("options") or {}).get("exclude") or [])
-           if (doc.extra.get("options") or {}).get("exclude") else ""),
+        + ("; excluding " + " ".join(exclude) if exclude else ""),
         f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
         f"{counts.get('rows_read')} rows read",
         "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.precisions])

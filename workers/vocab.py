@@ -5,6 +5,7 @@ and `check` is the one place an unknown value is refused.
 """
 from __future__ import annotations
 
+import operator
 from typing import Literal, get_args
 
 from ranges.manifest import RANGE_METHODS, RangeMethod  # noqa: F401 - defined with the range manifest
@@ -56,3 +57,11 @@ def check(value: object, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def whole_number(value: object, name: str) -> int:
+    """`value` as a Python int: an int or a numpy integer (the API's callers pass them); a bool, a
+    float or a string is refused, naming `name`."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return operator.index(value)

@@ -8,7 +8,8 @@ from typing import Any
 from workers.embedding.encoder import EncoderConfig
 from workers.lake.redact import redact, redact_url
 from workers.lake.storage import url_to_fs
-from workers.vocab import INDEX_TYPES, PRECISIONS, RANGE_METHODS, IndexType, Precision, RangeMethod, check
+from workers.vocab import (INDEX_TYPES, PRECISIONS, RANGE_METHODS, IndexType, Precision, RangeMethod, check,
+                           whole_number)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,8 @@ class IngestConfig:
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         for name in ("unit_rows", "calibration_samples", "encoder_actors", "seed"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not hasattr(value, "__index__")):
-                raise TypeError(f"{name} must be a whole number, got {value!r}")
-            if value is not None:
-                object.__setattr__(self, name, value.__index__())
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, whole_number(getattr(self, name), name))
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"unknown precision(s) {bad or self.precisions}: choose from {', '.join(PRECISIONS)}")

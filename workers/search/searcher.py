@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import operator
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +21,7 @@ from workers.embedding.quantizer import quantize
 from workers.search.backends import RayShardGroups, ShardGroups, ThreadShardGroups
 from workers.search.rescore import hamming_scores, narrow_candidates, pool_sizes, top_by_score
 from workers.vocab import (CANDIDATE_MODES, INDEX_FLAGS, RESCORE_MODES, SEARCH_BACKENDS, SEARCH_INDEXES, CandidateMode,
-                           RescoreMode, SearchBackend, SearchIndex, check)
+                           RescoreMode, SearchBackend, SearchIndex, check, whole_number)
 
 # Queries searched together: bounds the candidate arrays, whatever the size of a queries file.
 QUERY_BATCH = 256
@@ -30,13 +29,6 @@ QUERY_BATCH = 256
 # The search-breadth options and the shard index class each one sets: (option, flag, class, kind).
 BREADTH_OPTIONS = (("ef_search", "--ef-search", "IndexBinaryHNSW", "HNSW"),
                    ("nprobe", "--nprobe", "IndexBinaryIVF", "IVF"))
-
-
-def whole_number(value: Any, name: str) -> int:
-    """`value` as a Python int: an int or a numpy integer; a bool, a float or a string is refused."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be a whole number, got {value!r}")
-    return operator.index(value)
 
 
 @dataclass(frozen=True)
@@ -171,6 +163,7 @@ class Searcher:
         self.url, self.storage_options = url, dict(storage_options or {})
         self.manifest, self.ranges, self.model, self.index = manifest, ranges, model, index
         self.groups = groups
+        self._closed = False
         self.dim = ranges.dim
         self.version = manifest.number
         self._normalize = manifest.model.normalize
@@ -349,7 +342,7 @@ class Searcher:
         self._closed = True
 
     def _check_open(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError(f"this Searcher of version {self.version} of {redact_url(self.url)} is closed "
                                "(close(), or the end of its with block): open another")
 
