@@ -1,6 +1,7 @@
 """Ingest throughput against bare `SentenceTransformer.encode`, measured in the same run.
 
     python bench/ingest.py [--docs 20000] [--work DIR] [--sources stdlib,numpy] [--no-onnx-ingest | --no-onnx]
+                           [--batch-order tokens|characters]
 
 Builds N demo documents (docstrings of installed Python modules), then:
   1. bare:     one process, `SentenceTransformer.encode` of all N texts (all cores; on a
@@ -8,7 +9,8 @@ Builds N demo documents (docstrings of installed Python modules), then:
      issue 10's GPU target names, after one untimed warm-up batch);
   2. bare onnx: the same texts through the onnx backend (onnxruntime, all cores; the export
      to the cache, on first use, is not timed), and the share of int8 codes equal to torch's;
-  3. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does);
+  3. calibrate + ingest end to end on a fresh local Ray (what `quantlake ingest` does, batches
+     cut by token count unless --batch-order characters);
   4. ingest again with the saved ranges (the main pass alone: read, encode, quantize, write);
   5. calibrate + ingest end to end with `--backend onnx` (skipped with --no-onnx-ingest;
      --no-onnx skips steps 2 and 5).
@@ -38,6 +40,7 @@ from jobs.ingest import run as ingest  # noqa: E402
 from workers.ingest.config import IngestConfig  # noqa: E402
 from workers.embedding.encoder import Encoder, EncoderConfig, resolve_model  # noqa: E402
 from workers.embedding.quantizer import quantize  # noqa: E402
+from workers.vocab import BATCH_ORDERS  # noqa: E402
 
 
 def bare_encode(texts: list[str], batch_size: int, device: str = "cpu", half: bool = False
@@ -68,6 +71,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-order", choices=BATCH_ORDERS, default="tokens",
+                   help="how the ingests cut batches (the bare encode is sentence-transformers' own order)")
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="default: the ingest default, sized to the lake")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -82,7 +87,8 @@ def main() -> None:
     build_demo(DemoConfig(dest=lake, docs=a.docs, files=8, **sources))
     texts = pads.dataset(lake, format="parquet").to_table(columns=["text"])["text"].to_pylist()
     n = len(texts)
-    print(f"{n} documents, {os.cpu_count()} CPU cores, batch size {a.batch_size}", flush=True)
+    print(f"{n} documents, {os.cpu_count()} CPU cores, batch size {a.batch_size}, ingest batches cut by "
+          f"{a.batch_order}", flush=True)
 
     import torch
 
@@ -101,7 +107,7 @@ def main() -> None:
         print(f"bare encode, onnx:   {n / onnx_s:8.1f} docs/s  ({onnx_s:.1f} s); ratio onnx / torch "
               f"{bare_s / onnx_s:.3f}; int8 codes equal to torch's (min-max ranges): {agree:.4%}", flush=True)
 
-    enc = EncoderConfig(batch_size=a.batch_size)
+    enc = EncoderConfig(batch_size=a.batch_size, batch_order=a.batch_order)
     dest = os.path.join(work, "emb")
     t0 = time.perf_counter()
     first = ingest(IngestConfig(lake, dest, id_column="id", encoder=enc, progress=False,
@@ -130,7 +136,8 @@ def main() -> None:
     if not (a.no_onnx_ingest or a.no_onnx):
         t0 = time.perf_counter()
         ingest(IngestConfig(lake, os.path.join(work, "emb-onnx"), id_column="id", progress=False,
-                            encoder=EncoderConfig(batch_size=a.batch_size, backend="onnx"),
+                            encoder=EncoderConfig(batch_size=a.batch_size, backend="onnx",
+                                                  batch_order=a.batch_order),
                             calibration_samples=a.calibration_samples))
         onnx_full_s = time.perf_counter() - t0
         print(f"ingest end to end, onnx: {n / onnx_full_s:8.1f} docs/s  ({onnx_full_s:.1f} s); "

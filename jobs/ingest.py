@@ -16,7 +16,7 @@ import numpy as np
 from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity, run_reporting,
                          storage_options)
 from ranges.manifest import RangeManifest
-from workers.vocab import BACKENDS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
+from workers.vocab import BACKENDS, BATCH_ORDERS, DEVICES, FLOAT_PRECISIONS, INDEX_FLAGS, RANGE_METHODS
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model
@@ -328,10 +328,10 @@ def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path:
 
 def ingest_options(cfg: IngestConfig) -> dict[str, Any]:
     """The options a version records besides model, columns and precisions: what a reindex needs
-    to plan and encode the same shards (unit size, batch size: padding changes the float bits;
-    the model's float type, resolved from `auto`), and to calibrate the same way."""
-    return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "precision": cfg.encoder.precision,
-            "index_type": cfg.index_type,
+    to plan and encode the same shards (unit size, batch size and order: padding changes the float
+    bits; the model's float type, resolved from `auto`), and to calibrate the same way."""
+    return {"unit_rows": cfg.unit_rows, "batch_size": cfg.encoder.batch_size, "batch_order": cfg.encoder.batch_order,
+            "precision": cfg.encoder.precision, "index_type": cfg.index_type,
             "calibration_samples": cfg.calibration_samples, "range_method": cfg.range_method,
             "quantiles": list(cfg.quantiles), "seed": cfg.seed,
             # only when given: the versions written without it stay as they were
@@ -425,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
     p.add_argument("--ranges", default=None, help="reuse this range manifest instead of calibrating")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="texts per encoder batch (GPUs: 256 or more; halved and retried on CUDA out-of-memory)")
+    p.add_argument("--batch-order", choices=BATCH_ORDERS, default="tokens",
+                   help="how a unit's texts are cut into batches: tokens (by token count: less padding, faster), "
+                        "or characters (sentence-transformers' own order); recorded, so reindex keeps it")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the encoders run: auto (the cluster's GPUs if it has any), cpu, cuda")
@@ -452,7 +455,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IngestConfig, bool]:
         return IngestConfig(
             source=a.source, dest=a.dest, text_column=a.text_column, id_column=a.id_column,
             encoder=EncoderConfig(model=a.model, batch_size=a.batch_size, normalize=not a.no_normalize,
-                                  device=a.device, precision=a.precision, backend=a.backend),
+                                  device=a.device, precision=a.precision, backend=a.backend,
+                                  batch_order=a.batch_order),
             precisions=tuple(p.strip() for p in a.precisions.split(",") if p.strip()),
             calibration_samples=a.calibration_samples, range_method=a.range_method, quantiles=(low, high),
             seed=a.seed, ranges=a.ranges, ray_address=a.ray_address, unit_rows=a.unit_rows,

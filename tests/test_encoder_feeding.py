@@ -1,5 +1,5 @@
-"""Feeding the encoder: length-sorted batches that keep sentence-transformers' bytes, the batch
-halved on CUDA out-of-memory, the float type (`--precision`), and where CPU tasks may run.
+"""Feeding the encoder: batches cut by token count, each sentence-transformers' own for its texts,
+or by characters as sentence-transformers cuts them (its bytes), the batch halved on CUDA out-of-memory, the float type (`--precision`), and where CPU tasks may run.
 
 No GPU here: the out-of-memory tests wrap the real model in a stand-in that raises torch's
 own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
@@ -16,7 +16,7 @@ from sentence_transformers.base.model import BaseModel
 
 from jobs.ingest import ingest_options, parse_args
 from workers.embedding.encoder import (BatchTooLarge, Encoder, EncoderConfig, length_order, parallel_tokenizer,
-                                      prepare_threads, resolve_model)
+                                      prepare_threads, resolve_model, token_lengths)
 from workers.embedding.quantizer import quantize
 from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import NODE_ID_LABEL, cpu_task_args
@@ -32,8 +32,14 @@ def texts(docs):
 
 @pytest.fixture(scope="module")
 def at16(texts):
-    """The texts' fp32 embeddings at batch size 16, with no memory trouble."""
+    """The texts' fp32 embeddings at batch size 16 cut by characters, with no memory trouble."""
     return _encoder(16).encode(texts)
+
+
+@pytest.fixture(scope="module")
+def tokens16(texts):
+    """The same, cut by token count."""
+    return _encoder(16, order="tokens").encode(texts)
 
 
 class OutOfMemoryAbove:
@@ -61,8 +67,23 @@ def tokenizer_env(monkeypatch):
     monkeypatch.setenv("RAYON_NUM_THREADS", "2")
 
 
-def _encoder(batch_size: int, ahead: bool = False, **stand_in) -> Encoder:
-    enc = Encoder(EncoderConfig(batch_size=batch_size, device="cpu", prepare_ahead=ahead))
+class Widths(OutOfMemoryAbove):
+    """The real model, recording the (texts, tokens) shape of each batch it runs."""
+
+    def __init__(self, model, preprocess=None):
+        super().__init__(model, limit=10**6)
+        self.shapes = []
+        if preprocess is not None:
+            self.preprocess = preprocess
+
+    def __call__(self, features):
+        self.shapes.append(tuple(features["input_ids"].shape))
+        return super().__call__(features)
+
+
+def _encoder(batch_size: int, ahead: bool = False, order: str = "characters", **stand_in) -> Encoder:
+    """An encoder on the CPU, cutting batches by characters (sentence-transformers' bytes) unless told."""
+    enc = Encoder(EncoderConfig(batch_size=batch_size, device="cpu", prepare_ahead=ahead, batch_order=order))
     if stand_in:
         enc.model = OutOfMemoryAbove(enc.model, **stand_in)
     return enc
@@ -78,6 +99,56 @@ def test_length_sorted_batches_are_sentence_transformers_own(texts, at16):
     model = _encoder(16).model  # the one SentenceTransformer this process loaded
     want = model.encode(texts, batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
     assert at16.tobytes() == want.astype(np.float32).tobytes()
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["inline", "ahead"])
+def test_token_order_batches_are_sentence_transformers_own_and_pad_less(texts, at16, tokens16, ahead,
+                                                                       tokenizer_env):
+    model = _encoder(16).model
+    lengths = token_lengths(model.preprocess(texts))
+    order = np.argsort(-lengths, kind="stable")
+    assert order.tolist() != length_order(texts).tolist()  # these texts: characters and tokens disagree
+    # Each batch of 16 cut by token count, encoded by sentence-transformers alone: the same bytes.
+    want = np.empty_like(tokens16)
+    for start in range(0, len(texts), 16):
+        batch = order[start:start + 16]
+        want[batch] = model.encode([texts[i] for i in batch], batch_size=16, normalize_embeddings=True)
+    assert tokens16.tobytes() == want.tobytes()
+    assert tokens16.tobytes() != at16.tobytes()  # other batches: other last bits
+    np.testing.assert_allclose(tokens16, at16, atol=1e-5)
+    # Fewer tokens through the model: each batch cut to its longest text in tokens.
+    by_tokens, by_chars = _encoder(16, ahead, order="tokens"), _encoder(16, ahead)
+    by_tokens.model, by_chars.model = Widths(model), Widths(model)
+    assert by_tokens.encode(texts).tobytes() == tokens16.tobytes()
+    by_chars.encode(texts)
+    assert by_tokens.model.shapes == [(16, lengths[order[:16]].max()), (16, lengths[order[16:]].max())]
+    assert by_tokens._cut_rows is True  # cut from the whole list's tokens, which was checked once
+    padded = [sum(n * w for n, w in m.model.shapes) for m in (by_tokens, by_chars)]
+    assert padded[0] < padded[1], padded
+    # A batch cut short: one call, the texts' own order.
+    assert by_tokens.encode(texts[:5]).tobytes() == model.encode(
+        texts[:5], batch_size=16, normalize_embeddings=True).tobytes()
+
+
+def test_a_tokenizer_that_pads_otherwise_gets_each_batch_tokenized_alone(texts, tokens16, caplog):
+    """Features cut from the whole list equal a batch's own only when the tokenizer pads on the
+    right to the batch's longest; one that pads to a multiple of 8 is caught by the first
+    batch's check, and every batch is then tokenized alone (a stand-in pads the real tokens)."""
+    model = _encoder(16).model
+
+    def padded_to_8(batch, **kwargs):
+        features = model.preprocess(batch, **kwargs)
+        width = -(-features["input_ids"].shape[1] // 8) * 8
+        return {k: torch.nn.functional.pad(v, (0, width - v.shape[1])) if isinstance(v, torch.Tensor) else v
+                for k, v in features.items()}
+
+    enc = _encoder(16, order="tokens")
+    enc.model = Widths(model, padded_to_8)
+    with caplog.at_level(logging.INFO, logger="workers.embedding.encoder"):
+        got = enc.encode(texts)
+    assert enc._cut_rows is False and "each batch is tokenized again" in caplog.text
+    assert [w % 8 for _, w in enc.model.shapes] == [0, 0]  # the batches' own features, padded to 8
+    np.testing.assert_allclose(got, tokens16, atol=1e-5)  # padding is masked: the same up to rounding
 
 
 def test_tokenizing_ahead_gives_the_bytes_of_sentence_transformers_encode(texts, at16, tokenizer_env):
@@ -134,15 +205,17 @@ def test_prepare_threads_share_the_node_cores_among_its_gpus():
     assert env["RAYON_NUM_THREADS"] == "3"
 
 
+@pytest.mark.parametrize("order", ["characters", "tokens"])
 @pytest.mark.parametrize("ahead", [False, True], ids=["inline", "ahead"])
-def test_out_of_memory_halves_the_batch_retries_it_and_keeps_the_size(texts, at16, caplog, ahead, tokenizer_env):
-    enc = _encoder(64, ahead, limit=16)
+def test_out_of_memory_halves_the_batch_retries_it_and_keeps_the_size(texts, at16, tokens16, caplog, ahead, order,
+                                                                      tokenizer_env):
+    enc = _encoder(64, ahead, order, limit=16)
     with caplog.at_level(logging.WARNING, logger="workers.embedding.encoder"):
         got = enc.encode(texts)
     assert enc.model.sizes == [N_TEXTS, 16, 16]  # 64 holds all 32 texts: halved to 16, which fits
     assert enc.batch_size == 16 and "batch size now 16" in caplog.text
     # The same batches as an encoder that ran at 16 from the start: the same bytes.
-    assert got.tobytes() == at16.tobytes()
+    assert got.tobytes() == (at16 if order == "characters" else tokens16).tobytes()
     enc.model.sizes.clear()
     enc.encode(texts[:20])  # the actor's next unit starts at the size that fitted
     assert enc.model.sizes == [16, 4]
@@ -253,6 +326,23 @@ def test_the_batch_size_names_the_shards_unless_it_is_the_default():
     cfg, _ = parse_args(["src", "dst", "--batch-size", "256"])
     assert cfg.encoder.batch_size == 256 and ingest_options(cfg)["batch_size"] == 256
     assert parse_args(["src", "dst"])[0].encoder.batch_size == 64
+
+
+def test_the_batch_order_names_the_shards_unless_it_is_by_characters():
+    """Shards cut by characters (all of them, before the choice) keep their names; by tokens, another."""
+    args = ("a.parquet", {"size": 1}, 0, 10, "sha256:m", "r", ("int8", "ubinary"), "text", None, True,
+            "IndexBinaryFlat", ())
+    assert shard_id(*args, "fp32", 64, "characters") == "4cdeeeb492c6143d161ae70c82b01cbe"
+    assert len({shard_id(*args, "fp32", 64, "tokens"), shard_id(*args, "fp32", 64), shard_id(*args, "fp32", 16, "tokens"),
+                shard_id(*args, "fp16x3", 64, "tokens")}) == 4
+    cfg, _ = parse_args(["src", "dst"])
+    assert cfg.encoder.batch_order == "tokens" and ingest_options(cfg)["batch_order"] == "tokens"
+    cfg, _ = parse_args(["src", "dst", "--batch-order", "characters"])
+    assert cfg.encoder.batch_order == "characters" and ingest_options(cfg)["batch_order"] == "characters"
+    with pytest.raises(SystemExit):
+        parse_args(["src", "dst", "--batch-order", "words"])
+    with pytest.raises(ValueError, match="batch_order must be one of tokens, characters, got 'length'"):
+        EncoderConfig(batch_order="length")
 
 
 def test_cpu_tasks_avoid_gpu_nodes_only_when_there_are_cpu_nodes(monkeypatch):

@@ -176,6 +176,22 @@ def test_no_change_commits_nothing_and_a_dry_run_writes_nothing(lake, docs, caps
     (raw / "part-9.parquet").unlink()
 
 
+def test_a_reindex_cuts_batches_as_the_version_did(lake):
+    """A version records how its encoder cut batches; one written before the choice recorded
+    nothing, and its shards were all cut by characters: a reindex goes on cutting them so, and
+    their names (`shard_id`) stay the ones it can reuse."""
+    base, raw, dest = lake
+    fs, root = url_to_fs(str(dest))
+    latest = read_version(fs, root)
+    options = latest.extra["options"]
+    assert options["batch_order"] == "tokens"
+    assert ingest_config(latest, ReindexConfig(str(dest)), str(raw), fresh=False).encoder.batch_order == "tokens"
+    before = replace(latest, extra={"options": {k: v for k, v in options.items() if k != "batch_order"}})
+    assert ingest_config(before, ReindexConfig(str(dest)), str(raw), fresh=False).encoder.batch_order == "characters"
+    by_chars = replace(latest, extra={"options": {**options, "batch_order": "characters"}})
+    assert ingest_config(by_chars, ReindexConfig(str(dest)), str(raw), fresh=False).encoder.batch_order == "characters"
+
+
 def test_a_reindex_that_only_drops_a_file_reports_no_work_of_its_own(lake, tmp_path):
     """Its version's shards were all written by earlier runs: no throughput, stage time or clip
     count of theirs is shown as this run's."""

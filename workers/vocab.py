@@ -27,6 +27,10 @@ Device = Literal["auto", "cpu", "cuda"]
 FloatPrecision = Literal["auto", "fp32", "fp16x3", "fp16", "bf16"]
 # What runs the model's transformer: torch, or onnxruntime on CPUs (workers/embedding/onnx_backend.py).
 Backend = Literal["torch", "onnx"]
+# How an encoder cuts a unit's texts into batches: by token count (the unit tokenized once, so a
+# batch pads less), or by characters, as `SentenceTransformer.encode` sorts (versions written
+# before the choice existed). Part of the float bits, hence of a shard's name.
+BatchOrder = Literal["tokens", "characters"]
 
 QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -38,6 +42,7 @@ SEARCH_BACKENDS: tuple[str, ...] = get_args(SearchBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
 FLOAT_PRECISIONS: tuple[str, ...] = get_args(FloatPrecision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+BATCH_ORDERS: tuple[str, ...] = get_args(BatchOrder)
 
 # The one mapping between the CLI's index names and the manifest's.
 INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from workers.ray_session import apply_worker_env, node_id
-from workers.vocab import BACKENDS, DEVICES, FINGERPRINT_SUFFIX, FLOAT_PRECISIONS, Backend, Device, FloatPrecision, check
+from workers.vocab import (BACKENDS, BATCH_ORDERS, DEVICES, FINGERPRINT_SUFFIX, FLOAT_PRECISIONS, Backend, BatchOrder,
+                           Device, FloatPrecision, check)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ class EncoderConfig:
             only). A GPU otherwise waits for each batch's tokenizing: one core tokenizes ~1,900
             documents/s here, slower than a GPU encodes them. On a CPU the forward pass already
             uses every core, so tokenizing beside it gains nothing. The bytes are the same.
+        batch_order: how `encode` cuts its texts into batches. `tokens`: the texts are tokenized
+            once, and batches are cut from them longest first by token count, so a batch pads
+            less than with sentence-transformers' order by characters (on the demo corpus, 8%
+            fewer tokens through the model, 7% less than `SentenceTransformer.encode` of the
+            whole lake). `characters`: sentence-transformers' own order (versions written
+            before this choice). Either way each batch is the one `SentenceTransformer.encode`
+            runs for that batch's texts; the batches, hence the floats' last bits, differ.
     """
 
     model: str | None = None
@@ -67,6 +75,7 @@ class EncoderConfig:
     precision: FloatPrecision = "auto"
     backend: Backend = "torch"
     prepare_ahead: bool | None = None
+    batch_order: BatchOrder = "tokens"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -76,6 +85,7 @@ class EncoderConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         check(self.backend, BACKENDS, "backend")
+        check(self.batch_order, BATCH_ORDERS, "batch_order")
         if self.backend == "onnx" and self.device == "cuda":
             raise ValueError("backend onnx runs on the CPU (onnxruntime's CPU provider), not on device cuda: "
                              "use --backend torch for GPUs, or --device cpu")
@@ -297,6 +307,51 @@ def length_order(texts: list[str], interleave: bool = False) -> np.ndarray:
     return order
 
 
+def token_lengths(features: dict[str, Any]) -> np.ndarray | None:
+    """Each text's tokens in a tokenized batch (its attention mask's ones), or None when the
+    features have no 2-D attention mask to count them from."""
+    mask = features.get("attention_mask")
+    if mask is None or getattr(mask, "ndim", 0) != 2:
+        return None
+    return np.asarray(mask.sum(1)).astype(np.int64)
+
+
+def token_order(lengths: np.ndarray) -> np.ndarray:
+    """The order `encode` cuts batches from with `batch_order="tokens"`: by token count, longest
+    first, ties in text order. Within a batch it runs the texts in the order by characters that
+    `SentenceTransformer.encode` gives them, so that each batch is the one it would run."""
+    return np.argsort(-lengths, kind="stable")
+
+
+def rows_of(features: dict[str, Any], idx: np.ndarray, width: int) -> dict[str, Any]:
+    """The features of rows `idx` of a tokenized list, cut to `width` tokens: what tokenizing
+    those texts alone gives when the tokenizer pads on the right to the longest (`Encoder`
+    checks this once per model). Values that are not per-row tensors pass as they are."""
+    import torch
+
+    rows = torch.as_tensor(idx)
+    n = next(iter(v.shape[0] for v in features.values() if getattr(v, "ndim", 0) == 2), None)
+    return {k: v[rows, :width].contiguous() if getattr(v, "ndim", 0) == 2 and v.shape[0] == n else v
+            for k, v in features.items()}
+
+
+def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two tokenized batches are the same: keys, tensors' shapes, types and values."""
+    import torch
+
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
+            if not (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.dtype == w.dtype
+                    and v.shape == w.shape and torch.equal(v, w)):
+                return False
+        elif v != w:
+            return False
+    return True
+
+
 def _drop(pending) -> None:
     """Cancel a batch's preparation (a preparer's future, or `_Inline`), or wait for it if it is
     running: no later call may find the tokenizer busy ("Already borrowed") once the encoder's lock is released."""
@@ -361,6 +416,9 @@ class Encoder:
         # Tokenizing ahead (`encode`): one thread, since a fast tokenizer refuses two
         # callers at once; it runs the tokenizer's own parallelism over the node's cores.
         self.prepare_ahead = cfg.prepare_ahead if cfg.prepare_ahead is not None else device == "cuda"
+        # Whether a batch's features may be cut from its unit's (`rows_of`): checked on this
+        # encoder's first batch in token order against tokenizing the batch alone.
+        self._cut_rows: bool | None = None
         self._preparer = None
         if self.prepare_ahead:
             from concurrent.futures import ThreadPoolExecutor
@@ -371,28 +429,49 @@ class Encoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         """float32 embeddings of `texts`, in their order.
 
-        The texts are sorted by length and cut into batches exactly as one
-        `SentenceTransformer.encode` call would (`length_order`): the same bytes, but each batch
-        is a call of its own, so one that runs out of GPU memory is retried at half the size.
-        With `prepare_ahead`, each batch is tokenized while the one before it runs; otherwise
-        between them. Either way the calls are those `SentenceTransformer.encode` makes for a
-        batch (`preprocess`, the model, normalisation), so the bytes are its own.
+        `batch_order="tokens"`: the texts are tokenized once, and batches are cut from them by
+        token count (`token_order`), each batch's features cut from the whole list's
+        (`rows_of`). `characters`: they are sorted by length and cut into batches exactly as
+        one `SentenceTransformer.encode` call would (`length_order`): the same bytes as that
+        call. Either way each batch is a call of its own, so one that runs out of GPU memory is
+        retried at half the size, and the calls are those `SentenceTransformer.encode` makes for
+        a batch (`preprocess`, the model, normalisation), so a batch's bytes are its own. With
+        `prepare_ahead`, each batch is prepared while the one before it runs; otherwise between
+        them.
         """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         texts = list(texts)
         flatten = getattr(self.model, "_can_flatten_inputs", None)
-        order = length_order(texts, interleave=bool(flatten and flatten()))
+        skips_padding = bool(flatten and flatten())  # then sentence-transformers' order, interleaved
         out = np.empty((len(texts), self.dim), np.float32)
         prompt = self.model.prompts.get(self.model.default_prompt_name) if self.model.default_prompt_name else None
+        unit: dict[str, Any] = {}
+        lengths = None
 
         def prepare(start: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
             idx = order[start:start + size]
-            return idx, self.model.preprocess([texts[i] for i in idx], prompt=prompt)
+            if lengths is not None:
+                idx = idx[length_order([texts[i] for i in idx])]
+            alone = None
+            if lengths is None or not self._cut_rows:
+                alone = self.model.preprocess([texts[i] for i in idx], prompt=prompt)
+            if lengths is not None and self._cut_rows is None:
+                self._cut_rows = same_features(rows_of(unit, idx, int(lengths[idx].max())), alone)
+                if not self._cut_rows:
+                    log.info("this model's tokenizer pads otherwise than to a batch's longest on the right: "
+                             "each batch is tokenized again")
+            if alone is not None:
+                return idx, alone
+            return idx, rows_of(unit, idx, int(lengths[idx].max()))
 
         submit = self._preparer.submit if self._preparer is not None else _Inline
         with self._lock:
             self.model.eval()
+            if self.cfg.batch_order == "tokens" and not skips_padding:
+                unit = self.model.preprocess(texts, prompt=prompt)
+                lengths = token_lengths(unit)
+            order = length_order(texts, interleave=skips_padding) if lengths is None else token_order(lengths)
             start = 0
             pending = submit(prepare, 0, self.batch_size)
             try:

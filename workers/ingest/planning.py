@@ -34,7 +34,7 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
             sid = shard_id(f.relpath, f.identity(), a, b, fingerprint, ranges_id, cfg.precisions,
                            cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
                            [(d.row, d.first_file, d.first_row) for d in dups], cfg.encoder.precision,
-                           cfg.encoder.batch_size)
+                           cfg.encoder.batch_size, cfg.encoder.batch_order)
             units.append(WorkUnit(sid, f, a, b, dups))
     return units
 
@@ -61,7 +61,7 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
              model_fingerprint: str, ranges_id: str, precisions: tuple[str, ...],
              text_column: str, id_column: str | None, normalize: bool, index_type: str,
              duplicates: Sequence[tuple[int, str, int]] = (), float_precision: str = "fp32",
-             batch_size: int = DEFAULT_BATCH_SIZE) -> str:
+             batch_size: int = DEFAULT_BATCH_SIZE, batch_order: str = "characters") -> str:
     """Deterministic name: a retry or rerun of the same work writes the same name and bytes.
 
     Args:
@@ -74,6 +74,8 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
         batch_size: the encoder's texts per forward pass: a text is padded to its batch's
             longest, and the padding changes the last bits of its floats (and now and then an
             int8 code), so a rerun at another batch size encodes again rather than reusing.
+        batch_order: how the encoder cuts batches (`EncoderConfig.batch_order`): another cut,
+            other padding, for the same reason.
     """
     key = {"file": source_file, "identity": identity, "rows": [row_start, row_stop],
            "model": model_fingerprint, "ranges": ranges_id, "precisions": sorted(precisions),
@@ -91,6 +93,9 @@ def shard_id(source_file: str, identity: dict[str, Any], row_start: int, row_sto
     if batch_size != DEFAULT_BATCH_SIZE:
         # Likewise only then: shards at the default keep the names they had before.
         key["batch"] = int(batch_size)
+    if batch_order != "characters":
+        # Likewise: shards from before the choice, all cut by characters, keep their names.
+        key["order"] = batch_order
     return sha256_hex(canonical_json(key))[:32]
 
 
