@@ -6,6 +6,7 @@ own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
 """
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from sentence_transformers.base.model import BaseModel
 
 from jobs.ingest import ingest_options, parse_args
 from workers.embedding.encoder import (BatchTooLarge, Encoder, EncoderConfig, length_order, parallel_tokenizer,
-                                      prepare_threads, resolve_model, token_lengths)
+                                      TOKEN_WINDOW_BATCHES, prepare_threads, resolve_model, token_lengths)
 from workers.embedding.quantizer import quantize
 from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import NODE_ID_LABEL, cpu_task_args
@@ -128,6 +129,51 @@ def test_token_order_batches_are_sentence_transformers_own_and_pad_less(texts, a
     # A batch cut short: one call, the texts' own order.
     assert by_tokens.encode(texts[:5]).tobytes() == model.encode(
         texts[:5], batch_size=16, normalize_embeddings=True).tobytes()
+
+
+def test_token_order_windows_are_tokenized_ahead_and_cut_on_their_own(docs, tokenizer_env):
+    """Batches of 2 cut by token count from windows of 16 batches (32 texts), the next window
+    tokenized while this one's batches run: the bytes of sentence-transformers' encode of each
+    batch cut from its window."""
+    assert TOKEN_WINDOW_BATCHES == 16
+    texts = [t for _, t in docs[:80]]  # windows of 32, 32 and 16 texts
+    model = _encoder(16).model
+    want = np.empty((len(texts), 384), np.float32)
+    for w0 in range(0, len(texts), 32):
+        window = texts[w0:w0 + 32]
+        order = np.argsort(-token_lengths(model.preprocess(window)), kind="stable")
+        for start in range(0, len(order), 2):
+            batch = order[start:start + 2]
+            want[w0 + batch] = model.encode([window[i] for i in batch], batch_size=2, normalize_embeddings=True)
+    events, lock = [], threading.Lock()
+
+    class Timeline(Widths):
+        def preprocess(self, batch, **kwargs):
+            with lock:
+                events.append(("tokenize", len(batch)))
+            return model.preprocess(batch, **kwargs)
+
+        def __call__(self, features):
+            time.sleep(0.02)  # a device slower than the tokenizer, so that it is seen ahead
+            with lock:
+                events.append(("forward", len(features["input_ids"])))
+            return super().__call__(features)
+
+    for ahead in (False, True):
+        enc = _encoder(2, ahead, order="tokens")
+        enc.model = Timeline(model)
+        events.clear()
+        assert enc.encode(texts).tobytes() == want.tobytes()
+        assert enc.model.shapes and max(n for n, _ in enc.model.shapes) == 2
+        windows = [i for i, e in enumerate(events) if e[0] == "tokenize" and e[1] in (32, 16)]
+        assert [events[i][1] for i in windows] == [32, 32, 16]
+        assert events[1] == ("tokenize", 2)  # the first batch, tokenized alone once to check the cut
+        forwards = [i for i, e in enumerate(events) if e[0] == "forward"]
+        assert len(forwards) == 40
+        if ahead:  # the second window was tokenized before the first window's last batch ran
+            assert windows[1] < forwards[15], events
+        else:  # tokenized when its batches are due
+            assert forwards[15] < windows[1] < forwards[16], events
 
 
 def test_a_tokenizer_that_pads_otherwise_gets_each_batch_tokenized_alone(texts, tokens16, caplog):

@@ -26,6 +26,11 @@ BUNDLED = "all-MiniLM-L6-v2"
 # Texts per forward pass unless told: part of the float bits (padding), hence of a shard's name
 # when it is another (`workers/ingest/planning.py`, `shard_id`).
 DEFAULT_BATCH_SIZE = 64
+# With `batch_order="tokens"`, texts are tokenized and ordered a window of this many batches at
+# a time: the padding saved is nearly that of ordering a whole unit, a window's token ids stay
+# small (1,024 texts of at most 256 tokens: 6 MiB), and with `prepare_ahead` the next window is
+# tokenized while this one's batches run. Part of the batches, hence of the float bits.
+TOKEN_WINDOW_BATCHES = 16
 BUNDLED_NAMES = (BUNDLED, f"sentence-transformers/{BUNDLED}")
 # A Hugging Face repo id, `name` or `org/name`: what a model name read from a manifest may be.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -53,18 +58,19 @@ class EncoderConfig:
             in README, `--precision`). The embeddings are float32 either way; their bits differ.
         backend: what runs the transformer: `torch`, or `onnx` (onnxruntime, CPU only: for CPU
             clusters; its int8 codes agree with torch's, see README "Encoder backends").
-        prepare_ahead: tokenize the next batch in a thread of its own, with the tokenizer's
+        prepare_ahead: tokenize the next window of texts (`batch_order="tokens"`; with
+            `characters`, the next batch) in a thread of its own, with the tokenizer's
             parallelism over the node's cores, while the device runs this one (None: on CUDA
             only). A GPU otherwise waits for each batch's tokenizing: one core tokenizes ~1,900
             documents/s here, slower than a GPU encodes them. On a CPU the forward pass already
             uses every core, so tokenizing beside it gains nothing. The bytes are the same.
         batch_order: how `encode` cuts its texts into batches. `tokens`: the texts are tokenized
-            once, and batches are cut from them longest first by token count, so a batch pads
-            less than with sentence-transformers' order by characters (on the demo corpus, 8%
-            fewer tokens through the model, 7% less than `SentenceTransformer.encode` of the
-            whole lake). `characters`: sentence-transformers' own order (versions written
-            before this choice). Either way each batch is the one `SentenceTransformer.encode`
-            runs for that batch's texts; the batches, hence the floats' last bits, differ.
+            once, a window of `TOKEN_WINDOW_BATCHES` batches at a time, and batches are cut
+            from each window longest first by token count, so a batch pads less than with
+            sentence-transformers' order by characters (README, "What keeps an encoder busy").
+            `characters`: sentence-transformers' own order (versions written before this
+            choice). Either way each batch is the one `SentenceTransformer.encode` runs for
+            that batch's texts; the batches, hence the floats' last bits, differ.
     """
 
     model: str | None = None
@@ -317,9 +323,10 @@ def token_lengths(features: dict[str, Any]) -> np.ndarray | None:
 
 
 def token_order(lengths: np.ndarray) -> np.ndarray:
-    """The order `encode` cuts batches from with `batch_order="tokens"`: by token count, longest
-    first, ties in text order. Within a batch it runs the texts in the order by characters that
-    `SentenceTransformer.encode` gives them, so that each batch is the one it would run."""
+    """The order `encode` cuts a window's batches from with `batch_order="tokens"`: by token
+    count, longest first, ties in text order. Within a batch it runs the texts in the order by
+    characters that `SentenceTransformer.encode` gives them, so that each batch is the one it
+    would run."""
     return np.argsort(-lengths, kind="stable")
 
 
@@ -416,7 +423,7 @@ class Encoder:
         # Tokenizing ahead (`encode`): one thread, since a fast tokenizer refuses two
         # callers at once; it runs the tokenizer's own parallelism over the node's cores.
         self.prepare_ahead = cfg.prepare_ahead if cfg.prepare_ahead is not None else device == "cuda"
-        # Whether a batch's features may be cut from its unit's (`rows_of`): checked on this
+        # Whether a batch's features may be cut from its window's (`rows_of`): checked on this
         # encoder's first batch in token order against tokenizing the batch alone.
         self._cut_rows: bool | None = None
         self._preparer = None
@@ -429,15 +436,14 @@ class Encoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         """float32 embeddings of `texts`, in their order.
 
-        `batch_order="tokens"`: the texts are tokenized once, and batches are cut from them by
-        token count (`token_order`), each batch's features cut from the whole list's
-        (`rows_of`). `characters`: they are sorted by length and cut into batches exactly as
-        one `SentenceTransformer.encode` call would (`length_order`): the same bytes as that
-        call. Either way each batch is a call of its own, so one that runs out of GPU memory is
-        retried at half the size, and the calls are those `SentenceTransformer.encode` makes for
-        a batch (`preprocess`, the model, normalisation), so a batch's bytes are its own. With
-        `prepare_ahead`, each batch is prepared while the one before it runs; otherwise between
-        them.
+        `batch_order="tokens"` (`_encode_by_tokens`): batches are cut by token count from
+        windows of the texts, each tokenized once. `characters`: the texts are sorted by length
+        and cut into batches exactly as one `SentenceTransformer.encode` call would
+        (`length_order`): the same bytes as that call. Either way each batch is a call of its
+        own, so one that runs out of GPU memory is retried at half the size, and the calls are
+        those `SentenceTransformer.encode` makes for a batch (`preprocess`, the model,
+        normalisation), so a batch's bytes are its own. With `prepare_ahead`, the next window
+        (or batch) is tokenized while this one runs; otherwise between them.
         """
         if not texts:
             return np.zeros((0, self.dim), np.float32)
@@ -446,32 +452,17 @@ class Encoder:
         skips_padding = bool(flatten and flatten())  # then sentence-transformers' order, interleaved
         out = np.empty((len(texts), self.dim), np.float32)
         prompt = self.model.prompts.get(self.model.default_prompt_name) if self.model.default_prompt_name else None
-        unit: dict[str, Any] = {}
-        lengths = None
-
-        def prepare(start: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
-            idx = order[start:start + size]
-            if lengths is not None:
-                idx = idx[length_order([texts[i] for i in idx])]
-            alone = None
-            if lengths is None or not self._cut_rows:
-                alone = self.model.preprocess([texts[i] for i in idx], prompt=prompt)
-            if lengths is not None and self._cut_rows is None:
-                self._cut_rows = same_features(rows_of(unit, idx, int(lengths[idx].max())), alone)
-                if not self._cut_rows:
-                    log.info("this model's tokenizer pads otherwise than to a batch's longest on the right: "
-                             "each batch is tokenized again")
-            if alone is not None:
-                return idx, alone
-            return idx, rows_of(unit, idx, int(lengths[idx].max()))
-
-        submit = self._preparer.submit if self._preparer is not None else _Inline
         with self._lock:
             self.model.eval()
-            if self.cfg.batch_order == "tokens" and not skips_padding:
-                unit = self.model.preprocess(texts, prompt=prompt)
-                lengths = token_lengths(unit)
-            order = length_order(texts, interleave=skips_padding) if lengths is None else token_order(lengths)
+            if self.cfg.batch_order == "tokens" and not skips_padding and self._encode_by_tokens(texts, out, prompt):
+                return out
+            order = length_order(texts, interleave=skips_padding)
+
+            def prepare(start: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+                idx = order[start:start + size]
+                return idx, self.model.preprocess([texts[i] for i in idx], prompt=prompt)
+
+            submit = self._preparer.submit if self._preparer is not None else _Inline
             start = 0
             pending = submit(prepare, 0, self.batch_size)
             try:
@@ -489,6 +480,63 @@ class Encoder:
             finally:
                 _drop(pending)
         return out
+
+    def _encode_by_tokens(self, texts: list[str], out: np.ndarray, prompt: str | None) -> bool:
+        """`encode` with batches cut by token count (the caller holds the model's lock): per
+        window of `TOKEN_WINDOW_BATCHES` configured batches, in text order, the window's texts
+        are tokenized in one call, ordered longest first by tokens (`token_order`), and cut into
+        batches whose features are cut from the window's (`rows_of`). With `prepare_ahead`, the
+        next window is tokenized while this one's batches run. False, with nothing encoded,
+        when the model's features have no attention mask to count tokens from."""
+        window = TOKEN_WINDOW_BATCHES * self.cfg.batch_size
+
+        def tokenize(w0: int) -> tuple[int, dict[str, Any]]:
+            return w0, self.model.preprocess(texts[w0:w0 + window], prompt=prompt)
+
+        submit = self._preparer.submit if self._preparer is not None else _Inline
+        pending = submit(tokenize, 0)
+        try:
+            while pending is not None:
+                w0, features = pending.result()
+                pending = None
+                lengths = token_lengths(features)
+                if lengths is None:
+                    return False
+                w1 = w0 + len(lengths)
+                order = token_order(lengths)
+
+                def batch(idx: np.ndarray) -> dict[str, Any]:
+                    """The features of the window's rows `idx`: cut from the window's (checked once
+                    against tokenizing the batch alone), else tokenized again."""
+                    if self._cut_rows is None:
+                        alone = self.model.preprocess([texts[w0 + i] for i in idx], prompt=prompt)
+                        self._cut_rows = same_features(rows_of(features, idx, int(lengths[idx].max())), alone)
+                        if not self._cut_rows:
+                            log.info("this model's tokenizer pads otherwise than to a batch's longest on the "
+                                     "right: each batch is tokenized again")
+                    if self._cut_rows:
+                        return rows_of(features, idx, int(lengths[idx].max()))
+                    return self.model.preprocess([texts[w0 + i] for i in idx], prompt=prompt)
+
+                start = 0
+                while start < len(order):
+                    idx = order[start:start + self.batch_size]
+                    idx = idx[length_order([texts[w0 + i] for i in idx])]
+                    features_of_batch = batch(idx)
+                    if pending is None and w1 < len(texts) and self._cut_rows:
+                        # The next window's tokenizing, beside this one's batches: the tokenizer
+                        # is not used here again until it is done.
+                        pending = submit(tokenize, w1)
+                    emb = self._forward(features_of_batch, w0 + idx, texts)
+                    if emb is None:  # out of memory: the same texts again, at the halved batch size
+                        continue
+                    out[w0 + idx] = emb
+                    start += len(idx)
+                if pending is None and w1 < len(texts):
+                    pending = submit(tokenize, w1)
+        finally:
+            _drop(pending)
+        return True
 
     def _forward(self, features: dict[str, Any], idx: np.ndarray, texts: list[str]) -> np.ndarray | None:
         """One tokenized batch through the model, as `SentenceTransformer.encode` runs it; None
