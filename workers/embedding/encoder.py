@@ -504,25 +504,11 @@ class Encoder:
                     return False
                 w1 = w0 + len(lengths)
                 order = token_order(lengths)
-
-                def batch(idx: np.ndarray) -> dict[str, Any]:
-                    """The features of the window's rows `idx`: cut from the window's (checked once
-                    against tokenizing the batch alone), else tokenized again."""
-                    if self._cut_rows is None:
-                        alone = self.model.preprocess([texts[w0 + i] for i in idx], prompt=prompt)
-                        self._cut_rows = same_features(rows_of(features, idx, int(lengths[idx].max())), alone)
-                        if not self._cut_rows:
-                            log.info("this model's tokenizer pads otherwise than to a batch's longest on the "
-                                     "right: each batch is tokenized again")
-                    if self._cut_rows:
-                        return rows_of(features, idx, int(lengths[idx].max()))
-                    return self.model.preprocess([texts[w0 + i] for i in idx], prompt=prompt)
-
                 start = 0
                 while start < len(order):
                     idx = order[start:start + self.batch_size]
                     idx = idx[length_order([texts[w0 + i] for i in idx])]
-                    features_of_batch = batch(idx)
+                    features_of_batch = self._batch_of(features, lengths, idx, texts[w0:w1], prompt)
                     if pending is None and w1 < len(texts) and self._cut_rows:
                         # The next window's tokenizing, beside this one's batches: the tokenizer
                         # is not used here again until it is done.
@@ -537,6 +523,21 @@ class Encoder:
         finally:
             _drop(pending)
         return True
+
+    def _batch_of(self, window: dict[str, Any], lengths: np.ndarray, idx: np.ndarray, texts: list[str],
+                  prompt: str | None) -> dict[str, Any]:
+        """The features of a window's rows `idx` (`texts`: the window's): cut from the window's
+        (`window`, with each text's `lengths` in tokens), which this encoder's first batch checks
+        against tokenizing the batch alone; else tokenized again."""
+        if self._cut_rows is None:
+            alone = self.model.preprocess([texts[i] for i in idx], prompt=prompt)
+            self._cut_rows = same_features(rows_of(window, idx, int(lengths[idx].max())), alone)
+            if not self._cut_rows:
+                log.info("this model's tokenizer pads otherwise than to a batch's longest on the right: "
+                         "each batch is tokenized again")
+        if self._cut_rows:
+            return rows_of(window, idx, int(lengths[idx].max()))
+        return self.model.preprocess([texts[i] for i in idx], prompt=prompt)
 
     def _forward(self, features: dict[str, Any], idx: np.ndarray, texts: list[str]) -> np.ndarray | None:
         """One tokenized batch through the model, as `SentenceTransformer.encode` runs it; None
