@@ -1,5 +1,6 @@
 """Feeding the encoder: batches cut by token count, each sentence-transformers' own for its texts,
-or by characters as sentence-transformers cuts them (its bytes), the batch halved on CUDA out-of-memory, the float type (`--precision`), and where CPU tasks may run.
+or by characters as sentence-transformers cuts them (its bytes), the batch halved on CUDA
+out-of-memory, the float type (`--precision`), and where CPU tasks may run.
 
 No GPU here: the out-of-memory tests wrap the real model in a stand-in that raises torch's
 own `torch.cuda.OutOfMemoryError` above a batch size; fp16 runs on the CPU.
@@ -379,8 +380,8 @@ def test_the_batch_order_names_the_shards_unless_it_is_by_characters():
     args = ("a.parquet", {"size": 1}, 0, 10, "sha256:m", "r", ("int8", "ubinary"), "text", None, True,
             "IndexBinaryFlat", ())
     assert shard_id(*args, "fp32", 64, "characters") == "4cdeeeb492c6143d161ae70c82b01cbe"
-    assert len({shard_id(*args, "fp32", 64, "tokens"), shard_id(*args, "fp32", 64), shard_id(*args, "fp32", 16, "tokens"),
-                shard_id(*args, "fp16x3", 64, "tokens")}) == 4
+    assert len({shard_id(*args, "fp32", 64, "tokens"), shard_id(*args, "fp32", 64),
+                shard_id(*args, "fp32", 16, "tokens"), shard_id(*args, "fp16x3", 64, "tokens")}) == 4
     cfg, _ = parse_args(["src", "dst"])
     assert cfg.encoder.batch_order == "tokens" and ingest_options(cfg)["batch_order"] == "tokens"
     cfg, _ = parse_args(["src", "dst", "--batch-order", "characters"])
