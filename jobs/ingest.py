@@ -179,7 +179,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
         records, written, probed = encode_and_write(
             wcfg, plan.todo, pool, encoders, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
-            nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0)
+            nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0,
+            label="reindex" if base is not None else "ingest")
     except BaseException:
         if encoders is not None:
             # The job failed: end its actors now, whatever still holds their handles (a kept set

@@ -433,7 +433,7 @@ class Written:
 def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: Encoders, ranges_path: str,
                      ranges_id: str,
                      total_rows: int, requantize: Mapping[str, ShardRecord] | None = None,
-                     nodes: dict[str, Counter] | None = None, probe: int = 0
+                     nodes: dict[str, Counter] | None = None, probe: int = 0, label: str = "ingest"
                      ) -> tuple[list[ShardRecord], Written, np.ndarray | None]:
     """The streaming main pass: read (tasks) -> encode (the job's encoder actors) -> quantize+write (tasks).
 
@@ -450,7 +450,7 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
     Ray node id.
     With `probe`, also the float32 embeddings of about `probe` of the encoded rows (None
     without): the rows of smallest sample key, in key order, as the main pass encoded them
-    (`probe_threshold`).
+    (`probe_threshold`). `label`: the progress bar's, the command's name.
     """
     from tqdm import tqdm
 
@@ -462,7 +462,7 @@ def encode_and_write(cfg: IngestConfig, units: list[WorkUnit], pool, encoders: E
                          "probe_below": probe_threshold(probe, total_rows)})
     records, reused, encoded, requantized, probed = [], [], 0, 0, []
     with tqdm(total=total_rows, unit="doc", disable=not cfg.progress, file=sys.stderr,
-              desc="ingest") as bar:
+              desc=label) as bar:
         try:
             for row in rows:
                 rec = ShardRecord.from_json(json.loads(row["record"]))
