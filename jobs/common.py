@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import posixpath
+import re
 import signal
 import sys
 from typing import Any, Callable, Iterable, Sequence
@@ -37,6 +38,19 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-actors", type=int, default=None,
                    help="encoder actors, each holding the model (default: one per GPU of the cluster, "
                         "else one of one CPU)")
+
+
+def joined_negative(argv: list[str] | None, option: str) -> list[str]:
+    """`argv` (None: the command line's) with `OPTION -5m` written `OPTION=-5m`: argparse takes
+    a value that starts with `-` (and is not a plain number) for an option, and says only
+    "expected one argument"; joined, the value reaches the check that says what is wrong with it."""
+    out: list[str] = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if out and out[-1] == option and re.match(r"-\d", arg):
+            out[-1] = f"{option}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:

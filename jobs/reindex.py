@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from jobs.common import (add_job_options, add_no_progress, add_storage_options, console, format_fidelity,
-                         format_share, one_line, recorded_source, run_reporting, storage_options)
+                         format_share, joined_negative, one_line, recorded_source, run_reporting, storage_options)
 from jobs.ingest import IngestResult, Plan, format_summary, run as ingest
 from workers.embedding.encoder import (DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model,
                                       resolve_model_name)
@@ -376,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     add_storage_options(p)
     add_no_progress(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    a = p.parse_args(argv)
+    a = p.parse_args(joined_negative(argv, "--interval"))
     options = storage_options(p, a)
     try:
         interval = parse_interval(a.interval or "10m") if a.watch else None

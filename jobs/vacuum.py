@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, console, run_reporting, storage_options
+from jobs.common import add_storage_options, console, joined_negative, run_reporting, storage_options
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import modified_at, url_to_fs
@@ -43,7 +43,7 @@ _OURS = re.compile(
     r"|scans/(?P<scan>[0-9a-f]{32})\.npy"
     r"|versions/(?P<version>\d{8})\.json)"
     r"(?P<tmp>\.tmp-[0-9a-f]{32})?$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Files deleted between two looks at the versions and at the files' times: the window in which
 # a commit can still land on files vacuum is deleting (docs/formats.md, "Vacuum").
@@ -51,7 +51,8 @@ BATCH_FILES = 32
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in `30s`, `15m`, `1h`, `2d` or a bare number of seconds."""
+    """Seconds in `30s`, `15m`, `1h`, `2d` or a bare number of seconds (negative with a `-`:
+    `VacuumConfig` refuses it in words)."""
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f"cannot read duration {text!r}: use a number with s, m, h or d (e.g. 1h, 30m)")
@@ -384,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> VacuumConfig:
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_storage_options(p)
-    a = p.parse_args(argv)
+    a = p.parse_args(joined_negative(argv, "--older-than"))
     options = storage_options(p, a)
     try:
         return VacuumConfig(a.dest, parse_duration(a.older_than), a.retain, a.dry_run, a.json, options)

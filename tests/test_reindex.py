@@ -530,6 +530,10 @@ def test_interval_without_watch_is_refused(capsys):
     assert "--interval sets the time between --watch cycles: it needs --watch" in capsys.readouterr().err
     assert parse_args(["dest", "--watch", "--interval", "3s"])[2] == 3.0
     assert parse_args(["dest", "--watch"])[2] == 600.0 and parse_args(["dest"])[2] is None
+    # A negative interval is refused in words (argparse took `-5m` for an option).
+    with pytest.raises(SystemExit):
+        parse_args(["dest", "--watch", "--interval", "-5m"])
+    assert "error: interval '-5m' is not a positive duration like 30s" in capsys.readouterr().err
 
 
 def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tmp_path, capsys):

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from jobs.cli import main as cli
+from jobs.common import joined_negative
 from jobs.vacuum import parse_duration
 from workers.lake.dataset import open_version
 from workers.lake.storage import url_to_fs
@@ -170,6 +171,14 @@ def test_durations_and_bad_options(capsys):
     assert [parse_duration(t) for t in ("1h", "30m", "45s", "2d", "90", "0.5h")] == [3600, 1800, 45, 172800, 90, 1800]
     with pytest.raises(ValueError, match="cannot read duration 'soon'"):
         parse_duration("soon")
+    # A negative age is refused in words, however it is written (argparse took `-5m` for an option).
+    for args in (["--older-than", "-5m"], ["--older-than=-5m"]):
+        with pytest.raises(SystemExit):
+            cli(["vacuum", "x", *args])
+        assert "quantlake vacuum: error: --older-than must not be negative, got -300.0 s" in capsys.readouterr().err
+    # Only a value after the option is joined to it, and only one that starts like a number.
+    assert joined_negative(["-5", "--older-than", "-5m", "--older-than", "--json", "-1"], "--older-than") == \
+        ["-5", "--older-than=-5m", "--older-than", "--json", "-1"]
     with pytest.raises(SystemExit):
         cli(["vacuum", "x", "--retain", "0"])
     assert "--retain must be >= 1" in capsys.readouterr().err
