@@ -18,7 +18,8 @@ from sentence_transformers.base.model import BaseModel
 
 from jobs.ingest import ingest_options, parse_args
 from workers.embedding.encoder import (BatchTooLarge, Encoder, EncoderConfig, length_order, parallel_tokenizer,
-                                      TOKEN_WINDOW_BATCHES, prepare_threads, resolve_model, token_lengths)
+                                      TOKEN_WINDOW_BATCHES, cuts_like_alone, prepare_threads, resolve_model,
+                                      token_lengths)
 from workers.embedding.quantizer import quantize
 from workers.ingest.config import IngestConfig
 from workers.ingest.pipeline import NODE_ID_LABEL, cpu_task_args
@@ -124,7 +125,7 @@ def test_token_order_batches_are_sentence_transformers_own_and_pad_less(texts, a
     assert by_tokens.encode(texts).tobytes() == tokens16.tobytes()
     by_chars.encode(texts)
     assert by_tokens.model.shapes == [(16, lengths[order[:16]].max()), (16, lengths[order[16:]].max())]
-    assert by_tokens._cut_rows is True  # cut from the whole list's tokens, which was checked once
+    assert by_tokens._cut_rows is True  # cut from the window's token ids (the model pads on the right)
     padded = [sum(n * w for n, w in m.model.shapes) for m in (by_tokens, by_chars)]
     assert padded[0] < padded[1], padded
     # A batch cut short: one call, the texts' own order.
@@ -168,7 +169,8 @@ def test_token_order_windows_are_tokenized_ahead_and_cut_on_their_own(docs, toke
         assert enc.model.shapes and max(n for n, _ in enc.model.shapes) == 2
         windows = [i for i, e in enumerate(events) if e[0] == "tokenize" and e[1] in (32, 16)]
         assert [events[i][1] for i in windows] == [32, 32, 16]
-        assert events[1] == ("tokenize", 2)  # the first batch, tokenized alone once to check the cut
+        # The encoder's first call asks how its model pads (`cuts_like_alone`), of fixed texts.
+        assert events[:5] == [("tokenize", 3), ("tokenize", 2), ("tokenize", 1), ("tokenize", 3), ("tokenize", 32)]
         forwards = [i for i, e in enumerate(events) if e[0] == "forward"]
         assert len(forwards) == 40
         if ahead:  # the second window was tokenized before the first window's last batch ran
@@ -177,10 +179,12 @@ def test_token_order_windows_are_tokenized_ahead_and_cut_on_their_own(docs, toke
             assert forwards[15] < windows[1] < forwards[16], events
 
 
-def test_a_tokenizer_that_pads_otherwise_gets_each_batch_tokenized_alone(texts, tokens16, caplog):
-    """Features cut from the whole list equal a batch's own only when the tokenizer pads on the
-    right to the batch's longest; one that pads to a multiple of 8 is caught by the first
-    batch's check, and every batch is then tokenized alone (a stand-in pads the real tokens)."""
+def test_a_tokenizer_that_pads_to_a_multiple_is_cut_by_characters_whatever_the_data(docs, texts, caplog):
+    """Features cut from a window equal a batch's own only when the tokenizer pads on the right
+    to the batch's longest. One that pads to a multiple of 8 (a stand-in around the real one)
+    is told by fixed texts, not by the first batch: a first batch whose longest text has 256
+    tokens, a multiple of 8, would pass a check of it, and every later batch be cut wrong. Its
+    batches are cut by characters, as sentence-transformers cuts them, by every encoder."""
     model = _encoder(16).model
 
     def padded_to_8(batch, **kwargs):
@@ -189,13 +193,40 @@ def test_a_tokenizer_that_pads_otherwise_gets_each_batch_tokenized_alone(texts, 
         return {k: torch.nn.functional.pad(v, (0, width - v.shape[1])) if isinstance(v, torch.Tensor) else v
                 for k, v in features.items()}
 
-    enc = _encoder(16, order="tokens")
-    enc.model = Widths(model, padded_to_8)
+    longest = " ".join(t for _, t in docs[:100])  # cut to the model's 256 tokens
+    assert token_lengths(model.preprocess([longest]))[0] == model.max_seq_length == 256
+    first_long, first_short = _encoder(16, order="tokens"), _encoder(16, order="tokens")
+    by_chars = _encoder(16)
+    for enc in (first_long, first_short, by_chars):
+        enc.model = Widths(model, padded_to_8)
     with caplog.at_level(logging.INFO, logger="workers.embedding.encoder"):
+        first_long.encode([longest, *texts[:20]])
+        first_short.encode(texts[:2])
+    assert first_long._cut_rows is False and first_short._cut_rows is False
+    assert "its batches are cut by characters" in caplog.text
+    got = [enc.encode(texts) for enc in (first_long, first_short, by_chars)]
+    assert got[0].tobytes() == got[1].tobytes() == got[2].tobytes()  # whoever encodes it, the same bytes
+    assert {w % 8 for enc in (first_long, first_short) for _, w in enc.model.shapes} == {0}
+    assert cuts_like_alone(model) and not cuts_like_alone(Widths(model, padded_to_8))
+
+
+def test_a_left_padding_tokenizer_is_cut_by_characters(texts):
+    """Causal embedding models pad on the left: cut to a narrower batch, a window's token ids
+    would lose real tokens and keep padding. Such a model's batches are sentence-transformers'
+    own, cut by characters: the bytes of its encode."""
+    model = _encoder(16).model
+    tokenizer = model.tokenizer
+    assert tokenizer.padding_side == "right"
+    tokenizer.padding_side = "left"
+    try:
+        assert not cuts_like_alone(model)
+        enc = _encoder(16, order="tokens")
         got = enc.encode(texts)
-    assert enc._cut_rows is False and "each batch is tokenized again" in caplog.text
-    assert [w % 8 for _, w in enc.model.shapes] == [0, 0]  # the batches' own features, padded to 8
-    np.testing.assert_allclose(got, tokens16, atol=1e-5)  # padding is masked: the same up to rounding
+        assert enc._cut_rows is False
+        assert got.tobytes() == model.encode(texts, batch_size=16, normalize_embeddings=True).tobytes()
+    finally:
+        tokenizer.padding_side = "right"
+    assert cuts_like_alone(model)
 
 
 def test_tokenizing_ahead_gives_the_bytes_of_sentence_transformers_encode(texts, at16, tokenizer_env):

@@ -68,8 +68,9 @@ class EncoderConfig:
             once, a window of `TOKEN_WINDOW_BATCHES` batches at a time, and batches are cut
             from each window longest first by token count, so a batch pads less than with
             sentence-transformers' order by characters (README, "What keeps an encoder busy").
-            `characters`: sentence-transformers' own order (versions written before this
-            choice). Either way each batch is the one `SentenceTransformer.encode` runs for
+            A model whose tokenizer pads otherwise than on the right to a batch's longest text
+            (`cuts_like_alone`) is cut by characters. `characters`: sentence-transformers' own
+            order (versions written before this choice). Either way each batch is the one `SentenceTransformer.encode` runs for
             that batch's texts; the batches, hence the floats' last bits, differ.
     """
 
@@ -332,14 +333,39 @@ def token_order(lengths: np.ndarray) -> np.ndarray:
 
 def rows_of(features: dict[str, Any], idx: np.ndarray, width: int) -> dict[str, Any]:
     """The features of rows `idx` of a tokenized list, cut to `width` tokens: what tokenizing
-    those texts alone gives when the tokenizer pads on the right to the longest (`Encoder`
-    checks this once per model). Values that are not per-row tensors pass as they are."""
+    those texts alone gives when the tokenizer pads on the right to the longest (which
+    `cuts_like_alone` asks of a model). Values that are not per-row tensors pass as they are."""
     import torch
 
     rows = torch.as_tensor(idx)
     n = next(iter(v.shape[0] for v in features.values() if getattr(v, "ndim", 0) == 2), None)
     return {k: v[rows, :width].contiguous() if getattr(v, "ndim", 0) == 2 and v.shape[0] == n else v
             for k, v in features.items()}
+
+
+# Texts of three distinct token counts (22, 7 and 3 with BERT's two special tokens, none a
+# multiple of 8): what `cuts_like_alone` tokenizes whole and in parts.
+_PROBE = (" ".join(["a"] * 20), " ".join(["a"] * 5), "a")
+
+
+def cuts_like_alone(model) -> bool:
+    """Whether `model`'s features of a batch cut from a longer list's (`rows_of`) equal the
+    batch tokenized alone: a tokenizer that pads on the right to the longest text, nothing
+    more. Asked of fixed texts (`_PROBE`), so the answer is the model's, never the data's, and
+    every encoder of a model cuts its batches alike. A tokenizer that pads on the left (causal
+    models) or to a multiple of some width fails it."""
+    if getattr(getattr(model, "tokenizer", None), "padding_side", "right") != "right":
+        return False
+    texts = list(_PROBE)
+    whole = model.preprocess(texts)
+    lengths = token_lengths(whole)
+    if lengths is None or len(set(lengths.tolist())) < len(texts):
+        return False  # no mask, or the texts were cut to one length: nothing to tell by
+    for rows in ([1, 2], [2], [2, 0, 1]):
+        idx = np.array(rows)
+        if not same_features(rows_of(whole, idx, int(lengths[idx].max())), model.preprocess([texts[i] for i in idx])):
+            return False
+    return True
 
 
 def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -423,8 +449,8 @@ class Encoder:
         # Tokenizing ahead (`encode`): one thread, since a fast tokenizer refuses two
         # callers at once; it runs the tokenizer's own parallelism over the node's cores.
         self.prepare_ahead = cfg.prepare_ahead if cfg.prepare_ahead is not None else device == "cuda"
-        # Whether a batch's features may be cut from its window's (`rows_of`): checked on this
-        # encoder's first batch in token order against tokenizing the batch alone.
+        # Whether a batch's features may be cut from its window's (`cuts_like_alone`), asked
+        # on this encoder's first call in token order.
         self._cut_rows: bool | None = None
         self._preparer = None
         if self.prepare_ahead:
@@ -437,7 +463,9 @@ class Encoder:
         """float32 embeddings of `texts`, in their order.
 
         `batch_order="tokens"` (`_encode_by_tokens`): batches are cut by token count from
-        windows of the texts, each tokenized once. `characters`: the texts are sorted by length
+        windows of the texts, each tokenized once; for a model whose batches cannot be cut from
+        a window's token ids (`cuts_like_alone`: left padding, padding to a multiple), by
+        characters, as sentence-transformers cuts them. `characters`: the texts are sorted by length
         and cut into batches exactly as one `SentenceTransformer.encode` call would
         (`length_order`): the same bytes as that call. Either way each batch is a call of its
         own, so one that runs out of GPU memory is retried at half the size, and the calls are
@@ -454,8 +482,14 @@ class Encoder:
         prompt = self.model.prompts.get(self.model.default_prompt_name) if self.model.default_prompt_name else None
         with self._lock:
             self.model.eval()
-            if self.cfg.batch_order == "tokens" and not skips_padding and self._encode_by_tokens(texts, out, prompt):
-                return out
+            if self.cfg.batch_order == "tokens" and not skips_padding:
+                if self._cut_rows is None:
+                    self._cut_rows = cuts_like_alone(self.model)
+                    if not self._cut_rows:
+                        log.info("this model's tokenizer pads otherwise than on the right to a batch's longest "
+                                 "text: its batches are cut by characters, as sentence-transformers cuts them")
+                if self._cut_rows and self._encode_by_tokens(texts, out, prompt):
+                    return out
             order = length_order(texts, interleave=skips_padding)
 
             def prepare(start: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -508,8 +542,8 @@ class Encoder:
                 while start < len(order):
                     idx = order[start:start + self.batch_size]
                     idx = idx[length_order([texts[w0 + i] for i in idx])]
-                    features_of_batch = self._batch_of(features, lengths, idx, texts[w0:w1], prompt)
-                    if pending is None and w1 < len(texts) and self._cut_rows:
+                    features_of_batch = rows_of(features, idx, int(lengths[idx].max()))
+                    if pending is None and w1 < len(texts):
                         # The next window's tokenizing, beside this one's batches: the tokenizer
                         # is not used here again until it is done.
                         pending = submit(tokenize, w1)
@@ -518,26 +552,9 @@ class Encoder:
                         continue
                     out[w0 + idx] = emb
                     start += len(idx)
-                if pending is None and w1 < len(texts):
-                    pending = submit(tokenize, w1)
         finally:
             _drop(pending)
         return True
-
-    def _batch_of(self, window: dict[str, Any], lengths: np.ndarray, idx: np.ndarray, texts: list[str],
-                  prompt: str | None) -> dict[str, Any]:
-        """The features of a window's rows `idx` (`texts`: the window's): cut from the window's
-        (`window`, with each text's `lengths` in tokens), which this encoder's first batch checks
-        against tokenizing the batch alone; else tokenized again."""
-        if self._cut_rows is None:
-            alone = self.model.preprocess([texts[i] for i in idx], prompt=prompt)
-            self._cut_rows = same_features(rows_of(window, idx, int(lengths[idx].max())), alone)
-            if not self._cut_rows:
-                log.info("this model's tokenizer pads otherwise than to a batch's longest on the right: "
-                         "each batch is tokenized again")
-        if self._cut_rows:
-            return rows_of(window, idx, int(lengths[idx].max()))
-        return self.model.preprocess([texts[i] for i in idx], prompt=prompt)
 
     def _forward(self, features: dict[str, Any], idx: np.ndarray, texts: list[str]) -> np.ndarray | None:
         """One tokenized batch through the model, as `SentenceTransformer.encode` runs it; None
