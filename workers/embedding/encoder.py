@@ -70,8 +70,9 @@ class EncoderConfig:
             sentence-transformers' order by characters (README, "What keeps an encoder busy").
             A model whose tokenizer pads otherwise than on the right to a batch's longest text
             (`cuts_like_alone`) is cut by characters. `characters`: sentence-transformers' own
-            order (versions written before this choice). Either way each batch is the one `SentenceTransformer.encode` runs for
-            that batch's texts; the batches, hence the floats' last bits, differ.
+            order (versions written before this choice). Either way each batch is the one
+            `SentenceTransformer.encode` runs for that batch's texts; the batches, hence the
+            floats' last bits, differ.
     """
 
     model: str | None = None
