@@ -27,8 +27,8 @@ Device = Literal["auto", "cpu", "cuda"]
 FloatPrecision = Literal["auto", "fp32", "fp16x3", "fp16", "bf16"]
 # What runs the model's transformer: torch, or onnxruntime on CPUs (workers/embedding/onnx_backend.py).
 Backend = Literal["torch", "onnx"]
-# How an encoder cuts a unit's texts into batches: by token count (the unit tokenized once, so a
-# batch pads less), or by characters, as `SentenceTransformer.encode` sorts (versions written
+# How an encoder cuts a unit's texts into batches: by token count (a window of texts tokenized
+# once, so a batch pads less), or by characters, as `SentenceTransformer.encode` sorts (versions written
 # before the choice existed). Part of the float bits, hence of a shard's name.
 BatchOrder = Literal["tokens", "characters"]
 

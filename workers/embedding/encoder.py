@@ -339,7 +339,7 @@ def rows_of(features: dict[str, Any], idx: np.ndarray, width: int) -> dict[str, 
     import torch
 
     rows = torch.as_tensor(idx)
-    n = next(iter(v.shape[0] for v in features.values() if getattr(v, "ndim", 0) == 2), None)
+    n = next((v.shape[0] for v in features.values() if getattr(v, "ndim", 0) == 2), None)
     return {k: v[rows, :width].contiguous() if getattr(v, "ndim", 0) == 2 and v.shape[0] == n else v
             for k, v in features.items()}
 
@@ -489,7 +489,8 @@ class Encoder:
                     if not self._cut_rows:
                         log.info("this model's tokenizer pads otherwise than on the right to a batch's longest "
                                  "text: its batches are cut by characters, as sentence-transformers cuts them")
-                if self._cut_rows and self._encode_by_tokens(texts, out, prompt):
+                if self._cut_rows:
+                    self._encode_by_tokens(texts, out, prompt)
                     return out
             order = length_order(texts, interleave=skips_padding)
 
@@ -516,13 +517,13 @@ class Encoder:
                 _drop(pending)
         return out
 
-    def _encode_by_tokens(self, texts: list[str], out: np.ndarray, prompt: str | None) -> bool:
+    def _encode_by_tokens(self, texts: list[str], out: np.ndarray, prompt: str | None) -> None:
         """`encode` with batches cut by token count (the caller holds the model's lock): per
         window of `TOKEN_WINDOW_BATCHES` configured batches, in text order, the window's texts
         are tokenized in one call, ordered longest first by tokens (`token_order`), and cut into
         batches whose features are cut from the window's (`rows_of`). With `prepare_ahead`, the
-        next window is tokenized while this one's batches run. False, with nothing encoded,
-        when the model's features have no attention mask to count tokens from."""
+        next window is tokenized while this one's batches run. Only for a model that
+        `cuts_like_alone`, whose features have an attention mask to count tokens from."""
         window = TOKEN_WINDOW_BATCHES * self.cfg.batch_size
 
         def tokenize(w0: int) -> tuple[int, dict[str, Any]]:
@@ -535,8 +536,6 @@ class Encoder:
                 w0, features = pending.result()
                 pending = None
                 lengths = token_lengths(features)
-                if lengths is None:
-                    return False
                 w1 = w0 + len(lengths)
                 order = token_order(lengths)
                 start = 0
@@ -555,7 +554,6 @@ class Encoder:
                     start += len(idx)
         finally:
             _drop(pending)
-        return True
 
     def _forward(self, features: dict[str, Any], idx: np.ndarray, texts: list[str]) -> np.ndarray | None:
         """One tokenized batch through the model, as `SentenceTransformer.encode` runs it; None
