@@ -104,8 +104,9 @@ def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fres
         source=source, dest=cfg.dest, text_column=latest.source.text_column, id_column=latest.source.id_column,
         encoder=EncoderConfig(model=model, batch_size=int(o.get("batch_size", DEFAULT_BATCH_SIZE)),
                               normalize=latest.model.normalize, precision=o.get("precision", "auto"),
-                              # versions from before the choice were all cut by characters
-                              batch_order=o.get("batch_order", "characters"),
+                              # versions from before the choice were all cut by characters; a new
+                              # model re-encodes every row, cut as a first ingest cuts them
+                              batch_order=o.get("batch_order", "tokens" if cfg.model else "characters"),
                               backend=latest.model.backend),
         precisions=latest.precisions, calibration_samples=_samples(o.get("calibration_samples", 10_000)),
         range_method=o.get("range_method", latest.ranges.method or "minmax"),

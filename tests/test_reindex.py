@@ -194,6 +194,11 @@ def test_a_reindex_cuts_batches_as_the_version_did(lake):
     assert ingest_config(before, ReindexConfig(str(dest)), str(raw), fresh=False).encoder.batch_order == "characters"
     by_chars = replace(latest, extra={"options": {**options, "batch_order": "characters"}})
     assert ingest_config(by_chars, ReindexConfig(str(dest)), str(raw), fresh=False).encoder.batch_order == "characters"
+    # A new model re-encodes every row: one cut as before the choice is cut as a first ingest
+    # cuts it, one that chose characters keeps them.
+    migrate = ReindexConfig(str(dest), model="another-model")
+    assert ingest_config(before, migrate, str(raw), fresh=True).encoder.batch_order == "tokens"
+    assert ingest_config(by_chars, migrate, str(raw), fresh=True).encoder.batch_order == "characters"
 
 
 def test_a_reindex_that_only_drops_a_file_reports_no_work_of_its_own(lake, tmp_path):
