@@ -1,11 +1,16 @@
 """Per-stage costs on this machine, and how commit, open and listing grow with shards and files.
 
-    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--scan-files 0 [--scan-rows 100000]]
+    python bench/scale.py [--skip-encode] [--skip-s3] [--ingest-docs 0] [--jsonl-rows 200000]
+                          [--scan-files 0 [--scan-rows 100000]]
                           [--scan-s3 0] [--open-s3 0] [--latency-ms 0] [--history-versions 0]
                           [--shard-sizes 10000,1000,100 [--shard-size-rows 100000]] [--json]
 
 Measured here, each stage alone:
   read       Parquet rows/s and MB/s of text through the ingest's reader (`iter_batches`);
+  jsonl      the same rows as one JSON Lines file (--jsonl-rows, 0 to skip): its read as the scan
+             reads it, parsed a segment at a time and leaving marks, against one parse of the
+             whole file (what the reader did before segments); then each 10,000-row unit read
+             from the file's start (as units were read before marks) against from its mark;
   scan       rows/s of one file's scan read from the file (id and text columns, classified,
              digested) against read from its kept scan (`scans/<id>.npy`), and the bytes of each;
              with --scan-files N, the whole scan phase of a job (`workers/ingest/pipeline.scan`
@@ -118,6 +123,45 @@ def bench_read(work: str, rows: int = 200_000) -> dict:
     s = timed(read, 3)
     return {"rows": rows, "text_mb": round(mb, 1), "s": round(s, 3), "rows_per_s": round(rows / s),
             "mb_per_s": round(mb / s, 1)}
+
+
+def bench_jsonl(work: str, rows: int = 200_000, unit_rows: int = 10_000) -> dict:
+    """`bench_read`'s rows as one JSON Lines file: the scan's read and the units' reads, with and
+    without the segments and marks that let a unit start near its first row."""
+    import workers.ingest.source as source
+    from workers.ingest.source import iter_batches, list_source
+
+    lake = os.path.join(work, "jsonl")
+    os.makedirs(lake)
+    body = texts(2000)
+    with open(os.path.join(lake, "part-0.jsonl"), "w") as out:
+        for i in range(rows):
+            out.write(json.dumps({"id": f"d{i}", "text": f"{body[i % len(body)]} ({i})"}) + "\n")
+    fs, root, [f] = list_source(lake)
+
+    def read(start=0, stop=None, mark=None, marks=None):
+        n = sum(b.num_rows for _, b in iter_batches(fs, root, f, ["id", "text"], start, stop, "text", mark, marks))
+        assert n == (stop or rows) - start, n
+
+    def one_parse(start=0, stop=None):  # the reader before segments: one parse from the file's start
+        batches = source._jsonl_batches(lambda: source._open(fs, root, f), f, ["id", "text"], "text")
+        n = sum(b.num_rows for _, b in source._window(batches, 0, start, stop))
+        assert n == (stop or rows) - start, n
+
+    marks: list = []
+    read(marks=marks)
+    scan = timed(read, 3)
+    whole = timed(one_parse, 3)
+    bounds = list(range(0, rows, unit_rows))
+    at = [max((m for m in marks if m.row <= a), default=None, key=lambda m: m.byte) for a in bounds]
+    from_start = [timed(lambda a=a: one_parse(a, min(a + unit_rows, rows)), 2) for a in bounds]
+    from_mark = [timed(lambda a=a, m=m: read(a, min(a + unit_rows, rows), m), 2) for a, m in zip(bounds, at)]
+    return {"rows": rows, "mb": round(f.size / 1e6, 1), "marks": len(marks),
+            "scan_s": round(scan, 3), "one_parse_s": round(whole, 3), "scan_vs_one_parse": round(scan / whole, 3),
+            "units": len(bounds), "first_unit_s": [round(from_start[0], 3), round(from_mark[0], 3)],
+            "last_unit_s": [round(from_start[-1], 3), round(from_mark[-1], 3)],
+            "units_from_start_s": round(sum(from_start), 2), "units_from_marks_s": round(sum(from_mark), 2),
+            "units_from_marks_vs_start": round(sum(from_mark) / sum(from_start), 3)}
 
 
 def bench_scan(work: str) -> dict:
@@ -537,6 +581,7 @@ def main() -> None:
     p.add_argument("--skip-encode", action="store_true")
     p.add_argument("--skip-s3", action="store_true")
     p.add_argument("--ingest-docs", type=int, default=0, help="measure the overlap on an ingest of N demo docs")
+    p.add_argument("--jsonl-rows", type=int, default=200_000, help="rows of the JSON Lines read (0: skip it)")
     p.add_argument("--scan-files", type=int, default=0, help="time the scan phase over N files of --scan-rows rows")
     p.add_argument("--scan-rows", type=int, default=100_000)
     p.add_argument("--scan-s3", type=int, default=0, help="time one scan task over N small Parquet files on S3")
@@ -558,6 +603,9 @@ def main() -> None:
     try:
         res["read"] = bench_read(work)
         print("read", res["read"], flush=True)
+        if a.jsonl_rows:
+            res["jsonl"] = bench_jsonl(work, a.jsonl_rows)
+            print("jsonl", res["jsonl"], flush=True)
         res["scan"] = bench_scan(work)
         print("scan", res["scan"], flush=True)
         if a.scan_files:

@@ -166,10 +166,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         manifest = saved_ranges or calibrated(cfg, sample, fingerprint, encoders)
         t_cal = time.perf_counter() - t_cal
         ranges_path = f"ranges/{manifest.id}.json"
-        units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id)
+        units = plan_units(cfg, files, rows_per_file, row_groups, duplicates, fingerprint, manifest.id, found.marks)
         # The same units named with the float16 shards' ranges: those names find their shards.
         same = units if requantize is None or requantize.ranges_id == manifest.id else plan_units(
-            cfg, files, rows_per_file, row_groups, duplicates, fingerprint, requantize.ranges_id)
+            cfg, files, rows_per_file, row_groups, duplicates, fingerprint, requantize.ranges_id, found.marks)
         plan = Plan.of(units, base, requantize_map(units, same, requantize))
         if dry_run or plan.unchanged:
             return IngestResult(None, None, plan.summary(scanned, committed=False))

@@ -164,6 +164,49 @@ def test_a_unit_with_every_row_rejected_is_written_with_the_ranges_dimension(tmp
     assert (index.d, index.ntotal) == (384, 0)
 
 
+def test_units_deep_in_a_large_jsonl_file_read_it_from_the_scans_mark(tmp_path, docs, monkeypatch):
+    """A JSON Lines file of two 4 MiB segments: its last units read from the mark the scan left
+    where the second starts, not from the file's start, and write the shards a read from the
+    start writes, rejects (a blank text, a duplicate id) included."""
+    import jobs.ingest
+    from workers.lake.versions import read_version
+    from workers.lake.storage import url_to_fs
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    records = [{"id": d, "text": t, "pad": "x" * 100_000} for d, t in docs[:64]]
+    records[60] = {**records[60], "text": " "}
+    records[62] = {**records[62], "id": docs[3][0]}
+    (lake / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    real, planned = jobs.ingest.plan_units, []
+
+    def plan(*args, marks=True):
+        units = real(*args[:7], *args[7:] if marks else ())
+        planned.append(units)
+        return units
+    cfg = IngestConfig(str(lake), str(tmp_path / "marks"), id_column="id", calibration_samples=64, unit_rows=8,
+                       encoder=EncoderConfig(batch_size=32), progress=False)
+    monkeypatch.setattr(jobs.ingest, "plan_units", plan)
+    run(cfg)
+    ranges = read_version(*url_to_fs(cfg.dest)).ranges.path
+    monkeypatch.setattr(jobs.ingest, "plan_units", lambda *args: plan(*args, marks=False))
+    run(IngestConfig(str(lake), str(tmp_path / "start"), id_column="id", ranges=f"{cfg.dest}/{ranges}", unit_rows=8,
+                     encoder=EncoderConfig(batch_size=32), progress=False))
+    raw = (lake / "big.jsonl").read_bytes()
+    starts = [(u.row_start, u.start) for u in planned[0] if u.start]
+    assert [a for a, _ in starts] == [48, 56] and {m for _, m in starts} == {starts[0][1]}
+    row, byte = starts[0][1]
+    assert 40 < row <= 48 and raw[byte - 1:byte] == b"\n" and raw[:byte].count(b"\n") == row
+    assert {u.start for u in planned[1]} == {None} and [u.shard_id for u in planned[1]] == [
+        u.shard_id for u in planned[0]]
+
+    def shards(dest):
+        return [(s.id, s.rows, s.sha256, s.index_sha256, s.rejects and s.rejects.sha256)
+                for s in read_version(*url_to_fs(str(tmp_path / dest))).shards]
+    assert shards("marks") == shards("start") and sum(s[1] for s in shards("marks")) == 62
+    assert sum(isinstance(s[4], str) for s in shards("marks")) == 1
+
+
 @pytest.mark.parametrize("when", ["list_source", "plan_units"])
 def test_a_file_replaced_while_the_job_runs_stops_it_and_commits_nothing(tmp_path, docs, monkeypatch, when):
     """A writer replaces part-00001 after the job listed the lake (the scan reads the new file) or

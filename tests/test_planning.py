@@ -55,6 +55,19 @@ def test_plan_units_assigns_every_row_of_every_file_to_exactly_one_unit(shapes, 
     assert all(WorkUnit.from_json(u.to_json()) == u for u in units)
 
 
+def test_a_jsonl_unit_starts_reading_at_the_last_mark_before_its_first_row():
+    """The scan's marks say where a unit starts reading a JSON Lines file; where it reads from
+    is not what it holds, so its shard's name is the same with or without them."""
+    f = SourceFile("a.jsonl", 100, "v", "jsonl")
+    cfg = IngestConfig("src", "dst", unit_rows=10)
+    marks = [[4, 400], [9, 900], [10, 1000], [10, 1010], [23, 2300]]  # a segment of blank lines: 1000
+    units = plan_units(cfg, [f], [35], [None], {}, "sha256:m", "r" * 64, [marks])
+    assert [(u.row_start, u.start) for u in units] == [(0, None), (10, (10, 1010)), (20, (10, 1010)), (30, (23, 2300))]
+    bare = plan_units(cfg, [f], [35], [None], {}, "sha256:m", "r" * 64)
+    assert [u.shard_id for u in bare] == [u.shard_id for u in units] and {u.start for u in bare} == {None}
+    assert all(WorkUnit.from_json(u.to_json()) == u for u in units)
+
+
 def test_shard_ids_are_deterministic_and_cover_what_decides_the_rows():
     f = SourceFile("a.parquet", 100, "etag1", "parquet")
     cfg = IngestConfig("src", "dst", unit_rows=10)

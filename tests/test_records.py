@@ -106,10 +106,11 @@ def test_shard_record_round_trips_with_its_per_dimension_counts():
 
 
 @given(st.text(min_size=1), st.integers(0, 10**12), st.integers(0, 10**6),
-       st.lists(st.tuples(st.integers(0, 10**6), st.text(min_size=1), st.integers(0, 10**6)), max_size=5))
-def test_work_unit_round_trips(relpath, size, start, dups):
+       st.lists(st.tuples(st.integers(0, 10**6), st.text(min_size=1), st.integers(0, 10**6)), max_size=5),
+       st.none() | st.tuples(st.integers(0, 10**6), st.integers(1, 10**12)))
+def test_work_unit_round_trips(relpath, size, start, dups, mark):
     unit = WorkUnit("f" * 32, SourceFile(relpath, size, "etag", "parquet"), start, start + 7,
-                    tuple(Duplicate(*d) for d in dups))
+                    tuple(Duplicate(*d) for d in dups), mark)
     assert WorkUnit.from_json(unit.to_json()) == unit
     assert unit.rows == 7 and unit.source == ShardSource(relpath, start, start + 7)
 

@@ -1,6 +1,7 @@
 """Source listing and row-range reading, Parquet and JSON Lines alike."""
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -214,6 +215,86 @@ def test_a_jsonl_unit_deep_in_a_file_reads_the_rows_a_whole_read_gives_there(tmp
     assert len(whole) == 50_000 and whole[40_000][1] == "a string" and whole[-1][2].startswith("text 49999 ")
     for start, stop in ((0, 10), (12_345, 12_400), (39_990, 40_010), (40_001, 40_002), (49_990, None), (50_000, None)):
         assert rows(start, stop) == whole[start:stop], (start, stop)
+
+
+def _tricky_jsonl() -> bytes:
+    """Blank and whitespace lines, CRLF endings, ids of every type (a string among numbers, one
+    past 64 bits, fractions: read line by line from there), a line longer than a 300-byte
+    segment, and a last line without its newline."""
+    lines = []
+    for i in range(400):
+        ident = {57: "a string", 150: 2 ** 70, 222: 2.5, 223: True, 300: None}.get(i, i)
+        lines.append(json.dumps({"id": ident, "text": f"text {i} " + "y" * (700 if i == 77 else i % 40)}))
+        if i % 13 == 0:
+            lines += ["", "  \t"]
+    return "\r\n".join(lines).encode()
+
+
+def test_a_jsonl_read_from_a_mark_gives_the_rows_a_read_from_the_start_gives(tmp_path, monkeypatch):
+    """A unit deep in a large JSON Lines file parsed every row before it (a 10 GB file: hours of
+    CPU in all): the scan marks where each segment starts, and a unit reads from the mark before
+    its first row, the same rows as a read from the file's start."""
+    import workers.ingest.source as source
+
+    path = tmp_path / "x.jsonl"
+    raw = _tricky_jsonl()
+    path.write_bytes(raw)
+    fs, root, [f] = list_source(str(path))
+
+    def rows(start=0, stop=None, mark=None, marks=None):
+        got = [classify(f, first, b, "text", "id")
+               for first, b in iter_batches(fs, root, f, ["text", "id"], start, stop, "text", mark, marks)]
+        return [(r, i, t, why) for c in got for r, i, t, why in zip(c.row.tolist(), c.ids, c.texts, c.reason)]
+
+    one_parse = rows()  # the file is one segment: parsed whole, as before segments
+    assert len(one_parse) == 400 and one_parse[57][1] == "a string" and one_parse[150][1] == str(2 ** 70)
+    assert [one_parse[i][1] for i in (222, 223, 224)] == ["2.5", "true", "224"] and one_parse[300][3] == "null_id"
+    monkeypatch.setattr(source, "JSONL_SEGMENT", 300)
+    marks = []
+    assert rows(marks=marks) == one_parse
+    # Batches kept while later segments are read (into the same buffer) keep their values.
+    kept = list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+    got = [classify(f, first, b, "text", "id") for first, b in kept]
+    assert len(kept) > 40 and [(r, i, t) for c in got for r, i, t in zip(c.row.tolist(), c.ids, c.texts)] == [
+        r[:3] for r in one_parse]
+    assert len(marks) > 40 and [m.byte for m in marks] == sorted({m.byte for m in marks})
+    for m in marks:  # a line's start, and the rows before it
+        assert raw[m.byte - 1:m.byte] == b"\n"
+        assert m.row == sum(1 for line in raw[:m.byte].split(b"\n")[:-1] if line.strip())
+    long_line = next(i for i, m in enumerate(marks) if m.row > 77)
+    assert marks[long_line].byte - marks[long_line - 1].byte > 700  # a line longer than a segment is one segment
+    for m in marks[::7] + marks[-1:]:
+        for start, stop in ((m.row, m.row + 1), (m.row + 3, m.row + 40), (m.row, None)):
+            assert rows(start, stop, m) == one_parse[start:stop], (m, start, stop)
+    with pytest.raises(ValueError, match=r"x\.jsonl: a read from row 10 cannot start at the mark of row "):
+        rows(10, 20, marks[-1])
+
+    # What lies before the mark is never parsed: the same rows with those bytes ruined.
+    m = marks[len(marks) // 2]
+    path.write_bytes(b"!" * m.byte + raw[m.byte:])
+    assert rows(m.row + 2, m.row + 9, m) == one_parse[m.row + 2:m.row + 9]
+    with pytest.raises(SourceError, match=r"x\.jsonl: line 1 is not a JSON object"):
+        rows(m.row + 2, m.row + 9)
+
+    # A line refused past a mark is named by its line in the file, read from the mark or not.
+    bad = raw[:m.byte] + raw[m.byte:].replace(b'"text": "text', b'"text": 5, "t": "text', 1)
+    path.write_bytes(bad)
+    line = raw[:m.byte].count(b"\n") + 1 + raw[m.byte:].split(b'"text": "text')[0].count(b"\n")
+    for mark in (None, m):
+        with pytest.raises(SourceError, match=rf": line {line} holds a number in the text column 'text'"):
+            rows(m.row, None, mark)
+    # And one the line-by-line reader refuses, reached from a float (0.5) and an integer float64
+    # cannot hold (2**53 + 1), or from a string among numbers.
+    for ids in ((b"0.5", b"9007199254740993", b"1e17"), (b'"s"', b"1e17")):
+        lines = raw[m.byte:].split(b"\r\n")
+        at = [i for i, text in enumerate(lines) if text.strip()][:len(ids)]
+        for i, ident in zip(at, ids):
+            lines[i] = re.sub(rb'^\{"id": [^,]*,', b'{"id": ' + ident + b",", lines[i])
+        path.write_bytes(raw[:m.byte] + b"\r\n".join(lines))
+        line = raw[:m.byte].count(b"\n") + 1 + at[-1]
+        for mark in (None, m):
+            with pytest.raises(SourceError, match=rf": line {line} holds the number 1e17 in column 'id'"):
+                rows(m.row, None, mark)
 
 
 def test_a_process_that_read_part_of_a_large_jsonl_file_exits_cleanly(tmp_path):

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections import Counter, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -253,6 +253,8 @@ class Scanned:
         sample: the calibration sample (empty when the job has ranges).
         scans: each file's kept scan (None: none kept, in a dry run).
         files_reused: files whose kept scan was read instead of the file.
+        marks: per file, where its units may start reading it (`workers.ingest.source.Mark`:
+            an uncompressed JSON Lines file read by the scan; empty for the others).
     """
 
     rows: list[int]
@@ -260,6 +262,7 @@ class Scanned:
     sample: Sample
     scans: list[ScanRef] | None = None
     files_reused: int = 0
+    marks: list[list] = field(default_factory=list)
 
 
 def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
@@ -297,6 +300,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
     del refs  # the partitions live on through dup_refs' tasks; the summaries are fetched below
     sample = Sample(0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP)
     rows: list[int] = []
+    marks: list[list] = []
     scans: list[ScanRef] = []
     valid = reused = 0
     try:
@@ -309,6 +313,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
             sample = sample.merge(summary["sample"])
             for i, s in zip(group, summary["files"]):
                 rows.append(s["rows"])
+                marks.append(s["marks"])
                 valid += s["valid"]
                 reused += s["reused"]
                 if s["problem"]:
@@ -329,7 +334,7 @@ def scan(cfg: IngestConfig, files, pool: dict[str, Any] | None = None,
         for e in d:
             duplicates.setdefault(int(e["file"]), []).append(
                 Duplicate(int(e["row"]), files[int(e["first_file"])].relpath, int(e["first_row"])))
-    return Scanned(rows, duplicates, sample, scans if keep else None, reused)
+    return Scanned(rows, duplicates, sample, scans if keep else None, reused, marks)
 
 
 def scan_groups(costs: list[int], cpus: float) -> list[range]:

@@ -1,6 +1,7 @@
 """Work-unit planning without I/O: cut files into row ranges and name the shard each becomes."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -13,7 +14,7 @@ from workers.vocab import FLOAT16
 
 def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Sequence[int],
                row_groups: Sequence[Sequence[int] | None], duplicates: Mapping[int, Sequence[Duplicate]],
-               fingerprint: str, ranges_id: str) -> list[WorkUnit]:
+               fingerprint: str, ranges_id: str, marks: Sequence[Sequence] | None = None) -> list[WorkUnit]:
     """Split files into work units of at most `unit_rows` rows (Parquet: whole row groups), each
     named by the shard it becomes.
 
@@ -22,11 +23,16 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
         row_groups: per file, its Parquet row group sizes (from `check_file`), or None.
         duplicates: per file index, the scan's duplicate-id rows.
         fingerprint, ranges_id: the model's and the ranges', part of every shard id.
+        marks: per file, the scan's marks (`workers.ingest.source.Mark`, by row): a unit starts
+            reading at the last one at or before its first row. Not part of its shard's name.
     """
     units = []
     for i, (f, n, groups) in enumerate(zip(files, rows_per_file, row_groups)):
         bounds = row_bounds(n, cfg.unit_rows, groups)
+        file_marks = [tuple(m) for m in marks[i]] if marks else []
         for a, b in zip(bounds, bounds[1:]):
+            at = bisect.bisect_right([m[0] for m in file_marks], a)
+            start = file_marks[at - 1] if at else None
             dups = tuple(d for d in duplicates.get(i, ()) if a <= d.row < b)
             # The duplicates decide which rows the shard holds (and its rejects' text), and they
             # depend on other files: they are part of the shard's name, so a rerun after the lake
@@ -35,7 +41,7 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
                            cfg.text_column, cfg.id_column, cfg.encoder.normalize, cfg.index_type,
                            [(d.row, d.first_file, d.first_row) for d in dups], cfg.encoder.precision,
                            cfg.encoder.batch_size, cfg.encoder.batch_order)
-            units.append(WorkUnit(sid, f, a, b, dups))
+            units.append(WorkUnit(sid, f, a, b, dups, start))
     return units
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +24,8 @@ from workers.lake.storage import url_to_fs
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 # JSON Lines files may be compressed as a whole (`part-0.jsonl.gz`): read through Arrow's stream
-# codecs, named by the last suffix. A compressed file is read from its start by every unit, as
-# an uncompressed one is.
+# codecs, named by the last suffix. A compressed file is read from its start by every unit; an
+# uncompressed one from the scan's mark before the unit's first row (`Mark`).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4"}
 READ_BATCH_ROWS = 4096
 
@@ -296,13 +297,27 @@ def _holds_key(open_file, f: SourceFile, column: str, text_column: str) -> bool:
     return False
 
 
+class Mark(NamedTuple):
+    """Where a segment of an uncompressed JSON Lines file starts (`_jsonl_segments`): its first
+    row and the byte it starts at (a line's first). A read from a mark gives the rows a read
+    from the file's start gives from that row on."""
+
+    row: int
+    byte: int
+
+
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
-                 row_stop: int | None = None, text_column: str | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+                 row_stop: int | None = None, text_column: str | None = None, start: Mark | None = None,
+                 marks: list[Mark] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Stream rows [row_start, row_stop) of `f` as `(first row number, batch)` pairs.
 
     `text_column`, one of `columns`, must hold strings in a JSON Lines file (a line where it
     holds something else raises SourceError naming the line); the other columns may hold
     strings, numbers or booleans.
+
+    An uncompressed JSON Lines file is read from `start` (a mark at or before `row_start` that
+    an earlier read of the file appended to its `marks`: the scan's), not from its start: JSON
+    Lines has no row index, and a unit deep in a large file parsed every row before it.
     """
     if f.format == "parquet":
         pf = _open_parquet(fs, root, f)
@@ -318,12 +333,21 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
             return
         batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=columns)
         yield from _window(batches, first, row_start, row_stop)
+    elif _codec(f) is None:
+        at = start or Mark(0, 0)
+        if at.row > row_start:
+            raise ValueError(f"{f.relpath}: a read from row {row_start} cannot start at the mark of row {at.row}")
+        yield from _window(_jsonl_segments(fs, root, f, columns, text_column, at, marks), at.row, row_start, row_stop)
     else:
         yield from _window(_jsonl_batches(lambda: _open(fs, root, f), f, columns, text_column), 0,
                            row_start, row_stop)
 
 
 JSONL_BLOCK = 1 << 22
+# An uncompressed JSON Lines file is parsed a segment at a time: the bytes from where the last
+# one ended, JSONL_SEGMENT of them cut after their last line (a longer line: to its end), so
+# where a segment starts depends on the bytes alone, whichever mark the read began at.
+JSONL_SEGMENT = JSONL_BLOCK
 # Arrow's JSON reader parses without threads of its own (`use_threads=False`): with them, a read
 # that stops before the file's end (a unit's last row) left a thread reading the Python file
 # object, and the process aborted ("terminate called without an active exception") or hung
@@ -337,8 +361,72 @@ _NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't pars
 _CORRUPT = re.compile(r"Truncated compressed stream|decompress failed|inflate failed")
 
 
-def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None
-                   ) -> Iterator[pa.RecordBatch]:
+def _jsonl_segments(fs, root: str, f: SourceFile, columns: list[str], text_column: str | None, at: Mark,
+                    marks: list[Mark] | None) -> Iterator[pa.RecordBatch]:
+    """The rows of an uncompressed JSON Lines file from mark `at` on, parsed a segment at a time
+    (JSONL_SEGMENT), each as `_jsonl_batches` parses a file: the same rows, ids and errors (lines
+    counted from the file's first) as one parse from the file's start, since a segment starts
+    at a line's start and a value's string does not depend on the lines before it. Each
+    segment's mark but the file's first is appended to `marks`. The column types one segment
+    found go on to the next, so a file of number ids is not parsed twice per segment."""
+    types = {c: pa.string() for c in columns}
+    row, byte = at
+    # One buffer for every segment (a fresh 4 MiB object per segment cost a quarter of the parse
+    # in page faults); a line longer than a segment is read into bytes of its own.
+    buf, held = bytearray(JSONL_SEGMENT), 0
+    with _open(fs, root, f) as fh:
+        if byte:
+            fh.seek(byte)
+        while True:
+            n = held + _read_into(fh, memoryview(buf)[held:])
+            if n == 0:
+                return
+            data, cut = buf, n if n < JSONL_SEGMENT else buf.rfind(b"\n") + 1
+            if cut == 0:  # no line ends in the segment's bytes: it runs to the end of its line
+                data = bytes(buf)
+                while cut == 0:
+                    more = fh.read(JSONL_SEGMENT)
+                    nl = more.find(b"\n")
+                    data += more
+                    cut = len(data) if not more else len(data) - len(more) + nl + 1 if nl >= 0 else 0
+                n = len(data)
+            segment = memoryview(data)[:cut]
+            if marks is not None and byte:
+                marks.append(Mark(row, byte))
+            # The lines before the segment are counted only for an error that names a line.
+            lines = 0 if byte == 0 else functools.partial(_lines_before, fs, root, f, byte)
+            for batch in _jsonl_batches(lambda: pa.BufferReader(segment), f, columns, text_column, types, lines):
+                row += batch.num_rows
+                yield batch
+            byte += cut
+            held = n - cut  # the bytes read past the segment start the next one
+            buf[:held] = data[cut:n]
+
+
+def _read_into(fh, view: memoryview) -> int:
+    """Fill `view` from `fh`: its length, less only at the file's end."""
+    got = 0
+    while got < len(view) and (n := fh.readinto(view[got:])):
+        got += n
+    return got
+
+
+def _lines_before(fs, root: str, f: SourceFile, byte: int) -> int:
+    """The lines of `f` before byte `byte`, a line's start."""
+    lines = 0
+    with _open(fs, root, f) as fh:
+        while byte > 0 and (piece := fh.read(min(byte, JSONL_SEGMENT))):
+            lines += piece.count(b"\n")
+            byte -= len(piece)
+    return lines
+
+
+def _line_number(base: int | Callable[[], int]) -> int:
+    return base() if callable(base) else base
+
+
+def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None,
+                   types: dict | None = None, line_base: int | Callable[[], int] = 0) -> Iterator[pa.RecordBatch]:
     """A JSON Lines file's rows, in the requested columns only, as batches (one per block).
 
     The columns are read with explicit types and every other key is ignored, so a key the job
@@ -351,9 +439,12 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
     numbers, an integer past 64 bits, one past 2**53 among fractions) are read on, from the
     first row not given, line by line (`_line_batches`). A line that cannot be parsed, or a
     text that is not a string, raises SourceError naming the file and the line (the line Arrow's
-    row is on, blank lines counted). An empty file gives no rows.
+    row is on, blank lines counted, plus `line_base`: the lines before the bytes `open_file`
+    gives, 0 at the file's start, or a call that counts them). An empty file gives no rows.
+    `types`: the columns' types to start with (all strings when None), updated in place as they
+    change.
     """
-    types = {c: pa.string() for c in columns}
+    types = {c: pa.string() for c in columns} if types is None else types
     given = 0
     for _ in range(3 * len(columns) + 1):
         schema = pa.schema([(c, types[c]) for c in columns])
@@ -375,18 +466,18 @@ def _jsonl_batches(open_file, f: SourceFile, columns: list[str], text_column: st
                         yield _exact_ids(b.slice(skip), types, text_column, f, given - (b.num_rows - skip),
                                          open_file)
             except _ByLine as turn:
-                yield from _line_batches(open_file, f, columns, text_column, turn.row)
+                yield from _line_batches(open_file, f, columns, text_column, turn.row, line_base)
                 return
             except pa.ArrowInvalid as exc:
                 if _empty(exc):
                     return
                 retyped = _retype(exc, types, text_column)
                 if retyped is None and _by_line(exc, types, text_column):
-                    yield from _line_batches(open_file, f, columns, text_column, given)
+                    yield from _line_batches(open_file, f, columns, text_column, given, line_base)
                     return
                 if retyped is None:
-                    raise _jsonl_error(f, exc, rows, text_column, open_file) from None
-                types = retyped
+                    raise _jsonl_error(f, exc, rows, text_column, open_file, line_base) from None
+                types.update(retyped)
             except OSError as exc:
                 if not _CORRUPT.search(str(exc)):
                     raise  # the store's own error (a network failure, a file gone): not the file's bytes
@@ -466,14 +557,14 @@ def _by_line(exc: pa.ArrowInvalid, types: dict, text_column: str | None) -> bool
 
 
 def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str | None,
-                  start: int) -> Iterator[pa.RecordBatch]:
+                  start: int, line_base: int | Callable[[], int] = 0) -> Iterator[pa.RecordBatch]:
     """A JSON Lines file's rows from row `start` on, parsed line by line with Python's JSON reader:
     for the rare file whose ids Arrow cannot read as written (`_by_line`). The same rows, and
     the same strings for the same values, as Arrow's path gives (an integer's digits, `true`,
     a float with a fraction as Arrow writes it, a whole one as an integer), in string columns;
     a whole float past 2**53 (`1e17`, `9007199254740993.0`) is refused naming its line, as it
     may stand for more than one integer. Bytes that are not UTF-8 stay as they are (the
-    rejects' check finds them)."""
+    rejects' check finds them). Lines are counted after `line_base` (as `_jsonl_batches`)."""
     row = number = 0
     out: dict[str, list] = {c: [] for c in columns}
 
@@ -492,7 +583,7 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
         return pa.RecordBatch.from_arrays(arrays, names=columns)
 
     def refuse(why: str) -> SourceError:
-        return SourceError(f"JSON Lines file {f.relpath}: line {number} {why}")
+        return SourceError(f"JSON Lines file {f.relpath}: line {number + _line_number(line_base)} {why}")
 
     with open_file() as fh:
         for raw in _lines(fh):
@@ -566,18 +657,18 @@ def _json_kind(v: Any) -> str:
     return {str: "string", _Object: "object", list: "array"}[type(v)]
 
 
-def _line_of(open_file, row: int) -> int | str:
-    """The line (from 1) of a JSON Lines file's row `row` (from 0): Arrow counts rows, and skips
-    blank lines. "a line after line N" when the file ends first (it changed meanwhile)."""
+def _line_of(open_file, row: int, line_base: int | Callable[[], int] = 0) -> int | str:
+    """The line (from 1, after `line_base`) of a JSON Lines file's row `row` (from 0): Arrow counts
+    rows, and skips blank lines. "a line after line N" when the file ends first (it changed meanwhile)."""
     n = lines = 0
     with open_file() as fh:
         for raw in _lines(fh):
             lines += 1
             if raw.strip():
                 if n == row:
-                    return lines
+                    return lines + _line_number(line_base)
                 n += 1
-    return f"a line after line {lines}"
+    return f"a line after line {lines + _line_number(line_base)}"
 
 
 def _lines(fh) -> Iterator[bytes]:
@@ -591,12 +682,14 @@ def _lines(fh) -> Iterator[bytes]:
         yield rest
 
 
-def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None, open_file) -> SourceError:
+def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None, open_file,
+                 line_base: int | Callable[[], int] = 0) -> SourceError:
     """The error naming the line of a JSON Lines file that Arrow refused (`rows`: the rows Arrow
-    gave before the block it refused)."""
+    gave before the block it refused; `line_base`: the lines before the bytes `open_file` gives)."""
     first = str(exc).splitlines()[0]
     m = re.search(r"\bin row (\d+)", first)
-    at = f"line {_line_of(open_file, rows + int(m.group(1)))}" if m else f"a line after line {rows}"
+    at = (f"line {_line_of(open_file, rows + int(m.group(1)), line_base)}" if m
+          else f"a line after line {_line_number(line_base) + rows}")
     first = re.sub(r"\s*\bin row \d+$", "", first)  # Arrow's row, counted from 0 within its block
     changed = _CHANGED.search(first)
     twice = _TWICE.search(first)
@@ -611,7 +704,7 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
                            f"{changed.group(1)!r}, where earlier lines hold a {changed.group(2)}; "
                            "fix or remove that line")
     with open_file() as fh:
-        head = fh.read(4)
+        head = fh.read(4) if line_base == 0 else b""  # a segment past the file's start has no byte order mark
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return SourceError(f"JSON Lines file {f.relpath} is UTF-16 (it starts with a UTF-16 byte order mark): "
                            "JSON Lines must be UTF-8; convert it (e.g. iconv -f UTF-16 -t UTF-8)")

@@ -22,7 +22,7 @@ from workers.ingest.config import IngestConfig
 from workers.ingest.scan import (SAMPLE_CAP, FileScan, from_kept, id_digests, kept_bytes, sample_keys, scan_path,
                                  scan_rows)
 from workers.ingest.shard_builder import completed_shard, float16_rows, write_shard, write_sidecar
-from workers.ingest.source import SourceError, classify, iter_batches, source_root, unchanged
+from workers.ingest.source import Mark, SourceError, classify, iter_batches, source_root, unchanged
 from workers.lake.records import ScanRef, ShardRecord, SourceFile, WorkUnit
 from workers.lake.storage import cat_uncached, join, over_network, put_bytes
 from workers.ray_session import node_id
@@ -112,8 +112,9 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
         keep: write the file's kept scan when it was read from the source (not in a dry run).
 
     Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object; the
-    summary's `scan` is the kept scan's record (None unless `keep` or reused) and `reused`
-    says whether the source file was read.
+    summary's `scan` is the kept scan's record (None unless `keep` or reused), `reused`
+    says whether the source file was read, and `marks` where its units may start reading an
+    uncompressed JSON Lines file read now (`Mark`s past its first segment; none otherwise).
     """
     k = 0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP
     dest = cfg.url_to_fs(cfg.dest) if keep or kept is not None else None
@@ -125,11 +126,12 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
             problem = f"kept scan {kept.path} of {f.relpath} cannot be used ({exc}): the file was read"
     if verified is not None and k == 0:
         return ({"rows": verified.rows, "valid": verified.valid, "sample": verified.sample, "scan": kept,
-                 "reused": True, "problem": None}, *verified.parts)
+                 "reused": True, "problem": None, "marks": []}, *verified.parts)
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
+    marks: list[Mark] = []  # where a large JSON Lines file's units start reading
     batches = (classify(f, first, b, cfg.text_column, cfg.id_column)
-               for first, b in iter_batches(fs, root, f, _columns(cfg), text_column=cfg.text_column))
+               for first, b in iter_batches(fs, root, f, _columns(cfg), text_column=cfg.text_column, marks=marks))
     try:
         with unchanged(fs, root, f):
             s: FileScan = scan_rows(batches, file_index, n_parts, cfg.seed, k)
@@ -148,7 +150,7 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
         put_bytes(dest[0], join(dest[1], path), data)
         ref = ScanRef(f.relpath, path, sha256_hex(data), len(data), s.rows, s.valid)
     return ({"rows": s.rows, "valid": s.valid, "sample": s.sample, "scan": ref, "reused": False,
-             "problem": problem}, *s.parts)
+             "problem": problem, "marks": marks}, *s.parts)
 
 
 def scan_files(cfg: IngestConfig, group: list[tuple[int, SourceFile, ScanRef | None]], n_parts: int,
@@ -245,7 +247,8 @@ def _read(unit: WorkUnit, cfg: IngestConfig) -> UnitRows:
     ids, rows, texts, rejects = [], [], [], []
     with unchanged(fs, root, f):
         for first, batch in iter_batches(fs, root, f, _columns(cfg), unit.row_start, unit.row_stop,
-                                         text_column=cfg.text_column):
+                                         text_column=cfg.text_column,
+                                         start=Mark(*unit.start) if unit.start else None):
             b = classify(f, first, batch, cfg.text_column, cfg.id_column)
             for i, row in enumerate(b.row.tolist()):
                 reason, detail = b.reason[i], ""

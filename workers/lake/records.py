@@ -133,6 +133,9 @@ class WorkUnit:
         file: the source file.
         row_start, row_stop: the row range.
         duplicates: rows of the range that go to rejects as duplicate ids.
+        start: where to start reading an uncompressed JSON Lines file, as the scan found it:
+            `(row, byte)` of a line at or before `row_start` (`workers.ingest.source.Mark`); None:
+            at the file's start.
     """
 
     shard_id: str
@@ -140,6 +143,7 @@ class WorkUnit:
     row_start: int
     row_stop: int
     duplicates: tuple[Duplicate, ...] = ()
+    start: tuple[int, int] | None = None
 
     @property
     def rows(self) -> int:
@@ -156,13 +160,15 @@ class WorkUnit:
         """One string: a step's row carries the unit in one field."""
         return json.dumps({"shard_id": self.shard_id, "file": self.file.to_json(), "row_start": self.row_start,
                            "row_stop": self.row_stop,
-                           "duplicates": [[d.row, d.first_file, d.first_row] for d in self.duplicates]})
+                           "duplicates": [[d.row, d.first_file, d.first_row] for d in self.duplicates],
+                           "start": None if self.start is None else list(self.start)})
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "WorkUnit":
         doc = _loads(data, "work unit")
         return cls(doc["shard_id"], SourceFile.from_json(doc["file"]), int(doc["row_start"]),
-                   int(doc["row_stop"]), tuple(Duplicate(int(r), str(f), int(fr)) for r, f, fr in doc["duplicates"]))
+                   int(doc["row_stop"]), tuple(Duplicate(int(r), str(f), int(fr)) for r, f, fr in doc["duplicates"]),
+                   None if doc.get("start") is None else tuple(int(v) for v in doc["start"]))
 
 
 # ---------------------------------------------------------------------------------------------
