@@ -195,8 +195,9 @@ def test_units_deep_in_a_large_jsonl_file_read_it_from_the_scans_mark(tmp_path, 
     raw = (lake / "big.jsonl").read_bytes()
     starts = [(u.row_start, u.start) for u in planned[0] if u.start]
     assert [a for a, _ in starts] == [48, 56] and {m for _, m in starts} == {starts[0][1]}
-    row, byte = starts[0][1]
-    assert 40 < row <= 48 and raw[byte - 1:byte] == b"\n" and raw[:byte].count(b"\n") == row
+    row, byte, types = starts[0][1]
+    assert types == ("string", "string") and 40 < row <= 48
+    assert raw[byte - 1:byte] == b"\n" and raw[:byte].count(b"\n") == row
     assert {u.start for u in planned[1]} == {None} and [u.shard_id for u in planned[1]] == [
         u.shard_id for u in planned[0]]
 

@@ -60,9 +60,11 @@ def test_a_jsonl_unit_starts_reading_at_the_last_mark_before_its_first_row():
     is not what it holds, so its shard's name is the same with or without them."""
     f = SourceFile("a.jsonl", 100, "v", "jsonl")
     cfg = IngestConfig("src", "dst", unit_rows=10)
-    marks = [[4, 400], [9, 900], [10, 1000], [10, 1010], [23, 2300]]  # a segment of blank lines: 1000
-    units = plan_units(cfg, [f], [35], [None], {}, "sha256:m", "r" * 64, [marks])
-    assert [(u.row_start, u.start) for u in units] == [(0, None), (10, (10, 1010)), (20, (10, 1010)), (30, (23, 2300))]
+    marks = [[r, b, ["string", "int64"]] for r, b in ((4, 400), (9, 900), (10, 1000), (10, 1010), (23, 2300))]
+    units = plan_units(cfg, [f], [35], [None], {}, "sha256:m", "r" * 64, [marks])  # a segment of blank lines: 1000
+    t = ("string", "int64")
+    assert [(u.row_start, u.start) for u in units] == [(0, None), (10, (10, 1010, t)), (20, (10, 1010, t)),
+                                                       (30, (23, 2300, t))]
     bare = plan_units(cfg, [f], [35], [None], {}, "sha256:m", "r" * 64)
     assert [u.shard_id for u in bare] == [u.shard_id for u in units] and {u.start for u in bare} == {None}
     assert all(WorkUnit.from_json(u.to_json()) == u for u in units)

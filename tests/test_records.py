@@ -107,7 +107,8 @@ def test_shard_record_round_trips_with_its_per_dimension_counts():
 
 @given(st.text(min_size=1), st.integers(0, 10**12), st.integers(0, 10**6),
        st.lists(st.tuples(st.integers(0, 10**6), st.text(min_size=1), st.integers(0, 10**6)), max_size=5),
-       st.none() | st.tuples(st.integers(0, 10**6), st.integers(1, 10**12)))
+       st.none() | st.tuples(st.integers(0, 10**6), st.integers(1, 10**12),
+                             st.lists(st.sampled_from(["string", "int64", "double"]), max_size=2).map(tuple)))
 def test_work_unit_round_trips(relpath, size, start, dups, mark):
     unit = WorkUnit("f" * 32, SourceFile(relpath, size, "etag", "parquet"), start, start + 7,
                     tuple(Duplicate(*d) for d in dups), mark)

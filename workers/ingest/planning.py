@@ -29,9 +29,10 @@ def plan_units(cfg: IngestConfig, files: Sequence[SourceFile], rows_per_file: Se
     units = []
     for i, (f, n, groups) in enumerate(zip(files, rows_per_file, row_groups)):
         bounds = row_bounds(n, cfg.unit_rows, groups)
-        file_marks = [tuple(m) for m in marks[i]] if marks else []
+        file_marks = [(int(m[0]), int(m[1]), tuple(m[2])) for m in marks[i]] if marks else []
+        mark_rows = [m[0] for m in file_marks]
         for a, b in zip(bounds, bounds[1:]):
-            at = bisect.bisect_right([m[0] for m in file_marks], a)
+            at = bisect.bisect_right(mark_rows, a)
             start = file_marks[at - 1] if at else None
             dups = tuple(d for d in duplicates.get(i, ()) if a <= d.row < b)
             # The duplicates decide which rows the shard holds (and its rejects' text), and they

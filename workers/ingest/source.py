@@ -299,11 +299,13 @@ def _holds_key(open_file, f: SourceFile, column: str, text_column: str) -> bool:
 
 class Mark(NamedTuple):
     """Where a segment of an uncompressed JSON Lines file starts (`_jsonl_segments`): its first
-    row and the byte it starts at (a line's first). A read from a mark gives the rows a read
-    from the file's start gives from that row on."""
+    row, the byte it starts at (a line's first), and the types the read that left it had found
+    for its columns by then (names: `_TYPE_OF`), so that a read from the mark parses every
+    segment as that read did, with the same parser, and gives its rows from that row on."""
 
     row: int
     byte: int
+    types: tuple[str, ...] = ()
 
 
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
@@ -354,6 +356,8 @@ JSONL_SEGMENT = JSONL_BLOCK
 # when it exited. A read task is one CPU's work anyway, and this parser was as fast without them.
 # What a JSON value's type becomes in Arrow when a column is read with an explicit type.
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
+# Every type a column may be read with, by name (a mark records them).
+_TYPE_OF = {str(t): t for t in (pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_())}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
 _TWICE = re.compile(r"Column\(/(.+?)\) was specified twice")
 _NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't parse:\s*(\S+)")
@@ -368,9 +372,13 @@ def _jsonl_segments(fs, root: str, f: SourceFile, columns: list[str], text_colum
     counted from the file's first) as one parse from the file's start, since a segment starts
     at a line's start and a value's string does not depend on the lines before it. Each
     segment's mark but the file's first is appended to `marks`. The column types one segment
-    found go on to the next, so a file of number ids is not parsed twice per segment."""
+    found go on to the next, so a file of number ids is not parsed twice per segment; a mark
+    records them, as which of Arrow's parser and Python's (`_line_batches`) reads a segment
+    depends on them, and the two differ at the edges (a line of only a form feed)."""
     types = {c: pa.string() for c in columns}
-    row, byte = at
+    if at.types:
+        types = {c: _TYPE_OF[t] for c, t in zip(columns, at.types, strict=True)}
+    row, byte = at.row, at.byte
     # One buffer for every segment (a fresh 4 MiB object per segment cost a quarter of the parse
     # in page faults); a line longer than a segment is read into bytes of its own.
     buf, held = bytearray(JSONL_SEGMENT), 0
@@ -381,18 +389,19 @@ def _jsonl_segments(fs, root: str, f: SourceFile, columns: list[str], text_colum
             n = held + _read_into(fh, memoryview(buf)[held:])
             if n == 0:
                 return
-            data, cut = buf, n if n < JSONL_SEGMENT else buf.rfind(b"\n") + 1
+            data, cut = buf, n if n < JSONL_SEGMENT else _after_last_line(buf)
             if cut == 0:  # no line ends in the segment's bytes: it runs to the end of its line
-                data = bytes(buf)
+                pieces = [bytes(buf)]
                 while cut == 0:
                     more = fh.read(JSONL_SEGMENT)
-                    nl = more.find(b"\n")
-                    data += more
-                    cut = len(data) if not more else len(data) - len(more) + nl + 1 if nl >= 0 else 0
-                n = len(data)
+                    end = _line_end(more)
+                    cut = n if not more else n + end + 1 if end >= 0 else 0
+                    pieces.append(more)
+                    n += len(more)
+                data = b"".join(pieces)
             segment = memoryview(data)[:cut]
             if marks is not None and byte:
-                marks.append(Mark(row, byte))
+                marks.append(Mark(row, byte, tuple(str(types[c]) for c in columns)))
             # The lines before the segment are counted only for an error that names a line.
             lines = 0 if byte == 0 else functools.partial(_lines_before, fs, root, f, byte)
             for batch in _jsonl_batches(lambda: pa.BufferReader(segment), f, columns, text_column, types, lines):
@@ -401,6 +410,18 @@ def _jsonl_segments(fs, root: str, f: SourceFile, columns: list[str], text_colum
             byte += cut
             held = n - cut  # the bytes read past the segment start the next one
             buf[:held] = data[cut:n]
+
+
+def _after_last_line(window) -> int:
+    """Where the bytes after `window`'s last line end start: after its last newline, else after
+    its last carriage return (a file of old Mac line ends, which Arrow reads as lines); 0: none."""
+    return (window.rfind(b"\n") + 1) or (window.rfind(b"\r") + 1)
+
+
+def _line_end(data: bytes) -> int:
+    """`data`'s first newline, else its first carriage return (as `_after_last_line`); -1: none."""
+    end = data.find(b"\n")
+    return end if end >= 0 else data.find(b"\r")
 
 
 def _read_into(fh, view: memoryview) -> int:
@@ -577,7 +598,7 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
                 shown = pc.cast(pa.array([values[i] for i in floats], pa.float64()), pa.string()).to_pylist()
                 for i, text in zip(floats, shown):
                     values[i] = text
-            raw = [None if v is None else v.encode("utf-8", "surrogateescape") for v in values]
+            raw = [v.encode() if isinstance(v, str) else v for v in values]  # strings were encoded when read
             arrays.append(pa.array(raw, pa.binary()).view(pa.string()))
             out[c] = []
         return pa.RecordBatch.from_arrays(arrays, names=columns)
@@ -621,6 +642,12 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
                                      "written as a float: it may stand for more than one integer; write the ids as "
                                      "strings or integers")
                     v = str(int(v))
+                if isinstance(v, str):
+                    try:  # the line's bytes that are not UTF-8 as they were (`_lines` decoded them so)
+                        v = v.encode("utf-8", "surrogateescape")
+                    except UnicodeEncodeError:  # a \u escape of half a surrogate pair: as Arrow's parser does
+                        raise refuse(f"is not a JSON object (column {c!r} holds a \\u escape of half a surrogate "
+                                     "pair); fix or remove that line") from None
                 out[c].append(v)
             if len(out[columns[0]]) == READ_BATCH_ROWS:
                 yield batch()
@@ -642,6 +669,8 @@ class _Float(float):
 
     def __new__(cls, text: str):
         value = super().__new__(cls, text)
+        if value in (float("inf"), float("-inf")):  # as Arrow's parser refuses it
+            raise ValueError(f"the number {text} is too large for a double")
         value.text = text
         return value
 

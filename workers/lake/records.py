@@ -134,8 +134,8 @@ class WorkUnit:
         row_start, row_stop: the row range.
         duplicates: rows of the range that go to rejects as duplicate ids.
         start: where to start reading an uncompressed JSON Lines file, as the scan found it:
-            `(row, byte)` of a line at or before `row_start` (`workers.ingest.source.Mark`); None:
-            at the file's start.
+            `(row, byte, column types)` of a line at or before `row_start`
+            (`workers.ingest.source.Mark`); None: at the file's start.
     """
 
     shard_id: str
@@ -143,7 +143,7 @@ class WorkUnit:
     row_start: int
     row_stop: int
     duplicates: tuple[Duplicate, ...] = ()
-    start: tuple[int, int] | None = None
+    start: tuple[int, int, tuple[str, ...]] | None = None
 
     @property
     def rows(self) -> int:
@@ -161,14 +161,15 @@ class WorkUnit:
         return json.dumps({"shard_id": self.shard_id, "file": self.file.to_json(), "row_start": self.row_start,
                            "row_stop": self.row_stop,
                            "duplicates": [[d.row, d.first_file, d.first_row] for d in self.duplicates],
-                           "start": None if self.start is None else list(self.start)})
+                           "start": None if self.start is None else [*self.start[:2], list(self.start[2])]})
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "WorkUnit":
         doc = _loads(data, "work unit")
         return cls(doc["shard_id"], SourceFile.from_json(doc["file"]), int(doc["row_start"]),
                    int(doc["row_stop"]), tuple(Duplicate(int(r), str(f), int(fr)) for r, f, fr in doc["duplicates"]),
-                   None if doc.get("start") is None else tuple(int(v) for v in doc["start"]))
+                   None if doc.get("start") is None else (int(doc["start"][0]), int(doc["start"][1]),
+                                                          tuple(str(t) for t in doc["start"][2])))
 
 
 # ---------------------------------------------------------------------------------------------
