@@ -183,6 +183,13 @@ def test_jsonl_ids_arrow_cannot_read_as_written_are_read_line_by_line(tmp_path, 
     assert [r[1] for r in _read_all(path)] == ["7"] + want
 
 
+def test_a_utf8_byte_order_mark_is_skipped_by_the_line_by_line_reader_too(tmp_path):
+    """Arrow skips it; Python's parser refused the file's first line when its ids sent the file
+    to the line-by-line reader from the first row (a string, then a number)."""
+    (tmp_path / "x.jsonl").write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "x"}\n{"id": 5, "text": "y"}\n')
+    assert [r[:3] for r in _read_all(tmp_path / "x.jsonl")] == [(0, "a", "x"), (1, "5", "y")]
+
+
 def test_a_jsonl_file_read_line_by_line_from_its_middle_gives_every_row_once(tmp_path):
     records = [{"id": i, "text": f"text {i} " + "x" * 200} for i in range(30_000)]  # past a 4 MiB block
     records[25_000]["id"] = "a string"

@@ -614,6 +614,8 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
             row += 1
             if row <= start:
                 continue
+            if number == 1 and line_base == 0:  # the file's first line: a UTF-8 byte order mark, as Arrow skips it
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 pairs = json.loads(raw.decode("utf-8", "surrogateescape"), object_pairs_hook=_Object,
                                    parse_float=_Float, parse_constant=_not_json)
