@@ -13,7 +13,8 @@ import fsspec
 from jobs.common import (add_ray_address, add_storage_options, console, one_line, recorded_source, run_reporting,
                          storage_options)
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
-from workers.ingest.source import SourceFile, iter_batches, list_source
+from workers.ingest.scan import scan_path
+from workers.ingest.source import SourceFile, iter_batches, list_source, mark_before
 from workers.lake.redact import redact, redact_url
 from workers.search.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
@@ -143,6 +144,7 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
     by_path = {f.relpath: f for f in files}
     shard_file = {s.id: s.source.file if s.source else "" for s in searcher.manifest.shards}
     column = text_column or src.text_column
+    kept = searcher.manifest.kept_scans()
     wanted: dict[str, dict[int, str | None]] = {}
     for h in hits:
         wanted.setdefault(shard_file[h.shard], {})[h.source_row] = None
@@ -152,7 +154,13 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
             raise FileNotFoundError(f"source file {relpath} of version {searcher.version} is gone from "
                                     f"{redact_url(source)}; pass the lake's current URL")
         lo, hi = min(rows), max(rows) + 1
-        for first, batch in iter_batches(fs, root, f, [column], lo, hi, text_column=column):
+        # A large JSON Lines file is read from its kept scan's mark before `lo`, when that scan
+        # is of these very bytes (its name holds the file's identity), not from its start.
+        ref = kept.get(relpath)
+        start = None
+        if ref is not None and ref.marks and ref.path == scan_path(f, src.text_column, src.id_column):
+            start = mark_before(ref.marks, lo, ("string",))  # the text column alone, read as strings
+        for first, batch in iter_batches(fs, root, f, [column], lo, hi, text_column=column, start=start):
             texts = batch.column(column).to_pylist()
             for r in rows:
                 if first <= r < first + len(texts):

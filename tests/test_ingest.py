@@ -207,6 +207,34 @@ def test_units_deep_in_a_large_jsonl_file_read_it_from_the_scans_mark(tmp_path, 
     assert shards("marks") == shards("start") and sum(s[1] for s in shards("marks")) == 62
     assert sum(isinstance(s[4], str) for s in shards("marks")) == 1
 
+    # The version keeps the marks with the file's kept scan: a job whose kept scan stands in for
+    # the scan (ranges given: the file is not read) still starts its units at them. Other units
+    # (16 rows) mean other shards, all read and encoded: the same as a fresh job's.
+    [ref] = read_version(*url_to_fs(cfg.dest)).scans
+    assert ref.marks == (starts[0][1],)
+    again = IngestConfig(str(lake), cfg.dest, id_column="id", ranges=f"{cfg.dest}/{ranges}", unit_rows=16,
+                         encoder=EncoderConfig(batch_size=32), progress=False)
+    monkeypatch.setattr(jobs.ingest, "plan_units", plan)
+    summary = run(again).summary
+    assert (summary["files_scanned"], summary["scans_reused"], summary["rows_encoded"]) == (0, 1, 64)
+    assert [(u.row_start, u.start) for u in planned[2]] == [(0, None), (16, None), (32, None), (48, ref.marks[0])]
+    run(IngestConfig(**{**vars(again), "dest": str(tmp_path / "fresh")}))
+    assert shards("marks") == shards("fresh") and len(shards("marks")) == 4
+    assert read_version(*url_to_fs(cfg.dest)).scans == read_version(*url_to_fs(str(tmp_path / "fresh"))).scans
+
+    # Search's texts of a hit deep in the file are read from the kept scan's mark: the bytes
+    # before it (the same size and time: the same file to the version) are never parsed.
+    import os
+    from jobs.search import source_texts
+    from workers.search.searcher import Searcher
+    stat = (lake / "big.jsonl").stat()
+    (lake / "big.jsonl").write_bytes(b"!" * (byte - 1) + raw[byte - 1:])
+    os.utime(lake / "big.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with Searcher.open(cfg.dest, model=str(resolve_model(None))) as searcher:
+        [[hit]] = searcher.search([docs[50][1]], 1)
+        assert hit.id == docs[50][0] and hit.source_row == 50
+        assert source_texts(searcher, [hit], str(lake)) == [docs[50][1]]
+
 
 @pytest.mark.parametrize("when", ["list_source", "plan_units"])
 def test_a_file_replaced_while_the_job_runs_stops_it_and_commits_nothing(tmp_path, docs, monkeypatch, when):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.lake.records import (MAX_VERSION, Duplicate, ModelInfo, RangesRef, RejectsRef, ShardRecord,
+from workers.lake.records import (MAX_VERSION, Duplicate, ModelInfo, RangesRef, RejectsRef, ScanRef, ShardRecord,
                                   ShardSource, SourceFile, SourceSnapshot, VersionManifest, WorkUnit,
                                   sidecar_json)
 
@@ -47,6 +47,23 @@ def test_version_manifest_round_trips_through_json_bytes():
     assert again.number == 3 and again.rows == 80 and again.dim == 3
     assert [f.path for f in again.files()] == [
         m.shards[0].path, m.shards[0].index, m.shards[0].rejects.path, m.shards[1].path, m.shards[1].index]
+
+
+def test_kept_scans_round_trip_with_their_marks_types_written_where_they_change():
+    source = SourceSnapshot("s3://lake/raw", "text", "id", {"a.jsonl": {"size": 10**9, "version": "e1"},
+                                                             "b.parquet": {"size": 10, "version": "e2"}})
+    marks = ((0, 4194000, ("string", "string")), (9000, 8388000, ("string", "string")),
+             (18000, 12582000, ("string", "int64")), (27000, 16776000, ("string", "int64")))
+    scans = [ScanRef("a.jsonl", "scans/" + "1" * 32 + ".npy", H, 100, 30000, 29990, marks=marks),
+             ScanRef("b.parquet", "scans/" + "2" * 32 + ".npy", H, 50, 5, 5, row_groups=(2, 3))]
+    m = manifest(source=source, scans=tuple(scans))
+    doc = json.loads(json.dumps(m.to_json()))
+    assert doc["scans"][0]["marks"] == [[0, 4194000, ["string", "string"]], [9000, 8388000],
+                                        [18000, 12582000, ["string", "int64"]], [27000, 16776000]]
+    assert "marks" not in doc["scans"][1]
+    again = VersionManifest.from_json(doc)
+    assert again == m and again.kept_scans()["a.jsonl"].marks == marks and again.to_json() == m.to_json()
+    assert again.kept_scans()["b.parquet"].marks is None
 
 
 def test_build_sums_the_shards_and_keeps_per_dimension_counts_in_the_sidecars_only():

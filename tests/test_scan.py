@@ -286,3 +286,45 @@ def test_a_file_that_fails_among_files_read_at_once_fails_the_task_with_its_own_
             _scan_group(cfg, files)
         errors.append((type(exc.value), str(exc.value)))
     assert errors[0] == errors[1] and "magic bytes not found" in errors[0][1], errors
+
+
+def test_a_kept_scan_keeps_the_marks_of_its_file_and_gives_them_when_it_stands_in(tmp_path, docs, monkeypatch):
+    """A large JSON Lines file's marks go with its kept scan's record, and come back from it when
+    the kept scan stands in for the file (the file is not read then). A record written before
+    marks were kept gets the marks of the next read of the file (a job that calibrates)."""
+    import json
+    from dataclasses import replace
+
+    import workers.ingest.source as source
+    from workers.embedding.encoder import EncoderConfig
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.source import list_source
+    from workers.ingest.steps import scan_file
+
+    (tmp_path / "lake").mkdir()
+    raw = "".join(json.dumps({"id": d, "text": t}) + "\n" for d, t in docs[:60]).encode()
+    (tmp_path / "lake" / "a.jsonl").write_bytes(raw)
+    _, _, [f] = list_source(str(tmp_path / "lake"))
+    monkeypatch.setattr(source, "JSONL_SEGMENT", 2000)
+    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "dest"), id_column="id",
+                       encoder=EncoderConfig(batch_size=8), progress=False)
+    read, *parts = scan_file(cfg, 0, f, 2, keep=True)
+    ref = read["scan"]
+    assert not read["reused"] and len(read["marks"]) >= 2 and ref.marks == tuple(read["marks"])
+    for row, byte, types in ref.marks:
+        assert raw[byte - 1:byte] == b"\n" and raw[:byte].count(b"\n") == row and types == ("string", "string")
+
+    with_ranges = replace(cfg, ranges=str(tmp_path / "ranges.json"))  # no sample: the kept scan stands in
+    (tmp_path / "lake" / "a.jsonl").rename(tmp_path / "away.jsonl")  # not read: gone meanwhile
+    kept, *kept_parts = scan_file(with_ranges, 0, f, 2, kept=ref, keep=True)
+    assert kept["reused"] and kept["scan"] == ref and kept["marks"] == read["marks"]
+    assert [p.tobytes() for p in kept_parts] == [p.tobytes() for p in parts]
+    # Marks of other columns than its name says (a record made up) are not used.
+    narrow = replace(ref, marks=tuple((r, b, ("string",)) for r, b, _ in ref.marks))
+    assert scan_file(with_ranges, 0, f, 2, kept=narrow, keep=True)[0]["marks"] == []
+
+    (tmp_path / "away.jsonl").rename(tmp_path / "lake" / "a.jsonl")
+    older = replace(ref, marks=None)  # a record written before marks were kept
+    assert scan_file(with_ranges, 0, f, 2, kept=older, keep=True)[0]["marks"] == []
+    calibrating, *_ = scan_file(cfg, 0, f, 2, kept=older, keep=True)
+    assert not calibrating["reused"] and calibrating["scan"] == ref and calibrating["marks"] == read["marks"]

@@ -276,12 +276,16 @@ def test_a_jsonl_read_from_a_mark_gives_the_rows_a_read_from_the_start_gives(tmp
     with pytest.raises(ValueError, match=r"x\.jsonl: a read from row 10 cannot start at the mark of row "):
         rows(10, 20, marks[-1])
 
-    # What lies before the mark is never parsed: the same rows with those bytes ruined.
+    # What lies before the mark is never parsed: the same rows with those bytes ruined (all but
+    # the line end before it, which a read checks, as a mark may come from a record).
     m = marks[len(marks) // 2]
-    path.write_bytes(b"!" * m.byte + raw[m.byte:])
+    path.write_bytes(b"!" * (m.byte - 1) + raw[m.byte - 1:])
     assert rows(m.row + 2, m.row + 9, m) == one_parse[m.row + 2:m.row + 9]
     with pytest.raises(SourceError, match=r"x\.jsonl: line 1 is not a JSON object"):
         rows(m.row + 2, m.row + 9)
+    for byte in (m.byte + 1, len(raw) + 10):  # within a line, past the end
+        with pytest.raises(ValueError, match=rf"x\.jsonl: the mark of row {m.row} at byte {byte} is not at a line's "):
+            rows(m.row + 2, m.row + 9, m._replace(byte=byte))
 
     # A line refused past a mark is named by its line in the file, read from the mark or not.
     bad = raw[:m.byte] + raw[m.byte:].replace(b'"text": "text', b'"text": 5, "t": "text', 1)

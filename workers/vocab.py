@@ -31,6 +31,9 @@ Backend = Literal["torch", "onnx"]
 # once, so a batch pads less), or by characters, as `SentenceTransformer.encode` sorts (versions written
 # before the choice existed). Part of the float bits, hence of a shard's name.
 BatchOrder = Literal["tokens", "characters"]
+# The types a JSON Lines column may be read with, by Arrow's names (`str(pyarrow type)`): a mark
+# where a large file's units start reading records them (`workers.ingest.source.Mark`).
+MarkType = Literal["string", "int64", "uint64", "double", "bool"]
 
 QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -43,6 +46,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 FLOAT_PRECISIONS: tuple[str, ...] = get_args(FloatPrecision)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BATCH_ORDERS: tuple[str, ...] = get_args(BatchOrder)
+MARK_TYPES: tuple[str, ...] = get_args(MarkType)
 
 # The one mapping between the CLI's index names and the manifest's.
 INDEX_FLAGS: dict[str, str] = {"flat": "IndexBinaryFlat", "hnsw": "IndexBinaryHNSW", "ivf": "IndexBinaryIVF"}

@@ -20,7 +20,9 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # their row numbers, in row order. What the scan finds depends on the file's bytes and the
 # columns read alone, so a later job over the same file reads this instead of the file
 # (docs/formats.md, "Kept scans"). SCAN_FORMAT is part of every scan id: a change to what a
-# scan counts as valid, or to this layout, must change it, so no older scan is taken for one.
+# scan counts as valid, to this layout, or to the marks its record keeps (where a JSON Lines
+# file's segments start, `source.JSONL_SEGMENT`, and the types each is read with) must change
+# it, so no older scan is taken for one.
 SCAN_FORMAT = "quantlake.scan/1"
 KEPT = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
 

@@ -1,6 +1,7 @@
 """The source lake: list Parquet/JSON Lines files, check them, read row ranges as batches."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fnmatch
 import functools
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from workers.lake.records import SourceFile
 from workers.lake.redact import redact_url
 from workers.lake.storage import url_to_fs
+from workers.vocab import MARK_TYPES
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -308,6 +310,17 @@ class Mark(NamedTuple):
     types: tuple[str, ...] = ()
 
 
+def mark_before(marks: Sequence[Sequence], row: int, types: tuple[str, ...] | None = None) -> Mark | None:
+    """The last of `marks` (a file's, in file order) at or before `row`: where a read of the rows
+    from `row` on may start; None: at the file's start. `types` replaces the mark's column types
+    (a read of other columns: the text column alone is read as strings from any mark)."""
+    at = bisect.bisect_right([m[0] for m in marks], row)
+    if not at:
+        return None
+    m = marks[at - 1]
+    return Mark(int(m[0]), int(m[1]), tuple(m[2]) if types is None else types)
+
+
 def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: int = 0,
                  row_stop: int | None = None, text_column: str | None = None, start: Mark | None = None,
                  marks: list[Mark] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -348,7 +361,8 @@ def iter_batches(fs, root: str, f: SourceFile, columns: list[str], row_start: in
 JSONL_BLOCK = 1 << 22
 # An uncompressed JSON Lines file is parsed a segment at a time: the bytes from where the last
 # one ended, JSONL_SEGMENT of them cut after their last line (a longer line: to its end), so
-# where a segment starts depends on the bytes alone, whichever mark the read began at.
+# where a segment starts depends on the bytes alone, whichever mark the read began at. Kept
+# scans record marks at these starts: a change to them must change `scan.SCAN_FORMAT`.
 JSONL_SEGMENT = JSONL_BLOCK
 # Arrow's JSON reader parses without threads of its own (`use_threads=False`): with them, a read
 # that stops before the file's end (a unit's last row) left a thread reading the Python file
@@ -357,7 +371,7 @@ JSONL_SEGMENT = JSONL_BLOCK
 # What a JSON value's type becomes in Arrow when a column is read with an explicit type.
 _JSON_TYPES = {"string": pa.string(), "number": pa.int64(), "boolean": pa.bool_()}
 # Every type a column may be read with, by name (a mark records them).
-_TYPE_OF = {str(t): t for t in (pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_())}
+_TYPE_OF = {name: pa.type_for_alias(name) for name in MARK_TYPES}
 _CHANGED = re.compile(r"Column\(/(.+?)\) changed from (\w+) to (\w+)")
 _TWICE = re.compile(r"Column\(/(.+?)\) was specified twice")
 _NOT_CONVERTED = re.compile(r"Failed to convert JSON to (u?int64), couldn't parse:\s*(\S+)")
@@ -384,7 +398,10 @@ def _jsonl_segments(fs, root: str, f: SourceFile, columns: list[str], text_colum
     buf, held = bytearray(JSONL_SEGMENT), 0
     with _open(fs, root, f) as fh:
         if byte:
-            fh.seek(byte)
+            # A mark from a record (a kept scan's) is checked as far as is cheap: at a line's start.
+            fh.seek(byte - 1)
+            if fh.read(1) not in (b"\n", b"\r"):
+                raise ValueError(f"{f.relpath}: the mark of row {row} at byte {byte} is not at a line's start")
         while True:
             n = held + _read_into(fh, memoryview(buf)[held:])
             if n == 0:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -114,7 +114,8 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
     Returns `(summary, part_0, ..., part_{n-1})` so each partition is its own Ray object; the
     summary's `scan` is the kept scan's record (None unless `keep` or reused), `reused`
     says whether the source file was read, and `marks` where its units may start reading an
-    uncompressed JSON Lines file read now (`Mark`s past its first segment; none otherwise).
+    uncompressed JSON Lines file (`Mark`s past its first segment; none otherwise): the read's,
+    or the kept scan's when it stands in (none in a record written before marks were kept).
     """
     k = 0 if cfg.ranges else cfg.calibration_samples or SAMPLE_CAP
     dest = cfg.url_to_fs(cfg.dest) if keep or kept is not None else None
@@ -125,8 +126,11 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
         except (OSError, ValueError) as exc:
             problem = f"kept scan {kept.path} of {f.relpath} cannot be used ({exc}): the file was read"
     if verified is not None and k == 0:
+        marks = [Mark(*m) for m in kept.marks or ()]
+        if any(len(m.types) != len(_columns(cfg)) for m in marks):
+            marks = []  # not of these columns (its name says they are: a record made up): none
         return ({"rows": verified.rows, "valid": verified.valid, "sample": verified.sample, "scan": kept,
-                 "reused": True, "problem": None, "marks": []}, *verified.parts)
+                 "reused": True, "problem": None, "marks": marks}, *verified.parts)
     fs, root = cfg.url_to_fs(cfg.source)
     root = source_root(fs, root, f)
     marks: list[Mark] = []  # where a large JSON Lines file's units start reading
@@ -142,13 +146,16 @@ def scan_file(cfg: IngestConfig, file_index: int, f: SourceFile, n_parts: int,
             raise
         raise SourceError(f"cannot read {f.format} file {f.relpath}: {exc}") from exc
     # A job that calibrates reads the file for its sample, and keeps a kept scan that checked out.
-    ref = kept if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) else None
+    # Its record takes the marks this read found (one written before marks were kept has none).
+    found = tuple(marks) or None
+    ref = replace(kept, marks=found) if verified is not None and (s.rows, s.valid) == (kept.rows, kept.valid) \
+        else None
     if keep and ref is None:
         data = kept_bytes(s)
         path = scan_path(f, cfg.text_column, cfg.id_column)
         # Same name, same bytes for the same file: a retry or a rerun rewrites it unchanged.
         put_bytes(dest[0], join(dest[1], path), data)
-        ref = ScanRef(f.relpath, path, sha256_hex(data), len(data), s.rows, s.valid)
+        ref = ScanRef(f.relpath, path, sha256_hex(data), len(data), s.rows, s.valid, marks=found)
     return ({"rows": s.rows, "valid": s.valid, "sample": s.sample, "scan": ref, "reused": False,
              "problem": problem, "marks": marks}, *s.parts)
 

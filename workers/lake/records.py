@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from workers.lake.storage import check_relpath
-from workers.vocab import BACKENDS, FLOAT16, INDEX_TYPES, PRECISIONS, RANGE_METHODS, backend_of
+from workers.vocab import BACKENDS, FLOAT16, INDEX_TYPES, MARK_TYPES, PRECISIONS, RANGE_METHODS, backend_of
 
 VERSION_FORMAT = "quantlake.version/1"
 SIDECAR_FORMAT = "quantlake.shard/1"
@@ -440,6 +440,11 @@ class ScanRef:
         rows, valid: the file's rows, and those with a text and an id (the scan file's rows).
         row_groups: a Parquet file's row group sizes, which planning cuts units by (None: a
             JSON Lines file): with them a later job need not open the file to plan it.
+        marks: an uncompressed JSON Lines file's marks, where its units start reading it
+            (`workers.ingest.source.Mark`: `(row, byte, column types)`, in file order; none
+            for a file of one segment), so that a unit deep in it need not parse it from its
+            start when the kept scan stands in for the scan. None: another kind of file, or a
+            record written before marks were kept.
     """
 
     file: str
@@ -449,18 +454,32 @@ class ScanRef:
     rows: int
     valid: int
     row_groups: tuple[int, ...] | None = None
+    marks: tuple[tuple[int, int, tuple[str, ...]], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.file, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
                                "rows": self.rows, "valid": self.valid}
         if self.row_groups is not None:
             out["row_groups"] = list(self.row_groups)
+        if self.marks is not None:
+            # [row, byte], and the column types where they differ from the mark before's (a
+            # 10 GB file has 2,500 marks, and its column types seldom change).
+            out["marks"], types = [], None
+            for row, byte, now in self.marks:
+                out["marks"].append([row, byte] if now == types else [row, byte, list(now)])
+                types = now
         return out
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "ScanRef":
+        marks = None
+        if doc.get("marks") is not None:
+            marks, types = [], ()
+            for m in doc["marks"]:
+                types = tuple(m[2]) if len(m) > 2 else types
+                marks.append((m[0], m[1], types))
         return cls(doc["file"], doc["path"], doc["sha256"], doc["bytes"], doc["rows"], doc["valid"],
-                   _counts(doc.get("row_groups")))
+                   _counts(doc.get("row_groups")), None if marks is None else tuple(marks))
 
 
 _SCAN_KEYS = {"file", "path", "sha256", "bytes", "rows", "valid"}
@@ -690,3 +709,28 @@ def validate(doc: Any, where: str, draft: bool = False) -> None:
         _need(groups is None or (isinstance(groups, list) and all(_is_count(g) for g in groups)
                                  and sum(groups) == r["rows"]), at,
               f"row_groups is {groups!r}, expected null or a list of counts that add up to rows")
+        _check_marks(r, at, (known or {}).get(r["file"]), 1 + (source.get("id_column") is not None))
+
+
+def _check_marks(scan: Mapping[str, Any], at: str, identity: Mapping[str, Any] | None, columns: int) -> None:
+    """A kept scan's `marks`, when present: `[row, byte]` or `[row, byte, types]`, the first with
+    its types (one name of MARK_TYPES per column read, the text column's `string`), rows not
+    decreasing and within the file's rows, bytes increasing, past the file's first and before
+    its size."""
+    marks = scan.get("marks")
+    if marks is None:
+        return
+    _need(isinstance(marks, list), at, f"marks is {marks!r}, expected null or a list")
+    size = identity.get("size") if identity is not None else None
+    row = byte = 0
+    for j, m in enumerate(marks):
+        _need(isinstance(m, list) and len(m) in (2, 3) and _is_count(m[0]) and _is_count(m[1]), f"{at}, mark {j}",
+              f"{m!r} is not [row, byte] or [row, byte, types]")
+        _need(len(m) == 3 or j > 0, f"{at}, mark {j}", "the first mark must give the column types")
+        _need(len(m) == 2 or (isinstance(m[2], list) and len(m[2]) == columns and m[2][0] == "string"
+                              and all(t in MARK_TYPES for t in m[2])), f"{at}, mark {j}",
+              f"types {m[-1]!r} are not {columns} of {', '.join(MARK_TYPES)}, the text's a string")
+        _need(row <= m[0] <= scan["rows"], f"{at}, mark {j}", f"row {m[0]} is not in [{row}, {scan['rows']}]")
+        _need(byte < m[1] and (not _is_count(size) or m[1] < size), f"{at}, mark {j}",
+              f"byte {m[1]} is not past {byte} and before the file's size ({size})")
+        row, byte = m[0], m[1]
