@@ -75,6 +75,8 @@ class SearchConfig:
             raise ValueError("the query is blank: give a text to search for (a queries file skips blank lines)")
         if self.neighbours_of is not None and self.neighbours_of < 1:
             raise ValueError(f"--neighbours-of must be >= 1, got {self.neighbours_of}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"--actors must be >= 1 (or left out for one per CPU), got {self.actors}")
         check(self.index, SEARCH_INDEXES, "index")
 
 

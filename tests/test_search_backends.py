@@ -111,6 +111,11 @@ def test_options_of_the_other_backend_are_refused(tmp_path):
         Searcher.open(str(tmp_path), backend="ray", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"backend must be one of threads, ray, got 'spark'"):
         Searcher.open(str(tmp_path), backend="spark")
+    # 0 was read as the default, a negative number of threads as one group.
+    for name, value in (("threads", 0), ("threads", -2), ("actors", 0)):
+        backend = "ray" if name == "actors" else "threads"
+        with pytest.raises(ValueError, match=rf"{name} must be >= 1 \(or left out for the default\), got {value}"):
+            Searcher.open(str(tmp_path), backend=backend, **{name: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +182,50 @@ def test_a_query_that_is_not_finite_is_refused_by_its_position(both, version):
         for rescore in ("int8", "none"):
             with pytest.raises(ValueError, match=r"^query 3 holds NaN or inf: query embeddings must be finite$"):
                 s.search_vectors(q, k=3, rescore=rescore)
+
+
+def test_a_closed_searcher_lets_go_of_its_int8_indexes(version):
+    dest, q = version
+    s = Searcher.open(str(dest), threads=2, index="int8")
+    s.search_vectors(q, k=3)
+    assert s.groups.resident_bytes() == ROWS * DIM  # a byte a dimension: the indexes built at open
+    s.close()
+    assert s.groups.resident_bytes() == 0 and all(g.indexes == {} for g in s.groups)
+
+
+def test_a_cache_folder_serves_a_shard_to_versions_that_read_other_columns_of_it(tmp_path):
+    """A shard's spill is named by its checksum. Version 1 holds a shard without sign-bit scales,
+    so it is searched by bits alone and its spill of the other shard left the scales out; version
+    2 holds that other shard alone, is searched by its scales, and found the spill without them
+    (a KeyError) when both shared a cache folder."""
+    from workers.ingest.shard_builder import write_shard
+    from workers.lake.records import ModelInfo, RangesRef, ShardSource, SourceSnapshot, VersionManifest
+    from workers.lake.storage import join, put_bytes, url_to_fs
+    from workers.lake.versions import commit
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, 40, 0)
+    fs, root = url_to_fs(str(tmp_path / "dest"))
+    put_bytes(fs, join(root, f"ranges/{rm.id}.json"), rm.to_json())
+    shards = [write_shard(fs, root, name, ShardSource("vectors", a, a + 20), [f"doc{i}" for i in range(a, a + 20)],
+                          np.arange(a, a + 20), x[a:a + 20], rm.ranges, ("int8", "ubinary"), [], scales=scales)
+              for name, a, scales in (("old", 0, False), ("new", 20, True))]
+    model = ModelInfo(rm.model_name, rm.model_fingerprint, DIM, rm.normalize)
+    for parent, held in ((None, shards), (1, shards[1:])):
+        commit(fs, root, VersionManifest.build(model, RangesRef(rm.id, f"ranges/{rm.id}.json", rm.method),
+                                               ("int8", "ubinary"), SourceSnapshot("vectors:", "text", None, {}),
+                                               held, parent=parent))
+    q = x[25:27]
+    answers = {}
+    for cache in (tmp_path / "shared", tmp_path / "alone"):
+        cache.mkdir()
+        for v in ((1, 2) if cache.name == "shared" else (2,)):
+            with Searcher.open(str(tmp_path / "dest"), v, cache_dir=str(cache), threads=1) as s:
+                answers[cache.name, v] = [[(h.id, h.score) for h in hits] for hits in s.search_vectors(q, 3)]
+    assert answers["shared", 2] == answers["alone", 2] and answers["shared", 2][0][0][0] == "doc25"
 
 
 def test_fetch_reads_rows_in_request_order(both):
@@ -277,6 +326,42 @@ def test_a_group_of_small_flat_shards_is_one_search_with_the_same_ties(ties, thr
             a, b = small.search_vectors(q, **options), one.search_vectors(q, **options)
             assert [[(h.id, h.score, h.row + int(h.shard.split("-")[1])) for h in hits]
                     for hits in a] == [[(h.id, h.score, h.row) for h in hits] for hits in b]
+
+
+def test_an_int8_index_keeps_the_rows_that_tie_at_the_cut_by_row_whatever_the_shards(ties):
+    """FAISS's scalar-quantizer search keeps an arbitrary row of those tying with the k-th score,
+    so an int8-index search answered other documents of that score for other shard layouts. Now
+    each shard's top rows are its best by score, then row, as the binary indexes' are."""
+    root, _, q = ties
+    with Searcher.open(str(root / "small"), index="int8") as small, \
+            Searcher.open(str(root / "one"), index="int8") as one:
+        assert len(small.manifest.shards) == 24 and len(one.manifest.shards) == 1
+        cut = 0
+        for k in (7, 30, 45, 101):
+            for options in ({"rescore": "none"}, {}, {"rescore": "bits"}):
+                a, b = small.search_vectors(q, k=k, **options), one.search_vectors(q, k=k, **options)
+                assert [[(h.id, h.score, h.row + int(h.shard.split("-")[1])) for h in hits]
+                        for hits in a] == [[(h.id, h.score, h.row) for h in hits] for hits in b]
+            wider = one.search_vectors(q, k=k + 1, rescore="none")
+            cut += sum(hits[k - 1].score == hits[k].score for hits in wider)  # a tie at the cut
+            # Within a score, the first rows (in the one shard, a row is the document's number).
+            assert all(x.row < y.row for hits in wider for x, y in zip(hits, hits[1:]) if x.score == y.score)
+        assert cut >= 8
+
+
+@pytest.mark.parametrize("m", [1, 13, 40])
+def test_int8_top_rows_are_the_best_by_score_then_row(m):
+    """300 rows of one code, then 10 rows that score higher at the end: FAISS's heap, full of the
+    tying rows when the better ones come, drops the first of them (rows 0-9). The top `m` are the
+    better rows and then the first rows of the tie, whatever their number."""
+    from workers.search.shard_group import _int8_top, int8_index
+
+    codes = np.random.default_rng(3).integers(-128, -100, (600, 16)).astype(np.int8)
+    codes[:300], codes[590:] = 50, 100
+    ranges = np.stack([np.full(16, -1, np.float32), np.ones(16, np.float32)])
+    scores, rows = _int8_top(int8_index(codes, ranges), np.ones((2, 16), np.float32), m)
+    assert rows.tolist() == [(list(range(590, 600)) + list(range(300)))[:m]] * 2
+    assert (np.diff(scores, axis=1) <= 0).all() and len(set(scores[:, min(m, 10):].ravel().tolist())) <= 1
 
 
 def test_shards_load_a_few_at_a_time_ahead_of_their_group(ties, monkeypatch):

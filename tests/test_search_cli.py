@@ -88,6 +88,13 @@ def test_errors_exit_2_with_a_message(dataset, capsys):
         assert "the query is blank: give a text to search for" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([str(dest), "q", "--rescore-multiplier", "0"])
+    # 0 was read as the default, and a negative --nprobe reached FAISS after the model had loaded.
+    for flag, value, name in (("--nprobe", "-1", "nprobe"), ("--nprobe", "0", "nprobe"),
+                              ("--ef-search", "0", "ef_search"), ("--ef-search", "-4", "ef_search"),
+                              ("--actors", "0", "--actors")):
+        with pytest.raises(SystemExit) as refused:
+            parse_args([str(dest), "q", flag, value, *(["--ray"] if flag == "--actors" else [])])
+        assert refused.value.code == 2 and f"{name} must be >= 1 (or left out" in capsys.readouterr().err
 
 
 def test_a_search_breadth_option_the_indexes_do_not_read_is_refused(dataset, capsys):

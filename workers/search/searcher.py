@@ -65,6 +65,9 @@ class SearchOptions:
                 object.__setattr__(self, name, whole_number(value, name))
         if self.k < 1 or self.rescore_multiplier < 1:
             raise ValueError(f"k and rescore_multiplier must be >= 1, got {self.k} and {self.rescore_multiplier}")
+        for name in ("ef_search", "nprobe"):  # 0 read as "not given", a negative one reached FAISS
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or left out for its default), got {getattr(self, name)}")
         check(self.rescore, RESCORE_MODES, "rescore")
         check(self.candidates, CANDIDATE_MODES, "candidates")
 
@@ -205,6 +208,9 @@ class Searcher:
         if stray:
             raise ValueError(f"{', '.join(stray)}: only for backend={other!r}, not {backend!r}; leave "
                              f"{'it' if len(stray) == 1 else 'them'} out, or open with backend={other!r}")
+        for name, value in (("threads", threads), ("actors", actors)):  # 0 was read as the default
+            if value is not None and whole_number(value, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or left out for the default), got {value}")
         ds, ranges, name = open_checked(url, version, storage_options, model)
         if index == "int8" and "int8" not in ds.manifest.precisions:
             raise ValueError(f"version {ds.version} of {redact_url(url)} holds no int8 vectors (ingested with "

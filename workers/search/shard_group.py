@@ -167,8 +167,10 @@ class ShardGroup:
         # Local scratch files, not dataset data: Arrow's memory map needs a local path.
         path = os.path.join(self.cache_dir, f"{s.sha256}.arrow")
         if not os.path.exists(path):
+            # The columns the shard holds, whatever this version reads of them: the file is named by
+            # the shard's checksum alone, and a cache folder may serve another version of it next.
             present = [c for c in SPILL_COLUMNS if (c != "int8" or "int8" in self.ds.manifest.precisions)
-                       and (c != SCALE_COLUMN or self.scaled)]
+                       and (c != SCALE_COLUMN or s.ubinary_scale)]
             table = self.ds.read_shard_table(s, columns=present)  # checked against its sha256
             tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -203,7 +205,7 @@ class ShardGroup:
             if m == 0:
                 continue
             if self.kind == "int8":
-                scores, rows = index.search(q, m)
+                scores, rows = _int8_top(index, q, m)
                 keys = -scores
             else:
                 keys, rows = index.search(qbin, m, params=_params(index, m, ef_search, nprobe))
@@ -289,6 +291,7 @@ class ShardGroup:
 
     def close(self) -> None:
         self._spills.clear()
+        self.indexes.clear()
         self._flat = None
         if self._own_dir:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -370,6 +373,24 @@ def _columns(t: pa.Table, dim: int) -> dict[str, Any]:
     if SCALE_COLUMN in t.column_names:
         out[SCALE_COLUMN] = one(SCALE_COLUMN).to_numpy()
     return out
+
+
+def _int8_top(index, q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of the `m` best rows of a scalar-quantizer index per query, by score, then
+    row. FAISS's heap keeps an arbitrary row of those that tie with the m-th score, so a query's
+    rows are asked for (twice as many each time) until one scores below its m-th, and then sorted:
+    the rows a binary index would keep, whatever the shards a version's rows lie in."""
+    n = index.ntotal
+    out_scores, out_rows = np.empty((len(q), m), np.float32), np.empty((len(q), m), np.int64)
+    todo, k = np.arange(len(q)), min(n, 2 * m)
+    while len(todo):
+        scores, rows = index.search(np.ascontiguousarray(q[todo]), k)
+        done = (scores[:, k - 1] < scores[:, m - 1]) | (k == n)
+        order = np.lexsort((rows[done], -scores[done]))[:, :m]
+        out_scores[todo[done]] = np.take_along_axis(scores[done], order, 1)
+        out_rows[todo[done]] = np.take_along_axis(rows[done], order, 1)
+        todo, k = todo[~done], min(n, 2 * k)
+    return out_scores, out_rows
 
 
 def _params(index, n: int, ef_search: int | None, nprobe: int | None):
