@@ -14,7 +14,7 @@ from jobs.common import (add_ray_address, add_storage_options, console, one_line
                          storage_options)
 from workers.vocab import CANDIDATE_MODES, RESCORE_MODES, SEARCH_INDEXES, SearchIndex, check
 from workers.ingest.scan import scan_path
-from workers.ingest.source import SourceFile, iter_batches, list_source, mark_before
+from workers.ingest.source import SourceFile, classify, iter_batches, list_source, mark_before
 from workers.lake.redact import redact, redact_url
 from workers.search.searcher import Hit, SearchOptions, Searcher, dumps_hits
 
@@ -146,28 +146,45 @@ def source_texts(searcher: Searcher, hits: Sequence[Hit], source: str | None = N
     by_path = {f.relpath: f for f in files}
     shard_file = {s.id: s.source.file if s.source else "" for s in searcher.manifest.shards}
     column = text_column or src.text_column
+    # The ids are read with the texts and checked against the hits': a file changed since the
+    # version was built gave other documents' texts, silently (with no id column: its size).
+    columns = [column] + ([src.id_column] if src.id_column not in (None, column) else [])
     kept = searcher.manifest.kept_scans()
-    wanted: dict[str, dict[int, str | None]] = {}
+    wanted: dict[str, dict[int, tuple[str, str] | None]] = {}
     for h in hits:
         wanted.setdefault(shard_file[h.shard], {})[h.source_row] = None
+    changed = f"it changed since version {searcher.version} was built; pass --source with the lake as it was then"
     for relpath, rows in wanted.items():
         f: SourceFile | None = by_path.get(relpath)
         if f is None:
             raise FileNotFoundError(f"source file {relpath} of version {searcher.version} is gone from "
                                     f"{redact_url(source)}; pass the lake's current URL")
+        recorded = src.file_identities.get(relpath, {}).get("size")
+        if src.id_column is None and recorded is not None and recorded != f.size:
+            raise ValueError(f"source file {relpath} is {f.size} bytes, {recorded} when read: {changed}")
         lo, hi = min(rows), max(rows) + 1
         # A large JSON Lines file is read from its kept scan's mark before `lo`, when that scan
         # is of these very bytes (its name holds the file's identity), not from its start.
         ref = kept.get(relpath)
         start = None
         if ref is not None and ref.marks and ref.path == scan_path(f, src.text_column, src.id_column):
-            start = mark_before(ref.marks, lo, ("string",))  # the text column alone, read as strings
-        for first, batch in iter_batches(fs, root, f, [column], lo, hi, text_column=column, start=start):
-            texts = batch.column(column).to_pylist()
-            for r in rows:
-                if first <= r < first + len(texts):
-                    rows[r] = texts[r - first]
-    return [wanted[shard_file[h.shard]][h.source_row] for h in hits]
+            start = mark_before(ref.marks, lo, None if len(columns) == 2 else ("string",))
+        for first, batch in iter_batches(fs, root, f, columns, lo, hi, text_column=column, start=start):
+            got = classify(f, first, batch, column, src.id_column)
+            for r, ident, text in zip(got.row.tolist(), got.ids, got.texts):
+                if r in rows:
+                    rows[r] = (ident, text)
+    out = []
+    for h in hits:
+        relpath = shard_file[h.shard]
+        found = wanted[relpath][h.source_row]
+        if found is None:
+            raise ValueError(f"source file {relpath} has no row {h.source_row} (document {h.id!r}): {changed}")
+        if found[0] != h.id:
+            raise ValueError(f"row {h.source_row} of source file {relpath} holds document {found[0]!r}, not "
+                             f"{h.id!r}: {changed}")
+        out.append(found[1])
+    return out
 
 
 def _short(text: str, width: int) -> str:

@@ -63,6 +63,46 @@ def test_neighbours_of_uses_each_sampled_document_as_query(dataset, capsys):
     assert out.startswith("neighbours of ") and "   1. " in out
 
 
+def test_neighbours_in_a_source_file_changed_since_the_version_are_refused(dataset, docs, capsys, tmp_path):
+    """A source file rewritten since the version was built gave each sampled document another's
+    text (its rows reversed), or None (cut short), and the search ran on. Now the ids read with
+    the texts are checked, and the command stops naming the row; with no id column, the size."""
+    import re
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    dest, _ = dataset
+    lake = tmp_path / "lake"
+    shutil.copytree(dest.parent / "lake", lake)
+    args = ["search", str(dest), "--neighbours-of", "20", "--source", str(lake), "--json"]
+    assert cli(args) == 0 and len(_lines(capsys)) == 20  # a copy of the lake: the same documents
+    part = lake / "part-00000.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), part)
+    assert cli(args) == 2
+    changed = "it changed since version 1 was built; pass --source with the lake as it was then"
+    assert re.search(r"row \d+ of source file part-00000\.parquet holds document '[^']+', not '[^']+': "
+                     + re.escape(changed), capsys.readouterr().err)
+    pq.write_table(table.slice(0, 3), part)
+    assert cli(args) == 2
+    assert re.search(r"source file part-00000\.parquet has no row \d+ \(document '[^']+'\): " + re.escape(changed),
+                     capsys.readouterr().err)
+
+    # No id column: a document's id is its file and row, so the file's size is what is checked.
+    write_parquet_lake(tmp_path / "plain", docs[:20], files=1)
+    run(IngestConfig(str(tmp_path / "plain"), str(tmp_path / "plain-dest"), calibration_samples=20, unit_rows=10,
+                     encoder=EncoderConfig(batch_size=32), progress=False))
+    plain = ["search", str(tmp_path / "plain-dest"), "--neighbours-of", "2", "--json"]
+    assert cli(plain) == 0 and {r["of"].split(":")[0] for r in _lines(capsys)} == {"part-00000.parquet"}
+    table = pq.read_table(tmp_path / "plain" / "part-00000.parquet")
+    pq.write_table(table.take(list(range(20))[::-1]), tmp_path / "plain" / "part-00000.parquet",
+                   compression="none")
+    assert cli(plain) == 2
+    assert re.search(r"source file part-00000\.parquet is \d+ bytes, \d+ when read: " + re.escape(changed),
+                     capsys.readouterr().err)
+
+
 def test_ray_flag_gives_the_same_hits(dataset, capsys, ray_session):
     dest, docs = dataset
     args = ["search", str(dest), docs[20][1], "-k", "5", "--json"]
