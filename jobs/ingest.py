@@ -20,7 +20,7 @@ from workers.vocab import BACKENDS, BATCH_ORDERS, DEVICES, FLOAT_PRECISIONS, IND
 from workers.ingest.config import IngestConfig
 from workers.lake.credentials import StorageAccess
 from workers.embedding.encoder import DEFAULT_BATCH_SIZE, EncoderConfig, encoder_fingerprint, resolve_model
-from workers.ingest.pipeline import (Encoders, WarmEncoders, check_room, encode_and_write, encode_sample,
+from workers.ingest.pipeline import (Encoders, WarmEncoders, Written, check_room, encode_and_write, encode_sample,
                                      encoder_cfg, encoder_pool, kept_scan_for, ranges_of, ray_init, scan)
 from workers.ingest.planning import Float16Source, plan_units, requantize_map
 from workers.lake.range_files import load_ranges
@@ -171,16 +171,20 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         same = units if requantize is None or requantize.ranges_id == manifest.id else plan_units(
             cfg, files, rows_per_file, row_groups, duplicates, fingerprint, requantize.ranges_id, found.marks)
         plan = Plan.of(units, base, requantize_map(units, same, requantize))
-        if dry_run or plan.unchanged:
+        # Files that hold no rows change no shard, yet the version must record them: else every
+        # later reindex finds the listing changed and scans the lake again (and said nothing changed).
+        if dry_run or (plan.unchanged and base.source.same_files(files)):
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
-        encoders = encoders or start()
         nodes: dict[str, Counter] = {}
-        # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
-        records, written, probed = encode_and_write(
-            wcfg, plan.todo, pool, encoders, ranges_path, manifest.id, sum(u.rows for u in plan.todo), plan.requantize,
-            nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0,
-            label="reindex" if base is not None else "ingest")
+        records, written, probed = [], Written(), None
+        if plan.todo or base is None:  # a reindex with nothing to write starts no encoder
+            encoders = encoders or start()
+            # A reindex re-measures the fidelity on a sample of the rows it encodes, as encoded.
+            records, written, probed = encode_and_write(
+                wcfg, plan.todo, pool, encoders, ranges_path, manifest.id, sum(u.rows for u in plan.todo),
+                plan.requantize, nodes=nodes, probe=FIDELITY_PROBE_ROWS if base is not None else 0,
+                label="reindex" if base is not None else "ingest")
     except BaseException:
         if encoders is not None:
             # The job failed: end its actors now, whatever still holds their handles (a kept set
@@ -229,7 +233,9 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
                    files_scanned=len(files) - found.files_reused, scans_reused=found.files_reused)
     summary["nodes"] = {step: dict(sorted(count.items())) for step, count in sorted(nodes.items())}
     summary["fidelity"] = manifest.fidelity
-    return IngestResult(n, url, {**summary, **summary_extra})
+    # The plan's counts are what it meant to do; the summary's, what was done (a shard a crashed
+    # run wrote is found and reused, not encoded).
+    return IngestResult(n, url, {**summary_extra, **summary})
 
 
 # Rows of the newly encoded data a reindex re-measures the fidelity estimate on.

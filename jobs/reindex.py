@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -85,8 +86,8 @@ class ReindexConfig:
     def __post_init__(self):
         if self.recalibrate and self.recalibrate_on_drift:
             raise ValueError("--recalibrate and --recalibrate-on-drift exclude each other")
-        if self.drift_threshold < 0:
-            raise ValueError(f"drift threshold must be >= 0, got {self.drift_threshold}")
+        if not (math.isfinite(self.drift_threshold) and self.drift_threshold >= 0):  # NaN turned drift off
+            raise ValueError(f"drift threshold must be a share >= 0 (0.05 for 5%), got {self.drift_threshold}")
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
@@ -225,10 +226,7 @@ def source_unchanged(latest: VersionManifest, icfg: IngestConfig, files: list[So
     shard and drop none. Listing the source is all it takes to know, where the plan itself needs
     a scan that reads every file (at 100M documents, the whole lake's text: docs/scaling.md).
     """
-    recorded = latest.source.file_identities
-    if not recorded or not latest.shards:
-        return False
-    if {f.relpath: dict(f.identity()) for f in files} != {k: dict(v) for k, v in recorded.items()}:
+    if not latest.source.file_identities or not latest.shards or not latest.source.same_files(files):
         return False
     return same_model(icfg.encoder.model, latest)  # icfg has the latest version's backend
 
@@ -250,7 +248,8 @@ def parse_interval(text: str) -> float:
         value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    # `inf` or `1e10` passed here, and the watch loop's first wait raised OverflowError.
+    if not 0 < value <= threading.TIMEOUT_MAX:
         raise ValueError(f"interval {text!r} is not a positive duration like 30s, 10m, 2h or 1d")
     return value
 

@@ -218,6 +218,58 @@ def test_a_reindex_that_only_drops_a_file_reports_no_work_of_its_own(lake, tmp_p
         "carried over from the version it builds on")
 
 
+def test_a_reindex_counts_the_rows_it_encoded_not_the_rows_it_planned_to(lake, docs, tmp_path):
+    """A reindex whose commit was lost (a crash right before it) is run again: the shard its first
+    run wrote for the changed file is found and reused, not encoded, and its summary said 12 rows
+    encoded all the same (the plan's counts stood over what was done)."""
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copytree(dest, tmp_path / "emb")
+    _write(tmp_path / "raw", "part-1.parquet", docs[200:200 + ROWS])
+    cfg = ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), progress=False)
+    first = reindex(cfg)  # the module's lake may hold earlier tests' changes too
+    added = first.summary["shards_added"]
+    assert first.summary["rows_encoded"] >= ROWS and first.summary["shards_written"] == added >= 1
+    (tmp_path / "emb" / "versions" / f"{first.version:08d}.json").unlink()  # its commit lost
+    again = reindex(cfg)
+    s = again.summary
+    assert again.version == first.version and (s["shards_added"], s["shards_reused"]) == (added, added)
+    assert (s["rows_encoded"], s["shards_written"], s["documents_written"]) == (0, 0, 0)
+
+
+def test_a_file_without_rows_is_recorded_so_the_next_reindex_skips_the_scan(lake, tmp_path, monkeypatch):
+    """An empty part file (Spark writes them) changes no shard: the reindex committed nothing and
+    said the source had not changed, so its version never listed the file, and every later run
+    found the listing changed and scanned the whole lake again. Now the version records it (and
+    its removal), the next run skips the scan, and no encoder is started for nothing to encode."""
+    import jobs.ingest
+
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copytree(dest, tmp_path / "emb")
+    cfg = ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), progress=False)
+    latest = open_version(str(tmp_path / "emb")).manifest
+    started = []
+    monkeypatch.setattr(jobs.ingest, "Encoders", lambda *a, **k: started.append(a) or pytest.fail("encoders"))
+    for change in ("add", "remove"):
+        if change == "add":
+            pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                           tmp_path / "raw" / "part-9.parquet")
+        else:
+            (tmp_path / "raw" / "part-9.parquet").unlink()
+        result = reindex(cfg)
+        s = result.summary
+        assert result.version == latest.version + 1 and (s["shards_added"], s["shards_dropped"]) == (0, 0)
+        now = open_version(str(tmp_path / "emb")).manifest
+        assert [sh.id for sh in now.shards] == [sh.id for sh in latest.shards]
+        assert ("part-9.parquet" in now.source.file_identities) == (change == "add")
+        again = reindex(cfg)
+        assert again.version is None and again.summary["scan_skipped"]
+        assert format_result(again).startswith("no source change since the latest version: nothing committed")
+        latest = now
+    assert started == []
+
+
 @pytest.mark.parametrize("samples", [None, 50])
 def test_a_recalibration_dry_run_says_how_big_its_sample_is(docs, tmp_path, capsys, samples):
     # None: the ingest sized its sample to the lake (a 20th of its rows, at least 1,000: here all 24).
@@ -539,6 +591,17 @@ def test_interval_without_watch_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["dest", "--watch", "--interval", "-5m"])
     assert "error: interval '-5m' is not a positive duration like 30s" in capsys.readouterr().err
+    # Past what a wait can take: the watch loop raised OverflowError after its first cycle.
+    for text in ("inf", "infd", "nan", "1e10", "2e5d"):
+        with pytest.raises(SystemExit):
+            parse_args(["dest", "--watch", "--interval", text])
+        assert f"error: interval '{text}' is not a positive duration" in capsys.readouterr().err
+    assert parse_args(["dest", "--watch", "--interval", "1e3"])[2] == 1000.0
+    # A threshold of NaN turned drift detection off silently.
+    for value in ("nan", "inf", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse_args(["dest", "--recalibrate-on-drift", "--drift-threshold", value])
+        assert "drift threshold must be a share >= 0 (0.05 for 5%), got" in capsys.readouterr().err
 
 
 def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tmp_path, capsys):

@@ -420,6 +420,12 @@ class SourceSnapshot:
     def file_identities(self) -> Mapping[str, Mapping[str, Any]]:
         return self.files or {}
 
+    def same_files(self, files: list[SourceFile]) -> bool:
+        """Whether `files` (a listing) are exactly the files recorded, each with the identity recorded
+        (size and version); False when none were recorded (a version written before they were)."""
+        return self.files is not None and {f.relpath: dict(f.identity()) for f in files} == {
+            k: dict(v) for k, v in self.files.items()}
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "text_column": self.text_column, "id_column": self.id_column}
         if self.files is not None:
