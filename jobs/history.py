@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
 from jobs.common import add_storage_options, console, format_fidelity, format_share, run_reporting, storage_options
-from ranges.manifest import RangeManifest
+from ranges.manifest import RangeManifest, check_fidelity
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
 from workers.lake.storage import join, url_to_fs
@@ -40,6 +41,25 @@ def ranges_fidelity(fs, root: str, path: str) -> dict[str, Any] | None:
         return None
 
 
+def readable_drift(drift: Any) -> dict[str, Any] | None:
+    """A version's `drift` record, when it is one: `rows` a count, the two shares finite numbers,
+    `fidelity` an estimate or null (else null in what is returned). None otherwise: a manifest is
+    input like any file, and a record no reader needs (damaged, or made up) must not stop the
+    listing of every version (it raised AttributeError or KeyError)."""
+    def share(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(drift, dict) and isinstance(drift.get("rows"), int) and not isinstance(drift["rows"], bool)
+            and drift["rows"] >= 0 and share(drift.get("clipped_share")) and share(drift.get("baseline_share"))):
+        return None
+    try:
+        if drift.get("fidelity") is not None:
+            check_fidelity(drift["fidelity"])
+    except ValueError:
+        drift = {**drift, "fidelity": None}
+    return drift
+
+
 def history(fs, root: str, last: int | None = None, listed: list[int] | None = None) -> list[dict[str, Any]]:
     """One entry per committed version, ascending (the `last` ones only, when given); an
     unreadable one says why. `listed`: `list_versions(fs, root)`, when the caller took it.
@@ -68,7 +88,7 @@ def history(fs, root: str, last: int | None = None, listed: list[int] | None = N
         entry = {"version": n, "parent": m.parent, "created_at": m.created_at, "writer": m.writer,
                  "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
                  "ranges": m.ranges.id, "model": m.model.name, "precisions": list(m.precisions),
-                 "rollback_of": m.extra.get("rollback_of"), "drift": m.extra.get("drift")}
+                 "rollback_of": m.extra.get("rollback_of"), "drift": readable_drift(m.extra.get("drift"))}
         if m.ranges.path not in fidelities:  # versions mostly share their ranges: read each once
             fidelities[m.ranges.path] = ranges_fidelity(fs, root, m.ranges.path)
         entry["fidelity"] = fidelities[m.ranges.path]
@@ -103,7 +123,8 @@ def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -
         d = e.get("drift")
         if d and d.get("rows"):
             lines.append(f"    drift: {format_share(d['clipped_share'])} of the new data's values clipped "
-                         f"(calibration sample {format_share(d['baseline_share'])}) over {d['rows']} new rows")
+                         f"(calibration sample {format_share(d['baseline_share'])}) over {d['rows']} new rows"
+                         + ("; new ranges calibrated for it" if d.get("recalibrated") is True else ""))
             if d.get("fidelity"):
                 lines.append(f"    new rows' {format_fidelity(d['fidelity'], e.get('precisions'))}")
     return "\n".join(lines)

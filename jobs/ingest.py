@@ -81,7 +81,8 @@ def check_source(cfg: IngestConfig, kept: Mapping[str, ScanRef] | None = None, l
 def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool = False,
         accept: Callable[[VersionManifest], bool] | None = None,
         requantize: Float16Source | None = None, warm: WarmEncoders | None = None,
-        listed: tuple[Any, str, list[SourceFile]] | None = None) -> IngestResult:
+        listed: tuple[Any, str, list[SourceFile]] | None = None,
+        record: Mapping[str, Any] | None = None) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version.
 
     Args:
@@ -104,6 +105,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             job that starts its own Ray instance ignores it.
         listed: `list_source(cfg.source, ...)` as the caller just took it (`reindex`, which lists
             the source to know whether anything changed): not listed a second time.
+        record: fields the version manifest records besides its own (a reindex that recalibrates
+            on drift records the drift that made it).
     """
     cfg = replace(cfg, source=absolute_url(cfg.source), dest=absolute_url(cfg.dest),
                   ranges=absolute_url(cfg.ranges) if cfg.ranges else None)
@@ -214,6 +217,8 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             else None
         version_doc = replace(version_doc, extra={**version_doc.extra, "drift": drift})
         summary_extra = {**plan.summary(scanned, committed=True), "drift": drift}
+    if record:
+        version_doc = replace(version_doc, extra={**version_doc.extra, **record})
     # A kept scan deleted meanwhile (a vacuum, by hand) has served this job already: the version
     # lists the ones left, and a later job reads that file again.
     version_doc = check_referenced_files(dest_fs, dest_root, version_doc)

@@ -210,8 +210,10 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
         # The draft's shards (the latest version's, and those just written for the new data,
         # all under the saved ranges) are complete on storage though not committed: a version
         # keeping float16 has its new rows requantized too, so each is encoded once.
+        # The version records the drift that made it, as measured against the saved ranges
+        # (`history` shows it; its own ranges were calibrated on the lake as it is).
         again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]),
-                       warm=warm, listed=listed)
+                       warm=warm, listed=listed, record={"drift": {**drifted[0], "recalibrated": True}})
         return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 

@@ -125,6 +125,28 @@ def test_summary_and_history_show_it(small_dataset):
     assert "ranges' fidelity on 5 held-out sample queries" in report(str(dest), entries)
 
 
+@pytest.mark.parametrize("drift, shown", [
+    ("x", None), ([1], None), ({"rows": 5}, None), ({"rows": "5", "clipped_share": 0.1, "baseline_share": 0.0}, None),
+    ({"rows": 5, "clipped_share": "a", "baseline_share": 0.0}, None),
+    ({"rows": 5, "clipped_share": float("nan"), "baseline_share": 0.0}, None),
+    ({"rows": 5, "clipped_share": 0.1, "baseline_share": 0.0, "fidelity": {"k": 1}}, "drift: 10.0000%"),
+    ({"rows": 5, "clipped_share": 0.1, "baseline_share": 0.0}, "drift: 10.0000%")])
+def test_history_lists_a_version_whose_drift_record_is_damaged(copy_dataset, drift, shown):
+    """A manifest is input like any file: a drift record (which no reader needs) that is not one
+    stopped `history` with an AttributeError, a KeyError or a format error. Now the version is
+    listed without it; a damaged fidelity inside a good record is left out on its own."""
+    path = copy_dataset / "versions" / "00000001.json"
+    doc = json.loads(path.read_text())
+    doc["drift"] = drift
+    path.write_text(json.dumps(doc))  # NaN as Python's json writes and reads it
+    fs, root = url_to_fs(str(copy_dataset))
+    [entry] = history(fs, root)
+    text = report(str(copy_dataset), [entry])
+    assert entry["documents"] == 91 and "version 1 (first" in text
+    assert (entry["drift"] is None) == (shown is None) and "new rows' fidelity" not in text
+    assert (shown is not None and f"    {shown} of the new data's values clipped" in text) or "drift" not in text
+
+
 def test_reindex_measures_the_new_rows(small_dataset, docs, tmp_path):
     dest, result = small_dataset
     lake = tmp_path / "lake"

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main as cli
-from jobs.history import history
+from jobs.common import format_share
+from jobs.history import history, report as history_report
 from jobs.ingest import run as ingest
 from jobs.reindex import (ReindexConfig, format_result, ingest_config, parse_args, run as reindex, source_of,
                           source_unchanged, watch)
@@ -296,6 +297,11 @@ def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, do
     assert result.version == 3 and result.summary["mode"] == "recalibrate"
     assert result.summary["drift"]["clipped_share"] > 0
     v2, v3 = (read_version(*url_to_fs(str(dest)), n) for n in (2, 3))
+    # The version records the drift that made it (it recorded none, so `history` never showed it).
+    assert v3.extra["drift"] == {**result.summary["drift"], "recalibrated": True}
+    shown = history_report(str(dest), history(*url_to_fs(str(dest)), last=1))
+    assert f"drift: {format_share(v3.extra['drift']['clipped_share'])} of the new data's values clipped" in shown
+    assert "; new ranges calibrated for it" in shown
     assert v3.ranges.id != v2.ranges.id and not {x.id for x in v2.shards} & {x.id for x in v3.shards}
     fresh = _fresh(base, raw, "fresh-3")  # calibrated anew, with the same options and seed
     assert open_version(str(fresh)).manifest.ranges.id == v3.ranges.id

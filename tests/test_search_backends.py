@@ -338,7 +338,7 @@ def test_an_int8_index_keeps_the_rows_that_tie_at_the_cut_by_row_whatever_the_sh
         assert len(small.manifest.shards) == 24 and len(one.manifest.shards) == 1
         cut = 0
         for k in (7, 30, 45, 101):
-            for options in ({"rescore": "none"}, {}, {"rescore": "bits"}):
+            for options in ({"rescore": "none"}, {}):
                 a, b = small.search_vectors(q, k=k, **options), one.search_vectors(q, k=k, **options)
                 assert [[(h.id, h.score, h.row + int(h.shard.split("-")[1])) for h in hits]
                         for hits in a] == [[(h.id, h.score, h.row) for h in hits] for hits in b]

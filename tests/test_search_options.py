@@ -81,6 +81,11 @@ def test_int8_index_equals_exhaustive_int8_scores(versions, capsys):
     got = _search(capsys, dest, path, "--index", "int8")
     for record, want in zip(got, Stored(str(dest)).exhaustive_int8(query_vectors(queries), K)):
         assert_same_hits(record["hits"], want, tol=1e-4)  # FAISS sums in float32
+    # Rescoring and candidate options the int8 indexes do not read were ignored silently.
+    for option in (["--rescore", "bits"], ["--rescore", "int8-raw"], ["--candidates", "hamming"]):
+        assert cli(["search", str(dest), "q", "--index", "int8", *option]) == 2
+        assert f"{' '.join(option)}: only for the binary indexes, not the int8 indexes that --index int8" in \
+            capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["name", "folder"])

@@ -280,6 +280,13 @@ class Searcher:
                              f"rescore with (ingested with precisions {', '.join(self.manifest.precisions)}): "
                              "search with --rescore bits or --rescore none (rescore='bits' or 'none')")
         self._check_breadth(opts)
+        # The int8 indexes score every row as int8 rescoring would: another way of scoring or of
+        # finding candidates would be ignored silently.
+        if self.index == "int8" and (opts.rescore in ("int8-raw", "bits") or opts.candidates != "asymmetric"):
+            given = f"--rescore {opts.rescore}" if opts.rescore in ("int8-raw", "bits") else \
+                f"--candidates {opts.candidates}"
+            raise ValueError(f"{given}: only for the binary indexes, not the int8 indexes that --index int8 "
+                             "(index='int8') builds, whose scores are int8 rescoring's already; leave it out")
         return opts
 
     def _check_breadth(self, opts: SearchOptions) -> None:
