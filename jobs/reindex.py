@@ -40,7 +40,7 @@ from workers.ingest.steps import UnitFailed
 from workers.lake.records import VersionManifest
 from workers.lake.redact import describe_error, redact, redact_url
 from workers.lake.storage import absolute_url, dest_to_fs, join
-from workers.lake.versions import CommitConflict, IncompleteVersion, read_version
+from workers.lake.versions import CommitConflict, IncompleteVersion, read_version, same_content
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,12 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
                                         "calibration_rows_max": min(scanned,
                                                                     sample_size(icfg.calibration_samples, scanned))})
     if cfg.recalibrate or cfg.model:
+        # New ranges that come out as the latest version's (the lake, sample and options as they
+        # were) name its very shards: a copy of it is not committed, as `rollback` commits none.
         result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16,
-                        warm=warm)
-        return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate"})
+                        warm=warm, accept=lambda draft: not same_content(draft, latest))
+        return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate",
+                                        "latest": latest.number})
     icfg = ingest_config(latest, cfg, source, fresh=False)
     listed = list_source(icfg.source, icfg.storage_options, icfg.exclude)  # once per cycle: the jobs below take it
     if source_unchanged(latest, icfg, listed[2]):
@@ -313,6 +316,9 @@ def format_result(r: IngestResult) -> str:
     s = r.summary
     if s.get("mode") in ("recalibrate", "model"):
         why = "a new model" if s["mode"] == "model" else "new ranges"
+        if r.version is None and s.get("committed") is False and "latest" in s:
+            return (f"nothing committed: calibrating again gave the ranges and shards of version {s['latest']}, "
+                    "the latest (the same lake, sample and options)")
         return f"rebuilt every shard with {why}\n" + format_summary(s)
     if s.get("scan_skipped"):
         # Known from the listing alone: nothing was scanned, and `rows_scanned` is the rows the

@@ -308,6 +308,21 @@ def test_drift_past_the_threshold_recalibrates_and_rebuilds_every_shard(lake, do
     assert _content(str(dest), {}) == _content(str(fresh), {})
 
 
+def test_a_recalibration_that_gives_the_latest_versions_ranges_commits_nothing(lake, tmp_path):
+    """Calibrating again on the lake the latest version was calibrated on gives its ranges, so
+    its shards: the version committed was a copy of the latest one."""
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copytree(dest, tmp_path / "emb")
+    cfg = ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), recalibrate=True, progress=False)
+    first = reindex(cfg)  # from the copy of the lake: another source than the latest version's
+    assert first.version is not None and format_result(first).startswith("rebuilt every shard with new ranges")
+    again = reindex(cfg)
+    assert again.version is None and list_versions(*url_to_fs(str(tmp_path / "emb")))[-1] == first.version
+    assert format_result(again) == (f"nothing committed: calibrating again gave the ranges and shards of version "
+                                    f"{first.version}, the latest (the same lake, sample and options)")
+
+
 def test_history_and_rollback(lake, capsys):
     base, raw, dest = lake
     fs, root = url_to_fs(str(dest))
