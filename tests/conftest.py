@@ -306,7 +306,34 @@ def copy_dataset(small_dataset, tmp_path):
 def free_ports(n: int) -> list[int]:
     """`n` distinct free ports on 127.0.0.1, for a `ray start` given every port: each socket stays
     bound until all are chosen (a port released at once can be handed out again, and two Ray
-    components given one port refuse to start)."""
+    components given one port refuse to start).
+
+    They are drawn below the kernel's ephemeral range (`ip_local_port_range`, where it hands out
+    ports to outgoing connections and to sockets bound to port 0) and above Ray's worker ports
+    (10002-19999): a port the kernel picked could be taken by any connection between the choice
+    and Ray's bind, and a head's dashboard failed so ("address already in use"). Where that range
+    leaves no room, the kernel chooses, as before.
+    """
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = list(range(20000, low))
+    random.SystemRandom().shuffle(candidates)  # two test processes choosing at once rarely meet
+    with contextlib.ExitStack() as stack:
+        chosen: list[int] = []
+        for port in candidates:
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == n:
+                return chosen
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(n)]
         for s in socks:
