@@ -751,8 +751,10 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
         return SourceError(f"JSON Lines file {f.relpath}: {at} holds a {changed.group(3)} in column "
                            f"{changed.group(1)!r}, where earlier lines hold a {changed.group(2)}; "
                            "fix or remove that line")
-    with open_file() as fh:
-        head = fh.read(4) if line_base == 0 else b""  # a segment past the file's start has no byte order mark
+    head = b""  # a segment past the file's start has no byte order mark: the file is not opened for it
+    if line_base == 0:
+        with open_file() as fh:
+            head = fh.read(4)
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return SourceError(f"JSON Lines file {f.relpath} is UTF-16 (it starts with a UTF-16 byte order mark): "
                            "JSON Lines must be UTF-8; convert it (e.g. iconv -f UTF-16 -t UTF-8)")
