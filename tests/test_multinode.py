@@ -19,7 +19,7 @@ UNITS = 5  # small_dataset's: 2 Parquet files of 45 rows in units of 40 and 5 ro
 
 # The job: one cluster, one ingest with the reference's ranges (calibration would only add the
 # sample's encoding, on the same encoder actor), which loses the CPU worker node while that node
-# reads a unit (each read is slowed down, here only). One run keeps the test cheap:
+# reads a unit (each read is slowed down, here only; the head's CPU is held until then). One run keeps the test cheap:
 # placement and bytes are checked on the run that lost a node.
 CLUSTER_JOB = r"""
 import json, os, sys, threading, time, uuid
@@ -42,6 +42,18 @@ ray.init(address=cluster.address, logging_level="WARNING", runtime_env={"env_var
 report = {"head": cluster.head_node.node_id, "cpu": cpu.node_id, "gpu": gpu.node_id,
           "seconds": {"cluster": time.perf_counter() - t0}}
 
+# The head's CPU is held until the CPU worker is removed, so the job's first reads run on that
+# worker: left to itself, Ray may run every read on the head (the driver's node), and the node
+# would then be removed with nothing of the job's on it, or never.
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+@ray.remote(num_cpus=1)
+class Hold:
+    def ready(self):
+        return True
+hold = Hold.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+    cluster.head_node.node_id, soft=False)).remote()
+ray.get(hold.ready.remote())
+
 def cfg(dest):
     # small_dataset's options; fp32 since the GPU node has no CUDA (`auto` means fp16 for a GPU pool)
     return IngestConfig(lake, os.path.join(out, dest), id_column="id", calibration_samples=50, ranges=ranges,
@@ -63,6 +75,7 @@ def remove_cpu_node_while_it_reads():
         if os.path.isdir(shards) else 0
     cluster.remove_node(cpu)
     report["removed"] = cpu.node_id
+    ray.kill(hold)  # the head takes the job's CPU work from here
 
 remover = threading.Thread(target=remove_cpu_node_while_it_reads, daemon=True)
 remover.start()
@@ -74,7 +87,6 @@ report["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 # The GPUs an encoder's tokenizer threads share the node's cores with (`gpus_on_this_node`),
 # asked on each kind of node; a node of two GPUs (and no CPU: no job work) is added for it.
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from workers.embedding.encoder import gpus_on_this_node
 two = cluster.add_node(num_cpus=0, num_gpus=2)
 cluster.wait_for_nodes()
@@ -125,6 +137,7 @@ def test_cluster_places_stages_by_node_kind_and_survives_a_lost_node_with_the_si
     for step in ("read", "write"):
         assert sum(got["nodes"][step].values()) == UNITS and set(got["nodes"][step]) <= {head, cpu}, got["nodes"]
     assert any(m.startswith(cpu) for m in os.listdir(markers))
+    assert got["nodes"]["read"].get(head, 0) >= 1, got["nodes"]  # the units the lost node held, read again
     assert not any(m.startswith(gpu) for m in os.listdir(markers))
     assert report["removed"] == cpu and cpu not in report["alive_after"]
     assert report["sidecars_at_removal"] < UNITS, "the node was removed after the job's work was done"
