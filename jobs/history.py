@@ -7,7 +7,8 @@ import math
 import sys
 from typing import Any
 
-from jobs.common import add_storage_options, console, format_fidelity, format_share, run_reporting, storage_options
+from jobs.common import (add_storage_options, console, format_fidelity, format_share, one_line, run_reporting,
+                         storage_options)
 from ranges.manifest import RangeManifest, check_fidelity
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
@@ -39,6 +40,12 @@ def ranges_fidelity(fs, root: str, path: str) -> dict[str, Any] | None:
         return RangeManifest.from_json(fs.cat_file(join(root, path)), where=path).fidelity
     except (OSError, ValueError):
         return None
+
+
+def _version_number(v: Any) -> int | None:
+    """A version's `rollback_of`, when it is a version number (like `drift`, a record no reader
+    needs: anything else is left out, not printed as it is)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
 
 
 def readable_drift(drift: Any) -> dict[str, Any] | None:
@@ -88,7 +95,8 @@ def history(fs, root: str, last: int | None = None, listed: list[int] | None = N
         entry = {"version": n, "parent": m.parent, "created_at": m.created_at, "writer": m.writer,
                  "documents": m.count("documents"), "rejects": m.count("rejects"), "shards": len(m.shards),
                  "ranges": m.ranges.id, "model": m.model.name, "precisions": list(m.precisions),
-                 "rollback_of": m.extra.get("rollback_of"), "drift": readable_drift(m.extra.get("drift"))}
+                 "rollback_of": _version_number(m.extra.get("rollback_of")),
+                 "drift": readable_drift(m.extra.get("drift"))}
         if m.ranges.path not in fidelities:  # versions mostly share their ranges: read each once
             fidelities[m.ranges.path] = ranges_fidelity(fs, root, m.ranges.path)
         entry["fidelity"] = fidelities[m.ranges.path]
@@ -105,11 +113,13 @@ def report(dest: str, entries: list[dict[str, Any]], total: int | None = None) -
     lines = [f"dataset {redact_url(dest)}: {total or len(entries)} committed version(s){shown}"]
     for e in entries:
         if "unreadable" in e:
-            lines.append(f"  version {e['version']}: unreadable: {e['unreadable']}")
+            lines.append(f"  version {e['version']}: unreadable: {one_line(e['unreadable'])}")
             continue
         parent = f"on {e['parent']}" if e["parent"] else "first"
-        lines.append(f"  version {e['version']} ({parent}, {e['created_at']}): {e['documents']} documents, "
-                     f"{e['rejects']} rejects, {e['shards']} shards, ranges {e['ranges'][:12]}, model {e['model']}")
+        counts = {k: "-" if e[k] is None else e[k] for k in ("documents", "rejects")}
+        lines.append(f"  version {e['version']} ({parent}, {one_line(e['created_at'])}): {counts['documents']} "
+                     f"documents, {counts['rejects']} rejects, {e['shards']} shards, ranges {e['ranges'][:12]}, "
+                     f"model {one_line(e['model'])}")
         c = e.get("changes")
         if e["rollback_of"]:
             lines.append(f"    rollback to the content of version {e['rollback_of']}")

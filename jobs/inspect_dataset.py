@@ -66,28 +66,30 @@ def report(dest: str, versions: list[int], history: Iterable[tuple[int, VersionM
              f"{'documents':>9}  {'rejects':>7}  {'ranges':<12}  model"]
     for n, h in history:
         if isinstance(h, str):
-            lines.append(f"  {n:>7}  unreadable: {h}")
+            lines.append(f"  {n:>7}  unreadable: {one_line(h)}")
             continue
         c = h.counts or {}
-        lines.append(f"  {h.number:>7}  {h.created_at or '':<20}  {h.writer[:8]:<8}  "
+        lines.append(f"  {h.number:>7}  {one_line(h.created_at or ''):<20}  {one_line(h.writer[:8]):<8}  "
                      f"{h.parent if h.parent is not None else '-':>6}  {len(h.shards):>6}  "
                      f"{c.get('documents', '-'):>9}  {c.get('rejects', '-'):>7}  {h.ranges.id[:12]:<12}  "
-                     f"{h.model.name}")
+                     f"{one_line(h.model.name)}")
     latest = versions[-1]
     model, ranges, counts, b = doc.model, doc.ranges, doc.counts or {}, doc.bytes or {}
-    exclude = (doc.extra.get("options") or {}).get("exclude")
+    exclude = doc.option("exclude")
+    if not (isinstance(exclude, list) and all(isinstance(g, str) for g in exclude)):
+        exclude = None  # not what an ingest records: a reindex of this version refuses it, naming it
     lines += [
         f"version {doc.number}{' (latest)' if doc.number == latest else ''}, "
-        f"committed {doc.created_at} by writer {doc.writer}",
-        f"  model      {model.name} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}, "
-        f"backend {model.backend}",
-        f"  ranges     {ranges.id} ({ranges.method}), {ranges.path}",
-        f"  source     {redact_url(doc.source.url)}: {len(doc.source.file_identities)} file(s)"
+        f"committed {one_line(doc.created_at)} by writer {one_line(doc.writer)}",
+        f"  model      {one_line(model.name)} ({model.fingerprint}), dim {model.dim}, normalize {model.normalize}, "
+        f"backend {one_line(str(model.backend))}",
+        f"  ranges     {ranges.id} ({one_line(ranges.method or 'minmax')}), {ranges.path}",
+        f"  source     {one_line(redact_url(doc.source.url))}: {len(doc.source.file_identities)} file(s)"
         + ("" if doc.scans is None else
            f", {len(doc.scans)} kept scan(s) of {_size(sum(r.bytes for r in doc.scans))} (scans/)")
-        + ("; excluding " + " ".join(exclude) if exclude else ""),
-        f"  rows       {counts.get('documents')} documents, {counts.get('rejects')} rejects, "
-        f"{counts.get('rows_read')} rows read",
+        + ("; excluding " + " ".join(map(one_line, exclude)) if exclude else ""),
+        f"  rows       {counts.get('documents', '-')} documents, {counts.get('rejects', '-')} rejects, "
+        f"{counts.get('rows_read', '-')} rows read",
         "  bytes      " + ", ".join(f"{p} {_size(b.get(p))}" for p in ["float32", *doc.precisions])
         + f"; stored {_size(b.get('stored'))} (Parquet and indexes)",
         f"  shards     {len(doc.shards)}:",

@@ -34,16 +34,16 @@ log = logging.getLogger(__name__)
 FOLDERS = ("shards", "rejects", "ranges", "scans", "versions")
 # Shard ids: 32 hex digits (workers/shard_writer.shard_id), or the row-range names of datasets
 # written from precomputed vectors (workers/ingest/from_vectors.py).
-_SHARD_ID = r"[0-9a-f]{32}|vectors-\d{12}-\d{12}"
+_SHARD_ID = r"[0-9a-f]{32}|vectors-[0-9]{12}-[0-9]{12}"
 # The names quantlake writes, and their temporaries (`<name>.tmp-<uuid4 hex>`, workers/lake/storage.py).
 _OURS = re.compile(
     rf"^(?:shards/(?P<shard>{_SHARD_ID})\.(?:parquet|faiss|json)"
     rf"|rejects/(?P<rejected>{_SHARD_ID})\.parquet"
     r"|ranges/(?P<ranges>[0-9a-f]{64})\.json"
     r"|scans/(?P<scan>[0-9a-f]{32})\.npy"
-    r"|versions/(?P<version>\d{8})\.json)"
+    r"|versions/(?P<version>(?!0{8})[0-9]{8})\.json)"  # 00000000 is no version (numbering starts at 1)
     r"(?P<tmp>\.tmp-[0-9a-f]{32})?$")
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Files deleted between two looks at the versions and at the files' times: the window in which
 # a commit can still land on files vacuum is deleting (docs/formats.md, "Vacuum").
@@ -296,11 +296,16 @@ def delete(fs, root: str, cfg: VacuumConfig, result: VacuumResult, now: Callable
     in_use: list[str] = []
 
     def look_again() -> None:
-        for n, paths, ids in _read_new(fs, root, refs, expired):
-            hit = sorted(p for p in gone if p in paths or (group_of(p).startswith("shard ")
-                                                              and group_of(p)[len("shard "):] in ids))
+        for n, paths, _ in _read_new(fs, root, refs, expired):
+            # Only files the version references count (a shard's leftover temporary or its
+            # sidecar is none), and only those still missing: a job may have written one again
+            # since (names derive from content, so with the same bytes).
+            hit = gone & paths
             if hit:
-                result.damaged.append((n, hit))
+                fs.invalidate_cache()
+                hit = {p for p in hit if not fs.exists(posixpath.join(root, p))}
+            if hit:
+                result.damaged.append((n, sorted(hit)))
 
     for number, batch in enumerate(_batches(result.deleted)):
         if before_batch is not None:

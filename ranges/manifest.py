@@ -115,6 +115,8 @@ class RangeManifest:
     def from_json(cls, data: bytes | str, where: str = "range manifest") -> "RangeManifest":
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
             spec = doc["ranges"]
@@ -135,8 +137,10 @@ class RangeManifest:
                 created_at=doc.get("created_at", ""),
                 fidelity=doc.get("fidelity"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"invalid {where}: {exc}") from exc
+        except RecursionError:  # JSON nested deeper than the parser's stack
+            raise ValueError(f"invalid {where}: JSON nested too deeply to read") from None
         if doc.get("id") != manifest.id:
             raise ValueError(f"invalid {where}: stored id {doc.get('id')!r} does not match its "
                              f"content ({manifest.id}); the file was altered or corrupted")

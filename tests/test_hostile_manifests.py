@@ -294,6 +294,24 @@ VARIANTS = [
             refused(r"is listed twice")),
     Variant("not_json", _write_version("00000001.json", lambda doc: b"{ not json"), refused(r"not valid JSON")),
     Variant("json_array", _write_version("00000001.json", lambda doc: b"[]"), refused(r"must be a JSON object")),
+    Variant("latest_version_a_folder", lambda dest, doc: (dest / "versions" / "00000002.json").mkdir(),
+            refused(r"version 2 \(versions/00000002\.json\): is a folder, not a manifest file")),
+    # Digits of another script are no version number (`int` reads them; the name a version has
+    # is ASCII): the file is foreign, version 1 the latest.
+    Variant("version_name_fullwidth_digits", _write_version("\uff10" * 7 + "\uff12.json", _renumbered(2)), FINE,
+            same_hits=True),
+    Variant("version_zero", _write_version("00000000.json", _renumbered(0)), FINE, same_hits=True),
+    # Options no ingest writes: only a reindex uses them (and refuses these, naming them).
+    Variant("options_not_object", _set("options", "x"), FINE, same_hits=True),
+    Variant("options_exclude_number", _set("options.exclude", 5), FINE, same_hits=True),
+    Variant("json_nested_deep", _write_version("00000001.json", lambda doc: b"[" * 100_000),
+            refused(r"version 1 .*: not a manifest \(JSON nested too deeply to read\)")),
+    # A path spelt otherwise than its file's listed name: vacuum, comparing names, would delete
+    # the file the version needs.
+    Variant("ranges_path_with_dot", lambda dest, doc: _set("ranges.path", doc["ranges"]["path"].replace(
+        "ranges/", "ranges/./"))(dest, doc), refused(r"ranges\.path: unsafe path 'ranges/\./")),
+    Variant("shard_path_double_slash", lambda dest, doc: _set("shards.1.path", doc["shards"][1]["path"].replace(
+        "shards/", "shards//"))(dest, doc), refused(r"shards\[1\]\.path: unsafe path 'shards//")),
     Variant("zero_shards", _zero_shards, FINE),
     Variant("wrong_index_class", _wrong_index_class,
             bad_file(IntegrityError, r"\.faiss .*is an IndexBinaryHNSW, the manifest says IndexBinaryFlat")),
@@ -469,6 +487,9 @@ def test_reader_entry_point_against_hostile_version(corpus, pristine, variant, e
         else:
             assert out.splitlines()[-1].startswith(f"vacuum {dest}: would delete")
             assert ", ".join(["1", "99999999"] if latest != "1" else ["1"]) in out.splitlines()[-1]
+            foreign = {"version_name_fullwidth_digits": "\uff10" * 7 + "\uff12.json", "version_zero": "00000000.json"}
+            if variant.name in foreign:  # reported and kept, like any name quantlake does not write
+                assert f"kept versions/{foreign[variant.name]}: not a name quantlake writes" in out.splitlines()
         return
     assert status == want.error and out == ""
     lines = err.splitlines()

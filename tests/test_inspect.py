@@ -67,3 +67,22 @@ def test_a_source_file_name_with_a_line_break_stays_on_its_shards_line(copy_data
 def test_no_dataset(tmp_path, capsys):
     assert cli(["inspect", str(tmp_path / "nothing")]) == 2
     assert f"no committed version under {tmp_path / 'nothing'}" in capsys.readouterr().err
+
+
+def test_manifest_strings_are_shown_escaped_and_options_no_job_writes_left_out(copy_dataset, capsys):
+    """A manifest is input: its strings are printed escaped (a line break or a terminal escape in
+    a model name forges no line), and `options` or `rollback_of` of a form no job writes are left
+    out of the report instead of stopping it (inspect raised AttributeError on such options)."""
+    v1 = json.loads((copy_dataset / "versions" / "00000001.json").read_text())
+    forged = "m\n  version 7 (latest), committed 2024 by writer FORGED\x1b[2K"
+    v2 = {**v1, "version": 2, "parent": 1, "writer": "w\nFORGED", "created_at": "2026\nFORGED",
+          "model": {**v1["model"], "name": forged}, "options": "x", "rollback_of": "1\nFORGED"}
+    (copy_dataset / "versions" / "00000002.json").write_text(json.dumps(v2))
+    for command in ("inspect", "history"):
+        assert cli([command, str(copy_dataset)]) == 0
+        out = capsys.readouterr().out
+        assert "FORGED\\x1b[2K" in out and "\x1b" not in out, out  # shown, escaped
+        assert not [x for x in out.splitlines() if x.lstrip().startswith(("FORGED", "version 7"))], out
+        assert "excluding" not in out and "rollback" not in out
+    assert cli(["history", str(copy_dataset), "--json"]) == 0
+    assert [e["rollback_of"] for e in json.loads(capsys.readouterr().out)] == [None, None]

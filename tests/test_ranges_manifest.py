@@ -53,3 +53,19 @@ def test_bad_manifests():
         RangeManifest.from_json('{"format": "pickle"}')
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load("memory://nowhere/r.json")
+
+
+@pytest.mark.parametrize("text, match", [("[]", "expected a JSON object, got list"),
+                                         ("null", "expected a JSON object, got NoneType"),
+                                         ('"s"', "expected a JSON object, got str"), ("1", "got int"),
+                                         ("[" * 100_000, "JSON nested too deeply"),
+                                         ('{"format": "%s", "ranges": []}', "invalid ranges/x.json: "),
+                                         ('{"format": "%s", "ranges": {"dtype": "<f4", "shape": 2}}',
+                                          "invalid ranges/x.json: ")])
+def test_a_manifest_of_another_shape_is_a_value_error(text, match):
+    """Not an object, nested too deeply, or fields of another type: a ValueError naming the file
+    (readers report it as such; an AttributeError stopped `quantlake history`)."""
+    from ranges.manifest import FORMAT
+
+    with pytest.raises(ValueError, match=match):
+        RangeManifest.from_json(text.replace("%s", FORMAT), where="ranges/x.json")

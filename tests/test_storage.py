@@ -72,7 +72,8 @@ class TestStorageContract:
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "\\\\host\\share", "s3://other-bucket/x", "file:///etc/passwd",
                                  "C:/x", "../outside", "shards/../../outside", "shards\\..\\..\\x", "",
-                                 "~/x", "shards/a\x00b", "memory://x"])
+                                 "~/x", "shards/a\x00b", "memory://x", "ranges/./x.json", "./shards/x",
+                                 "shards//x.parquet", "shards/", "shards/x/.", "shards\\.\\x"])
 def test_unsafe_relative_paths_are_refused(bad):
     with pytest.raises(ValueError, match="unsafe path .* relative to the dataset root"):
         join("bucket/ds", bad)

@@ -198,8 +198,7 @@ def test_a_commit_after_a_batch_was_deleted_is_reported(copy_dataset, monkeypatc
     out, err = capsys.readouterr()
     res = json.loads(out)
     (s,) = landed
-    missing = sorted({s["path"], s["index"], f"shards/{s['id']}.json"}
-                     | ({s["rejects"]["path"]} if s["rejects"] else set()))
+    missing = sorted({s["path"], s["index"]} | ({s["rejects"]["path"]} if s["rejects"] else set()))
     assert res["damaged_versions"] == [{"version": 3, "missing": missing}]
     assert f"version 3 references {missing[0]}" in err
     assert "Rerun the ingest that made each" in err
@@ -228,6 +227,37 @@ def expired_shard(copy_dataset):
         t = time.time() - 2 * HOUR
         os.utime(p, (t, t))
     return store, dropped
+
+
+def test_a_version_needing_no_file_still_missing_is_not_reported(expired_shard, monkeypatch, capsys):
+    """Vacuum deletes a leftover temporary of a shard the latest version keeps and the files of
+    the shard version 2 dropped; a job then writes that shard again (same names, same bytes) and
+    commits it beside the kept ones. Neither the temporary nor a file written again is a loss:
+    the version is complete, and vacuum says nothing of it."""
+    store, dropped = expired_shard
+    root = store.root
+    kept = read_version(store.fs, root).shards[0]
+    leftovers = [f"shards/{kept.id}.parquet.tmp-{TMP}", f"shards/{'f' * 32}.parquet.tmp-{TMP}"]  # the last batch
+    _put(store, {rel: b"partial" for rel in leftovers})
+    for rel in leftovers:
+        t = time.time() - 2 * HOUR
+        os.utime(f"{root}/{rel}", (t, t))
+    files = _shard_files(store, dropped["id"])
+    saved = {rel: open(f"{root}/{rel}", "rb").read() for rel in files}
+    monkeypatch.setattr(vacuum, "BATCH_FILES", 1)
+    landed = []
+
+    def rewrite_and_commit(number):
+        if not landed and not any(os.path.exists(f"{root}/{rel}") for rel in [*files, leftovers[0]]):
+            _put(store, saved)
+            landed.append(_commit_with(store, [dropped]))
+
+    monkeypatch.setattr(vacuum, "delete", partial(delete, before_batch=rewrite_and_commit))
+    assert cli(["vacuum", root, "--retain", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert landed == [3] and res["damaged_versions"] == []
+    assert {d["path"] for d in res["deleted"]} == {"versions/00000001.json", *leftovers, *files}
+    assert len(verify_version(store.url, {}).shards) == 5  # version 3, complete
 
 
 def test_a_rerun_committing_between_plan_and_delete_keeps_its_shards(small_dataset, expired_shard, ray_session):

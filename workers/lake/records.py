@@ -65,6 +65,8 @@ def _loads(data: bytes | str, where: str) -> Any:
         return json.loads(data)
     except ValueError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser's stack
+        raise ValueError(f"{where}: not a manifest (JSON nested too deeply to read)") from None
 
 
 def _counts(value: Any) -> tuple[int, ...] | None:
@@ -576,6 +578,13 @@ class VersionManifest:
 
     def count(self, name: str) -> int | None:
         return (self.counts or {}).get(name)
+
+    def option(self, name: str) -> Any:
+        """An ingest option the version records (`options` in the manifest), None when there is
+        none. Options are not validated with the manifest: a reindex, which repeats them, checks
+        each; any other reader must check the type of what it gets."""
+        opts = self.extra.get("options")
+        return opts.get(name) if isinstance(opts, dict) else None
 
     def files(self) -> list[FileRef]:
         """Every data file the version references: its shards' files and its kept scans."""

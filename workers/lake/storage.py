@@ -84,14 +84,16 @@ def join(root: str, relpath: str) -> str:
 
 
 def check_relpath(relpath: str) -> str:
-    """Refuse a manifest path that could escape the dataset root."""
+    """Refuse a manifest path that could escape the dataset root, or that names a file other than
+    as its listing does (`ranges/./x.json`, `shards//x.parquet`): vacuum compares the paths a
+    version references with the names it lists, and would delete a file spelt another way."""
     if (not isinstance(relpath, str) or not relpath or "://" in relpath
             or relpath.startswith(("/", "\\", "~")) or ":" in relpath.split("/")[0]
-            or ".." in relpath.replace("\\", "/").split("/")
+            or {"..", ".", ""} & set(relpath.replace("\\", "/").split("/"))
             or any(ord(c) < 32 or c == "\x7f" for c in relpath)):
         raise ValueError(
             f"unsafe path {relpath!r} in manifest: paths must be relative to the dataset root, "
-            "without scheme, leading '/' or '~', '..' or control characters")
+            "without scheme, leading '/' or '~', '.' or '..' parts, empty parts or control characters")
     return relpath
 
 

@@ -293,7 +293,7 @@ class Searcher:
         """Refuse a search-breadth option that no index of this search reads: it would be ignored
         silently (an HNSW index has no lists to probe, a flat or int8 one searches every row)."""
         classes = sorted({s.index_class for s in self.manifest.shards}) or \
-            [(self.manifest.extra.get("options") or {}).get("index_type") or "IndexBinaryFlat"]
+            [self.manifest.option("index_type") or "IndexBinaryFlat"]
         flags = {cls: flag for flag, cls in INDEX_FLAGS.items()}
         for name, flag, cls, kind in BREADTH_OPTIONS:
             if getattr(opts, name) is None:
