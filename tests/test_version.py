@@ -90,6 +90,33 @@ class TestCommitProtocol:
             commit(store.fs, store.root, manifest("stale", parent=1))
         assert [v for v, _, _ in _versions(store)] == [1, 2, 3]
 
+    def test_a_winner_that_changed_shards_and_no_file_is_not_undone(self, store):
+        """A rollback (or a run with other options) commits while a job built on the version
+        before it: it changed shards, not files. Rebasing that job would bring the old shards back."""
+        def shards(doc, *ids_files):
+            base = doc["shards"][0]
+            doc["shards"] = [{**base, "id": i, "path": f"shards/{i}.parquet", "index": f"shards/{i}.faiss",
+                              "source": {"file": f, "row_start": 0, "row_stop": 3}} for i, f in ids_files]
+            return doc
+
+        changed_b = {**FILES, "b.parquet": {"size": 21, "version": "2"}}
+        commit(store.fs, store.root, shards(manifest("v1"), ("a1", "a.parquet"), ("b1", "b.parquet")))
+        commit(store.fs, store.root, shards(manifest("v2", parent=1), ("a2", "a.parquet"), ("b2", "b.parquet")))
+        commit(store.fs, store.root, shards(manifest("rollback", parent=2, rollback_of=1),
+                                            ("a1", "a.parquet"), ("b1", "b.parquet")), rebase=None)
+        # A job from version 2 that saw b.parquet change keeps version 2's shard of a.parquet.
+        stale = shards(manifest("stale", parent=2, files=changed_b), ("a2", "a.parquet"), ("b3", "b.parquet"))
+        with pytest.raises(CommitConflict, match=r"version 3 was committed by writer rollback .* it changed the "
+                                                 r"shards of source files it did not change \(from version 2's"):
+            commit(store.fs, store.root, stale)
+        # A winner whose shards of a.parquet changed with b.parquet (rows of a that became
+        # duplicates of b's, say) and a job that saw the same change: rebased.
+        commit(store.fs, store.root, shards(manifest("v4", parent=3, files=changed_b),
+                                            ("a4", "a.parquet"), ("b4", "b.parquet")))
+        same = shards(manifest("same", parent=3, files=changed_b), ("a4", "a.parquet"), ("b5", "b.parquet"))
+        assert commit(store.fs, store.root, same) == 5
+        assert [(v, p, w) for v, p, w in _versions(store)][3:] == [(4, 3, "v4"), (5, 4, "same")]
+
     def test_ambiguous_create_that_landed_is_our_commit(self, store):
         calls = []
 

@@ -30,8 +30,10 @@ from workers.lake.storage import cat_uncached, create_only, join, ls_uncached, o
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^(\d{8})\.json$")
-_LONG_NAME = re.compile(r"^\d{9,}\.json$")
+# ASCII digits only: `\d` also matches other scripts' digits, which `int` reads, so a name such as
+# `versions/０００００００５.json` would list as version 5, whose file (`00000005.json`) is not there.
+_NAME = re.compile(r"^([0-9]{8})\.json$")
+_LONG_NAME = re.compile(r"^[0-9]{9,}\.json$")
 # Attempts at one create whose failure leaves its outcome unknown.
 CREATE_ATTEMPTS = 3
 # Commits lost to other writers before giving up (each loss means another job committed).
@@ -119,13 +121,15 @@ def read_version(fs, root: str, n: int | None = None) -> VersionManifest:
     if not 1 <= n <= MAX_VERSION:
         raise FileNotFoundError(f"version {n!r} of {shown(fs, root)} does not exist: version numbers "
                                 f"run from 1 to {MAX_VERSION}")
+    where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
     try:
         raw = cat_uncached(fs, version_path(root, n))
     except FileNotFoundError:
         raise FileNotFoundError(f"version {n} of {shown(fs, root)} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where}: is a folder, not a manifest file (someone put it there)") from None
     if not raw:
         raise EmptyVersion(shown(fs, root), n)
-    where = f"version {n} ({posixpath.join('versions', f'{n:08d}.json')})"
     manifest = VersionManifest.from_json(raw, where)
     if manifest.version != n:
         raise ValueError(f"{where}: the file says it is version {manifest.version}; "
@@ -197,7 +201,10 @@ def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
       recalibrated, changed model or wrote another source there on purpose); and
     - every source file `latest` changed relative to `parent` (added, modified, removed)
       has the same identity (size, version) in ours: this job saw that change too, so its
-      snapshot is at least as new as the winner's for every file the winner touched.
+      snapshot is at least as new as the winner's for every file the winner touched; and
+    - `latest` kept the parent's shards of every other file, or holds ours there: a winner
+      that changed shards and no file (a rollback, a run with other options) would otherwise
+      see its work undone by a job that started before it.
 
     Then the result is `ours` with `parent` set to `latest`'s number, to be committed at the
     next number. `parent` is None for a first commit (every file of `latest` then counts as
@@ -216,6 +223,16 @@ def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
     if clash:
         shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
         raise _conflict(ours, latest, f"it saw source files this job saw differently: {shown}")
+    if parent is not None:
+        changed = set(touched)
+
+        def kept(m: VersionManifest) -> list[str]:  # the shards of the files `latest` did not change
+            return sorted(s.id for s in m.shards if s.source is None or s.source.file not in changed)
+
+        if kept(latest) != kept(parent) and kept(latest) != kept(ours):
+            raise _conflict(ours, latest, f"it changed the shards of source files it did not change (from version "
+                            f"{parent.version}'s; a rollback or a run with other options does), which this job "
+                            "would undo")
     log.info("version %s was committed by writer %s meanwhile; rebasing on it", latest.version, latest.writer)
     return replace(ours, parent=latest.version)
 
