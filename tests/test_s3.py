@@ -2,6 +2,7 @@
 with credentials from the environment or from --storage-options, and never shown."""
 import json
 import logging
+import re
 
 import pytest
 import s3fs
@@ -176,3 +177,27 @@ def test_a_lake_listed_again_in_one_process_sees_new_and_rewritten_files(s3, s3_
     assert [(f.relpath, check_file(fs, root, f, "text", "id")) for f in files] == [("a.parquet", [3]),
                                                                                    ("b.parquet", [1])]
     assert [texts(fs, root, f) for f in files] == [["three", "four", "five"], ["six"]]
+
+
+def test_keys_with_empty_dot_or_dot_dot_parts_are_refused_naming_them(s3, s3_server):
+    """An object store's key is a name, not a path: `lake/a//x.jsonl` was listed as `a/x.jsonl`,
+    which does not exist, and `lake/sub/../ok.jsonl` as a second `ok.jsonl`, read from the first.
+    Such a key is refused naming it, unless --exclude leaves it out."""
+    import boto3
+
+    from workers.ingest.source import SourceError, iter_batches, list_source
+
+    bucket, options = s3
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.put_object(Bucket=bucket[len("s3://"):], Key="lake/ok.jsonl", Body=b'{"text": "ok"}\n')
+    for key, rel in (("lake/a//x.jsonl", "a//x.jsonl"), ("lake//y.jsonl", "/y.jsonl"),
+                     ("lake/sub/../ok.jsonl", "sub/../ok.jsonl"), ("lake/./z.jsonl", "./z.jsonl")):
+        client.put_object(Bucket=bucket[len("s3://"):], Key=key, Body=b'{"text": "odd"}\n')
+        with pytest.raises(SourceError, match=rf"^source file {re.escape(repr(rel))} \(under s3://ql-\w+/lake\) has an "
+                                              r"empty, '\.' or '\.\.' part in its name"):
+            list_source(f"{bucket}/lake", options)
+        client.delete_object(Bucket=bucket[len("s3://"):], Key=key)
+    client.put_object(Bucket=bucket[len("s3://"):], Key="lake/sub/../ok.jsonl", Body=b'{"text": "odd"}\n')
+    fs, root, files = list_source(f"{bucket}/lake", options, exclude=["sub/*"])
+    assert [f.relpath for f in files] == ["ok.jsonl"]
+    assert [t for _, b in iter_batches(fs, root, files[0], ["text"]) for t in b.column("text").to_pylist()] == ["ok"]

@@ -310,22 +310,26 @@ def test_a_jsonl_read_from_a_mark_gives_the_rows_a_read_from_the_start_gives(tmp
 
 def test_a_jsonl_read_from_a_mark_parses_its_segments_as_the_scan_did(tmp_path, monkeypatch):
     """Boolean ids in the first segment, numbers in the second: the scan's read, with booleans
-    found, reads the second line by line with Python's parser, which takes a line holding only
-    a form feed as blank; Arrow's refuses it. A read from the mark starts with the types the
-    scan had found (the mark keeps them), so it reads that segment with the same parser."""
+    found, reads the second line by line with Python's parser, whose error for a line holding
+    only a form feed (a row to Arrow too, refused by both) differs from Arrow's. A read from the
+    mark starts with the types the scan had found (the mark keeps them), so it reads that
+    segment with the same parser, and fails with the same words on the same line."""
     import workers.ingest.source as source
 
     first = b"".join(b'{"id": true, "text": "a%d"}\n' % i for i in range(4))
-    (tmp_path / "x.jsonl").write_bytes(first + b'{"id": 5, "text": "b"}\n\x0c\n{"id": 6, "text": "c"}\n')
+    (tmp_path / "x.jsonl").write_bytes(first + b'{"id": 5, "text": "b"}\n{"id": 6, "text": "c"}\n\x0c\n')
     fs, root, [f] = list_source(str(tmp_path))
     monkeypatch.setattr(source, "JSONL_SEGMENT", len(first))
-    marks = []
-    whole = [(r, b.column("id").to_pylist()) for r, b in iter_batches(fs, root, f, ["text", "id"], 0, None, "text",
-                                                                      marks=marks)]
-    assert whole == [(0, [True] * 4), (4, ["5", "6"])] and marks == [(4, len(first), ("string", "bool"))]
-    got = [(r, b.column("id").to_pylist()) for r, b in iter_batches(fs, root, f, ["text", "id"], 4, None, "text",
-                                                                    marks[0])]
-    assert got == whole[1:]
+    marks, whole = [], []
+    with pytest.raises(SourceError) as refused:
+        for r, b in iter_batches(fs, root, f, ["text", "id"], 0, None, "text", marks=marks):
+            whole.append((r, b.column("id").to_pylist()))
+    assert whole == [(0, [True] * 4)] and marks == [(4, len(first), ("string", "bool"))]
+    assert str(refused.value) == ("JSON Lines file x.jsonl: line 7 is not a JSON object (Expecting value: line 1 "
+                                  "column 1 (char 0)); fix or remove that line")
+    with pytest.raises(SourceError) as from_mark:
+        list(iter_batches(fs, root, f, ["text", "id"], 4, None, "text", marks[0]))
+    assert str(from_mark.value) == str(refused.value)
 
 
 def test_a_jsonl_file_of_carriage_returns_alone_is_cut_into_segments(tmp_path, monkeypatch):
@@ -411,6 +415,41 @@ def test_jsonl_errors_name_the_line_counting_blank_ones(tmp_path):
     fs, root, [f] = list_source(str(tmp_path / "plain"))
     with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 6 is not a JSON object "):
         list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_jsonl_errors_name_the_line_whatever_the_line_ends_and_a_form_feed_is_a_line(tmp_path, end):
+    """Lines end as Arrow ends them ("\\r" alone too: a file of old Mac line ends read as one line
+    here), and only spaces and tabs make a line blank: Arrow reads a form feed's line as a row,
+    and refuses it (it was skipped here, and the next line named)."""
+    lines = ['{"id": "a", "text": "x"}', " \t", '{"id": "b", "text": "y"}', "\f", '{"id": "c", "text": "z"}']
+    (tmp_path / "x.jsonl").write_bytes((end.join(lines) + end).encode())
+    fs, root, [f] = list_source(str(tmp_path))
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 4 is not a JSON object"):
+        list(iter_batches(fs, root, f, ["text", "id"], text_column="text"))
+    # The line-by-line reader (ids Arrow cannot read as written) counts the same lines.
+    (tmp_path / "x.jsonl").write_bytes((end.join(lines[:3] + ['{"id": 1e17, "text": "t"}']) + end).encode())
+    with pytest.raises(SourceError, match=r"^JSON Lines file x\.jsonl: line 4 holds the number 1e17"):
+        _read_all(tmp_path / "x.jsonl")
+
+
+def test_lines_split_as_arrow_splits_them_across_chunks():
+    """`_lines` over chunk edges: a "\\r\\n" cut in two is one line end, a last "\\r" ends a line."""
+    import io
+
+    from workers.ingest import source
+
+    class Chunks(io.RawIOBase):
+        def __init__(self, parts):
+            self.parts = list(parts)
+
+        def read(self, n=-1):
+            return self.parts.pop(0) if self.parts else b""
+
+    cases = [([b"a\r", b"\nb\r", b"\r", b"c"], [b"a", b"b", b"", b"c"]),
+             ([b"a\r\n\r\nb\n"], [b"a", b"", b"b"]), ([b"a\r"], [b"a"]), ([b"a\rb\r\r"], [b"a", b"b", b""])]
+    for parts, want in cases:
+        assert list(source._lines(Chunks(parts))) == want, parts
 
 
 def test_a_utf16_jsonl_file_is_named_as_such(tmp_path):
@@ -657,3 +696,43 @@ def test_an_ingest_config_takes_what_a_script_passes(tmp_path):
     for name, bad in (("unit_rows", "100"), ("calibration_samples", 2.5), ("seed", True)):
         with pytest.raises(TypeError, match=rf"^{name} must be a whole number, got {bad!r}$"):
             IngestConfig("a", "b", **{name: bad})
+
+
+@pytest.mark.parametrize("options, match", [
+    # the sample's hash key is numpy's uint64: out of range, it failed in a Ray task naming neither
+    ({"seed": -1}, r"^seed must be in \[0, 2\*\*64\), got -1$"),
+    ({"seed": 2 ** 64}, r"^seed must be in \[0, 2\*\*64\), got 18446744073709551616$"),
+    ({"quantiles": (0.01, 0.5, 0.99)}, r"^quantiles must be two numbers \(low, high\), got \(0\.01, 0\.5, 0\.99\)$"),
+    ({"quantiles": 0.5}, r"^quantiles must be two numbers \(low, high\), got 0\.5$"),
+    # a blank name passed the config and was refused by the commit, after all the encoding
+    ({"text_column": " "}, r"^text column must be named, got ' '$"),
+    ({"text_column": None}, r"^text column must be named, got None$"),
+    ({"id_column": ""}, r"^id column must be named \(or left out\), got ''$"),
+    ({"id_column": "\t"}, r"^id column must be named \(or left out\), got '\\t'$"),
+])
+def test_an_ingest_config_refuses_options_a_job_would_fail_on_later(options, match):
+    from workers.ingest.config import IngestConfig
+
+    with pytest.raises(ValueError, match=match):
+        IngestConfig("a", "b", **options)
+    assert IngestConfig("a", "b", seed=2 ** 64 - 1, id_column="id").seed == 2 ** 64 - 1
+
+
+def test_a_file_served_over_http_has_a_version_and_a_rewrite_at_its_size_is_seen(tmp_path):
+    """A server that sends no ETag sends Last-Modified: the file's version. Without it a file
+    rewritten at the same size passed for unchanged (mid-job check, reuse, reindex)."""
+    from http_lake import HttpLake
+
+    (tmp_path / "x.jsonl").write_text('{"text": "first"}\n')
+    server = HttpLake(tmp_path, "u", "p")
+    try:
+        os.utime(tmp_path / "x.jsonl", (1767225600, 1767225600))  # 2026-01-01, as the server says it
+        fs, root, [f] = list_source(f"{server.url}/x.jsonl")
+        assert f.version == "Thu, 01 Jan 2026 00:00:00 GMT"
+        (tmp_path / "x.jsonl").write_text('{"text": "other"}\n')  # the same size, later
+        os.utime(tmp_path / "x.jsonl", (1767225660, 1767225660))
+        with pytest.raises(SourceChanged, match=r"^source file x\.jsonl changed while the job ran"):
+            with unchanged(fs, root, f):
+                list(iter_batches(fs, root, f, ["text"]))
+    finally:
+        server.close()

@@ -100,7 +100,12 @@ class IngestConfig:
             raise ValueError(f"unknown precision(s) {bad or self.precisions}: choose from {', '.join(PRECISIONS)}")
         object.__setattr__(self, "precisions", tuple(dict.fromkeys((*self.precisions, "ubinary"))))
         check(self.range_method, RANGE_METHODS, "range method")
-        low, high = self.quantiles
+        if not (0 <= self.seed < 2 ** 64):  # the sample's hash key (numpy's uint64)
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        try:
+            low, high = self.quantiles
+        except (TypeError, ValueError):
+            raise ValueError(f"quantiles must be two numbers (low, high), got {self.quantiles!r}") from None
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {self.quantiles}")
         if self.ranges is None and self.calibration_samples is not None and self.calibration_samples < 2:
@@ -109,8 +114,10 @@ class IngestConfig:
             raise ValueError(f"unit_rows must be >= 1, got {self.unit_rows}")
         if self.encoder_actors is not None and self.encoder_actors < 1:
             raise ValueError(f"encoder_actors must be >= 1, got {self.encoder_actors}")
-        if not self.text_column:
-            raise ValueError("text column must be named")
+        if not isinstance(self.text_column, str) or not self.text_column.strip():
+            raise ValueError(f"text column must be named, got {self.text_column!r}")
+        if self.id_column is not None and (not isinstance(self.id_column, str) or not self.id_column.strip()):
+            raise ValueError(f"id column must be named (or left out), got {self.id_column!r}")
         check(self.index_type, INDEX_TYPES, "index_type")
         if any(not isinstance(g, str) or not g.strip() for g in self.exclude):
             raise ValueError(f"exclude patterns must be non-empty globs, got {list(self.exclude)!r}")

@@ -52,9 +52,14 @@ def _version(info: Mapping[str, Any]) -> str:
     for key in ("ETag", "etag", "md5Hash", "generation"):
         if info.get(key):
             return str(info[key]).strip('"')
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    # HTTP's `Last-Modified` header as fsspec's HTTP filesystem gives it (a file served without
+    # an ETag had no version, so one rewritten at its size passed for unchanged)
+    mtime = (info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+             or info.get("Last-Modified"))
     if hasattr(mtime, "isoformat"):
         return mtime.isoformat()
+    if isinstance(mtime, str):
+        return mtime
     return repr(float(mtime)) if mtime is not None else ""
 
 
@@ -101,8 +106,16 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
     else:
         infos = _find(fs, root)
     files = []
+    prefix = root.rstrip("/") + "/"
     for path, info in sorted(infos.items()):
-        rel = posixpath.relpath(path, root)
+        # The name under the root as the store spells it: `relpath` read an object store's key
+        # `a//x.jsonl` as `a/x.jsonl`, which is not there, and `x/../a.jsonl` as another file's
+        # name. Such a key (its parts are not a path's) is refused, naming it.
+        rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
+        if {"", ".", ".."} & set(rel.split("/")) and not excluded(rel, exclude):
+            raise SourceError(f"source file {rel!r} (under {redact_url(url)}) has an empty, '.' or '..' part in its "
+                              "name, which a path reads as another file's: rename it (or leave it out with "
+                              "--exclude)")
         if any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
         fmt = _format(rel)
@@ -450,11 +463,13 @@ def _read_into(fh, view: memoryview) -> int:
 
 
 def _lines_before(fs, root: str, f: SourceFile, byte: int) -> int:
-    """The lines of `f` before byte `byte`, a line's start."""
+    """The lines of `f` before byte `byte`, a line's start (lines end as `_lines` ends them)."""
     lines = 0
+    cr = False  # the piece before ended with "\r": a "\n" starting this one ends the same line
     with _open(fs, root, f) as fh:
         while byte > 0 and (piece := fh.read(min(byte, JSONL_SEGMENT))):
-            lines += piece.count(b"\n")
+            lines += piece.count(b"\n") + piece.count(b"\r") - piece.count(b"\r\n") - (cr and piece[:1] == b"\n")
+            cr = piece[-1:] == b"\r"
             byte -= len(piece)
     return lines
 
@@ -626,7 +641,7 @@ def _line_batches(open_file, f: SourceFile, columns: list[str], text_column: str
     with open_file() as fh:
         for raw in _lines(fh):
             number += 1
-            if not raw.strip():
+            if _blank(raw):
                 continue
             row += 1
             if row <= start:
@@ -712,22 +727,34 @@ def _line_of(open_file, row: int, line_base: int | Callable[[], int] = 0) -> int
     with open_file() as fh:
         for raw in _lines(fh):
             lines += 1
-            if raw.strip():
+            if not _blank(raw):
                 if n == row:
                     return lines + _line_number(line_base)
                 n += 1
     return f"a line after line {lines + _line_number(line_base)}"
 
 
+# Line ends as Arrow's JSON reader takes them: "\n", "\r\n", and "\r" alone (old Mac files).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 def _lines(fh) -> Iterator[bytes]:
-    """The lines of a binary stream (one Arrow's codec streams give has no line iterator)."""
+    """The lines of a binary stream, without their ends (`_LINE_END`; a stream of one of Arrow's
+    codecs has no line iterator)."""
     rest = b""
     while chunk := fh.read(1 << 20):
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
+        data = rest + chunk
+        held = data[-1:] == b"\r"  # the "\n" of a "\r\n" may start the next chunk
+        parts = _LINE_END.split(data[:-1] if held else data)
+        rest = parts.pop() + (b"\r" if held else b"")
         yield from parts
     if rest:
-        yield rest
+        yield rest.removesuffix(b"\r")
+
+
+def _blank(line: bytes) -> bool:
+    """Whether Arrow skips `line` as blank: JSON's whitespace only (a form feed is a row, refused)."""
+    return not line.strip(b" \t")
 
 
 def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: str | None, open_file,
@@ -736,8 +763,8 @@ def _jsonl_error(f: SourceFile, exc: pa.ArrowInvalid, rows: int, text_column: st
     gave before the block it refused; `line_base`: the lines before the bytes `open_file` gives)."""
     first = str(exc).splitlines()[0]
     m = re.search(r"\bin row (\d+)", first)
-    at = (f"line {_line_of(open_file, rows + int(m.group(1)), line_base)}" if m
-          else f"a line after line {_line_number(line_base) + rows}")
+    line = _line_of(open_file, rows + int(m.group(1)), line_base) if m else None
+    at = (f"line {line}" if isinstance(line, int) else line or f"a line after line {_line_number(line_base) + rows}")
     first = re.sub(r"\s*\bin row \d+$", "", first)  # Arrow's row, counted from 0 within its block
     changed = _CHANGED.search(first)
     twice = _TWICE.search(first)
