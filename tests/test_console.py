@@ -167,7 +167,11 @@ def task():
     print({PRINTED!r}, file=sys.stderr, flush=True)
 
 ray.get(task.remote())
-time.sleep(3)  # the driver prints forwarded lines as they come, and stops at shutdown
+# The driver prints forwarded lines as they come, and stops at shutdown: wait until the task's own
+# line is in this process's stderr (a file; the lines to skip came in the same write, before it).
+deadline = time.time() + 60
+while time.time() < deadline and {OWN_LINE!r} not in open("/proc/self/fd/2", errors="replace").read():
+    time.sleep(0.1)
 ray.shutdown()
 """
 

@@ -500,8 +500,9 @@ def test_the_next_unit_waits_at_the_encoder_while_one_is_encoded(ray_session, do
 
 
 def test_a_unit_goes_to_the_encoder_actor_with_the_fewest_units_in_hand(ray_session, docs, tmp_path, monkeypatch):
-    """Two encoder actors, one 1.5 s slower per unit: the fast one takes most of the 16 units (in
-    turn, each would take 8; measured 13 of 16 here, 10 with the machine busy)."""
+    """Two encoder actors, one that encodes no unit until the other has encoded 10 (a slow node,
+    made certain rather than timed): the fast one takes all units but the few the slow one holds.
+    Dealt in turn, each would take 8, and the slow one would wait out its 120 s for nothing."""
     import jobs.ingest
     import workers.ingest.pipeline as pipeline
     from conftest import write_parquet_lake
@@ -521,8 +522,10 @@ def test_a_unit_goes_to_the_encoder_actor_with_the_fewest_units_in_hand(ray_sess
         def encode_unit(self, row):
             import time
 
-            if self.role == "slow":
-                time.sleep(1.5)
+            deadline = time.time() + 120
+            while self.role == "slow" and time.time() < deadline and (
+                    not os.path.exists(log) or open(log).read().split().count("fast") < 10):
+                time.sleep(0.05)
             out = super().encode_unit(row)
             with open(log, "a") as f:
                 f.write(self.role + "\n")

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -126,17 +125,23 @@ class RestartableMoto:
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
+        from conftest import free_ports
 
         self._cls = ThreadedMotoServer
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        # Below the kernel's ephemeral range: during an outage the port is free, and a port the
+        # kernel hands out (to a connection, to a bind on port 0) could be taken meanwhile.
+        self.port = free_ports(1)[0]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self):
         self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        # moto's start() waits for ever when its server thread cannot bind: wait a while, then say so.
+        starting = threading.Thread(target=self._server.start, daemon=True)
+        starting.start()
+        starting.join(60)
+        if starting.is_alive():
+            raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{self.port} (port taken?)")
 
     def stop(self):
         self._server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -63,12 +64,15 @@ def head(tmp_path, monkeypatch):
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/api/version", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
+                    # and the head's agent, which runs the submitted jobs: the head waits 10 s
+                    # for it, then refuses a submission ("No available agent")
+                    with socket.create_connection(("127.0.0.1", ports["--dashboard-agent-listen-port"]), 5):
+                        if reply.status == 200:
+                            break
             except OSError:
                 pass
             assert job.proc.poll() is None and time.monotonic() < deadline, \
-                f"the head's dashboard did not come up at {url}: {job.output()}"
+                f"the head's dashboard or agent did not come up at {url}: {job.output()}"
             time.sleep(1)
         yield SimpleNamespace(url=url, ray_tmp=job.ray_tmp)
     # Job.__exit__ killed the head and every process carrying its RAY_TMPDIR, or raised.

@@ -19,7 +19,8 @@ UNITS = 5  # small_dataset's: 2 Parquet files of 45 rows in units of 40 and 5 ro
 
 # The job: one cluster, one ingest with the reference's ranges (calibration would only add the
 # sample's encoding, on the same encoder actor), which loses the CPU worker node while that node
-# reads a unit (each read is slowed down, here only; the head's CPU is held until then). One run keeps the test cheap:
+# reads a unit (each read is slowed down, here only, and one on that node never ends; the
+# head's CPU is held until then). One run keeps the test cheap:
 # placement and bytes are checked on the run that lost a node.
 CLUSTER_JOB = r"""
 import json, os, sys, threading, time, uuid
@@ -36,6 +37,7 @@ t0 = time.perf_counter()
 os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)  # where Cluster records itself
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 cpu = cluster.add_node(num_cpus=1)
+cpu_id = cpu.node_id  # (the node object does not travel into tasks)
 gpu = cluster.add_node(num_cpus=1, num_gpus=1)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV})
@@ -61,9 +63,10 @@ def cfg(dest):
 
 read_unit = pipeline.read_unit
 def slow_read(item, cfg):  # defined in __main__: pickled by value into the Ray tasks
-    with open(os.path.join(markers, ray.get_runtime_context().get_node_id() + "-" + uuid.uuid4().hex), "w"):
+    node = ray.get_runtime_context().get_node_id()
+    with open(os.path.join(markers, node + "-" + uuid.uuid4().hex), "w"):
         pass
-    time.sleep(1.5)
+    time.sleep(600 if node == cpu_id else 1.5)  # a read on the CPU worker ends with the node
     return read_unit(item, cfg)
 pipeline.read_unit = slow_read
 
@@ -137,7 +140,7 @@ def test_cluster_places_stages_by_node_kind_and_survives_a_lost_node_with_the_si
     for step in ("read", "write"):
         assert sum(got["nodes"][step].values()) == UNITS and set(got["nodes"][step]) <= {head, cpu}, got["nodes"]
     assert any(m.startswith(cpu) for m in os.listdir(markers))
-    assert got["nodes"]["read"].get(head, 0) >= 1, got["nodes"]  # the units the lost node held, read again
+    assert got["nodes"]["read"] == {head: UNITS}, got["nodes"]  # those the lost node held read again
     assert not any(m.startswith(gpu) for m in os.listdir(markers))
     assert report["removed"] == cpu and cpu not in report["alive_after"]
     assert report["sidecars_at_removal"] < UNITS, "the node was removed after the job's work was done"

@@ -242,11 +242,15 @@ class HeldManifests:
         self.most = 0
         real = versions.read_version
 
+        lock = threading.Lock()  # read-ahead threads call this side by side
+
         def read(fs, root, n=None):
             gc.collect()
-            self.most = max(self.most, sum(r() is not None for r in self.alive.values()))
+            with lock:
+                self.most = max(self.most, sum(r() is not None for r in self.alive.values()))
             m = real(fs, root, n)
-            self.alive[id(m)] = weakref.ref(m)
+            with lock:
+                self.alive[id(m)] = weakref.ref(m)
             self.reads[n] += 1
             self.in_threads[n] += threading.current_thread().name.startswith("quantlake-versions")
             return m

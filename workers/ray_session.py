@@ -41,13 +41,14 @@ CONNECT_TIMEOUT_S = 10.0
 # Also the raylet's notice that a call queued at an encoder actor will be retried after the job
 # itself killed the actor (`Encoders.stop(kill=True)`: a Ctrl-C while a unit is being encoded;
 # a running actor call cannot be cancelled), which is then not retried (`no_restart`). And the
-# GCS's notice that its call to kill an actor found the actor's process gone already ("KillActor
-# RPC failed ...: Socket closed"), now and then when a job stops its encoder actors: what it wanted.
+# GCS's notice that its call to kill an actor failed to reach the actor's process ("KillActor RPC
+# failed ...: RpcError: ...", "Socket closed" when the process was gone already, other words when
+# it went mid-call), now and then when a job stops its encoder actors: what it wanted.
 # Ray's driver reads RAY_DEDUP_LOGS_SKIP_REGEX when `ray` is first imported, so it is set when this
 # module is, which every command imports before Ray; one set by the user is kept.
 WORKER_NOISE = (r"\[mutex\.cc : \d+\] RAW: |Task EncoderActor\.\w+ failed\. There are infinite retries remaining, "
                 r"so the task will be retried\. Error: The actor is dead because it was killed by `ray\.kill`"
-                r"|KillActor RPC failed for actor [0-9a-f]+: RpcError: RPC error: Socket closed")
+                r"|KillActor RPC failed for actor [0-9a-f]+: RpcError: ")
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", WORKER_NOISE)
 
 
