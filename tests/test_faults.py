@@ -117,6 +117,42 @@ def test_a_reader_that_dies_every_time_fails_the_job_naming_its_unit(ray_session
     assert encoder_actors_left() == []
 
 
+def test_a_unit_that_kills_its_encoder_every_time_fails_the_job_naming_it(ray_session, docs, tmp_path, monkeypatch):
+    """An encoder actor whose process dies is restarted and its calls run again, a bounded number
+    of times: a unit whose encoding kills the process every time (a text that runs the node out
+    of memory) fails the job naming the unit, instead of restarting the actor for ever."""
+    import workers.ingest.pipeline as pipeline
+    from conftest import write_parquet_lake
+    from workers.ingest.config import IngestConfig
+    from workers.embedding.encoder import EncoderConfig
+    from workers.ingest.steps import UnitFailed
+
+    tries = tmp_path / "tries"
+    tries.mkdir()
+
+    class DiesOnOneFile(pipeline.EncoderActor):  # defined here so that Ray ships it by value
+        def encode_unit(self, row):
+            import os
+            import uuid
+
+            if '"part-00001.parquet"' in row["unit"]:
+                open(os.path.join(str(tries), uuid.uuid4().hex), "w").close()
+                os._exit(1)
+            return super().encode_unit(row)
+
+    monkeypatch.setattr(pipeline, "EncoderActor", DiesOnOneFile)
+    monkeypatch.setattr(pipeline, "ENCODER_CALL_RETRIES", 1)  # each restart loads the model again
+    write_parquet_lake(tmp_path / "lake", docs[:40], files=2, row_group_size=20)
+    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=20,
+                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
+    with pytest.raises(UnitFailed, match=r"(?s)^work unit part-00001\.parquet rows \[0, 20\) \(shard [0-9a-f]{32}\): "
+                                         r".*; nothing was committed$"):
+        run(cfg)
+    assert len(os.listdir(tries)) == 1 + 1
+    assert not (tmp_path / "emb" / "versions").exists()
+    assert encoder_actors_left() == []
+
+
 class RestartableMoto:
     """moto's S3 server on a fixed port of 127.0.0.1 that can go away and come back.
 

@@ -46,7 +46,8 @@ CONNECT_TIMEOUT_S = 10.0
 # it went mid-call), now and then when a job stops its encoder actors: what it wanted.
 # Ray's driver reads RAY_DEDUP_LOGS_SKIP_REGEX when `ray` is first imported, so it is set when this
 # module is, which every command imports before Ray; one set by the user is kept.
-WORKER_NOISE = (r"\[mutex\.cc : \d+\] RAW: |Task EncoderActor\.\w+ failed\. There are infinite retries remaining, "
+WORKER_NOISE = (r"\[mutex\.cc : \d+\] RAW: "
+                r"|Task EncoderActor\.\w+ failed\. There are (?:infinite|\d+) retries remaining, "
                 r"so the task will be retried\. Error: The actor is dead because it was killed by `ray\.kill`"
                 r"|KillActor RPC failed for actor [0-9a-f]+: RpcError: ")
 os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", WORKER_NOISE)

@@ -44,6 +44,11 @@ UNITS_IN_FLIGHT_PER_CPU = 2
 # raises is not retried: it fails the unit). Finite: a file that crashes its reader every time
 # fails the job naming the unit rather than being retried for ever.
 UNIT_TASK_RETRIES = 4
+# Tries of an encoder actor's call after the actor's process died (Ray restarts the actor, for
+# ever, and runs the calls it had again). Finite too: a unit whose encoding kills its process
+# every time (a text that runs the node out of memory, a crash in native code) fails the job
+# naming the unit instead of restarting the actor for ever.
+ENCODER_CALL_RETRIES = 4
 # What a scan task asks of a CPU, and a unit's read or write task: the encoder actors must leave
 # a scan task's (`room_problem`).
 SCAN_TASK_CPUS = 1.0
@@ -138,15 +143,17 @@ class Encoders:
     calibration's and the main pass's would each start processes and load the model (about 4 s
     of a CPU per actor here, importing torch and sentence-transformers). Each is restarted by Ray
     if its process dies, and the calls it had are run again on the new one (`max_restarts=-1`,
-    `max_task_retries=-1`; tests/test_faults.py kills one): encoding is a pure function of the
-    texts, so a retry gives the same bytes. `stop` (or leaving the `with` block) ends them.
+    up to `ENCODER_CALL_RETRIES` times per call; tests/test_faults.py kills one): encoding is a
+    pure function of the texts, so a retry gives the same bytes. `stop` (or leaving the `with`
+    block) ends them.
     """
 
     def __init__(self, cfg: IngestConfig, pool: dict[str, Any]):
         import ray
 
         remote = ray.remote(EncoderActor).options(
-            num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0), max_restarts=-1, max_task_retries=-1)
+            num_cpus=pool["num_cpus"], num_gpus=pool.get("num_gpus", 0), max_restarts=-1,
+            max_task_retries=ENCODER_CALL_RETRIES)
         ecfg = encoder_cfg(cfg, pool)
         self.actors = [remote.remote(ecfg) for _ in range(pool["actors"])]
 
