@@ -29,7 +29,7 @@ from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, So
 from workers.lake.redact import redact_url
 from workers.ray_session import choose_address, ctrl_c_held
 from workers.ingest.source import SourceFile, check_file, list_source
-from workers.lake.storage import absolute_url, dest_to_fs, join, put_bytes
+from workers.lake.storage import absolute_url, dest_to_fs, join, protocols, put_bytes, url_to_fs
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
@@ -116,6 +116,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     # Refuse a destination this job could never commit to before hours of work, not after:
     # a backend without an atomic create-only write, or a latest version a crash left empty.
     dest_fs, dest_root = dest_to_fs(cfg.dest, cfg.storage_options)
+    check_dest_outside_source(cfg, dest_fs, dest_root)
     # The source first: a source that is not there is the error to report, before the dataset's.
     if listed is None:
         listed = list_source(cfg.source, cfg.storage_options, cfg.exclude)
@@ -336,6 +337,21 @@ def _version_doc(cfg: IngestConfig, files, manifest: RangeManifest, ranges_path:
         source=SourceSnapshot.of(redact_url(cfg.source), cfg.text_column, cfg.id_column, files),
         shards=records, parent=parent, scans=scans)
     return replace(doc, extra={"options": ingest_options(cfg)})
+
+
+def check_dest_outside_source(cfg: IngestConfig, dest_fs, dest_root: str) -> None:
+    """Refuse a destination inside the source folder: the next run (a rerun, a reindex) would list
+    its manifests and shards as source files and fail on them. One under a folder whose name
+    starts with `_` or `.` is fine: listing skips those (`list_source`)."""
+    src_fs, src_root = url_to_fs(cfg.source, cfg.storage_options)
+    inside = src_root.rstrip("/") + "/"
+    if set(protocols(src_fs)) != set(protocols(dest_fs)) or not dest_root.startswith(inside):
+        return
+    if any(part.startswith(("_", ".")) for part in dest_root[len(inside):].split("/")):
+        return
+    raise ValueError(f"destination {redact_url(cfg.dest)} is inside the source {redact_url(cfg.source)}: a later "
+                     "run would read its manifests and shards as source files. Put it outside the source, or "
+                     "under a folder whose name starts with '_' or '.' (listing skips those)")
 
 
 def ingest_options(cfg: IngestConfig) -> dict[str, Any]:

@@ -97,3 +97,31 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["a", "b", "--storage-options", "{nope"])
     assert "--storage-options is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_dest_inside_the_source_is_refused_unless_listing_skips_it(lake, tmp_path, capsys):
+    """The first run would work, and every later one (a rerun, a reindex) fail on the dataset's
+    own manifests read as JSON Lines ('file emb/versions/00000001.json has no text column')."""
+    for dest in (lake / "emb", lake / "sub" / "emb"):
+        with pytest.raises(ValueError, match=rf"^destination {dest} is inside the source {lake}: a later run would "
+                                             r"read its manifests and shards as source files"):
+            run(IngestConfig(str(lake), str(dest), id_column="id"))
+        _nothing_committed(dest)
+    assert main([str(lake), f"file://{lake}/emb", "--id-column", "id"]) == 2
+    assert f"is inside the source {lake}" in capsys.readouterr().err
+    # Beside it, or under a folder listing skips (a name starting with '_' or '.'): allowed, so the
+    # job goes on to its next check (here: the ranges file given does not exist).
+    for dest in (tmp_path / "emb", lake / "_emb", lake / ".quantlake" / "emb", lake.parent / "lake-emb"):
+        with pytest.raises(FileNotFoundError, match="nowhere.json"):
+            run(IngestConfig(str(lake), str(dest), id_column="id", ranges=str(tmp_path / "nowhere.json")))
+
+
+def test_a_file_named_as_the_source_is_read_whatever_its_name(tmp_path):
+    """Names starting with '_' or '.' are skipped in a folder; a file given as the source is the
+    one meant (it was skipped too, and the lake said to hold no files)."""
+    from workers.ingest.source import list_source
+
+    (tmp_path / "_part.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b"}\n')
+    assert [f.relpath for f in list_source(str(tmp_path))[2]] == ["b.jsonl"]
+    assert [f.relpath for f in list_source(str(tmp_path / "_part.jsonl"))[2]] == ["_part.jsonl"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sentence_transformers.util.quantization import quantize_embeddings
@@ -55,7 +55,7 @@ def test_random_data_matches_library(n, dim, monkeypatch):
 finite32 = st.floats(-(2.0**100), 2.0**100, width=32)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n=st.integers(0, 12), dim=st.integers(1, 20))
 def test_arbitrary_floats_match_library(data, n, dim):
     x = data.draw(hnp.arrays(np.float32, (n, dim), elements=finite32))

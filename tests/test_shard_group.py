@@ -52,3 +52,16 @@ def test_index_bytes_do_not_depend_on_threads(vectors, index_type):
 def test_unknown_index_type_is_refused():
     with pytest.raises(ValueError, match="IndexBinaryFlat, IndexBinaryHNSW, IndexBinaryIVF"):
         build_index(np.zeros((1, 48), np.uint8), DIM, "IndexBinaryLSH")
+
+
+def test_vectors_are_written_into_a_new_dataset_only(tmp_path, vectors):
+    """Shards written from vectors are named by row range: a second call into the same dataset
+    rewrote the files version 1 records (its checksums then failed), so it is refused."""
+    x, _, _ = vectors
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, len(x), 0)
+    assert write_vectors(str(tmp_path), [f"doc{i}" for i in range(100)], x[:100], rm, 50) == 1
+    before = {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    with pytest.raises(FileExistsError, match=r"holds version 1 already: write_vectors writes a new dataset"):
+        write_vectors(str(tmp_path), [f"doc{i}" for i in range(100)], x[100:200], rm, 50)
+    assert {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == before

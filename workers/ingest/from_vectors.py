@@ -21,7 +21,8 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
 
     The version has no source lake (`source.url` is `vectors:`), so `quantlake search
     --neighbours-of` does not apply; everything else (ranges, model fingerprint, checksums)
-    is as ingest writes it. It builds on the latest version, if any.
+    is as ingest writes it. `dest` must hold no version: its shards are named by row range, not
+    content, so a second call would rewrite the files the first version's records describe.
 
     Args:
         dest: dataset URL or path.
@@ -34,6 +35,9 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
     fs, root = url_to_fs(dest, storage_options)
     if len(ids) != len(embeddings) or embeddings.shape[1] != ranges.dim:
         raise ValueError(f"{len(ids)} ids for {embeddings.shape} embeddings with {ranges.dim}-d ranges")
+    if held := list_versions(fs, root):
+        raise FileExistsError(f"{dest} holds version {held[-1]} already: write_vectors writes a new dataset "
+                              "(its shards are named by row range, and would replace that version's)")
     ranges_path = f"ranges/{ranges.id}.json"
     put_bytes(fs, join(root, ranges_path), ranges.to_json())
     shards = []
@@ -46,7 +50,7 @@ def write_vectors(dest: str, ids: Sequence[str], embeddings: np.ndarray, ranges:
         model=ModelInfo(ranges.model_name, ranges.model_fingerprint, embeddings.shape[1], ranges.normalize),
         ranges=RangesRef(ranges.id, ranges_path, ranges.method), precisions=precisions,
         source=SourceSnapshot("vectors:", "text", None, {}), shards=shards,
-        parent=(list_versions(fs, root) or [None])[-1]))
+        parent=None))
 
 
 def synthetic_version(fs, root: str, shards: int, ranges: RangeManifest, rows: int = 2,

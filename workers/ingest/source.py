@@ -93,14 +93,16 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
     """List the data files under `url` (recursively), sorted by relative path.
 
     Returns `(fs, root, files)`. A single file URL is a source of one file. Names starting
-    with `_` or `.` (`_SUCCESS`, `.crc`, hidden folders) are skipped, as Spark and Arrow do.
+    with `_` or `.` (`_SUCCESS`, `.crc`, hidden folders) are skipped in a folder, as Spark and
+    Arrow do (a file named on its own is read).
     JSON Lines files may be compressed (`COMPRESSIONS`: `part-0.jsonl.gz`). Files `exclude`
     matches (`excluded`) are left out.
     """
     fs, root = url_to_fs(url, storage_options)
     if not fs.exists(root):
         raise SourceError(f"source {redact_url(url)} does not exist")
-    if fs.isfile(root):
+    single = fs.isfile(root)  # a file named on its own is read whatever its name
+    if single:
         infos = {root: fs.info(root)}
         root = posixpath.dirname(root)
     else:
@@ -116,7 +118,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
             raise SourceError(f"source file {rel!r} (under {redact_url(url)}) has an empty, '.' or '..' part in its "
                               "name, which a path reads as another file's: rename it (or leave it out with "
                               "--exclude)")
-        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+        if not single and any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
         fmt = _format(rel)
         if fmt is None or excluded(rel, exclude):

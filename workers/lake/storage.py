@@ -97,7 +97,7 @@ def check_relpath(relpath: str) -> str:
     return relpath
 
 
-def _protocols(fs) -> tuple[str, ...]:
+def protocols(fs) -> tuple[str, ...]:
     return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 
 
@@ -105,7 +105,7 @@ def _protocols(fs) -> tuple[str, ...]:
 def shown(fs, path: str) -> str:
     """`path` of `fs` for messages, as a user writes it: `s3://bucket/key` (fsspec strips the
     scheme from the paths it hands out), a local path as it is; credentials masked."""
-    return redact_url(path if {"file", "local"} & set(_protocols(fs)) else fs.unstrip_protocol(path))
+    return redact_url(path if {"file", "local"} & set(protocols(fs)) else fs.unstrip_protocol(path))
 
 # Filesystems in this machine's memory or on its disks: a read waits for no network round trip.
 IN_MACHINE_PROTOCOLS = ("file", "local", "memory")
@@ -114,7 +114,7 @@ IN_MACHINE_PROTOCOLS = ("file", "local", "memory")
 def over_network(fs) -> bool:
     """Whether `fs` reaches its files over a network (object storage, HTTP): each read then waits
     for round trips that reading several files at once overlaps."""
-    return not set(_protocols(fs)) & set(IN_MACHINE_PROTOCOLS)
+    return not set(protocols(fs)) & set(IN_MACHINE_PROTOCOLS)
 
 
 def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int, ahead: int,
@@ -146,8 +146,8 @@ def require_create_only(fs, url: str) -> None:
     Jobs call it on their destination before any work, so a destination they could never
     commit to fails in seconds rather than after hours of encoding.
     """
-    if not set(_protocols(fs)) & set(CREATE_ONLY_PROTOCOLS):
-        raise _no_atomic_create(url, "/".join(_protocols(fs)), type(fs).__name__)
+    if not set(protocols(fs)) & set(CREATE_ONLY_PROTOCOLS):
+        raise _no_atomic_create(url, "/".join(protocols(fs)), type(fs).__name__)
 
 
 def dest_to_fs(url: str, storage_options: Mapping[str, Any] | None = None):
