@@ -33,7 +33,7 @@ from workers.lake.storage import absolute_url, dest_to_fs, join, protocols, put_
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
 from workers.lake.versions import (AlreadyCommitted, CommitConflict, IncompleteVersion, check_referenced_files, commit,
-                                   list_versions, read_version, rebase_snapshot, rebase_unless_same)
+                                   list_versions, read_version, rebase_snapshot, rebase_unless_same, same_content)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         accept: Callable[[VersionManifest], bool] | None = None,
         requantize: Float16Source | None = None, warm: WarmEncoders | None = None,
         listed: tuple[Any, str, list[SourceFile]] | None = None,
-        record: Mapping[str, Any] | None = None) -> IngestResult:
+        record: Mapping[str, Any] | None = None, once: bool = False) -> IngestResult:
     """Ingest `cfg.source` into `cfg.dest` and commit a new version.
 
     Args:
@@ -95,6 +95,10 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
             would be encoded, carried and dropped; nothing is written.
         accept: called with the finished draft before its commit; False commits nothing
             (`version` None; the shards stay for a rerun).
+        once: commit nothing when the latest version holds exactly this job's content (the same
+            definition, files and shards), read at the start or committed meanwhile: a reindex's
+            recalibration, which an overlapping run may have made as well (`committed_meanwhile`
+            names that version). With `base` it is always so.
         requantize: shards that kept float16 embeddings (`quantlake reindex --recalibrate` passes
             the latest version's): a unit whose shard under their ranges is among them is
             requantized from that shard's float16 column instead of read and encoded, which
@@ -177,7 +181,7 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
         plan = Plan.of(units, base, requantize_map(units, same, requantize))
         # Files that hold no rows change no shard, yet the version must record them: else every
         # later reindex finds the listing changed and scans the lake again (and said nothing changed).
-        if dry_run or (plan.unchanged and base.source.same_files(files)):
+        if dry_run or (base is not None and plan.unchanged and base.source.same_files(files)):
             return IngestResult(None, None, plan.summary(scanned, committed=False))
         put_bytes(dest_fs, join(dest_root, ranges_path), manifest.to_json())
         nodes: dict[str, Counter] = {}
@@ -225,9 +229,14 @@ def run(cfg: IngestConfig, *, base: VersionManifest | None = None, dry_run: bool
     version_doc = check_referenced_files(dest_fs, dest_root, version_doc)
     if accept is not None and not accept(version_doc):
         return IngestResult(None, None, {**summary_extra, "committed": False})
+    once = once or base is not None
+    if once and latest is not None and same_content(version_doc, latest) and \
+            version_doc.source.file_identities == latest.source.file_identities:
+        log.info("version %s holds this job's content already; nothing committed", latest.number)
+        return IngestResult(None, None, {**summary_extra, "committed": False, "committed_meanwhile": latest.number})
     try:
         # A reindex that lost the race to a run with the same change commits no copy of it.
-        n = commit(dest_fs, dest_root, version_doc, rebase=rebase_snapshot if base is None else rebase_unless_same)
+        n = commit(dest_fs, dest_root, version_doc, rebase=rebase_unless_same if once else rebase_snapshot)
     except AlreadyCommitted as exc:
         log.info("%s; nothing committed", exc)
         return IngestResult(None, None, {**summary_extra, "committed": False, "committed_meanwhile": exc.version})
@@ -278,7 +287,8 @@ class Plan:
 
     @property
     def unchanged(self) -> bool:
-        return bool(self.carried) and not self.todo and not self.dropped
+        """Nothing to write and nothing dropped (a version of no shards included)."""
+        return not self.todo and not self.dropped
 
     def summary(self, rows_scanned: int, committed: bool) -> dict[str, Any]:
         encode = [u for u in self.todo if u.shard_id not in self.requantize]

@@ -45,6 +45,7 @@ from workers.lake.versions import CommitConflict, IncompleteVersion, read_versio
 log = logging.getLogger(__name__)
 
 DRIFT_THRESHOLD = 0.01
+MIN_INTERVAL_S = 1.0  # between --watch cycles
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,14 @@ class ReindexConfig:
     def __post_init__(self):
         if self.recalibrate and self.recalibrate_on_drift:
             raise ValueError("--recalibrate and --recalibrate-on-drift exclude each other")
-        if not (math.isfinite(self.drift_threshold) and self.drift_threshold >= 0):  # NaN turned drift off
-            raise ValueError(f"drift threshold must be a share >= 0 (0.05 for 5%), got {self.drift_threshold}")
+        # NaN turned drift off, and so did a share past 1 (`5` meant for 5%): the excess is at most 1.
+        if not (math.isfinite(self.drift_threshold) and 0 <= self.drift_threshold <= 1):
+            raise ValueError(f"drift threshold must be a share in [0, 1] (0.05 for 5%), got {self.drift_threshold}")
+        if self.dry_run and self.recalibrate_on_drift:  # a dry run encodes nothing: no drift is measured
+            raise ValueError("--dry-run plans without encoding, so it measures no drift: "
+                             "--recalibrate-on-drift does not apply")
+        if self.encoder_actors is not None and self.encoder_actors < 1:
+            raise ValueError(f"encoder_actors must be >= 1, got {self.encoder_actors}")
 
 
 def ingest_config(latest: VersionManifest, cfg: ReindexConfig, source: str, fresh: bool) -> IngestConfig:
@@ -182,7 +189,7 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
         # New ranges that come out as the latest version's (the lake, sample and options as they
         # were) name its very shards: a copy of it is not committed, as `rollback` commits none.
         result = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=None if cfg.model else float16,
-                        warm=warm, accept=lambda draft: not same_content(draft, latest))
+                        warm=warm, accept=lambda draft: not same_content(draft, latest), once=True)
         return replace(result, summary={**result.summary, "mode": "model" if cfg.model else "recalibrate",
                                         "latest": latest.number})
     icfg = ingest_config(latest, cfg, source, fresh=False)
@@ -216,7 +223,7 @@ def run(cfg: ReindexConfig, warm: WarmEncoders | None = None) -> IngestResult:
         # The version records the drift that made it, as measured against the saved ranges
         # (`history` shows it; its own ranges were calibrated on the lake as it is).
         again = ingest(ingest_config(latest, cfg, source, fresh=True), requantize=Float16Source.of(drafts[0]),
-                       warm=warm, listed=listed, record={"drift": {**drifted[0], "recalibrated": True}})
+                       warm=warm, listed=listed, record={"drift": {**drifted[0], "recalibrated": True}}, once=True)
         return replace(again, summary={**again.summary, "mode": "recalibrate", "drift": drifted[0]})
     return replace(result, summary={**result.summary, "mode": "dry-run" if cfg.dry_run else "incremental"})
 
@@ -231,7 +238,7 @@ def source_unchanged(latest: VersionManifest, icfg: IngestConfig, files: list[So
     shard and drop none. Listing the source is all it takes to know, where the plan itself needs
     a scan that reads every file (at 100M documents, the whole lake's text: docs/scaling.md).
     """
-    if not latest.source.file_identities or not latest.shards or not latest.source.same_files(files):
+    if not latest.source.file_identities or not latest.source.same_files(files):
         return False
     return same_model(icfg.encoder.model, latest)  # icfg has the latest version's backend
 
@@ -253,9 +260,10 @@ def parse_interval(text: str) -> float:
         value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
     except ValueError:
         value = -1.0
-    # `inf` or `1e10` passed here, and the watch loop's first wait raised OverflowError.
-    if not 0 < value <= threading.TIMEOUT_MAX:
-        raise ValueError(f"interval {text!r} is not a positive duration like 30s, 10m, 2h or 1d")
+    # `inf` or `1e10` passed here, and the watch loop's first wait raised OverflowError; below a
+    # second (`0.001`), the watch listed the source without pause.
+    if not MIN_INTERVAL_S <= value <= threading.TIMEOUT_MAX:
+        raise ValueError(f"interval {text!r} is not a duration of 1s or more like 30s, 10m, 2h or 1d")
     return value
 
 
@@ -316,6 +324,9 @@ def format_result(r: IngestResult) -> str:
     s = r.summary
     if s.get("mode") in ("recalibrate", "model"):
         why = "a new model" if s["mode"] == "model" else "new ranges"
+        if r.version is None and s.get("committed_meanwhile"):
+            return (f"version {s['committed_meanwhile']}, committed meanwhile by another run, holds these ranges "
+                    "and shards already: nothing committed")
         if r.version is None and s.get("committed") is False and "latest" in s:
             return (f"nothing committed: calibrating again gave the ranges and shards of version {s['latest']}, "
                     "the latest (the same lake, sample and options)")
@@ -373,10 +384,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ReindexConfig, bool, floa
     g.add_argument("--recalibrate-on-drift", action="store_true",
                    help="recalibrate when the new data's clipping passes --drift-threshold")
     p.add_argument("--drift-threshold", type=float, default=DRIFT_THRESHOLD,
-                   help="share of clipped values, above the calibration sample's, that counts as drift")
+                   help="share of clipped values, above the calibration sample's, that counts as drift "
+                        "(0 to 1: 0.05 for 5%%)")
     p.add_argument("--model", default=None, help="re-encode everything with this model (folder or cached name)")
     p.add_argument("--watch", action="store_true", help="keep reindexing every --interval until SIGTERM")
-    p.add_argument("--interval", default=None, help="time between --watch cycles: 30s, 10m, 2h (default 10m)")
+    p.add_argument("--interval", default=None,
+                   help="time between --watch cycles: 30s, 10m, 2h (default 10m; 1s at least)")
     p.add_argument("--keep-encoders", action="store_true",
                    help="keep the encoder actors (and their GPUs) between --watch cycles rather than load the "
                         "model in every cycle with changes: for short intervals")

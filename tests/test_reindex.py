@@ -271,6 +271,51 @@ def test_a_file_without_rows_is_recorded_so_the_next_reindex_skips_the_scan(lake
     assert started == []
 
 
+def test_a_version_of_no_shards_is_not_committed_again_by_each_run(lake, tmp_path, monkeypatch):
+    """Every file emptied: the reindex commits a version of no shards (no encoder started), and
+    the next run, with nothing changed, commits nothing (it committed a copy every time)."""
+    import jobs.ingest
+
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copytree(dest, tmp_path / "emb")
+    monkeypatch.setattr(jobs.ingest, "Encoders", lambda *a, **k: pytest.fail("encoders"))
+    for f in (tmp_path / "raw").glob("*.parquet"):
+        pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), f)
+    cfg = ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), progress=False)
+    emptied = reindex(cfg)
+    assert emptied.version is not None and open_version(str(tmp_path / "emb")).manifest.shards == ()
+    for _ in range(2):
+        again = reindex(cfg)
+        assert again.version is None and again.summary["scan_skipped"], again.summary
+    assert list_versions(*url_to_fs(str(tmp_path / "emb")))[-1] == emptied.version
+
+
+def test_a_recalibration_an_overlapping_run_committed_is_not_committed_twice(lake, tmp_path):
+    """Two overlapping `reindex --recalibrate` runs calibrate the same ranges (the sample is
+    deterministic) and build the same shards: the one that finishes second commits nothing and
+    names the other's version, as two overlapping incremental runs do."""
+    from workers.lake.versions import same_content
+
+    base, raw, dest = lake
+    shutil.copytree(raw, tmp_path / "raw")
+    shutil.copytree(dest, tmp_path / "emb")
+    _write(tmp_path / "raw", "part-7.parquet", [(f"new-{i}", f"a new text about rivers, number {i}")
+                                                 for i in range(ROWS)])
+    cfg = ReindexConfig(str(tmp_path / "emb"), source=str(tmp_path / "raw"), recalibrate=True, progress=False)
+    started_from = open_version(str(tmp_path / "emb")).manifest
+    first = reindex(cfg)
+    assert first.version == started_from.version + 1
+    # The overlapping run's ingest, as reindex started it from the version before the first's.
+    late = ingest(ingest_config(started_from, cfg, source_of(started_from, cfg), fresh=True), once=True,
+                  accept=lambda draft: not same_content(draft, started_from))
+    assert late.version is None and late.summary["committed_meanwhile"] == first.version
+    assert format_result(replace(late, summary={**late.summary, "mode": "recalibrate"})) == (
+        f"version {first.version}, committed meanwhile by another run, holds these ranges and shards already: "
+        "nothing committed")
+    assert list_versions(*url_to_fs(str(tmp_path / "emb")))[-1] == first.version
+
+
 @pytest.mark.parametrize("samples", [None, 50])
 def test_a_recalibration_dry_run_says_how_big_its_sample_is(docs, tmp_path, capsys, samples):
     # None: the ingest sized its sample to the lake (a 20th of its rows, at least 1,000: here all 24).
@@ -612,18 +657,28 @@ def test_interval_without_watch_is_refused(capsys):
     # A negative interval is refused in words (argparse took `-5m` for an option).
     with pytest.raises(SystemExit):
         parse_args(["dest", "--watch", "--interval", "-5m"])
-    assert "error: interval '-5m' is not a positive duration like 30s" in capsys.readouterr().err
+    assert "error: interval '-5m' is not a duration of 1s or more like 30s" in capsys.readouterr().err
     # Past what a wait can take: the watch loop raised OverflowError after its first cycle.
-    for text in ("inf", "infd", "nan", "1e10", "2e5d"):
+    # Below a second, the watch listed the source without pause.
+    for text in ("inf", "infd", "nan", "1e10", "2e5d", "0.001", "1e-9s", "0.5"):
         with pytest.raises(SystemExit):
             parse_args(["dest", "--watch", "--interval", text])
-        assert f"error: interval '{text}' is not a positive duration" in capsys.readouterr().err
+        assert f"error: interval '{text}' is not a duration of 1s or more" in capsys.readouterr().err
     assert parse_args(["dest", "--watch", "--interval", "1e3"])[2] == 1000.0
+    assert parse_args(["dest", "--watch", "--interval", "1s"])[2] == 1.0
     # A threshold of NaN turned drift detection off silently.
-    for value in ("nan", "inf", "-0.1"):
+    # So did one past 1 (`5` meant for 5%): the excess over the sample's share is at most 1.
+    for value in ("nan", "inf", "-0.1", "5", "1.01"):
         with pytest.raises(SystemExit):
             parse_args(["dest", "--recalibrate-on-drift", "--drift-threshold", value])
-        assert "drift threshold must be a share >= 0 (0.05 for 5%), got" in capsys.readouterr().err
+        assert "drift threshold must be a share in [0, 1] (0.05 for 5%), got" in capsys.readouterr().err
+    # A dry run encodes nothing, so it measures no drift to recalibrate on; no actors is no run.
+    for args, words in ((["--dry-run", "--recalibrate-on-drift"], "--dry-run plans without encoding, so it measures "
+                                                                   "no drift: --recalibrate-on-drift does not apply"),
+                        (["--encoder-actors", "0"], "encoder_actors must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            parse_args(["dest", *args])
+        assert words in capsys.readouterr().err
 
 
 def test_excluded_files_stay_out_of_the_first_version_and_every_reindex(docs, tmp_path, capsys):

@@ -91,31 +91,50 @@ class TestCommitProtocol:
         assert [v for v, _, _ in _versions(store)] == [1, 2, 3]
 
     def test_a_winner_that_changed_shards_and_no_file_is_not_undone(self, store):
-        """A rollback (or a run with other options) commits while a job built on the version
+        """A rollback, or a run with other options, commits while a job built on the version
         before it: it changed shards, not files. Rebasing that job would bring the old shards back."""
-        def shards(doc, *ids_files):
+        def shards(doc, *ids_files, **options):
             base = doc["shards"][0]
             doc["shards"] = [{**base, "id": i, "path": f"shards/{i}.parquet", "index": f"shards/{i}.faiss",
                               "source": {"file": f, "row_start": 0, "row_stop": 3}} for i, f in ids_files]
+            if options:
+                doc["options"] = options
             return doc
 
+        fs, root = store.fs, store.root
         changed_b = {**FILES, "b.parquet": {"size": 21, "version": "2"}}
-        commit(store.fs, store.root, shards(manifest("v1"), ("a1", "a.parquet"), ("b1", "b.parquet")))
-        commit(store.fs, store.root, shards(manifest("v2", parent=1), ("a2", "a.parquet"), ("b2", "b.parquet")))
-        commit(store.fs, store.root, shards(manifest("rollback", parent=2, rollback_of=1),
-                                            ("a1", "a.parquet"), ("b1", "b.parquet")), rebase=None)
+        commit(fs, root, shards(manifest("v1"), ("a1", "a.parquet"), ("b1", "b.parquet"), unit_rows=10))
+        commit(fs, root, shards(manifest("v2", parent=1), ("a2", "a.parquet"), ("b2", "b.parquet"), unit_rows=5))
+        commit(fs, root, shards(manifest("rollback", parent=2, rollback_of=1), ("a1", "a.parquet"),
+                                ("b1", "b.parquet"), unit_rows=10), rebase=None)
         # A job from version 2 that saw b.parquet change keeps version 2's shard of a.parquet.
-        stale = shards(manifest("stale", parent=2, files=changed_b), ("a2", "a.parquet"), ("b3", "b.parquet"))
-        with pytest.raises(CommitConflict, match=r"version 3 was committed by writer rollback .* it changed the "
-                                                 r"shards of source files it did not change \(from version 2's"):
-            commit(store.fs, store.root, stale)
-        # A winner whose shards of a.parquet changed with b.parquet (rows of a that became
-        # duplicates of b's, say) and a job that saw the same change: rebased.
-        commit(store.fs, store.root, shards(manifest("v4", parent=3, files=changed_b),
-                                            ("a4", "a.parquet"), ("b4", "b.parquet")))
-        same = shards(manifest("same", parent=3, files=changed_b), ("a4", "a.parquet"), ("b5", "b.parquet"))
-        assert commit(store.fs, store.root, same) == 5
-        assert [(v, p, w) for v, p, w in _versions(store)][3:] == [(4, 3, "v4"), (5, 4, "same")]
+        stale = shards(manifest("stale", parent=2, files=changed_b), ("a2", "a.parquet"), ("b3", "b.parquet"),
+                       unit_rows=5)
+        with pytest.raises(CommitConflict, match=r"version 3 was committed by writer rollback .* it rolled the "
+                                                 r"dataset back to version 1's content, which this job would undo"):
+            commit(fs, root, stale)
+        # A winner made with other options than the version both started from and this job.
+        commit(fs, root, shards(manifest("v4", parent=3), ("a4", "a.parquet"), ("b4", "b.parquet"), unit_rows=7))
+        with pytest.raises(CommitConflict, match=r"version 4 was committed by writer v4 .* it was made with other "
+                                                 r"options \(unit_rows 7 there, 10 here\), which this job would undo"):
+            commit(fs, root, shards(manifest("old options", parent=3, files=changed_b), ("a1", "a.parquet"),
+                                    ("b5", "b.parquet"), unit_rows=10))
+        # The same with the version it started from gone (vacuumed): latest's options must be ours.
+        v3 = fs.cat_file(f"{root}/versions/00000003.json")
+        fs.rm_file(f"{root}/versions/00000003.json")
+        with pytest.raises(CommitConflict, match=r"it was made with other options \(unit_rows 7 there, 10 here\)"):
+            commit(fs, root, shards(manifest("old options", parent=3), ("a1", "a.parquet"), ("b1", "b.parquet"),
+                                    unit_rows=10))
+        put_bytes(fs, f"{root}/versions/00000003.json", v3)
+        # A winner that added a file, whose ids made rows of a.parquet duplicates (its shard
+        # changed), and a job that saw that file and changed b.parquet too: rebased.
+        with_c = {**FILES, "c.parquet": {"size": 5, "version": "1"}}
+        commit(fs, root, shards(manifest("v5", parent=4, files=with_c), ("a5", "a.parquet"), ("b4", "b.parquet"),
+                                ("c5", "c.parquet"), unit_rows=7))
+        newer = shards(manifest("newer", parent=4, files={**with_c, **changed_b}), ("a5", "a.parquet"),
+                       ("b6", "b.parquet"), ("c5", "c.parquet"), unit_rows=7)
+        assert commit(fs, root, newer) == 6
+        assert _versions(store)[4:] == [(5, 4, "v5"), (6, 5, "newer")]
 
     def test_ambiguous_create_that_landed_is_our_commit(self, store):
         calls = []

@@ -202,9 +202,10 @@ def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
     - every source file `latest` changed relative to `parent` (added, modified, removed)
       has the same identity (size, version) in ours: this job saw that change too, so its
       snapshot is at least as new as the winner's for every file the winner touched; and
-    - `latest` kept the parent's shards of every other file, or holds ours there: a winner
-      that changed shards and no file (a rollback, a run with other options) would otherwise
-      see its work undone by a job that started before it.
+    - `latest` is no rollback, and was made with the shard options (`SHARD_OPTIONS`) of
+      `parent` or of ours: a winner that changed shards without changing files (a rollback, a
+      run with other options) would otherwise see its work undone by a job that started
+      before it. With `parent` unknown, latest's options must be ours.
 
     Then the result is `ours` with `parent` set to `latest`'s number, to be committed at the
     next number. `parent` is None for a first commit (every file of `latest` then counts as
@@ -223,18 +224,35 @@ def rebase_snapshot(ours: VersionManifest, latest: VersionManifest,
     if clash:
         shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
         raise _conflict(ours, latest, f"it saw source files this job saw differently: {shown}")
-    if parent is not None:
-        changed = set(touched)
-
-        def kept(m: VersionManifest) -> list[str]:  # the shards of the files `latest` did not change
-            return sorted(s.id for s in m.shards if s.source is None or s.source.file not in changed)
-
-        if kept(latest) != kept(parent) and kept(latest) != kept(ours):
-            raise _conflict(ours, latest, f"it changed the shards of source files it did not change (from version "
-                            f"{parent.version}'s; a rollback or a run with other options does), which this job "
-                            "would undo")
+    undone = _undone(ours, latest, parent)
+    if undone:
+        raise _conflict(ours, latest, undone)
     log.info("version %s was committed by writer %s meanwhile; rebasing on it", latest.version, latest.writer)
     return replace(ours, parent=latest.version)
+
+
+# The options a version records that shape its shards besides the definition
+# (`jobs/ingest.ingest_options`): the same files give other shards when these differ.
+SHARD_OPTIONS = ("unit_rows", "batch_size", "batch_order", "precision", "index_type", "exclude")
+
+
+def _undone(ours: VersionManifest, latest: VersionManifest, parent: VersionManifest | None) -> str | None:
+    """What `latest` did besides changing source files that rebasing `ours` on it would undo (a
+    rollback; shards cut, encoded or indexed with other options), in words; None: nothing.
+
+    The shards themselves are not compared: a shard's id also depends on other files' rows (an
+    id a file shares with another is a duplicate in the later one), so a winner that added a file
+    changes the shards of files it did not touch, and this job, seeing that file too, the same way.
+    """
+    if latest.extra.get("rollback_of") is not None:
+        return (f"it rolled the dataset back to version {latest.extra['rollback_of']!r}'s content, which this "
+                "job would undo")
+    theirs, mine = ({k: m.option(k) for k in SHARD_OPTIONS} for m in (latest, ours))
+    if theirs != mine and (parent is None or theirs != {k: parent.option(k) for k in SHARD_OPTIONS}):
+        return "it was made with other options (" + ", ".join(
+            f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in SHARD_OPTIONS if theirs[k] != mine[k]) + \
+            "), which this job would undo"
+    return None
 
 
 def rebase_unless_same(ours: VersionManifest, latest: VersionManifest,
