@@ -293,7 +293,9 @@ def watch(cfg: ReindexConfig, interval_s: float, stop: threading.Event,
         # After Ray's start: its core worker installs a handler that aborts the process on SIGTERM.
         # Put back when the watch ends (a caller that goes on, a test, keeps its own).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+            # `set` from another thread: the handler runs in the main thread, which may hold the
+            # event's lock right then (entering or leaving `stop.wait`), and `set` takes it too.
+            handlers[sig] = signal.signal(sig, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     cycle = 0
     try:
         while not stop.is_set():
