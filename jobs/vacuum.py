@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
@@ -26,7 +27,7 @@ from typing import Any, Callable
 from jobs.common import add_storage_options, console, joined_negative, run_reporting, storage_options
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
-from workers.lake.storage import modified_at, url_to_fs
+from workers.lake.storage import modified_at, protocols, url_to_fs
 from workers.lake.versions import list_versions, read_versions
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class VacuumResult:
     young: list[str]  # unreferenced, but too recent (or of unknown age) to delete
     dry_run: bool
     foreign: list[str] = field(default_factory=list)  # not a name quantlake writes: never deleted
+    linked: list[str] = field(default_factory=list)  # top folders that are symbolic links: not followed
     in_use: list[str] = field(default_factory=list)  # planned, but a version or job took it up meanwhile
     # Versions committed while vacuum ran that reference files it had deleted: (version, paths).
     damaged: list[tuple[int, list[str]]] = field(default_factory=list)
@@ -124,14 +126,22 @@ class VacuumResult:
         return {"dry_run": self.dry_run, "retained_versions": self.retained, "expired_versions": self.expired,
                 "deleted": [{"path": p, "bytes": b} for p, b in self.deleted],
                 "bytes_deleted": sum(b for _, b in self.deleted), "kept_too_recent": self.young,
-                "kept_foreign": self.foreign, "kept_in_use": self.in_use,
+                "kept_foreign": self.foreign, "kept_linked": self.linked, "kept_in_use": self.in_use,
                 "damaged_versions": [{"version": n, "missing": paths} for n, paths in self.damaged]}
 
 
-def _listing(fs, root: str) -> dict[str, dict[str, Any]]:
+def _listing(fs, root: str, linked: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The files of the dataset's folders (`FOLDERS`). A folder that is a symbolic link (local
+    disk) is not listed, and is added to `linked`: what it leads to may be another dataset's, or
+    anything else, and content-named shards of another dataset look unreferenced here."""
     fs.invalidate_cache()
     found: dict[str, dict[str, Any]] = {}
+    local = bool({"file", "local"} & set(protocols(fs)))
     for folder in FOLDERS:
+        if local and os.path.islink(posixpath.join(root, folder)):
+            if linked is not None:
+                linked.append(f"{folder}/")
+            continue
         try:
             infos = fs.find(posixpath.join(root, folder), detail=True)
         except FileNotFoundError:
@@ -205,7 +215,8 @@ def plan(fs, root: str, cfg: VacuumConfig, now: float | None = None) -> VacuumRe
         ValueError: `root` holds no committed version.
     """
     now = time.time() if now is None else now
-    files = _listing(fs, root)
+    linked: list[str] = []
+    files = _listing(fs, root, linked)
     versions = list_versions(fs, root)
     if not versions:
         _refuse_empty(fs, root, cfg.dest)
@@ -250,7 +261,7 @@ def plan(fs, root: str, cfg: VacuumConfig, now: float | None = None) -> VacuumRe
             else:
                 deleted.append((rel, int(files[rel].get("size") or 0)))
     deleted.sort(key=_deletion_order)
-    return VacuumResult(retained, expired, deleted, sorted(young), cfg.dry_run, foreign, refs=refs)
+    return VacuumResult(retained, expired, deleted, sorted(young), cfg.dry_run, foreign, linked=linked, refs=refs)
 
 
 def _deletion_order(d: tuple[str, int]) -> tuple:
@@ -359,6 +370,7 @@ def format_result(dest: str, r: VacuumResult) -> str:
     verb = "would delete" if r.dry_run else "deleted"
     lines = [f"{verb} {rel} ({b} bytes)" for rel, b in r.deleted]
     lines += [f"kept {rel}: not a name quantlake writes" for rel in r.foreign]
+    lines += [f"kept {rel}: a symbolic link, which vacuum does not follow" for rel in r.linked]
     lines += [f"kept {rel}: a version or a job took it up while vacuum ran" for rel in r.in_use]
     lines.append(f"vacuum {redact_url(dest)}: {verb} {len(r.deleted)} file(s), "
                  f"{sum(b for _, b in r.deleted)} bytes; retained version(s) "

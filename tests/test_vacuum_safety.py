@@ -145,6 +145,35 @@ def test_deletes_only_names_quantlake_writes(small_dataset, store, capsys):
     verify_version(store.url, store.options)
 
 
+def test_a_folder_that_is_a_symbolic_link_is_not_followed(copy_dataset, tmp_path, capsys):
+    """`rejects/` linked to a folder another dataset uses: shards there are named by their
+    content and no version here lists them, so vacuum deleted them. It now lists no linked
+    folder, says so, and deletes what the others hold as before."""
+    from conftest import Store
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    theirs = other / f"{'ab' * 16}.parquet"  # another dataset's rejects file, old
+    theirs.write_bytes(b"theirs")
+    (copy_dataset / "rejects").rename(other / "ours")  # keep ours beside it, through the link
+    for p in (other / "ours").iterdir():
+        os.replace(p, other / p.name)
+    (other / "ours").rmdir()
+    (copy_dataset / "rejects").symlink_to(other, target_is_directory=True)
+    dropped = _commit_without(Store("file", str(copy_dataset), {}), 1, keep=3)
+    for p in [*copy_dataset.rglob("*"), *other.iterdir()]:
+        t = time.time() - 2 * HOUR
+        os.utime(p, (t, t), follow_symlinks=False)
+    assert cli(["vacuum", str(copy_dataset), "--retain", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kept_linked"] == ["rejects/"] and theirs.read_bytes() == b"theirs"
+    went = {d["path"] for d in res["deleted"]}
+    assert went and not [p for p in went if p.startswith("rejects/")]
+    assert {s["path"] for s in dropped} <= went  # the shards' own files went as before
+    assert cli(["vacuum", str(copy_dataset), "--dry-run"]) == 0
+    assert "kept rejects/: a symbolic link, which vacuum does not follow" in capsys.readouterr().out.splitlines()
+
+
 # --- races with a job --------------------------------------------------------------------------
 
 
