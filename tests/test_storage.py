@@ -83,3 +83,24 @@ def test_unsafe_relative_paths_are_refused(bad):
 def test_relative_paths_are_joined_under_the_root(good):
     assert check_relpath(good) == good
     assert join("bucket/ds", good) == f"bucket/ds/{good}"
+
+
+def test_modified_at_reads_every_form_a_store_gives_in_utc(monkeypatch):
+    """A time without a zone is UTC whether a datetime or a string (a string was read in the
+    machine's zone: a file looked hours older or younger to vacuum); NaN or a boolean is no time,
+    so the file's age is unknown and vacuum keeps it (NaN counted as old, True as 1970)."""
+    import datetime as dt
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        want = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+        for value in ("2026-01-01T00:00:00", "2026-01-01T00:00:00Z", "2026-01-01T05:00:00+05:00",
+                      dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), want, int(want)):
+            assert modified_at({"mtime": value}) == want, value
+        assert modified_at({"LastModified": "2026-01-01 00:00:00"}) == want
+        for value in (float("nan"), float("inf"), True, None, "", "yesterday"):
+            assert modified_at({"mtime": value}) is None, value
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

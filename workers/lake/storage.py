@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import inspect
+import math
 import os
 import posixpath
 import threading
@@ -258,18 +259,20 @@ def create_only(fs, path: str, data: bytes) -> None:
 
 
 def modified_at(info: Mapping[str, Any]) -> float | None:
-    """Last-modified time of a listed file as POSIX seconds; None when the store gives none."""
+    """Last-modified time of a listed file as POSIX seconds; None when the store gives none (or
+    one that is no time: NaN, a boolean). A time without a zone is UTC, as a string or not (a
+    string was read in the machine's zone, hours off where that is not UTC)."""
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
         value = info.get(key)
-        if isinstance(value, dt.datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str) and value:
             try:
-                return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
                 continue
+        if isinstance(value, dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) if math.isfinite(value) else None
     return None
 
 
