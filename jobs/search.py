@@ -77,6 +77,12 @@ class SearchConfig:
             raise ValueError(f"--neighbours-of must be >= 1, got {self.neighbours_of}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be >= 1 (or left out for one per CPU), got {self.actors}")
+        # An option of a mode not asked for was taken and ignored: refuse it, as Searcher.open does.
+        if self.actors is not None and not self.ray:
+            raise ValueError("--actors is the number of Ray actors: it needs --ray")
+        if self.neighbours_of is None and (self.source is not None or self.seed != 0):
+            raise ValueError(f"{'--source' if self.source is not None else '--seed'} is for --neighbours-of "
+                             "(where it reads the sampled documents' texts, and how it samples them): it needs it")
         check(self.index, SEARCH_INDEXES, "index")
 
 

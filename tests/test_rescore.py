@@ -26,6 +26,28 @@ def test_int8_scores_are_dot_products_with_bucket_centres():
                                q @ codes.T.astype(np.float64), atol=1e-3)
 
 
+def test_a_dimension_of_one_value_scores_as_that_value_in_the_index_and_in_rescoring():
+    """A dimension whose range is one value (a dead dimension; quantiles collapsed on a sparse
+    one): its codes stand for that value. Decoded with the quantizer's stand-in step of 1, code
+    -128 read as min + 0.5 and added half the query's value there to every int8 score."""
+    from workers.search.shard_group import int8_index
+
+    rng = np.random.default_rng(2)
+    x, q = _unit(rng, 200), _unit(rng, 5)
+    x[:, 0] = 0.0  # dimension 0 is 0 in every vector
+    q[:, 0] = 0.6
+    ranges = np.stack([x.min(0), x.max(0)])
+    codes = quantize_embeddings(x, "int8", ranges=ranges)
+    assert (codes[:, 0] == -128).all()
+    width = np.where(ranges[1] > ranges[0], ranges[1] - ranges[0], 0)
+    centres = ranges[0] + (codes.astype(np.float64) + 128.5) * width / 255
+    w, off = int8_query(q, ranges, "int8")
+    qi, ri = np.repeat(np.arange(5), 200), np.tile(np.arange(200), 5)
+    np.testing.assert_allclose(int8_scores(codes[ri], w[qi], off[qi]).reshape(5, 200), q @ centres.T, atol=1e-5)
+    scores, rows = int8_index(codes, ranges).search(q, 200)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ centres.T, rows, 1), atol=1e-4)
+
+
 def test_bit_scores_use_unit_sign_vectors():
     rng = np.random.default_rng(1)
     x, q = _unit(rng, 50, dim=60), _unit(rng, 5, dim=60)  # 60 bits: the last byte is padded

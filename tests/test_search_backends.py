@@ -462,3 +462,71 @@ def test_the_python_api_takes_what_a_script_passes_and_says_what_it_refuses(vers
         Searcher.open(str(dest), version="1")
     with Searcher.open(str(dest), version=np.int64(1), threads=1) as s:
         assert s.version == 1
+
+
+def test_the_first_asymmetric_query_decodes_only_the_shards_its_candidates_come_from(tmp_path):
+    """Its sign-bit scales are read per shard, when a candidate comes from it: every flat shard was
+    spilled (decoded whole to local disk) on the first query, for the scales alone. The hits are
+    the same as with every shard spilled first."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2000, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, len(x), 0)
+    write_vectors(str(tmp_path / "dest"), [f"doc{i}" for i in range(len(x))], x, rm, 50)  # 40 shards
+    q = x[[3, 1777]]
+    with Searcher.open(str(tmp_path / "dest"), threads=1, cache_dir=str(tmp_path / "cache")) as s:
+        hits = s.search_vectors(q, k=1)
+        spilled = len(list((tmp_path / "cache").glob("*.arrow")))
+    assert [h[0].id for h in hits] == ["doc3", "doc1777"]
+    assert 1 <= spilled < 40 // 2, spilled
+    with Searcher.open(str(tmp_path / "dest"), threads=1, cache_dir=str(tmp_path / "cache")) as s:
+        for g in s.groups:
+            for o in g.shards:
+                g._spill(o)  # every shard spilled, its scales then read from the spill
+        assert s.search_vectors(q, k=1) == hits
+
+
+def test_a_cache_folder_that_cannot_be_one_is_refused_at_open(version, tmp_path):
+    """Accepted, it failed on the first query, naming a temporary file inside it."""
+    dest, _ = version
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=r"^cache_dir '.*a-file' is no folder this process can write in "
+                                         r"\(FileExistsError"):
+        Searcher.open(str(dest), cache_dir=str(tmp_path / "a-file"))
+    with Searcher.open(str(dest), cache_dir=str(tmp_path / "new" / "cache")) as s:  # made when missing
+        s.search_vectors(np.ones((1, DIM), np.float32) / np.sqrt(DIM), k=1)
+    assert list((tmp_path / "new" / "cache").glob("*.arrow"))
+
+
+def test_a_searcher_never_closed_leaves_no_spill_folder_behind(version):
+    """Its temporary folder (spills as large as the version's columns) is removed when the
+    searcher is collected, as `close` removes it."""
+    import gc
+    import os
+
+    dest, q = version
+    s = Searcher.open(str(dest), threads=2)
+    s.search_vectors(q[:2], k=3)
+    folders = {g.cache_dir for g in s.groups}
+    assert len(folders) == 1 and os.listdir(folders.pop()) and s.groups
+    folder = s.groups[0].cache_dir
+    del s
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
+def test_a_huge_search_breadth_is_capped_or_refused(tmp_path):
+    """An HNSW `ef_search` far past a shard's rows is the rows (FAISS allocates by it, and ran
+    the process out of memory); one past a C int is refused in words, not by FAISS's wrapper."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rm = RangeManifest(np.stack([x.min(0), x.max(0)]), BUNDLED, model_fingerprint(resolve_model(None)), True,
+                       "minmax", None, len(x), 0)
+    write_vectors(str(tmp_path / "hnsw"), [f"doc{i}" for i in range(len(x))], x, rm, 150, "IndexBinaryHNSW")
+    with Searcher.open(str(tmp_path / "hnsw"), threads=1) as s:
+        exhaustive = s.search_vectors(x[:3], k=5, ef_search=300)
+        assert s.search_vectors(x[:3], k=5, ef_search=2 ** 31 - 1) == exhaustive
+        with pytest.raises(ValueError, match=r"^ef_search must be at most 2147483647 .*got 2147483648$"):
+            s.search_vectors(x[:3], k=5, ef_search=2 ** 31)

@@ -170,3 +170,16 @@ def test_the_table_keeps_each_hit_on_one_line_whatever_its_id():
     assert lines[0] == "neighbours of two\\nlines: q"
     assert [line.split()[2] for line in lines[1:]] == ["two\\nlines", "tab\\there", "plain"]
     assert "tab\\there é" in lines[2] and len(lines) == 4
+
+
+def test_an_option_of_a_mode_not_asked_for_is_refused(capsys):
+    """--actors without --ray, --source or --seed without --neighbours-of were taken and ignored
+    (the Python API refuses the other backend's options the same way)."""
+    for args, words in ((["--actors", "4"], "--actors is the number of Ray actors: it needs --ray"),
+                        (["--source", "/elsewhere"], "--source is for --neighbours-of"),
+                        (["--seed", "3"], "--seed is for --neighbours-of")):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["dest", "q", *args])
+        assert refused.value.code == 2 and words in capsys.readouterr().err
+    assert parse_args(["dest", "q", "--ray", "--actors", "4"]).actors == 4
+    assert parse_args(["dest", "--neighbours-of", "2", "--source", "/x", "--seed", "3"]).seed == 3

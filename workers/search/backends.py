@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -94,6 +95,8 @@ class ThreadShardGroups:
         self.owner = owner
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._cache_dir = cache_dir
+        if cache_dir:  # removed by `close`; this is the backstop for groups never closed
+            weakref.finalize(self, shutil.rmtree, cache_dir, True)
 
     @classmethod
     def open(cls, ds: DatasetVersion, ranges: np.ndarray, index: SearchIndex, *, threads: int | None = None,
@@ -109,6 +112,14 @@ class ThreadShardGroups:
         """
         threads = threads or len(os.sched_getaffinity(0))
         own = cache_dir is None
+        if not own:  # said now, naming the option, rather than at the first query's spill
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"cache_dir {cache_dir!r} is no folder this process can write in "
+                                 f"({type(exc).__name__}: {exc})") from None
+            if not os.access(cache_dir, os.W_OK):
+                raise ValueError(f"cache_dir {cache_dir!r} is no folder this process can write in (not writable)")
         cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if own else cache_dir
         bounds = balanced_bounds([s.rows for s in ds.shards], threads) if ds.shards else [0]
         owner = np.zeros(len(ds.shards), np.int64)

@@ -11,10 +11,13 @@ ASYMMETRIC_POOL = 4
 
 
 def steps_of(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mins, steps) of the int8 buckets, as the quantizer computed them for the corpus."""
+    """(mins, steps) of the int8 buckets, as the quantizer computed them for the corpus, except
+    where a dimension's range is one value: its codes stand for that value, so its step here is
+    0 (the quantizer's step of 1 there only spares a division by zero; decoded with it, code
+    -128 read as min + 0.5, adding half the query's value there to every score)."""
     ranges = np.asarray(ranges, np.float32)
-    mins, _, steps = range_steps(ranges, ranges.shape[1])
-    return mins, steps
+    mins, maxs, steps = range_steps(ranges, ranges.shape[1])
+    return mins, np.where(maxs == mins, np.float32(0), steps).astype(np.float32)
 
 
 def int8_query(q: np.ndarray, ranges: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:

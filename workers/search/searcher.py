@@ -29,6 +29,9 @@ QUERY_BATCH = 256
 # The search-breadth options and the shard index class each one sets: (option, flag, class, kind).
 BREADTH_OPTIONS = (("ef_search", "--ef-search", "IndexBinaryHNSW", "HNSW"),
                    ("nprobe", "--nprobe", "IndexBinaryIVF", "IVF"))
+# Their most: FAISS takes a C int (and HNSW's ef_search is also capped at a shard's rows, which
+# FAISS allocates by: a huge one ran the process out of memory).
+MAX_BREADTH = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class SearchOptions:
             recall, lower it for speed.
         rescore: candidate scoring after the Hamming search: `int8` (float query against the
             int8 bucket centres, the default), `int8-raw` (against the codes as they are),
-            `bits` (against the sign bits), `none` (Hamming order).
+            `bits` (against the sign bits), `none` (the candidates' order: Hamming's, or, with
+            asymmetric candidates, the sign-bit estimate's, as `bits`).
         candidates: `asymmetric` (the default: a Hamming pool `ASYMMETRIC_POOL` times wider,
             narrowed by the float query against the sign bits) or `hamming` (the Hamming
             top k * multiplier as they are).
@@ -68,6 +72,9 @@ class SearchOptions:
         for name in ("ef_search", "nprobe"):  # 0 read as "not given", a negative one reached FAISS
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or left out for its default), got {getattr(self, name)}")
+            if getattr(self, name) is not None and getattr(self, name) > MAX_BREADTH:  # FAISS takes an int
+                raise ValueError(f"{name} must be at most {MAX_BREADTH} (a shard's rows are a search's most), "
+                                 f"got {getattr(self, name)}")
         check(self.rescore, RESCORE_MODES, "rescore")
         check(self.candidates, CANDIDATE_MODES, "candidates")
 

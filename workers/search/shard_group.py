@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from typing import Any, Iterator, Sequence
 
 import faiss
@@ -79,7 +80,10 @@ class ShardGroup:
         self.kind = index
         self._own_dir = cache_dir is None
         self.cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if cache_dir is None else cache_dir
+        if self._own_dir:  # removed by `close`; this is the backstop for a group never closed
+            weakref.finalize(self, shutil.rmtree, self.cache_dir, True)
         self._spills: dict[int, dict[str, Any]] = {}
+        self._scale_columns: dict[int, np.ndarray] = {}  # flat shards' (`_scale_column`)
         # The estimate must rank every row of the version alike (a scaled score is ~1.26x a plain
         # one for unit vectors): scales only when every shard has them, else bits alone, as before.
         # Read from the version (worked out once per version): a group per shard asking every
@@ -219,10 +223,24 @@ class ShardGroup:
         """The sign-bit scales of rows `at` of the joined flat shards (None: searched by bits alone)."""
         if not self.scaled:
             return None
-        if self._flat.scales is None:  # two threads may both build it: the same array either way
-            self._flat.scales = np.concatenate([np.asarray(self._spill(int(o))[SCALE_COLUMN], np.float32)
-                                                for o in self._flat.ordinals])
-        return self._flat.scales[at]
+        shards, rows = self._flat.locate(at)
+        out = np.empty(len(at), np.float32)
+        for o in np.unique(shards):
+            here = shards == o
+            out[here] = self._scale_column(int(o))[rows[here]]
+        return out
+
+    def _scale_column(self, o: int) -> np.ndarray:
+        """Shard `o`'s sign-bit scales, read the first time a query's candidates come from it: that
+        column alone, from its spill if it has one, else from its Parquet file (spilling every shard
+        for it made the first query decode the whole version to local disk)."""
+        col = self._scale_columns.get(o)
+        if col is None:  # two threads may both read it: the same array either way
+            spill = self._spills.get(o)
+            col = np.asarray(spill[SCALE_COLUMN] if spill is not None else
+                             self.ds.read_shard_table(self.shards[o], columns=[SCALE_COLUMN])[SCALE_COLUMN], np.float32)
+            self._scale_columns[o] = col
+        return col
 
     def _codes(self, o: int, spill: dict[str, Any]) -> np.ndarray:
         """Shard `o`'s packed codes: a view of its index's (flat or HNSW), else its spill's (IVF
@@ -291,6 +309,7 @@ class ShardGroup:
 
     def close(self) -> None:
         self._spills.clear()
+        self._scale_columns.clear()
         self.indexes.clear()
         self._flat = None
         if self._own_dir:
@@ -316,7 +335,6 @@ class FlatRun:
         self._filled = 0
         self._ordinals: list[int] = []
         self._starts: list[int] = []
-        self.scales: np.ndarray | None = None  # filled on the first asymmetric search (`ShardGroup._flat_scales`)
 
     def append(self, o: int, index) -> None:
         """Copy shard `o`'s codes (a loaded `IndexBinaryFlat`, checked against its record) after
@@ -396,7 +414,8 @@ def _int8_top(index, q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
 def _params(index, n: int, ef_search: int | None, nprobe: int | None):
     if isinstance(index, faiss.IndexBinaryHNSW):
         p = faiss.SearchParametersHNSW()
-        p.efSearch = max(n, ef_search or 2 * n)
+        # At most the shard's rows: FAISS allocates by it (a huge value ran the process out of memory).
+        p.efSearch = max(n, min(ef_search or 2 * n, index.ntotal))
         return p
     if isinstance(index, faiss.IndexBinaryIVF):
         p = faiss.SearchParametersIVF()
