@@ -322,13 +322,7 @@ def free_ports(n: int) -> list[int]:
     except (OSError, ValueError, IndexError):
         low = 0
     candidates = list(range(20000, low))
-    # Each test process draws from a slice of its own: two choosing at once never meet (one could
-    # bind a port the other chose and released, before that one's `ray start` took it).
-    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
-    if worker[2:].isdigit() and workers.isdigit() and int(worker[2:]) < int(workers):
-        size = len(candidates) // int(workers)
-        candidates = candidates[int(worker[2:]) * size:(int(worker[2:]) + 1) * size]
-    random.SystemRandom().shuffle(candidates)
+    random.SystemRandom().shuffle(candidates)  # two test processes choosing at once rarely meet
     with contextlib.ExitStack() as stack:
         chosen: list[int] = []
         for port in candidates:

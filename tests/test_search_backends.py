@@ -191,6 +191,8 @@ def test_a_closed_searcher_lets_go_of_its_int8_indexes(version):
     assert s.groups.resident_bytes() == ROWS * DIM  # a byte a dimension: the indexes built at open
     s.close()
     assert s.groups.resident_bytes() == 0 and all(g.indexes == {} for g in s.groups)
+    with pytest.raises(RuntimeError, match=r"this Searcher of version 1 of .* is closed"):
+        s.resident_bytes()  # it answered from the records, as if the indexes were still held
 
 
 def test_a_cache_folder_serves_a_shard_to_versions_that_read_other_columns_of_it(tmp_path):

@@ -78,7 +78,7 @@ def test_signed_url_query_strings_are_masked():
 
 
 def test_search_config_repr_hides_options_and_url_credentials():
-    cfg = SearchConfig(dest="s3://AKIAD:dest-pass-1@lake/emb", query="q", storage_options=OPTIONS,
+    cfg = SearchConfig(dest="s3://AKIAD:dest-pass-1@lake/emb", neighbours_of=2, storage_options=OPTIONS,
                        source=SIGNED_S3, queries_file=None, ray_address="ray://u:ray-pass-1@head:10001")
     shown = repr(cfg)
     for secret in secret_values(OPTIONS, environ={}) | {"dest-pass-1", "ray-pass-1", "0a1b2c3d4e5f60718293",

@@ -355,6 +355,7 @@ class Searcher:
 
     def resident_bytes(self) -> int:
         """Bytes of the indexes held in memory (int8 rows stay in memory-mapped files)."""
+        self._check_open()  # a closed searcher holds none, whatever its records say
         return self.groups.resident_bytes()
 
     def close(self) -> None:
