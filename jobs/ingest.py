@@ -28,7 +28,7 @@ from workers.lake.records import (ModelInfo, RangesRef, ScanRef, ShardRecord, So
                                   WorkUnit, sidecar_path)
 from workers.lake.redact import redact_url
 from workers.ray_session import choose_address, ctrl_c_held
-from workers.ingest.source import SourceFile, check_file, list_source
+from workers.ingest.source import SourceFile, check_file, hidden, list_source
 from workers.lake.storage import absolute_url, dest_to_fs, join, protocols, put_bytes, url_to_fs
 from workers.ingest.steps import UnitFailed
 from workers.search.fidelity import fidelity
@@ -357,7 +357,7 @@ def check_dest_outside_source(cfg: IngestConfig, dest_fs, dest_root: str) -> Non
     inside = src_root.rstrip("/") + "/"
     if set(protocols(src_fs)) != set(protocols(dest_fs)) or not dest_root.startswith(inside):
         return
-    if any(part.startswith(("_", ".")) for part in dest_root[len(inside):].split("/")):
+    if hidden(dest_root[len(inside):]):
         return
     raise ValueError(f"destination {redact_url(cfg.dest)} is inside the source {redact_url(cfg.source)}: a later "
                      "run would read its manifests and shards as source files. Put it outside the source, or "

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from jobs.common import add_storage_options, console, joined_negative, run_reporting, storage_options
 from workers.lake.records import VersionManifest
 from workers.lake.redact import redact_url
-from workers.lake.storage import modified_at, protocols, url_to_fs
+from workers.lake.storage import modified_at, on_local_disk, url_to_fs
 from workers.lake.versions import list_versions, read_versions
 
 log = logging.getLogger(__name__)
@@ -130,17 +130,17 @@ class VacuumResult:
                 "damaged_versions": [{"version": n, "missing": paths} for n, paths in self.damaged]}
 
 
-def _listing(fs, root: str, linked: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The files of the dataset's folders (`FOLDERS`). A folder that is a symbolic link (local
-    disk) is not listed, and is added to `linked`: what it leads to may be another dataset's, or
+def _listing(fs, root: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """`(files, linked)`: the files of the dataset's folders (`FOLDERS`), and those folders that
+    are symbolic links (local disk), not listed: what one leads to may be another dataset's, or
     anything else, and content-named shards of another dataset look unreferenced here."""
     fs.invalidate_cache()
     found: dict[str, dict[str, Any]] = {}
-    local = bool({"file", "local"} & set(protocols(fs)))
+    linked: list[str] = []
+    local = on_local_disk(fs)
     for folder in FOLDERS:
         if local and os.path.islink(posixpath.join(root, folder)):
-            if linked is not None:
-                linked.append(f"{folder}/")
+            linked.append(f"{folder}/")
             continue
         try:
             infos = fs.find(posixpath.join(root, folder), detail=True)
@@ -149,7 +149,7 @@ def _listing(fs, root: str, linked: list[str] | None = None) -> dict[str, dict[s
         for path, info in infos.items():
             if info.get("type", "file") == "file":
                 found[posixpath.relpath(path, root)] = info
-    return found
+    return found, linked
 
 
 def references(doc: VersionManifest) -> tuple[set[str], set[str]]:
@@ -215,8 +215,7 @@ def plan(fs, root: str, cfg: VacuumConfig, now: float | None = None) -> VacuumRe
         ValueError: `root` holds no committed version.
     """
     now = time.time() if now is None else now
-    linked: list[str] = []
-    files = _listing(fs, root, linked)
+    files, linked = _listing(fs, root)
     versions = list_versions(fs, root)
     if not versions:
         _refuse_empty(fs, root, cfg.dest)

@@ -82,15 +82,29 @@ def test_killed_encoder_actor_is_replaced_and_the_result_is_unchanged(ray_sessio
             assert fs.cat_file(f"{root}/killed/{name}") == fs.cat_file(f"{root}/calm/{name}")
 
 
+def _fails_naming_the_second_file(tmp_path, docs, cause: str) -> None:
+    """An ingest of two 20-row files fails naming the unit of the second (`cause`: the start of
+    the error's words after the unit), commits nothing and leaves no encoder actor behind."""
+    from conftest import write_parquet_lake
+    from workers.embedding.encoder import EncoderConfig
+    from workers.ingest.config import IngestConfig
+    from workers.ingest.steps import UnitFailed
+
+    write_parquet_lake(tmp_path / "lake", docs[:40], files=2, row_group_size=20)
+    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=20,
+                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
+    with pytest.raises(UnitFailed, match=r"(?s)^work unit part-00001\.parquet rows \[0, 20\) \(shard [0-9a-f]{32}\): "
+                                         rf"{cause}.*; nothing was committed$"):
+        run(cfg)
+    assert not (tmp_path / "emb" / "versions").exists()
+    assert encoder_actors_left() == []
+
+
 def test_a_reader_that_dies_every_time_fails_the_job_naming_its_unit(ray_session, docs, tmp_path, monkeypatch):
     """A unit whose read task's process dies is run again, a bounded number of times: a file
     that crashes its reader fails the job with an error naming the unit, commits nothing, and
     leaves no encoder actor behind."""
     import workers.ingest.pipeline as pipeline
-    from conftest import write_parquet_lake
-    from workers.ingest.config import IngestConfig
-    from workers.embedding.encoder import EncoderConfig
-    from workers.ingest.steps import UnitFailed
 
     tries = tmp_path / "tries"
     tries.mkdir()
@@ -106,15 +120,8 @@ def test_a_reader_that_dies_every_time_fails_the_job_naming_its_unit(ray_session
         return read_unit(item, cfg)
 
     monkeypatch.setattr(pipeline, "read_unit", dies_on_one_file)
-    write_parquet_lake(tmp_path / "lake", docs[:40], files=2, row_group_size=20)
-    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=20,
-                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
-    with pytest.raises(UnitFailed, match=r"(?s)^work unit part-00001\.parquet rows \[0, 20\) \(shard [0-9a-f]{32}\): "
-                                         r"WorkerCrashedError: .*; nothing was committed$"):
-        run(cfg)
+    _fails_naming_the_second_file(tmp_path, docs, "WorkerCrashedError: ")
     assert len(os.listdir(tries)) == 1 + pipeline.UNIT_TASK_RETRIES
-    assert not (tmp_path / "emb" / "versions").exists()
-    assert encoder_actors_left() == []
 
 
 def test_a_unit_that_kills_its_encoder_every_time_fails_the_job_naming_it(ray_session, docs, tmp_path, monkeypatch):
@@ -122,10 +129,6 @@ def test_a_unit_that_kills_its_encoder_every_time_fails_the_job_naming_it(ray_se
     of times: a unit whose encoding kills the process every time (a text that runs the node out
     of memory) fails the job naming the unit, instead of restarting the actor for ever."""
     import workers.ingest.pipeline as pipeline
-    from conftest import write_parquet_lake
-    from workers.ingest.config import IngestConfig
-    from workers.embedding.encoder import EncoderConfig
-    from workers.ingest.steps import UnitFailed
 
     tries = tmp_path / "tries"
     tries.mkdir()
@@ -142,15 +145,8 @@ def test_a_unit_that_kills_its_encoder_every_time_fails_the_job_naming_it(ray_se
 
     monkeypatch.setattr(pipeline, "EncoderActor", DiesOnOneFile)
     monkeypatch.setattr(pipeline, "ENCODER_CALL_RETRIES", 1)  # each restart loads the model again
-    write_parquet_lake(tmp_path / "lake", docs[:40], files=2, row_group_size=20)
-    cfg = IngestConfig(str(tmp_path / "lake"), str(tmp_path / "emb"), id_column="id", calibration_samples=20,
-                       unit_rows=20, encoder=EncoderConfig(batch_size=16), progress=False)
-    with pytest.raises(UnitFailed, match=r"(?s)^work unit part-00001\.parquet rows \[0, 20\) \(shard [0-9a-f]{32}\): "
-                                         r".*; nothing was committed$"):
-        run(cfg)
-    assert len(os.listdir(tries)) == 1 + 1
-    assert not (tmp_path / "emb" / "versions").exists()
-    assert encoder_actors_left() == []
+    _fails_naming_the_second_file(tmp_path, docs, "")
+    assert len(os.listdir(tries)) == 1 + pipeline.ENCODER_CALL_RETRIES
 
 
 class RestartableMoto:

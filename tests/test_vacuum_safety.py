@@ -152,13 +152,9 @@ def test_a_folder_that_is_a_symbolic_link_is_not_followed(copy_dataset, tmp_path
     from conftest import Store
 
     other = tmp_path / "elsewhere"
-    other.mkdir()
-    theirs = other / f"{'ab' * 16}.parquet"  # another dataset's rejects file, old
+    (copy_dataset / "rejects").rename(other)  # ours, reached through the link from now on
+    theirs = other / f"{'ab' * 16}.parquet"  # another dataset's rejects file beside them, old
     theirs.write_bytes(b"theirs")
-    (copy_dataset / "rejects").rename(other / "ours")  # keep ours beside it, through the link
-    for p in (other / "ours").iterdir():
-        os.replace(p, other / p.name)
-    (other / "ours").rmdir()
     (copy_dataset / "rejects").symlink_to(other, target_is_directory=True)
     dropped = _commit_without(Store("file", str(copy_dataset), {}), 1, keep=3)
     for p in [*copy_dataset.rglob("*"), *other.iterdir()]:

@@ -79,6 +79,12 @@ def _codec(f: SourceFile) -> str | None:
     return COMPRESSIONS.get(posixpath.splitext(f.relpath.lower())[1]) if f.format == "jsonl" else None
 
 
+def hidden(relpath: str) -> bool:
+    """Whether a path under the source has a part whose name starts with `_` or `.` (`_SUCCESS`,
+    `.crc`, a hidden folder): listing skips it, as Spark and Arrow do."""
+    return any(part.startswith(("_", ".")) for part in relpath.split("/"))
+
+
 def excluded(relpath: str, patterns: Sequence[str]) -> bool:
     """Whether a source file is left out by `--exclude` patterns: shell globs (`*`, `?`, `[...]`;
     `*` also crosses `/`), each matched against the file's path under the source, or, for a
@@ -118,7 +124,7 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None,
             raise SourceError(f"source file {rel!r} (under {redact_url(url)}) has an empty, '.' or '..' part in its "
                               "name, which a path reads as another file's: rename it (or leave it out with "
                               "--exclude)")
-        if not single and any(part.startswith(("_", ".")) for part in rel.split("/")):
+        if not single and hidden(rel):
             continue
         fmt = _format(rel)
         if fmt is None or excluded(rel, exclude):

@@ -106,7 +106,12 @@ def protocols(fs) -> tuple[str, ...]:
 def shown(fs, path: str) -> str:
     """`path` of `fs` for messages, as a user writes it: `s3://bucket/key` (fsspec strips the
     scheme from the paths it hands out), a local path as it is; credentials masked."""
-    return redact_url(path if {"file", "local"} & set(protocols(fs)) else fs.unstrip_protocol(path))
+    return redact_url(path if on_local_disk(fs) else fs.unstrip_protocol(path))
+
+
+def on_local_disk(fs) -> bool:
+    """Whether `fs` is this machine's file system (its paths are local paths)."""
+    return bool({"file", "local"} & set(protocols(fs)))
 
 # Filesystems in this machine's memory or on its disks: a read waits for no network round trip.
 IN_MACHINE_PROTOCOLS = ("file", "local", "memory")

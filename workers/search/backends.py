@@ -94,9 +94,8 @@ class ThreadShardGroups:
         self.groups = groups
         self.owner = owner
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self._cache_dir = cache_dir
-        if cache_dir:  # removed by `close`; this is the backstop for groups never closed
-            weakref.finalize(self, shutil.rmtree, cache_dir, True)
+        # Removed by `close`, or when these groups are collected without it.
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, cache_dir, True) if cache_dir else None
 
     @classmethod
     def open(cls, ds: DatasetVersion, ranges: np.ndarray, index: SearchIndex, *, threads: int | None = None,
@@ -176,8 +175,8 @@ class ThreadShardGroups:
             g.close()
         if self._pool is not None:
             self._pool.shutdown()
-        if self._cache_dir:
-            shutil.rmtree(self._cache_dir, ignore_errors=True)
+        if self._remove_dir is not None:
+            self._remove_dir()
 
 
 class RayShardGroups:

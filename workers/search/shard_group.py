@@ -78,12 +78,10 @@ class ShardGroup:
         self.ranges = np.asarray(ranges, np.float32)
         self.dim = self.ranges.shape[1]
         self.kind = index
-        self._own_dir = cache_dir is None
         self.cache_dir = tempfile.mkdtemp(prefix="quantlake-search-") if cache_dir is None else cache_dir
-        if self._own_dir:  # removed by `close`; this is the backstop for a group never closed
-            weakref.finalize(self, shutil.rmtree, self.cache_dir, True)
+        # A folder of its own is removed by `close`, or when the group is collected without it.
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self.cache_dir, True) if cache_dir is None else None
         self._spills: dict[int, dict[str, Any]] = {}
-        self._scale_columns: dict[int, np.ndarray] = {}  # flat shards' (`_scale_column`)
         # The estimate must rank every row of the version alike (a scaled score is ~1.26x a plain
         # one for unit vectors): scales only when every shard has them, else bits alone, as before.
         # Read from the version (worked out once per version): a group per shard asking every
@@ -223,24 +221,23 @@ class ShardGroup:
         """The sign-bit scales of rows `at` of the joined flat shards (None: searched by bits alone)."""
         if not self.scaled:
             return None
-        shards, rows = self._flat.locate(at)
-        out = np.empty(len(at), np.float32)
-        for o in np.unique(shards):
-            here = shards == o
-            out[here] = self._scale_column(int(o))[rows[here]]
-        return out
-
-    def _scale_column(self, o: int) -> np.ndarray:
-        """Shard `o`'s sign-bit scales, read the first time a query's candidates come from it: that
-        column alone, from its spill if it has one, else from its Parquet file (spilling every shard
-        for it made the first query decode the whole version to local disk)."""
-        col = self._scale_columns.get(o)
-        if col is None:  # two threads may both read it: the same array either way
-            spill = self._spills.get(o)
-            col = np.asarray(spill[SCALE_COLUMN] if spill is not None else
-                             self.ds.read_shard_table(self.shards[o], columns=[SCALE_COLUMN])[SCALE_COLUMN], np.float32)
-            self._scale_columns[o] = col
-        return col
+        run = self._flat
+        # A shard's scales are read the first time a query's candidates come from it: that column
+        # alone, from its spill if it has one, else from its Parquet file (spilling every shard
+        # for them made the first query decode the whole version to local disk).
+        with self._lock:
+            if run.scales is None:
+                run.scales = np.zeros(run.rows, np.float32)
+            for o in np.unique(run.locate(at)[0]).tolist():
+                if o in run.scaled:
+                    continue
+                spill = self._spills.get(o)
+                col = spill[SCALE_COLUMN] if spill is not None else \
+                    self.ds.read_shard_table(self.shards[o], columns=[SCALE_COLUMN])[SCALE_COLUMN]
+                i = run.position[o]
+                run.scales[run.starts[i]:run.stops[i]] = np.asarray(col, np.float32)
+                run.scaled.add(o)
+        return run.scales[at]
 
     def _codes(self, o: int, spill: dict[str, Any]) -> np.ndarray:
         """Shard `o`'s packed codes: a view of its index's (flat or HNSW), else its spill's (IVF
@@ -309,11 +306,10 @@ class ShardGroup:
 
     def close(self) -> None:
         self._spills.clear()
-        self._scale_columns.clear()
         self.indexes.clear()
         self._flat = None
-        if self._own_dir:
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if self._remove_dir is not None:
+            self._remove_dir()
 
 
 class FlatRun:
@@ -335,6 +331,9 @@ class FlatRun:
         self._filled = 0
         self._ordinals: list[int] = []
         self._starts: list[int] = []
+        # Sign-bit scales of every row, filled shard by shard (`ShardGroup._flat_scales`).
+        self.scales: np.ndarray | None = None
+        self.scaled: set[int] = set()
 
     def append(self, o: int, index) -> None:
         """Copy shard `o`'s codes (a loaded `IndexBinaryFlat`, checked against its record) after
